@@ -1,0 +1,55 @@
+"""The one exception tree of the controller.
+
+    StackError                 any error the CLI reports as `error: ...` + `hint: ...`
+    ├── ConfigError            stack.toml (syntax or schema), plan files, facts files
+    ├── SourceError            a model source that cannot be read or understood
+    ├── EstimateError          a model the estimator cannot size
+    ├── ConnectionError_       a host that does not answer or refuses us
+    ├── ApplyError             apply failed on one or more hosts
+    └── LockError              another apply holds the lock
+
+Third-party errors (pyinfra, httpx, paramiko, pydantic) are translated into these at one
+boundary with `raise ... from exc`; the CLI prints `str(err)` and `hint: {err.hint}`.
+"""
+
+from __future__ import annotations
+
+
+class StackError(Exception):
+    """An error with a one-sentence message and a hint that says what to do."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        """The two lines the CLI prints."""
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
+
+
+class ConfigError(StackError):
+    """stack.toml, a plan file or a facts file is wrong."""
+
+
+class SourceError(StackError):
+    """A model source cannot be resolved or read."""
+
+
+class EstimateError(StackError):
+    """A model's memory cannot be estimated."""
+
+
+class ConnectionError_(StackError):  # noqa: N801 - the builtin name is taken
+    """A host does not answer or refuses the connection."""
+
+
+class ApplyError(StackError):
+    """Apply did not converge on every host."""
+
+
+class LockError(StackError):
+    """Another apply holds the stack's lock."""

@@ -1,0 +1,70 @@
+"""The values the estimator hands to the scheduler: a model's metadata and its claims.
+
+This is the seam between `stack.estimate` (which fills these in) and `stack.schedule`
+(which only reads them). Everything here is pure data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from stack.observed import GpuFacts, NodeFacts
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the metadata of a model says, before any backend is chosen."""
+
+    source: str
+    format: str  # "gguf", "safetensors", "config-only"
+    architecture: str  # e.g. "LlamaForCausalLM", "gemma3" (GGUF general.architecture)
+    kind: str  # inferred kind: llm, vlm, embedding, rerank, image, speech-to-text, ...
+    params: int
+    weights_bytes: int
+    layers: int
+    hidden_size: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int  # training context
+    kv_bytes_per_token: int  # f16/bf16 KV cache, one GPU (TP=1)
+    quantization: str | None = None
+    files_bytes: int = 0  # bytes on disk (for the disk filter)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Resources one replica takes, per node it runs on."""
+
+    backend: str
+    gpus: int  # GPUs per node (0: CPU)
+    nodes: int  # nodes the replica spans (1 unless distributed)
+    vram_bytes_per_gpu: int
+    ram_bytes: int
+    disk_bytes: int = 0
+    detail: str = ""  # human-readable breakdown: "weights 4.2 GiB + KV 1.0 GiB + ..."
+
+
+class Evaluation(Protocol):
+    """A model understood: its metadata, compatible backends, and claims per layout."""
+
+    name: str
+    meta: ModelMeta
+    kind: str
+    context: int
+    backends: tuple[str, ...]  # compatible backends, preferred first
+
+    def claim(
+        self, backend: str, gpus: int, gpu_memory_bytes: int | None, nodes: int = 1
+    ) -> Claim | str:
+        """The claim with `gpus` GPUs per node over `nodes` nodes (0 GPUs: CPU), or a
+        reason this layout cannot work ("TP 3 does not divide 28 attention heads")."""
+        ...
+
+    def refuse(self, backend: str, node: NodeFacts, gpus: list[GpuFacts]) -> str | None:
+        """Why `backend` cannot run this model on these GPUs of `node` (vendor, OS, arch,
+        compute capability), or None when it can. `gpus` empty means CPU."""
+        ...

@@ -1,0 +1,260 @@
+"""The schema of stack.toml: what the fleet is and which models run on it.
+
+Every field carries a description: `stack schema` turns them into the JSON Schema editors
+use, and docs/stack-toml.md is generated from it. Unknown keys are errors (`extra=forbid`).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+BackendName = Literal[
+    "llama.cpp", "vllm", "sglang", "vox-box", "stable-diffusion.cpp", "mindie", "custom"
+]
+BACKENDS: tuple[str, ...] = (
+    "llama.cpp", "vllm", "sglang", "vox-box", "stable-diffusion.cpp", "mindie", "custom"
+)
+ModelKind = Literal[
+    "llm", "vlm", "embedding", "rerank", "image", "speech-to-text", "text-to-speech"
+]
+VendorName = Literal[
+    "nvidia", "amd", "apple", "ascend", "hygon", "mthreads", "iluvatar", "cambricon", "cpu"
+]
+Policy = Literal["spread", "binpack"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "ti": 1024**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: object) -> int:
+    """`"24GiB"`, `"500 MB"` or an integer number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as \"24GiB\" or a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ValueError(f"expected a size such as \"24GiB\" or a number of bytes, got {value!r}")
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostSpec(_Strict):
+    """A host listed inline in stack.toml (instead of a pyinfra inventory file)."""
+
+    address: str = Field(description="SSH address (name or IP), or `@local` for this machine.")
+    user: str | None = Field(None, description="SSH user; default: the current user.")
+    port: int = Field(22, ge=1, le=65535, description="SSH port.")
+    key: str | None = Field(None, description="Path to the SSH private key.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels for selectors.")
+
+
+class StackSection(_Strict):
+    """`[stack]`: the stack as a whole."""
+
+    name: str = Field("stack", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Name of the stack; used in service names and the lock.")
+    inventory: str | None = Field(
+        None, description="A pyinfra inventory file (relative to stack.toml) listing the hosts."
+    )
+    prefix: str = Field("/opt/stack", description="Where everything is installed on hosts.")
+    placement: Policy = Field(
+        "spread", description="Default placement: `spread` replicas over nodes, or `binpack`."
+    )
+    port_range: tuple[int, int] = Field(
+        (40000, 40999), description="Ports given to model instances on each node."
+    )
+
+
+class DriverSpec(_Strict):
+    """`[nodes."PATTERN".drivers.VENDOR]`: what to do about a vendor's driver."""
+
+    mode: Literal["install", "verify"] = Field(
+        "verify", description="`install` the driver when missing, or only `verify` it."
+    )
+    version: str | None = Field(None, description="Driver branch, e.g. `580` for NVIDIA.")
+
+
+class NodeSpec(_Strict):
+    """`[nodes."PATTERN"]`: settings for every host whose name matches the glob."""
+
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels for selectors.")
+    prefix: str | None = Field(None, description="Install prefix for these hosts.")
+    ssh_user: str | None = Field(None, description="SSH user.")
+    ssh_port: int | None = Field(None, ge=1, le=65535, description="SSH port.")
+    ssh_key: str | None = Field(None, description="Path to the SSH private key.")
+    sudo: bool = Field(False, description="Use sudo for operations that need root.")
+    drivers: dict[VendorName, DriverSpec] = Field(
+        default_factory=dict, description="Drivers to install or verify, per vendor."
+    )
+    reserved_vram: Bytes = Field(0, description="VRAM per GPU kept free of models.")
+    reserved_ram: Bytes = Field(0, description="RAM kept free of models.")
+    cpu_inference: bool = Field(
+        False, description="Allow models to run on the CPU of these hosts (llama.cpp)."
+    )
+    address: str | None = Field(
+        None, description="Private address backends bind to; default: the SSH address."
+    )
+
+
+class RuntimeSpec(_Strict):
+    """`[runtimes.NAME]`: how to install an inference runtime (one folder per version)."""
+
+    backend: BackendName | None = Field(
+        None, description="The backend this runtime serves; default: the runtime's name."
+    )
+    versions: list[str] = Field(min_length=1, description="Versions installed side by side.")
+    source: Literal["pip", "archive", "build", "system"] = Field(
+        description="`pip` (a venv), `archive` (URL or file), `build` (cmake), `system`."
+    )
+    package: str | None = Field(
+        None, description="pip: requirement, `{version}` replaced, e.g. `vllm=={version}`."
+    )
+    index_url: str | None = Field(None, description="pip: package index URL.")
+    url: str | None = Field(
+        None, description="archive/build: URL or controller path, `{version}` replaced."
+    )
+    sha256: dict[str, str] = Field(
+        default_factory=dict, description="archive/build: expected sha256 per version."
+    )
+    subdir: str | None = Field(None, description="build: the cmake source folder in the archive.")
+    cmake_args: list[str] = Field(default_factory=list, description="build: cmake arguments.")
+    targets: list[str] = Field(default_factory=list, description="build: cmake targets.")
+    path: str | None = Field(None, description="system: folder holding the binaries.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for the runtime.")
+
+
+class GpuSelector(_Strict):
+    """Which GPUs a model may use."""
+
+    vendor: list[VendorName] = Field(default_factory=list, description="Allowed vendors.")
+    name: str | None = Field(None, description="Glob on the GPU name, e.g. `*H100*`.")
+    min_memory: Bytes | None = Field(None, description="Minimum memory per GPU.")
+    min_compute_capability: str | None = Field(
+        None, pattern=r"^[0-9]+\.[0-9]+$", description="Minimum compute capability, e.g. `8.0`."
+    )
+
+
+class PinSpec(_Strict):
+    """Pin a model's replicas to a node (and GPUs)."""
+
+    node: str = Field(description="Node name.")
+    gpus: list[int] = Field(default_factory=list, description="GPU indices on that node.")
+
+
+class ModelSpec(_Strict):
+    """`[models.NAME]`: a model to serve."""
+
+    source: str = Field(
+        description="`hf://ORG/NAME[/FILE][@REV]`, `modelscope://...`, an absolute host path, "
+        "or `local://PATH` (uploaded from the controller)."
+    )
+    kind: ModelKind | None = Field(None, description="What the model does; inferred if omitted.")
+    backend: BackendName | None = Field(None, description="Inference backend; chosen if omitted.")
+    backend_version: str | None = Field(None, description="Runtime version; newest if omitted.")
+    replicas: int = Field(1, ge=1, description="Number of replicas.")
+    gpus_per_replica: int | Literal["auto"] = Field(
+        "auto", description="GPUs per replica, or `auto` for the smallest that fits."
+    )
+    distributed: bool = Field(False, description="Allow one replica to span several nodes.")
+    selector: list[str] = Field(
+        default_factory=list,
+        description="Label selector: `k=v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`.",
+    )
+    gpu: GpuSelector = Field(default_factory=GpuSelector, description="GPU selector.")
+    context: int | None = Field(None, ge=256, description="Context size in tokens.")
+    args: list[str] = Field(default_factory=list, description="Extra backend arguments.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
+    aliases: list[str] = Field(default_factory=list, description="Other names in the API.")
+    placement: Policy | None = Field(None, description="Overrides `stack.placement`.")
+    pin: PinSpec | None = Field(None, description="Pin to a node and GPUs.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM/SGLang: fraction of each GPU's memory to claim."
+    )
+    mmproj: str | None = Field(None, description="llama.cpp vision: the multimodal projector.")
+    command: str | None = Field(
+        None,
+        description="custom: command template with {model_path} {port} {host} {name} {api_key}.",
+    )
+    health_path: str | None = Field(None, description="custom: health path; default `/health`.")
+
+    @model_validator(mode="after")
+    def _custom_needs_command(self) -> ModelSpec:
+        if self.backend == "custom" and not self.command:
+            raise ValueError("backend `custom` needs `command`")
+        return self
+
+
+class Timeouts(_Strict):
+    """Router timeouts, in seconds."""
+
+    connect: float = Field(5.0, gt=0, description="Connecting to a replica.")
+    first_byte: float = Field(300.0, gt=0, description="Until the replica's first byte.")
+    idle: float = Field(120.0, gt=0, description="Between two chunks of a response.")
+
+
+class RouterSpec(_Strict):
+    """`[router]`: the OpenAI-compatible endpoint."""
+
+    hosts: list[str] = Field(
+        default_factory=list, description="Nodes (names or globs) running a router; default all."
+    )
+    listen: str = Field("127.0.0.1:8080", description="Address and port to listen on.")
+    tls_cert: str | None = Field(None, description="TLS certificate file (controller path).")
+    tls_key: str | None = Field(None, description="TLS key file (controller path).")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes (SO_REUSEPORT).")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Timeouts.")
+    balancing: Literal["least-outstanding", "round-robin"] = Field(
+        "least-outstanding", description="How a replica is chosen."
+    )
+    affinity: Literal["none", "user", "header"] = Field(
+        "none", description="Session affinity: by the `user` field or a header."
+    )
+    affinity_header: str = Field("x-session-id", description="Header used by `header` affinity.")
+    retries: int = Field(2, ge=0, le=10, description="Retries on another replica before 1st byte.")
+    max_body_bytes: Bytes = Field(32 * 1024**2, description="Largest request body.")
+
+
+class KeySpec(_Strict):
+    """`[[keys]]`: an API key, stored only as its hash (`stack keys create`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Key name.")
+    owner: str | None = Field(None, description="Who holds the key.")
+    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="`sha256:` + hex digest.")
+    models: list[str] = Field(default_factory=list, description="Allowed models; empty: all.")
+    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute.")
+    expires: date | None = Field(None, description="Last day the key works.")
+
+
+class StackSpec(_Strict):
+    """The whole stack.toml."""
+
+    stack: StackSection = Field(default_factory=StackSection, description="The stack.")
+    hosts: dict[str, HostSpec] = Field(default_factory=dict, description="Inline hosts.")
+    nodes: dict[str, NodeSpec] = Field(
+        default_factory=dict, description="Per-host settings by glob on host names."
+    )
+    runtimes: dict[str, RuntimeSpec] = Field(default_factory=dict, description="Runtimes.")
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="Models.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="The router.")
+    keys: list[KeySpec] = Field(default_factory=list, description="API keys.")
