@@ -62,8 +62,13 @@ class Instance(_Strict):
     gpu_memory_utilization: float | None = None
 
     def spec_hash(self) -> str:
-        """Fingerprint of everything whose change needs the process replaced."""
-        body = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Fingerprint of everything whose change needs the process replaced.
+
+        The API key is left out: the controller computes this at plan time, where the
+        stack's secret (from which keys are derived) may be absent, as in CI on a PR.
+        """
+        body = json.dumps(self.model_dump(mode="json", exclude={"api_key"}), sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
         return hashlib.sha256(body).hexdigest()[:16]
 
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real llama.cpp binaries and the real test model.
+
+`scripts/test` builds and exports them (STACK_LLAMA_BIN, STACK_TEST_MODEL); when a test
+is run by hand without them, the same scripts are called (they are cached per machine).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _from_script(env_name: str, script: str) -> Path:
+    value = os.environ.get(env_name)
+    if not value:
+        out = subprocess.run(
+            [str(ROOT / "scripts" / script)], check=True, capture_output=True, text=True,
+            env={**os.environ, "PYTHON": str(ROOT / ".venv" / "bin" / "python")},
+        )
+        value = out.stdout.strip().splitlines()[-1]
+        os.environ[env_name] = value
+    path = Path(value)
+    assert path.exists(), f"{env_name}={value} does not exist"
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_bin() -> Path:
+    """Folder holding `llama-server` and `ggml-rpc-server` (CPU build) with their libraries."""
+    return _from_script("STACK_LLAMA_BIN", "setup-llama-cpp")
+
+
+@pytest.fixture(scope="session")
+def gguf_model() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF file (253 MB)."""
+    return _from_script("STACK_TEST_MODEL", "setup-model")
