@@ -1,0 +1,193 @@
+"""Inference runtimes: one folder per name and version, `PREFIX/runtimes/NAME/VERSION`.
+
+`install_script(...)` is pure: it returns the POSIX `sh` script that installs one runtime
+version, tested as data (`tests/deploys/runtimes/*.json`). Every script works in a
+temporary folder beside the destination, moves it into place, and writes the marker
+`.installed` last, so an interrupted install is never taken for a finished one; an
+unmarked folder left by an interrupted run is removed first.
+
+The layout the agent relies on: `RUNTIME/bin/llama-server`, `RUNTIME/bin/ggml-rpc-server`
+(with their `.so` files beside them); pip runtimes have `RUNTIME/venv` with every console
+script of the venv linked from `RUNTIME/bin`.
+
+Sources:
+- `pip`: a venv with the package. A venv is not relocatable (its scripts name its own
+  python), so it is created at its final path, and the marker alone says it is complete.
+- `archive`: a URL (fetched on the host) or a controller file (uploaded by the caller to
+  `upload`), sha256-checked, extracted; a single top-level folder is flattened.
+- `build`: a source archive built with cmake on the host; or, when the controller holds a
+  finished build for the same archive sha256, cmake arguments, targets, OS and arch
+  (`stack.wheelhouse.build_cache_key`), that build's `bin/` is uploaded as a tarball
+  ("prebuilt on the controller for hosts of the same arch/OS") and only extracted.
+- `system`: binaries already on the host; `RUNTIME/bin` links to them after a check.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from stack.spec import RuntimeSpec
+
+MARKER = ".installed"
+DEFAULT_BINARIES = {"llama.cpp": ("llama-server",), "stable-diffusion.cpp": ()}
+
+
+@dataclass(frozen=True)
+class RuntimeInstall:
+    """One runtime version to install on one host, with everything already resolved."""
+
+    name: str
+    version: str
+    spec: RuntimeSpec
+    prefix: str
+    # host path of an uploaded archive (controller file) or prebuilt bin/ tarball
+    upload: str | None = None
+    prebuilt: bool = False
+    sha256: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return runtime_path(self.prefix, self.name, self.version)
+
+
+def runtime_path(prefix: str, name: str, version: str) -> str:
+    """Where a runtime version lives on a host."""
+    return f"{prefix.rstrip('/')}/runtimes/{name}/{version}"
+
+
+def fingerprint(install: RuntimeInstall) -> str:
+    """What the marker holds: the source that made this folder (for `stack status`)."""
+    spec = install.spec
+    what = spec.package or spec.url or spec.path or ""
+    return f"{spec.source} {what.replace('{version}', install.version)}".strip()
+
+
+def install_script(install: RuntimeInstall) -> str:
+    """The `sh` script that installs `install` and writes its marker last."""
+    q = shlex.quote
+    dest = install.path
+    tmp = f"{dest}.tmp"
+    marker = f"{dest}/{MARKER}"
+    head = [
+        "set -eu",
+        f"if [ -f {q(marker)} ]; then exit 0; fi",
+        f"rm -rf {q(dest)} {q(tmp)}",
+        f"mkdir -p {q(tmp)}",
+    ]
+    source = install.spec.source
+    if source == "pip":
+        body = _pip(install)
+    elif source == "system":
+        body = _system(install, tmp)
+    elif source == "build" and not install.prebuilt:
+        body = _fetch(install, tmp) + _build(install, tmp)
+    else:
+        body = _fetch(install, tmp) + _extract(install, tmp)
+    if source != "pip":
+        body += [f"mv {q(tmp)} {q(dest)}"]
+    tail = [f"printf '%s\\n' {q(fingerprint(install))} > {q(marker)}"]
+    return "\n".join(head + body + tail) + "\n"
+
+
+def _pip(install: RuntimeInstall) -> list[str]:
+    q = shlex.quote
+    dest = install.path
+    spec = install.spec
+    requirement = (spec.package or f"{install.name}=={{version}}").replace(
+        "{version}", install.version
+    )
+    index = f" --index-url {q(spec.index_url)}" if spec.index_url else ""
+    venv = f"{dest}/venv"
+    return [
+        f"rm -rf {q(dest + '.tmp')}",
+        f"mkdir -p {q(dest)}/bin",
+        f"python3 -m venv {q(venv)}",
+        f"{q(venv)}/bin/python -m pip install --quiet{index} {q(requirement)}",
+        # link every console script of the venv from RUNTIME/bin (relative: survives moves)
+        f"for f in {q(venv)}/bin/*; do b=$(basename \"$f\"); "
+        f"case $b in python*|pip*|activate*|Activate*) continue;; esac; "
+        f"ln -sf \"../venv/bin/$b\" {q(dest)}/bin/\"$b\"; done",
+    ]
+
+
+def _system(install: RuntimeInstall, tmp: str) -> list[str]:
+    q = shlex.quote
+    path = (install.spec.path or "").replace("{version}", install.version)
+    missing = q(f"runtime folder {path} is missing")
+    checks = [f"test -d {q(path)} || {{ echo {missing} >&2; exit 3; }}"]
+    for binary in DEFAULT_BINARIES.get(install.name, ()):
+        target = f"{path}/{binary}"
+        checks.append(
+            f"test -x {q(target)} || {{ echo {q(f'{target} is missing')} >&2; exit 3; }}"
+        )
+    return [*checks, f"ln -s {q(path)} {q(tmp)}/bin"]
+
+
+def _fetch(install: RuntimeInstall, tmp: str) -> list[str]:
+    """Put the archive at TMP/archive and check its sha256."""
+    q = shlex.quote
+    archive = f"{tmp}/archive"
+    if install.upload:
+        lines = [f"mv {q(install.upload)} {q(archive)}"]
+    else:
+        url = (install.spec.url or "").replace("{version}", install.version)
+        lines = [
+            "if command -v curl >/dev/null; then "
+            f"curl -fsSL -o {q(archive)} {q(url)}; else wget -qO {q(archive)} {q(url)}; fi"
+        ]
+    if install.sha256:
+        lines.append(
+            f"echo {q(install.sha256 + '  ' + archive)} | sha256sum -c --quiet - "
+            f"|| {{ echo {q(f'sha256 of {install.name} {install.version} does not match')} "
+            ">&2; exit 4; }"
+        )
+    return lines
+
+
+def _extract(install: RuntimeInstall, tmp: str) -> list[str]:
+    q = shlex.quote
+    archive = f"{tmp}/archive"
+    return [
+        f"mkdir {q(tmp)}/x",
+        f"case \"$(head -c 4 {q(archive)} | od -An -tx1 | tr -d ' ')\" in "
+        f"504b0304) (cd {q(tmp)}/x && unzip -q ../archive);; "
+        f"*) tar -xf {q(archive)} -C {q(tmp)}/x;; esac",
+        f"rm -f {q(archive)}",
+        # one top-level folder: its content is the runtime
+        f"set -- {q(tmp)}/x/*; if [ $# -eq 1 ] && [ -d \"$1\" ] && [ ! -d {q(tmp)}/x/bin ]; "
+        f"then mv \"$1\"/* \"$1\"/.[!.]* {q(tmp)}/ 2>/dev/null || true; "
+        f"else mv {q(tmp)}/x/* {q(tmp)}/; fi",
+        f"rm -rf {q(tmp)}/x",
+    ]
+
+
+def _build(install: RuntimeInstall, tmp: str) -> list[str]:
+    q = shlex.quote
+    spec = install.spec
+    src = f"{tmp}/src"
+    source_dir = f"{src}/{spec.subdir}" if spec.subdir else src
+    args = " ".join(q(a) for a in spec.cmake_args)
+    targets = " ".join(q(t) for t in spec.targets)
+    target_flag = f" --target {targets}" if targets else ""
+    return [
+        f"mkdir {q(src)}",
+        f"tar -xf {q(tmp)}/archive -C {q(src)} --strip-components=1",
+        f"rm -f {q(tmp)}/archive",
+        f"cmake -S {q(source_dir)} -B {q(tmp)}/build {args} > {q(tmp)}/cmake.log 2>&1 "
+        f"|| {{ tail -20 {q(tmp)}/cmake.log >&2; exit 5; }}",
+        f"cmake --build {q(tmp)}/build{target_flag} -j\"$(nproc 2>/dev/null || echo 2)\" "
+        f"> {q(tmp)}/build.log 2>&1 || {{ tail -20 {q(tmp)}/build.log >&2; exit 5; }}",
+        f"mkdir -p {q(tmp)}/bin",
+        f"cp -a {q(tmp)}/build/bin/. {q(tmp)}/bin/",
+        f"find {q(tmp)}/build -name '*.so*' -exec cp -a {{}} {q(tmp)}/bin/ \\;",
+        f"rm -rf {q(src)} {q(tmp)}/build {q(tmp)}/cmake.log {q(tmp)}/build.log",
+    ]
+
+
+def removal_script(prefix: str, name: str, versions: list[str]) -> str:
+    """Remove runtime versions that no instance uses any more."""
+    q = shlex.quote
+    paths = " ".join(q(runtime_path(prefix, name, v)) for v in versions)
+    return f"rm -rf {paths}\n"
