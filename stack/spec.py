@@ -183,7 +183,9 @@ class ModelSpec(_Strict):
         default_factory=list,
         description="Label selector: `k=v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`.",
     )
-    gpu: GpuSelector = Field(default_factory=lambda: GpuSelector.model_validate({}), description="GPU selector.")
+    gpu: GpuSelector = Field(
+        default_factory=lambda: GpuSelector.model_validate({}), description="GPU selector."
+    )
     context: int | None = Field(None, ge=256, description="Context size in tokens.")
     args: list[str] = Field(default_factory=list, description="Extra backend arguments.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
@@ -225,7 +227,9 @@ class RouterSpec(_Strict):
     tls_cert: str | None = Field(None, description="TLS certificate file (controller path).")
     tls_key: str | None = Field(None, description="TLS key file (controller path).")
     workers: int = Field(1, ge=1, le=64, description="Worker processes (SO_REUSEPORT).")
-    timeouts: Timeouts = Field(default_factory=lambda: Timeouts.model_validate({}), description="Timeouts.")
+    timeouts: Timeouts = Field(
+        default_factory=lambda: Timeouts.model_validate({}), description="Timeouts."
+    )
     balancing: Literal["least-outstanding", "round-robin"] = Field(
         "least-outstanding", description="How a replica is chosen."
     )
@@ -252,12 +256,16 @@ class KeySpec(_Strict):
 class StackSpec(_Strict):
     """The whole stack.toml."""
 
-    stack: StackSection = Field(default_factory=lambda: StackSection.model_validate({}), description="The stack.")
+    stack: StackSection = Field(
+        default_factory=lambda: StackSection.model_validate({}), description="The stack."
+    )
     hosts: dict[str, HostSpec] = Field(default_factory=dict, description="Inline hosts.")
     nodes: dict[str, NodeSpec] = Field(
         default_factory=dict, description="Per-host settings by glob on host names."
     )
     runtimes: dict[str, RuntimeSpec] = Field(default_factory=dict, description="Runtimes.")
     models: dict[str, ModelSpec] = Field(default_factory=dict, description="Models.")
-    router: RouterSpec = Field(default_factory=lambda: RouterSpec.model_validate({}), description="The router.")
+    router: RouterSpec = Field(
+        default_factory=lambda: RouterSpec.model_validate({}), description="The router."
+    )
     keys: list[KeySpec] = Field(default_factory=list, description="API keys.")
