@@ -7,6 +7,7 @@ module free of heavy imports: the router loads it at start and on every reload.
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +25,7 @@ class Replica(_Strict):
     id: str
     url: str = Field(description="Base URL, e.g. `http://10.0.0.11:40001`.")
     api_key: str | None = None
-    weight: int = Field(1, ge=1)
+    weight: int = Field(default=1, ge=1)
     health_path: str = "/health"
 
 
@@ -56,17 +57,17 @@ class Timeouts(_Strict):
 
 
 class Health(_Strict):
-    interval: float = Field(5.0, gt=0, description="Seconds between active probes.")
-    eject_after: int = Field(3, ge=1, description="Consecutive failures before ejection.")
-    backoff_max: float = Field(60.0, gt=0, description="Longest ejection, in seconds.")
+    interval: float = Field(default=5.0, gt=0, description="Seconds between active probes.")
+    eject_after: int = Field(default=3, ge=1, description="Consecutive failures before ejection.")
+    backoff_max: float = Field(default=60.0, gt=0, description="Longest ejection, in seconds.")
 
 
 class RouterConfig(_Strict):
     """The whole router.json."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     listen: str = "127.0.0.1:8080"
-    workers: int = Field(1, ge=1)
+    workers: int = Field(default=1, ge=1)
     tls_cert: str | None = None
     tls_key: str | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
@@ -78,3 +79,104 @@ class RouterConfig(_Strict):
     max_body_bytes: int = 32 * 1024**2
     models: list[RouteModel] = Field(default_factory=list)
     keys: list[Key] = Field(default_factory=list)
+
+
+# --- loading and validation (additive: the schema above is the contract) -------------------
+
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:8080`) -> (host, port); ValueError when malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(listen)
+    return host.strip("[]"), int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def load(path: str | Path) -> RouterConfig:
+    """Read, parse and validate a router.json; raises ConfigError naming the file and key."""
+    import json
+
+    from pydantic import ValidationError
+
+    from stack.errors import ConfigError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read router config `{path}`: {exc.strerror or exc}",
+            hint="pass the file `stack apply` wrote, e.g. `stack-router --config router.json`.",
+        ) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"`{path}` is not valid JSON: {exc.msg} ({path}:{exc.lineno}:{exc.colno})",
+            hint="fix the syntax or regenerate the file with `stack apply`.",
+        ) from exc
+    try:
+        config = RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        raise ConfigError(
+            f"`{key}` in `{path}`: {err['msg']}",
+            hint="see docs/router.md for the router.json schema (format_version 1).",
+        ) from exc
+    problem = check(config)
+    if problem is not None:
+        key, message, hint = problem
+        raise ConfigError(f"`{key}` in `{path}` {message}", hint=hint)
+    return config
+
+
+def check(config: RouterConfig) -> tuple[str, str, str] | None:
+    """Rules the schema cannot express: (dotted key, message, hint) of the first broken one."""
+    try:
+        host, _ = split_listen(config.listen)
+    except ValueError:
+        return ("listen", f"must be HOST:PORT, got {config.listen!r}",
+                "write e.g. `127.0.0.1:8080` or `0.0.0.0:8080`.")
+    if not config.keys and not is_loopback(host):
+        return ("keys", f"is empty but `listen` is {config.listen!r}, which is not loopback",
+                "create a key with `stack keys create NAME`, or listen on 127.0.0.1.")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        return ("tls_cert", "and `tls_key` must be given together",
+                "set both paths, or neither to serve plain HTTP.")
+    names: dict[str, str] = {}
+    for i, model in enumerate(config.models):
+        for j, name in enumerate([model.name, *model.aliases]):
+            where = f"models.{i}.name" if j == 0 else f"models.{i}.aliases.{j - 1}"
+            if name in names:
+                return (where, f"repeats the model name {name!r} (already {names[name]})",
+                        "give every model and alias a unique name.")
+            names[name] = where
+        for k, replica in enumerate(model.replicas):
+            if not replica.url.startswith("http://"):
+                return (f"models.{i}.replicas.{k}.url", f"must start with http://, got "
+                        f"{replica.url!r}", "backends are reached over plain HTTP on the "
+                        "private network, e.g. `http://10.0.0.11:40001`.")
+            try:
+                split_listen(replica.url.removeprefix("http://").rstrip("/"))
+            except ValueError:
+                return (f"models.{i}.replicas.{k}.url", f"must be http://HOST:PORT, got "
+                        f"{replica.url!r}", "write the port explicitly.")
+    key_names: set[str] = set()
+    for i, key in enumerate(config.keys):
+        if key.name in key_names:
+            return (f"keys.{i}.name", f"repeats the key name {key.name!r}",
+                    "give every key a unique name.")
+        key_names.add(key.name)
+        for j, allowed in enumerate(key.models):
+            if allowed not in names:
+                return (f"keys.{i}.models.{j}", f"names the unknown model {allowed!r}",
+                        "use a model name or alias from `models`.")
+    return None

@@ -1,0 +1,56 @@
+"""Choosing a replica: least outstanding requests, power of two choices among ties,
+optional affinity bounded by load.
+
+Pure: the caller passes the replicas' loads and a random source.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from random import Random
+
+AFFINITY_SLACK = 0.25
+"""An affine replica may carry this fraction more than the average load (plus one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What the balancer knows about one candidate replica."""
+
+    id: str
+    outstanding: int
+    weight: int = 1
+    latency: float = 0.0
+    """Moving average of recent response times in seconds: the tie breaker."""
+
+
+def choose(candidates: Sequence[Load], rng: Random, affinity: str | None = None) -> int | None:
+    """Index of the replica to use, or None when there is no candidate."""
+    if not candidates:
+        return None
+    if affinity is not None:
+        return _affine(candidates, affinity)
+    best = min(c.outstanding / c.weight for c in candidates)
+    tied = [i for i, c in enumerate(candidates) if c.outstanding / c.weight == best]
+    if len(tied) == 1:
+        return tied[0]
+    a, b = rng.sample(tied, 2)
+    return a if candidates[a].latency <= candidates[b].latency else b
+
+
+def _affine(candidates: Sequence[Load], affinity: str) -> int:
+    """Rendezvous hashing: the first replica in the key's order that is under the bound."""
+    total = sum(c.outstanding for c in candidates)
+    bound = math.ceil((total + 1) * (1 + AFFINITY_SLACK) / len(candidates))
+    order = sorted(
+        range(len(candidates)),
+        key=lambda i: zlib.crc32(f"{affinity}\0{candidates[i].id}".encode()),
+        reverse=True,
+    )
+    for i in order:
+        if candidates[i].outstanding + 1 <= bound:
+            return i
+    return order[0]

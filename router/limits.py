@@ -1,0 +1,91 @@
+"""Per-key request and token limits over a sliding minute.
+
+Token limits reserve an estimate when a request is admitted and settle on the real usage
+when it ends. Pure: the clock is passed in. One limiter lives in each router process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+WINDOW = 60
+"""Seconds in the sliding window, counted in one-second buckets."""
+
+
+@dataclass(slots=True)
+class Window:
+    """Amounts added per second over the last WINDOW seconds."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * WINDOW)
+    stamps: list[int] = field(default_factory=lambda: [-1] * WINDOW)
+
+    def total(self, second: int) -> int:
+        return sum(b for b, s in zip(self.buckets, self.stamps, strict=True)
+                   if second - WINDOW < s <= second)
+
+    def add(self, second: int, amount: int) -> None:
+        i = second % WINDOW
+        if self.stamps[i] != second:
+            self.buckets[i], self.stamps[i] = 0, second
+        self.buckets[i] += amount
+
+    def adjust(self, second: int, now_second: int, amount: int) -> None:
+        """Correct an earlier bucket if it is still in the window."""
+        i = second % WINDOW
+        if self.stamps[i] == second and now_second - second < WINDOW:
+            self.buckets[i] = max(0, self.buckets[i] + amount)
+
+    def retry_after(self, second: int, limit: int, need: int) -> int:
+        """Whole seconds until `need` more fits under `limit`."""
+        live = sorted((s, b) for b, s in zip(self.buckets, self.stamps, strict=True)
+                      if second - WINDOW < s <= second)
+        excess = sum(b for _, b in live) + need - limit
+        for s, b in live:
+            excess -= b
+            if excess <= 0:
+                return max(1, s + WINDOW - second)
+        return WINDOW
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Admission result: `reservation` to settle later, or why not and for how long."""
+
+    ok: bool
+    reason: str = ""
+    retry_after: int = 0
+    reservation: tuple[int, int] = (0, 0)
+    """(second, tokens reserved)."""
+
+
+@dataclass(slots=True)
+class KeyLimiter:
+    """Limits of one key."""
+
+    rpm: int | None
+    tpm: int | None
+    requests: Window = field(default_factory=Window)
+    tokens: Window = field(default_factory=Window)
+
+    def admit(self, now: float, estimate: int) -> Verdict:
+        """Admit a request expected to use `estimate` tokens, or say when to retry."""
+        second = math.floor(now)
+        if self.rpm is not None and self.requests.total(second) + 1 > self.rpm:
+            return Verdict(False, "rpm", self.requests.retry_after(second, self.rpm, 1))
+        if self.tpm is not None:
+            estimate = min(estimate, self.tpm)
+            if self.tokens.total(second) + estimate > self.tpm:
+                return Verdict(False, "tpm", self.tokens.retry_after(second, self.tpm, estimate))
+            self.tokens.add(second, estimate)
+        self.requests.add(second, 1)
+        return Verdict(True, reservation=(second, estimate if self.tpm is not None else 0))
+
+    def settle(self, now: float, reservation: tuple[int, int], used: int) -> None:
+        """Replace the reserved estimate by the tokens the request really used."""
+        if self.tpm is None:
+            return
+        second, reserved = reservation
+        now_second = math.floor(now)
+        if now_second - second < WINDOW:
+            self.tokens.adjust(second, now_second, used - reserved)

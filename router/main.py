@@ -1,0 +1,208 @@
+"""`stack-router --config router.json`: serve the fleet's OpenAI-compatible endpoint.
+
+With `workers` > 1 the parent forks that many processes, each with its own listening
+socket on the same address (SO_REUSEPORT) so the kernel spreads connections; the parent
+forwards SIGHUP (reload) and SIGTERM/SIGINT (drain and stop) and restarts a worker that
+dies. Each worker re-reads the config on SIGHUP or when the file changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from pathlib import Path
+
+from router import config as router_config
+from router.app import Router
+from router.config import RouterConfig
+from router.server import ClientConnection
+from stack.errors import ConfigError
+
+log = logging.getLogger("stack-router")
+DRAIN_SECONDS = 30.0
+WATCH_SECONDS = 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stack-router", description="One OpenAI-compatible endpoint for the fleet.")
+    parser.add_argument("--config", required=True, help="router.json written by `stack apply`")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    path = Path(args.config)
+    try:
+        config = router_config.load(path)
+    except ConfigError as err:
+        print(err.render(), file=sys.stderr)
+        return 1
+    host, port = router_config.split_listen(config.listen)
+    try:
+        reserve = _socket(host, port)
+    except OSError as exc:
+        print(f"error: cannot listen on `listen` = {config.listen!r} from `{path}`: "
+              f"{exc.strerror}\nhint: pick a free port or stop what uses it.", file=sys.stderr)
+        return 1
+    port = reserve.getsockname()[1]
+    if config.workers == 1:
+        reserve.listen(1024)
+        return _serve(path, config, reserve, None)
+    return _supervise(path, config, host, port, reserve)
+
+
+def _socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _announce(config: RouterConfig, sock: socket.socket, workers: int) -> None:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.tls_cert else "http"
+    print(f"stack-router: listening on {scheme}://{shown}:{port} with {workers} worker(s)",
+          file=sys.stderr, flush=True)
+
+
+def _supervise(path: Path, config: RouterConfig, host: str, port: int,
+               reserve: socket.socket) -> int:
+    """Fork the workers, forward signals, restart the ones that die."""
+    children: dict[int, int] = {}
+    stopping = False
+    ready_r, ready_w = os.pipe()
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            code = 1
+            try:
+                sock = _socket(host, port)
+                sock.listen(1024)
+                code = _serve(path, config, sock, ready_w)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    for slot in range(config.workers):
+        spawn(slot)
+    for _ in range(config.workers):
+        os.read(ready_r, 1)
+    _announce(config, reserve, config.workers)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot = children.pop(pid, -1)
+        if slot >= 0 and not stopping:
+            log.warning("router: worker %d exited (status %d); starting it again", pid, status)
+            spawn(slot)
+    return 0
+
+
+def _serve(path: Path, config: RouterConfig, sock: socket.socket, ready_fd: int | None) -> int:
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(_worker(path, config, sock, ready_fd))
+
+
+async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
+                  ready_fd: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    app = Router(config, loop)
+    connections: set[ClientConnection] = set()
+
+    def factory() -> ClientConnection:
+        return ClientConnection(app.handle, app.streams_body, app.max_body,
+                                app.tables.config.affinity_header.encode(), connections)
+
+    tls = None
+    if config.tls_cert and config.tls_key:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(config.tls_cert, config.tls_key)
+    server = await loop.create_server(factory, sock=sock, ssl=tls, backlog=1024)
+    stop = asyncio.Event()
+    state = {"stamp": _stamp(path)}
+
+    def reload(reason: str) -> None:
+        try:
+            new = router_config.load(path)
+        except ConfigError as err:
+            log.error("router: reload (%s) failed, keeping the previous config: %s",
+                      reason, err.render().replace("\n", " "))
+            return
+        if new.listen != app.tables.config.listen or new.workers != app.tables.config.workers:
+            log.warning("router: `listen` and `workers` changes need a restart")
+        app.reload(new)
+        log.info("router: reloaded %s (%s): %d models, %d keys", path, reason,
+                 len(new.models), len(new.keys))
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            stamp = _stamp(path)
+            if stamp != state["stamp"]:
+                state["stamp"] = stamp
+                reload("file changed")
+
+    def on_hup() -> None:
+        state["stamp"] = _stamp(path)
+        reload("SIGHUP")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    tasks = [loop.create_task(watch()), loop.create_task(app.probe_forever())]
+    if ready_fd is None:
+        _announce(config, sock, 1)
+    else:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    await stop.wait()
+    server.close()
+    deadline = loop.time() + DRAIN_SECONDS
+    while app.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for conn in list(connections):
+        conn.close()
+    for task in tasks:
+        task.cancel()
+    return 0
+
+
+def _stamp(path: Path) -> tuple[float, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0.0, 0)
+    return (st.st_mtime, st.st_size)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

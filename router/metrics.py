@@ -1,0 +1,133 @@
+"""Prometheus metrics of one router process, rendered as text format 0.0.4.
+
+Hand-rolled counters (plain dicts) because they sit on the hot path. Labels are bounded:
+model names from the config, key names (never keys), status classes, replica ids.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+PREFIX = "modelstack_router_"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-on-render histogram."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaGauge:
+    """What /metrics shows about one replica."""
+
+    model: str
+    replica: str
+    in_flight: int
+    up: bool
+
+
+@dataclass(slots=True)
+class Metrics:
+    """All counters of this process."""
+
+    requests: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    latency: dict[str, Histogram] = field(default_factory=dict)
+    ttft: dict[str, Histogram] = field(default_factory=dict)
+    tokens: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    rate_limited: dict[tuple[str, str], int] = field(default_factory=dict)
+    ejections: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def request(self, model: str, key: str, status: int, seconds: float) -> None:
+        label = (model, key, f"{status // 100}xx")
+        self.requests[label] = self.requests.get(label, 0) + 1
+        hist = self.latency.get(model)
+        if hist is None:
+            hist = self.latency[model] = Histogram()
+        hist.observe(seconds)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        hist = self.ttft.get(model)
+        if hist is None:
+            hist = self.ttft[model] = Histogram()
+        hist.observe(seconds)
+
+    def usage(self, model: str, key: str, prompt: int, completion: int) -> None:
+        for kind, value in (("prompt", prompt), ("completion", completion)):
+            label = (model, key, kind)
+            self.tokens[label] = self.tokens.get(label, 0) + value
+
+    def retried(self, model: str) -> None:
+        self.retries[model] = self.retries.get(model, 0) + 1
+
+    def limited(self, key: str, limit: str) -> None:
+        label = (key, limit)
+        self.rate_limited[label] = self.rate_limited.get(label, 0) + 1
+
+    def ejected(self, model: str, replica: str) -> None:
+        label = (model, replica)
+        self.ejections[label] = self.ejections.get(label, 0) + 1
+
+    def render(self, replicas: Iterable[ReplicaGauge]) -> bytes:
+        out: list[str] = []
+        p = PREFIX
+
+        def head(name: str, kind: str, text: str) -> None:
+            out.append(f"# HELP {p}{name} {text}\n# TYPE {p}{name} {kind}\n")
+
+        head("requests_total", "counter", "Requests by model, key name and status class.")
+        for (model, key, cls), n in sorted(self.requests.items()):
+            out.append(f'{p}requests_total{{model="{_esc(model)}",key="{_esc(key)}",'
+                       f'status="{cls}"}} {n}\n')
+        for name, hists, text in (
+            ("request_duration_seconds", self.latency, "Time from request to last byte."),
+            ("time_to_first_token_seconds", self.ttft, "Time to the first streamed chunk."),
+        ):
+            head(name, "histogram", text)
+            for model, hist in sorted(hists.items()):
+                running = 0
+                for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), hist.counts, strict=True):
+                    running += count
+                    out.append(f'{p}{name}_bucket{{model="{_esc(model)}",le="{bound}"}} '
+                               f"{running}\n")
+                out.append(f'{p}{name}_sum{{model="{_esc(model)}"}} {hist.total:.6f}\n')
+                out.append(f'{p}{name}_count{{model="{_esc(model)}"}} {running}\n')
+        head("tokens_total", "counter", "Prompt and completion tokens by model and key name.")
+        for (model, key, kind), n in sorted(self.tokens.items()):
+            out.append(f'{p}tokens_total{{model="{_esc(model)}",key="{_esc(key)}",'
+                       f'type="{kind}"}} {n}\n')
+        head("retries_total", "counter", "Requests retried on another replica.")
+        for model, n in sorted(self.retries.items()):
+            out.append(f'{p}retries_total{{model="{_esc(model)}"}} {n}\n')
+        head("rate_limited_total", "counter", "Requests refused by a key's rpm or tpm limit.")
+        for (key, limit), n in sorted(self.rate_limited.items()):
+            out.append(f'{p}rate_limited_total{{key="{_esc(key)}",limit="{limit}"}} {n}\n')
+        head("replica_ejections_total", "counter", "Replicas ejected after failures.")
+        for (model, replica), n in sorted(self.ejections.items()):
+            out.append(f'{p}replica_ejections_total{{model="{_esc(model)}",'
+                       f'replica="{_esc(replica)}"}} {n}\n')
+        gauges = list(replicas)
+        head("replica_in_flight", "gauge", "Requests outstanding on a replica.")
+        for g in gauges:
+            out.append(f'{p}replica_in_flight{{model="{_esc(g.model)}",'
+                       f'replica="{_esc(g.replica)}"}} {g.in_flight}\n')
+        head("replica_up", "gauge", "1 when the replica takes requests.")
+        for g in gauges:
+            out.append(f'{p}replica_up{{model="{_esc(g.model)}",'
+                       f'replica="{_esc(g.replica)}"}} {int(g.up)}\n')
+        return "".join(out).encode()
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
