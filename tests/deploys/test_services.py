@@ -1,0 +1,74 @@
+"""Services: the supervisor loop run for real (restart on crash, HUP passed on, stop),
+and the systemd/launchd definitions rendered from templates/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from deploys.services import Service, reload_commands, start_commands, stop_commands, unit_file
+
+
+def _wait(check: Callable[[], bool], timeout: float = 10) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _sh(commands: list[str]) -> None:
+    subprocess.run(["sh", "-c", "\n".join(commands)], check=True, timeout=30)
+
+
+def test_supervisor_restarts_a_crashed_process_passes_hup_and_stops(tmp_path: Path) -> None:
+    prefix = tmp_path / "my prefix"  # a space: every path must be quoted
+    script = tmp_path / "proc.sh"
+    script.write_text("trap 'echo hup >> \"$0.hup\"' HUP\nwhile :; do sleep 0.1; done\n")
+    service = Service("agent", "s", str(prefix), ("sh", str(script)))
+    (prefix / "etc").mkdir(parents=True)
+    Path(service.unit_path).write_text(unit_file(service))
+    _sh(start_commands(service, running=False, restart=False))
+    child = Path(service.pid_file)
+    try:
+        assert _wait(lambda: _pid(child) is not None)
+        first = _pid(child)
+        assert first is not None
+        _sh(reload_commands(service))
+        assert _wait(lambda: Path(str(script) + ".hup").exists())
+        assert _pid(child) == first  # HUP does not restart
+        os.kill(first, 9)
+        assert _wait(lambda: _pid(child) not in (None, first))
+        assert "restarting in 1s" in Path(service.log).read_text()
+    finally:
+        _sh(stop_commands(service))
+    assert not Path(service.supervisor_pid_file).exists()
+    assert _wait(lambda: _pid(child) is None)
+
+
+def test_systemd_unit_and_launchd_plist_name_the_command_and_log() -> None:
+    argv = ("/opt/stack/agent/venv/bin/stack-agent", "--config", "/opt/stack/etc/agent.toml")
+    unit = unit_file(Service("agent", "prod", "/opt/stack", argv, manager="systemd"))
+    assert "ExecStart=/opt/stack/agent/venv/bin/stack-agent --config /opt/stack/etc/agent.toml" in unit
+    assert "KillMode=process" in unit and "Restart=always" in unit
+    plist = unit_file(Service("router", "prod", "/opt/stack", ("/x/stack-router",), "launchd"))
+    assert "<string>dev.modelstack-prod-router</string>" in plist
+    assert "<string>/x/stack-router</string>" in plist
+    service = Service("agent", "prod", "/opt/stack", argv, manager="systemd")
+    assert start_commands(service, running=True, restart=False) == []
+    assert start_commands(service, running=True, restart=True)[-1] == (
+        "systemctl restart modelstack-prod-agent"
+    )
