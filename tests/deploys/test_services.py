@@ -62,7 +62,7 @@ def test_supervisor_restarts_a_crashed_process_passes_hup_and_stops(tmp_path: Pa
 def test_systemd_unit_and_launchd_plist_name_the_command_and_log() -> None:
     argv = ("/opt/stack/agent/venv/bin/stack-agent", "--config", "/opt/stack/etc/agent.toml")
     unit = unit_file(Service("agent", "prod", "/opt/stack", argv, manager="systemd"))
-    assert "ExecStart=/opt/stack/agent/venv/bin/stack-agent --config /opt/stack/etc/agent.toml" in unit
+    assert f"ExecStart={' '.join(argv)}\n" in unit
     assert "KillMode=process" in unit and "Restart=always" in unit
     plist = unit_file(Service("router", "prod", "/opt/stack", ("/x/stack-router",), "launchd"))
     assert "<string>dev.modelstack-prod-router</string>" in plist
