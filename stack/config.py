@@ -17,6 +17,7 @@ import fnmatch
 import ipaddress
 import json
 import re
+import tomllib
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,13 +93,8 @@ def check_text(
     """
     try:
         data = tomlkit.parse(text).unwrap()
-    except tomlkit.exceptions.ParseError as exc:
-        reason = str(exc).rsplit(" at line ", 1)[0]
-        return None, [ConfigError(
-            f"`{filename}` is not valid TOML: {reason} ({filename}:{exc.line}:{exc.col})",
-            hint="check the quotes, brackets and `=` on that line; strings need quotes, "
-            'e.g. `backend = "vllm"`.',
-        )]
+    except tomlkit.exceptions.TOMLKitError as exc:
+        return None, [_syntax_error(exc, text, filename)]
     report = _Report(filename, locate(text))
     try:
         spec = StackSpec.model_validate(data)
@@ -113,6 +109,34 @@ def check_text(
                    "stack.toml, e.g. `inventories/lab.py`.")
     problems = report.sorted()
     return (None if problems else spec), problems
+
+
+def _syntax_error(exc: Exception, text: str, filename: str) -> ConfigError:
+    """A TOML error with `file:line:col`; tomllib locates what tomlkit does not (duplicates)."""
+    reason = str(exc).rsplit(" at line ", 1)[0].rstrip(".")
+    reason = reason.replace("Unexpected character: '\\x00'", "unexpected end of file")
+    where = ""
+    if isinstance(exc, tomlkit.exceptions.ParseError):  # tomlkit counts columns from 0
+        where = f" ({filename}:{exc.line}:{exc.col + 1})"
+    try:  # tomllib places duplicates and the end of the file better
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as located:
+        match = re.search(r"\(at line (\d+), column (\d+)\)", str(located))
+        if match:
+            line, col = int(match.group(1)), int(match.group(2))
+            duplicate = re.match(r'Key "(.+)" already exists', reason)
+            if duplicate:  # point at the repeated key, not past its value
+                found = text.split("\n")[line - 1].find(duplicate.group(1))
+                col = found + 1 if found >= 0 else col
+            where = f" ({filename}:{line}:{col})"
+        elif "end of document" in str(located):
+            lines = text.split("\n")
+            where = f" ({filename}:{len(lines)}:{len(lines[-1]) + 1})"
+    return ConfigError(
+        f"`{filename}` is not valid TOML: {reason}{where}",
+        hint="check the quotes, brackets and `=` on that line; strings need quotes, "
+        'e.g. `backend = "vllm"`; a key or table may appear only once.',
+    )
 
 
 def dotted(path: Loc) -> str:
@@ -317,7 +341,8 @@ def _all_models(tp: Any = StackSpec) -> Iterator[tuple[type[BaseModel], str]]:
         current, where = stack.pop()
         current = _unwrap(current)
         if get_origin(current) is dict:
-            stack.append((get_args(current)[1], where + '."NAME"'))
+            name = '."PATTERN"' if where == "nodes" else ".NAME"
+            stack.append((get_args(current)[1], where + name))
         elif get_origin(current) is list:
             stack.append((get_args(current)[0], f"[{where}]" if where else where))
         elif _is_model(current) and current not in seen:
@@ -384,8 +409,7 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
     if kind == "literal_error" or kind.endswith(("_type", "_parsing")) or wrong_size:
         values = _literal_values(tp)
         guess = _suggest(str(value), values) if isinstance(value, str) and values else None
-        hint = f"did you mean `{guess}`?" if guess else (
-            field_hint or _type_hint(path, tp))
+        hint = f"did you mean `{guess}`?" if guess else _type_hint(path, tp)
         return path, f"`{key}` must be {_kind(tp)}, got {show(value)}", hint, False
     if kind == "value_error":
         reason = str(ctx.get("error", error["msg"]))
@@ -405,9 +429,11 @@ def _type_hint(path: Loc, tp: Any) -> str:
         return f'write `{name} = "24GiB"` (units: B, KB, MB, GB, KiB, MiB, GiB, TiB).'
     if kind.startswith("one of"):
         return "use one of the values listed."
+    if get_origin(_unwrap(tp)) is dict:
+        return f"write `[{dotted(path)}.NAME]` tables."
+    if kind == "an integer or `auto`":
+        return f'write it as `{name} = 2` or `{name} = "auto"`.'
     example = examples.get(kind)
-    if example is None and " or " in kind:
-        example = f"{name} = 2"
     return f"write it as `{example}`." if example else "see docs/stack-toml.md for this key."
 
 

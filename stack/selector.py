@@ -115,8 +115,9 @@ def _split(text: str) -> list[str]:
     return parts
 
 
-def _parse_requirement(index: int, text: str) -> Requirement:
-    part = text.strip()
+def _parse_requirement(index: int, text: str, raw: str) -> Requirement:
+    """One requirement `raw` from the selector item `text`."""
+    part = raw.strip()
     if not part:
         raise SelectorError(index, text, "empty requirement")
     if match := _SET.match(part):
@@ -139,5 +140,5 @@ def parse_selector(items: list[str]) -> Selector:
     requirements: list[Requirement] = []
     for index, item in enumerate(items):
         for part in _split(item):
-            requirements.append(_parse_requirement(index, part))
+            requirements.append(_parse_requirement(index, item, part))
     return Selector(tuple(requirements))

@@ -173,9 +173,8 @@ class _Scanner:
                 if double:
                     arrays[names] = arrays.get(names, -1) + 1
                 table = self._resolve(names, arrays)
-                self.out.keys.setdefault(table, self.pos(start))
-                if double:
-                    self.out.keys.setdefault(table[:-1], self.pos(start))
+                for end in range(1, len(table) + 1):  # implicit parents start here too
+                    self.out.keys.setdefault(table[:end], self.pos(start))
             else:
                 self.key_value(table)
 
