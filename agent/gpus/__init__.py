@@ -1,0 +1,68 @@
+"""GPU vendor tools: pure parsers of their outputs, and `read_gpus()` to run them here.
+
+No pyinfra and no controller code: the agent imports this for metrics when pynvml is not
+available, and the controller's facts parse the outputs the facts script collected.
+
+    parse_nvidia_csv / parse_ixsmi_csv    nvidia-smi, ixsmi --query-gpu --format=csv
+    parse_rocm_smi_json / parse_hy_smi_json   rocm-smi / hy-smi --json (AMD, Hygon)
+    parse_amd_smi_static_json             amd-smi static --json
+    parse_npu_smi_info                    npu-smi info (Ascend)
+    parse_mthreads_gmi                    mthreads-gmi (Moore Threads)
+    parse_cnmon_json                      cnmon_info.json (Cambricon)
+    parse_system_profiler                 system_profiler SPDisplaysDataType (macOS)
+
+`TOOLS` lists them in the order a host is asked; the first tool of a vendor group that is
+present wins (`hy-smi` before `rocm-smi`, whose DTK build also runs on Hygon hosts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.gpus import amd, apple, ascend, cambricon, mthreads, nvidia
+from agent.gpus.amd import parse_amd_smi_static_json, parse_hy_smi_json, parse_rocm_smi_json
+from agent.gpus.apple import parse_system_profiler
+from agent.gpus.ascend import parse_npu_smi_info
+from agent.gpus.cambricon import parse_cnmon_json
+from agent.gpus.local import read_gpus, run_tools
+from agent.gpus.mthreads import parse_mthreads_gmi
+from agent.gpus.nvidia import parse_ixsmi_csv, parse_nvidia_csv
+from agent.gpus.types import GpuInfo, GpuToolError, ToolStatus
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A vendor tool: the command that lists GPUs and the parser of its output."""
+
+    name: str
+    group: str  # tools of one group answer the same question; the first present wins
+    command: tuple[str, ...]
+    parse: Callable[[str], list[GpuInfo]]
+
+
+TOOLS: tuple[Tool, ...] = (
+    Tool("nvidia-smi", "nvidia", nvidia.COMMAND, parse_nvidia_csv),
+    Tool("hy-smi", "rocm", amd.HY_SMI_COMMAND, parse_hy_smi_json),
+    Tool("rocm-smi", "rocm", amd.ROCM_SMI_COMMAND, parse_rocm_smi_json),
+    Tool("amd-smi", "rocm", amd.AMD_SMI_COMMAND, parse_amd_smi_static_json),
+    Tool("npu-smi", "ascend", ascend.COMMAND, parse_npu_smi_info),
+    Tool("mthreads-gmi", "mthreads", mthreads.COMMAND, parse_mthreads_gmi),
+    Tool("ixsmi", "iluvatar", nvidia.IXSMI_COMMAND, parse_ixsmi_csv),
+    Tool("cnmon", "cambricon", cambricon.COMMAND, parse_cnmon_json),
+    Tool("system_profiler", "apple", apple.COMMAND, parse_system_profiler),
+)
+TOOLS_BY_NAME: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
+
+# PCI vendor ids of accelerators (class 0x03 display, 0x12 processing accelerator).
+PCI_VENDORS: dict[str, str] = {
+    "0x10de": "nvidia", "0x1002": "amd", "0x19e5": "ascend", "0x1d94": "hygon",
+    "0x1e3e": "iluvatar", "0x1ed5": "mthreads", "0xcabc": "cambricon",
+}
+
+__all__ = [
+    "PCI_VENDORS", "TOOLS", "TOOLS_BY_NAME", "GpuInfo", "GpuToolError", "Tool", "ToolStatus",
+    "parse_amd_smi_static_json", "parse_cnmon_json", "parse_hy_smi_json", "parse_ixsmi_csv",
+    "parse_mthreads_gmi", "parse_npu_smi_info", "parse_nvidia_csv", "parse_rocm_smi_json",
+    "parse_system_profiler", "read_gpus", "run_tools",
+]

@@ -1,0 +1,51 @@
+"""Run the vendor tools present on this machine and parse what they print."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from agent.gpus.types import GpuInfo, GpuToolError
+
+
+def run_tools(timeout: float = 20.0) -> dict[str, tuple[int, str]]:
+    """tool name -> (exit status, stdout + stderr) for each tool found on PATH."""
+    from agent.gpus import TOOLS
+
+    results: dict[str, tuple[int, str]] = {}
+    done_groups: set[str] = set()
+    for tool in TOOLS:
+        if tool.group in done_groups or shutil.which(tool.command[0]) is None:
+            continue
+        done_groups.add(tool.group)
+        with tempfile.TemporaryDirectory() as folder:  # cnmon -j writes into the cwd
+            try:
+                proc = subprocess.run(list(tool.command), cwd=folder, capture_output=True,
+                                      text=True, timeout=timeout, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                results[tool.name] = (-1, str(exc))
+                continue
+            output = proc.stdout + proc.stderr
+            cnmon_file = Path(folder) / "cnmon_info.json"
+            if tool.name == "cnmon" and cnmon_file.exists():
+                output = cnmon_file.read_text(errors="replace")
+            results[tool.name] = (proc.returncode, output)
+    return results
+
+
+def read_gpus(timeout: float = 20.0) -> list[GpuInfo]:
+    """Every GPU the vendor tools on this machine report (tools that fail are skipped)."""
+    from agent.gpus import TOOLS_BY_NAME
+
+    gpus: list[GpuInfo] = []
+    for name, (_status, output) in run_tools(timeout).items():
+        try:
+            gpus.extend(TOOLS_BY_NAME[name].parse(output))
+        except (GpuToolError, ValueError, KeyError):
+            continue
+    return gpus
+
+
+__all__ = ["read_gpus", "run_tools"]
