@@ -7,8 +7,8 @@ temporary folder beside the destination, moves it into place, and writes the mar
 unmarked folder left by an interrupted run is removed first.
 
 The layout the agent relies on: `RUNTIME/bin/llama-server`, `RUNTIME/bin/ggml-rpc-server`
-(with their `.so` files beside them); pip runtimes have `RUNTIME/venv` with every console
-script of the venv linked from `RUNTIME/bin`.
+(with their `.so` files beside them); a pip runtime is a venv at `RUNTIME` itself
+(`RUNTIME/bin/vllm`, `RUNTIME/bin/python`), as the agent's command builders expect.
 
 Sources:
 - `pip`: a venv with the package. A venv is not relocatable (its scripts name its own
@@ -74,9 +74,10 @@ def install_script(install: RuntimeInstall) -> str:
         "set -eu",
         f"if [ -f {q(marker)} ]; then exit 0; fi",
         f"rm -rf {q(dest)} {q(tmp)}",
-        f"mkdir -p {q(tmp)}",
     ]
     source = install.spec.source
+    if source != "pip":
+        head.append(f"mkdir -p {q(tmp)}")
     if source == "pip":
         body = _pip(install)
     elif source == "system":
@@ -99,16 +100,10 @@ def _pip(install: RuntimeInstall) -> list[str]:
         "{version}", install.version
     )
     index = f" --index-url {q(spec.index_url)}" if spec.index_url else ""
-    venv = f"{dest}/venv"
     return [
-        f"rm -rf {q(dest + '.tmp')}",
-        f"mkdir -p {q(dest)}/bin",
-        f"python3 -m venv {q(venv)}",
-        f"{q(venv)}/bin/python -m pip install --quiet{index} {q(requirement)}",
-        # link every console script of the venv from RUNTIME/bin (relative: survives moves)
-        f"for f in {q(venv)}/bin/*; do b=$(basename \"$f\"); "
-        f"case $b in python*|pip*|activate*|Activate*) continue;; esac; "
-        f"ln -sf \"../venv/bin/$b\" {q(dest)}/bin/\"$b\"; done",
+        f"mkdir -p {q(dest)}",
+        f"python3 -m venv {q(dest)}",
+        f"{q(dest)}/bin/python -m pip install --quiet{index} {q(requirement)}",
     ]
 
 
