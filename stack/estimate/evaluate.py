@@ -1,0 +1,105 @@
+"""`evaluate()`: a model of stack.toml understood — kind, backends, context and claims."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stack.errors import EstimateError
+from stack.estimate import memory
+from stack.estimate.compat import compatible_backends, hardware_reason, model_reason
+from stack.estimate.types import Claim, ModelMeta
+from stack.observed import GpuFacts, NodeFacts
+from stack.spec import ModelSpec
+
+# llama.cpp default context when stack.toml sets none: the training context, capped, so a
+# 128k-context model does not claim a 128k KV cache nobody asked for.
+LLAMA_DEFAULT_CONTEXT = 8192
+
+
+def default_context(backend: str, meta: ModelMeta) -> int:
+    """The context a backend runs with when `context` is not set."""
+    training = meta.max_context or 2048
+    if backend == "llama.cpp":
+        return min(training, LLAMA_DEFAULT_CONTEXT)
+    return training  # vLLM, SGLang, MindIE: max_model_len defaults to the training context
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """The Evaluation of one model (see stack.estimate.types.Evaluation)."""
+
+    name: str
+    meta: ModelMeta
+    kind: str
+    context: int
+    backends: tuple[str, ...]
+    spec: ModelSpec
+
+    def context_for(self, backend: str) -> int:
+        """The context `backend` would run this model with."""
+        return self.spec.context or default_context(backend, self.meta)
+
+    def claim(self, backend: str, gpus: int, gpu_memory_bytes: int | None,
+              nodes: int = 1) -> Claim | str:
+        """The claim with `gpus` GPUs per node over `nodes` nodes, or why not."""
+        reason = model_reason(backend, self.meta, self.kind)
+        if reason:
+            return reason
+        if nodes > 1 and not self.spec.distributed:
+            return f"`models.{self.name}.distributed` is false: one replica stays on one node"
+        context = self.context_for(backend)
+        if self.meta.max_context and context > self.meta.max_context and backend != "llama.cpp":
+            return (f"context {context} exceeds the model's training context "
+                    f"{self.meta.max_context}")
+        if backend == "llama.cpp":
+            opts = memory.llama_options(self.spec.args)
+            return memory.llama_claim(self.meta, context, gpus, nodes, gpu_memory_bytes, opts)
+        if backend in ("vllm", "sglang"):
+            default = memory.VLLM_UTILIZATION if backend == "vllm" else memory.SGLANG_UTILIZATION
+            util = self.spec.gpu_memory_utilization or default
+            opts_gpu = memory.GpuOptions(utilization=util, backend=backend)
+            if gpus == 0:
+                return f"{backend} needs a GPU"
+            if backend == "sglang" and nodes > 1:
+                return "SGLang replicas stay on one node here"
+            return memory.vllm_claim(self.meta, context, gpus, nodes, gpu_memory_bytes, opts_gpu)
+        if backend == "mindie":
+            if gpus == 0 or nodes > 1:
+                return "MindIE runs on the NPUs of one node"
+            return memory.mindie_claim(self.meta, context, gpus, gpu_memory_bytes)
+        if nodes > 1:
+            return f"{backend} replicas stay on one node"
+        return memory.simple_claim(backend, self.meta, gpus, gpu_memory_bytes)
+
+    def refuse(self, backend: str, node: NodeFacts, gpus: list[GpuFacts]) -> str | None:
+        """Why `backend` cannot run this model on these GPUs of `node`, or None."""
+        reason = model_reason(backend, self.meta, self.kind)
+        if reason:
+            return reason
+        return hardware_reason(backend, node, gpus)
+
+
+def evaluate(name: str, model: ModelSpec, meta: ModelMeta) -> ModelEvaluation:
+    """Understand `models.NAME`: kind, compatible backends (preferred first), context."""
+    kind = model.kind or (meta.kind if meta.kind != "vlm-projector" else "vlm")
+    if meta.kind == "vlm-projector":
+        raise EstimateError(f"`models.{name}.source` is a multimodal projector, not a model",
+                            hint="point `source` at the model GGUF and set `mmproj`.")
+    if model.backend == "custom":
+        backends: tuple[str, ...] = ("custom",)
+    elif model.backend is not None:
+        reason = model_reason(model.backend, meta, kind)
+        if reason:
+            raise EstimateError(f"`models.{name}.backend` is `{model.backend}`: {reason}",
+                                hint="remove `backend` to let stack choose, or change "
+                                     "`source` to a format it serves.")
+        backends = (model.backend,)
+    else:
+        backends = compatible_backends(meta, kind)
+        if not backends:
+            raise EstimateError(
+                f"no backend serves `models.{name}` ({kind}, {meta.format})",
+                hint="set `backend = \"custom\"` with a `command`, or use another source.")
+    context = model.context or default_context(backends[0], meta)
+    return ModelEvaluation(name=name, meta=meta, kind=kind, context=context,
+                           backends=backends, spec=model)

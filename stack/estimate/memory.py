@@ -1,0 +1,315 @@
+"""Memory a replica needs, per backend. Every constant here is documented in docs/estimate.md.
+
+Each `*_claim` function is pure: metadata, the layout (GPUs per node, nodes), the context
+and the backend's options in; a Claim or a reason sentence out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stack.estimate.types import Claim, ModelMeta
+
+MiB = 1024**2
+GiB = 1024**3
+
+# vLLM
+VLLM_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
+VLLM_BATCHED_TOKENS = 8192  # default max_num_batched_tokens (chunked prefill)
+VLLM_MAX_SEQS = 256  # default max_num_seqs: logits rows in the profile run
+VLLM_CUDA_GRAPHS = 512 * MiB
+VLLM_NON_TORCH = 256 * MiB  # CUDA context share, cuBLAS workspace
+VLLM_NCCL = 256 * MiB  # extra when TP * PP > 1
+VLLM_RAM = 4 * GiB  # the Python process, tokenizer, pinned buffers
+# SGLang
+SGLANG_UTILIZATION = 0.88  # default mem_fraction_static
+# llama.cpp
+LLAMA_CUDA_OVERHEAD = 250 * MiB  # CUDA/ROCm context and cuBLAS per GPU (gguf-parser)
+LLAMA_CPU_OVERHEAD = 64 * MiB  # the process, libraries and tokenizer tables (measured)
+LLAMA_UBATCH = 512
+LLAMA_PARALLEL = 4  # llama-server default slots (n_seq_max)
+LLAMA_PAD = 256  # KV cells are padded to this
+LLAMA_MIN_OFFLOAD = 0.5  # partial offload only when at least half the layers fit
+# bytes per element of each llama.cpp KV cache type
+CACHE_TYPE_BYTES: dict[str, float] = {
+    "f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+    "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32,
+}
+# the other backends: weights * factor + fixed overhead
+SIMPLE_RULES: dict[str, tuple[float, int]] = {
+    "vox-box": (1.2, 1 * GiB),
+    "stable-diffusion.cpp": (1.0, 2 * GiB),
+    "custom": (1.2, 1 * GiB),
+}
+MINDIE_OVERHEAD = 3 * GiB
+MINDIE_UTILIZATION = 0.9
+
+
+def gib(n: float) -> str:
+    """`12.3 GiB` (or MiB below 1 GiB)."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+def _pad(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _extra_int(meta: ModelMeta, key: str) -> int:
+    value = meta.extra.get(key, 0)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def kv_tokens_bytes(meta: ModelMeta, per_token: float, context: int, window_cells: int) -> int:
+    """KV bytes for `context` tokens when sliding-window layers keep `window_cells`."""
+    if not meta.layers or not per_token:
+        return 0
+    sliding = _extra_int(meta, "sliding_layers")
+    per_layer = per_token / meta.layers
+    full = (meta.layers - sliding) * per_layer * context
+    return int(full + sliding * per_layer * min(context, window_cells))
+
+
+# -- vLLM and SGLang --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    """Options of GPU-sharded backends (vLLM, SGLang, MindIE)."""
+
+    utilization: float
+    backend: str = "vllm"
+
+
+def tp_reason(meta: ModelMeta, tp: int) -> str | None:
+    """Why tensor parallelism `tp` cannot shard this model, or None."""
+    if tp < 1:
+        return f"{meta.architecture} needs a GPU with this backend"
+    if meta.attention_heads and meta.attention_heads % tp:
+        return f"TP {tp} does not divide {meta.attention_heads} attention heads"
+    kv = meta.kv_heads
+    if kv and not _extra_int(meta, "mla_kv_dim") and kv % tp and tp % kv:
+        return f"TP {tp} and {kv} KV heads do not divide one another"
+    return None
+
+
+def vllm_kv_per_token(meta: ModelMeta, tp: int) -> int:
+    """KV bytes per token per GPU under TP (bf16/fp16 cache)."""
+    if meta.extra.get("encoder_only") or not meta.layers:
+        return 0
+    mla = _extra_int(meta, "mla_kv_dim")
+    if mla:
+        return meta.layers * mla * 2  # the latent is replicated on every TP rank
+    kv_per_gpu = max(1, meta.kv_heads // tp)
+    return 2 * meta.layers * kv_per_gpu * meta.head_dim * 2
+
+
+def _serve_weight_bytes(meta: ModelMeta) -> int:
+    """Weights as the GPU holds them: float32 checkpoints are served in half precision."""
+    if str(meta.extra.get("dtype", "")) in ("float32", "float") and not meta.quantization:
+        return meta.weights_bytes // 2
+    return meta.weights_bytes
+
+
+def vllm_claim(meta: ModelMeta, context: int, tp: int, nodes: int,
+               gpu_memory_bytes: int | None, opts: GpuOptions) -> Claim | str:
+    """vLLM / SGLang: weights/TP/PP + one full-context request of KV + activation peak +
+    CUDA graphs + non-torch memory, checked against `utilization` of each GPU."""
+    reason = tp_reason(meta, tp)
+    if reason:
+        return reason
+    shards = tp * nodes
+    weights = _serve_weight_bytes(meta) // shards
+    per_token = vllm_kv_per_token(meta, tp) / nodes
+    window = _extra_int(meta, "sliding_window")
+    kv = kv_tokens_bytes(meta, per_token, context, window or context)
+    inter = _extra_int(meta, "intermediate_size") or 4 * meta.hidden_size
+    tokens = min(VLLM_BATCHED_TOKENS, max(context, 1))
+    activation = tokens * (3 * inter // tp + 4 * meta.hidden_size) * 2
+    activation += VLLM_MAX_SEQS * meta.vocab_size * 4 // tp
+    overhead = VLLM_CUDA_GRAPHS + VLLM_NON_TORCH + (VLLM_NCCL if shards > 1 else 0)
+    need = weights + kv + activation + overhead
+    detail = (f"weights {gib(weights)} + KV {gib(kv)} ({context} tokens) + activations "
+              f"{gib(activation)} + graphs/runtime {gib(overhead)} per GPU, TP {tp}"
+              + (f" x PP {nodes}" if nodes > 1 else ""))
+    if gpu_memory_bytes is not None:
+        budget = int(gpu_memory_bytes * opts.utilization)
+        if need > budget:
+            return (f"needs {gib(need)} per GPU with TP {tp}"
+                    + (f" over {nodes} nodes" if nodes > 1 else "")
+                    + f", {opts.utilization:g} x {gib(gpu_memory_bytes)} = {gib(budget)} available")
+    return Claim(backend=opts.backend, gpus=tp, nodes=nodes, vram_bytes_per_gpu=need,
+                 ram_bytes=VLLM_RAM, disk_bytes=meta.files_bytes, detail=detail)
+
+
+# -- llama.cpp --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaOptions:
+    """The llama-server flags that change memory, read from the model's args."""
+
+    cache_k: str = "f16"
+    cache_v: str = "f16"
+    ubatch: int = LLAMA_UBATCH
+    parallel: int = LLAMA_PARALLEL
+    flash_attn: bool = True
+    swa_full: bool = False
+
+
+def llama_options(args: list[str]) -> LlamaOptions:
+    """LlamaOptions from llama-server arguments (`-ctk q8_0`, `--cache-type-v=q4_0`, ...)."""
+    values: dict[str, str] = {}
+    flags: set[str] = set()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, inline = arg.partition("=")
+        takes = {"-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-ub", "--ubatch-size",
+                 "-np", "--parallel", "-fa", "--flash-attn"}
+        if name in takes:
+            if eq:
+                values[name] = inline
+            elif i + 1 < len(args):
+                values[name] = args[i + 1]
+                i += 1
+        else:
+            flags.add(arg)
+        i += 1
+
+    def pick(*names: str) -> str | None:
+        return next((values[n] for n in names if n in values), None)
+
+    def number(default: int, *names: str) -> int:
+        text = pick(*names)
+        return int(text) if text and text.isdigit() else default
+
+    fa = (pick("-fa", "--flash-attn") or "auto").lower()
+    return LlamaOptions(
+        cache_k=(pick("-ctk", "--cache-type-k") or "f16").lower(),
+        cache_v=(pick("-ctv", "--cache-type-v") or "f16").lower(),
+        ubatch=number(LLAMA_UBATCH, "-ub", "--ubatch-size"),
+        parallel=number(LLAMA_PARALLEL, "-np", "--parallel"),
+        flash_attn=fa not in ("off", "0", "false", "disabled"),
+        swa_full="--swa-full" in flags,
+    )
+
+
+@dataclass(frozen=True)
+class LlamaBreakdown:
+    """The parts of a llama.cpp replica's memory."""
+
+    weights: int
+    kv: int
+    compute: int
+    output: int
+
+
+def llama_breakdown(meta: ModelMeta, context: int, opts: LlamaOptions) -> LlamaBreakdown:
+    """Tensor bytes, KV cache (SWA layers keep n_swa*n_seq + n_ubatch cells), compute buffer
+    (activations of one ubatch + attention mask or KQ) and output (logits) buffer."""
+    cells = _pad(context, LLAMA_PAD)
+    window = _extra_int(meta, "sliding_window")
+    swa_cells = cells
+    if window and not opts.swa_full:
+        swa_cells = min(cells, _pad(window * opts.parallel + opts.ubatch, LLAMA_PAD))
+    kv_f16 = meta.kv_bytes_per_token  # f16 K and V, half each
+    cache = (CACHE_TYPE_BYTES.get(opts.cache_k, 2) + CACHE_TYPE_BYTES.get(opts.cache_v, 2)) / 4
+    kv = kv_tokens_bytes(meta, kv_f16 * cache, cells, swa_cells)
+    inter = _extra_int(meta, "intermediate_size") or 4 * meta.hidden_size
+    compute = opts.ubatch * (3 * inter + 6 * meta.hidden_size) * 4
+    if opts.flash_attn:
+        compute += cells * opts.ubatch * 2  # f16 mask
+    else:
+        compute += cells * opts.ubatch * max(meta.attention_heads, 1) * 4  # f32 KQ
+    output = meta.vocab_size * opts.parallel * 4
+    return LlamaBreakdown(meta.weights_bytes, kv, compute, output)
+
+
+def llama_claim(meta: ModelMeta, context: int, gpus: int, nodes: int,
+                gpu_memory_bytes: int | None, opts: LlamaOptions) -> Claim | str:
+    """llama.cpp: CPU (gpus=0, all in RAM), full offload split by layers over the GPUs of
+    every node (RPC workers when nodes > 1), or partial offload when the GPU is too small."""
+    b = llama_breakdown(meta, context, opts)
+    if gpus == 0:
+        per_node = (b.weights + b.kv) // nodes + b.compute + b.output + LLAMA_CPU_OVERHEAD
+        return Claim(backend="llama.cpp", gpus=0, nodes=nodes, vram_bytes_per_gpu=0,
+                     ram_bytes=per_node, disk_bytes=meta.files_bytes,
+                     detail=f"RAM: weights {gib(b.weights)} + KV {gib(b.kv)} ({context} tokens)"
+                            f" + compute {gib(b.compute)} + output {gib(b.output)} + runtime "
+                            f"{gib(LLAMA_CPU_OVERHEAD)}" + (f", over {nodes} nodes"
+                                                          if nodes > 1 else ""))
+    devices = gpus * nodes
+    embd = _token_embd_bytes(meta)
+    on_gpu = b.weights - embd
+    per_gpu = (on_gpu + b.kv) // devices + b.compute + LLAMA_CUDA_OVERHEAD
+    ram = embd + b.output + LLAMA_CPU_OVERHEAD
+    detail = (f"weights {gib(on_gpu)} + KV {gib(b.kv)} ({context} tokens) over {devices} GPU(s)"
+              f", + compute {gib(b.compute)} + runtime {gib(LLAMA_CUDA_OVERHEAD)} per GPU")
+    if gpu_memory_bytes is None or per_gpu <= gpu_memory_bytes:
+        return Claim(backend="llama.cpp", gpus=gpus, nodes=nodes, vram_bytes_per_gpu=per_gpu,
+                     ram_bytes=ram, disk_bytes=meta.files_bytes, detail=detail)
+    return _partial_offload(meta, b, context, gpus, nodes, gpu_memory_bytes, per_gpu, ram)
+
+
+def _partial_offload(meta: ModelMeta, b: LlamaBreakdown, context: int, gpus: int, nodes: int,
+                     gpu_memory_bytes: int, full: int, ram: int) -> Claim | str:
+    """Offload as many layers as fit (at least LLAMA_MIN_OFFLOAD of them); the rest in RAM."""
+    devices = gpus * nodes
+    layers = max(meta.layers, 1)
+    per_layer = (b.weights - _token_embd_bytes(meta) + b.kv) / layers
+    room = gpu_memory_bytes - b.compute - LLAMA_CUDA_OVERHEAD
+    fit = min(layers, int(room * devices // per_layer)) if per_layer > 0 and room > 0 else 0
+    if fit < math.ceil(layers * LLAMA_MIN_OFFLOAD):
+        return (f"needs {gib(full)} per GPU for all {layers} layers with {devices} GPU(s); "
+                f"{gib(gpu_memory_bytes)} holds {fit} layers, fewer than half")
+    gpu_part = int(per_layer * fit)
+    per_gpu = gpu_part // devices + b.compute + LLAMA_CUDA_OVERHEAD
+    host = int(per_layer * (layers - fit)) // nodes + ram + b.compute
+    return Claim(backend="llama.cpp", gpus=gpus, nodes=nodes, vram_bytes_per_gpu=per_gpu,
+                 ram_bytes=host, disk_bytes=meta.files_bytes,
+                 detail=f"partial offload: {fit}/{layers} layers on {devices} GPU(s) "
+                        f"({context} tokens), the rest in RAM")
+
+
+def _token_embd_bytes(meta: ModelMeta) -> int:
+    """Bytes llama.cpp keeps in host memory: the input token embedding (a tied output head
+    gets its own copy on the GPU, so it stays counted there)."""
+    embd = _extra_int(meta, "token_embd_bytes")
+    return 0 if meta.extra.get("tied_output") else embd
+
+
+# -- the others -------------------------------------------------------------------------
+
+
+def mindie_claim(meta: ModelMeta, context: int, tp: int, gpu_memory_bytes: int | None
+                 ) -> Claim | str:
+    """MindIE on Ascend: weights/TP + one full-context request of KV + 3 GiB runtime."""
+    reason = tp_reason(meta, tp)
+    if reason:
+        return reason
+    weights = meta.weights_bytes // tp
+    kv = kv_tokens_bytes(meta, vllm_kv_per_token(meta, tp), context, context)
+    need = weights + kv + MINDIE_OVERHEAD
+    if gpu_memory_bytes is not None and need > gpu_memory_bytes * MINDIE_UTILIZATION:
+        return f"needs {gib(need)} per NPU with TP {tp}, {gib(gpu_memory_bytes)} per NPU"
+    return Claim(backend="mindie", gpus=tp, nodes=1, vram_bytes_per_gpu=need,
+                 ram_bytes=VLLM_RAM, disk_bytes=meta.files_bytes,
+                 detail=f"weights {gib(weights)} + KV {gib(kv)} + runtime {gib(MINDIE_OVERHEAD)}")
+
+
+def simple_claim(backend: str, meta: ModelMeta, gpus: int, gpu_memory_bytes: int | None
+                 ) -> Claim | str:
+    """vox-box, stable-diffusion.cpp, custom: weights x factor + overhead on one device."""
+    factor, overhead = SIMPLE_RULES[backend]
+    need = int(meta.weights_bytes * factor) + overhead
+    if gpus > 1:
+        return f"{backend} runs a replica on one GPU, not {gpus}"
+    detail = f"weights {gib(meta.weights_bytes)} x {factor:g} + {gib(overhead)}"
+    if gpus == 0:
+        return Claim(backend=backend, gpus=0, nodes=1, vram_bytes_per_gpu=0, ram_bytes=need,
+                     disk_bytes=meta.files_bytes, detail="RAM: " + detail)
+    if gpu_memory_bytes is not None and need > gpu_memory_bytes:
+        return f"needs {gib(need)} on one GPU, {gib(gpu_memory_bytes)} available"
+    return Claim(backend=backend, gpus=1, nodes=1, vram_bytes_per_gpu=need, ram_bytes=2 * GiB,
+                 disk_bytes=meta.files_bytes, detail=detail)

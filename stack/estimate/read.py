@@ -1,0 +1,239 @@
+"""Turn a model source into ModelMeta: find its metadata files and read them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from stack.errors import SourceError
+from stack.estimate.config import meta_from_config
+from stack.estimate.gguf_header import GgufHeader, read_gguf_header
+from stack.estimate.safetensors import WeightTotals, read_safetensors
+from stack.estimate.types import ModelMeta
+from stack.sources import Source, fetch_metadata, parse_source
+
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+# llama.cpp: one full-attention layer every N layers in these SWA architectures
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
+_GGUF_ENCODERS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
+                  "t5encoder", "modern-bert", "neo-bert"}
+_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
+               15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS",
+               20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S",
+               25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M",
+               30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4"}
+
+
+def read_metadata(source: str, base_dir: Path) -> ModelMeta:
+    """The metadata of the model at `source` (any form stack.toml accepts)."""
+    parsed = parse_source(source)
+    return read_path(fetch_metadata(parsed, base_dir), parsed.text, parsed)
+
+
+def read_path(path: Path, source: str, parsed: Source | None = None) -> ModelMeta:
+    """Metadata from a controller file or folder."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return meta_from_gguf(_gguf_parts(path), source)
+        if path.suffix == ".safetensors":
+            return _from_folder(path.parent, source, [path])
+        if path.name == "config.json":
+            return _from_folder(path.parent, source, None)
+        raise SourceError(f"`{source}` is a file the estimator cannot read ({path.name})",
+                          hint="point at a .gguf or .safetensors file, or a model folder "
+                               "with config.json.")
+    if not path.is_dir():
+        raise SourceError(f"`{source}` does not exist ({path})", hint="check the path.")
+    return _from_folder(path, source, None, parsed)
+
+
+def _gguf_parts(first: Path) -> list[Path]:
+    """All parts of a split GGUF (`-00001-of-00003.gguf`), else the file alone."""
+    match = _SPLIT.search(first.name)
+    if not match:
+        return [first]
+    total = int(match.group(2))
+    stem = first.name[: match.start()]
+    parts = [first.with_name(f"{stem}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise SourceError(f"split GGUF `{first.name}` misses {', '.join(missing)}",
+                          hint="download every part of the split model.")
+    return parts
+
+
+def _pick_gguf(folder: Path) -> Path | None:
+    """The main GGUF of a folder: not a projector, the first part of a split, largest."""
+    files = [p for p in folder.glob("*.gguf") if "mmproj" not in p.name.lower()]
+    files = [p for p in files if not _SPLIT.search(p.name) or "-00001-of-" in p.name]
+    return max(files, key=lambda p: (p.stat().st_size, p.name)) if files else None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot read `{path}`: {exc}",
+                          hint="check that the file is valid JSON.") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"`{path}` is not a JSON object", hint="check the file.")
+    return data
+
+
+def _from_folder(folder: Path, source: str, shards: list[Path] | None,
+                 parsed: Source | None = None) -> ModelMeta:
+    config_path = folder / "config.json"
+    if (folder / "model_index.json").exists():
+        return _diffusion(folder, source)
+    if not config_path.exists():
+        gguf = _pick_gguf(folder)
+        if gguf is not None:
+            return meta_from_gguf(_gguf_parts(gguf), source)
+        raise SourceError(f"`{source}` holds neither config.json nor a GGUF file ({folder})",
+                          hint="point at a model folder (config.json is enough) or a .gguf file.")
+    config = _load_json(config_path)
+    totals = _weights(folder, shards)
+    extra: dict[str, object] = {}
+    if totals is not None and totals.bytes:
+        extra["bytes_by_dtype"] = dict(totals.bytes_by_dtype)
+        fmt = "safetensors"
+        weights: int | None = totals.bytes
+        files = totals.bytes
+    else:
+        index_total = _index_total(folder)
+        fmt = "safetensors" if index_total else "config-only"
+        weights = index_total or None
+        files = index_total or 0
+    meta = meta_from_config(config, source, weights_bytes=weights, files_bytes=files,
+                            format=fmt, extra=extra)
+    if any(folder.glob("mmproj*")) and meta.kind == "llm":
+        return _replace(meta, kind="vlm")
+    return meta
+
+
+def _weights(folder: Path, shards: list[Path] | None) -> WeightTotals | None:
+    """Totals from the safetensors headers present (all shards, or None if any is missing)."""
+    paths = shards if shards is not None else sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if shards is None and index.exists():
+        names = sorted(set(_load_json(index).get("weight_map", {}).values()))
+        paths = [folder / n for n in names]
+        if not all(p.exists() for p in paths):
+            return None
+    return read_safetensors(paths) if paths else None
+
+
+def _index_total(folder: Path) -> int:
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        total = _load_json(index).get("metadata", {}).get("total_size")
+        if isinstance(total, int | float):
+            return int(total)
+    return 0
+
+
+def _diffusion(folder: Path, source: str) -> ModelMeta:
+    """Diffusers folders (model_index.json): weights are every component's safetensors."""
+    files = sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*.safetensors"))
+    totals = read_safetensors(files) if files else WeightTotals()
+    index = _load_json(folder / "model_index.json")
+    return ModelMeta(
+        source=source, format="safetensors" if files else "config-only",
+        architecture=str(index.get("_class_name", "diffusers")), kind="image",
+        params=totals.elements, weights_bytes=totals.bytes, layers=0, hidden_size=0,
+        attention_heads=0, kv_heads=0, head_dim=0, vocab_size=0, max_context=0,
+        kv_bytes_per_token=0, files_bytes=totals.bytes,
+    )
+
+
+def _replace(meta: ModelMeta, **changes: object) -> ModelMeta:
+    from dataclasses import replace
+
+    return replace(meta, **changes)  # type: ignore[arg-type]
+
+
+def _num(fields: dict[str, object], key: str, default: int = 0) -> int:
+    value = fields.get(key)
+    if isinstance(value, list):
+        return max((int(v) for v in value if isinstance(v, int | float)), default=default)
+    return int(value) if isinstance(value, int | float) else default
+
+
+def _per_layer(fields: dict[str, object], key: str, layers: int, default: int) -> list[int]:
+    value = fields.get(key)
+    if isinstance(value, list):
+        return [int(v) if isinstance(v, int | float) else default for v in value][:layers]
+    return [int(value) if isinstance(value, int | float) else default] * layers
+
+
+def _gguf_kind(h: GgufHeader, arch: str) -> str:
+    if str(h.fields.get("general.type", "")) == "mmproj" or arch == "clip":
+        return "vlm-projector"
+    pooling = h.fields.get(f"{arch}.pooling_type")
+    if pooling == 4 or f"{arch}.classifier.output_labels" in h.fields:
+        return "rerank"
+    if arch in _GGUF_ENCODERS or (pooling is not None and pooling != 0):
+        return "embedding"
+    if arch == "whisper":
+        return "speech-to-text"
+    return "llm"
+
+
+def meta_from_gguf(parts: list[Path], source: str) -> ModelMeta:
+    """ModelMeta from a GGUF file (all parts of a split file)."""
+    headers = [read_gguf_header(p) for p in parts]
+    h = headers[0]
+    f = h.fields
+    arch = str(f.get("general.architecture", "unknown"))
+    layers = _num(f, f"{arch}.block_count")
+    hidden = _num(f, f"{arch}.embedding_length")
+    heads = _num(f, f"{arch}.attention.head_count")
+    kv_heads = _per_layer(f, f"{arch}.attention.head_count_kv", layers, heads)
+    k_len = _num(f, f"{arch}.attention.key_length", hidden // heads if heads else 0)
+    v_len = _num(f, f"{arch}.attention.value_length", k_len)
+    mla_rank = _num(f, f"{arch}.attention.kv_lora_rank")
+    rope_dim = _num(f, f"{arch}.rope.dimension_count")
+    kind = _gguf_kind(h, arch)
+    encoder = arch in _GGUF_ENCODERS or (kind in ("embedding", "rerank") and arch != "qwen3")
+    if encoder or not layers:
+        kv_per_token = 0
+    elif mla_rank:
+        kv_per_token = layers * (mla_rank + rope_dim) * 2
+    else:
+        kv_per_token = sum(n * (k_len + v_len) * 2 for n in kv_heads)
+    window = _num(f, f"{arch}.attention.sliding_window")
+    pattern = _SWA_PATTERN.get(arch, 0)
+    sliding_layers = layers - layers // pattern if window and pattern else 0
+    vocab = h.array_lengths.get("tokenizer.ggml.tokens") or _num(f, f"{arch}.vocab_size")
+    file_type = _num(f, "general.file_type", -1)
+    tensor_bytes = sum(x.tensor_bytes for x in headers)
+    mmproj = sorted(p for p in parts[0].parent.glob("mmproj*.gguf"))
+    return ModelMeta(
+        source=source, format="gguf", architecture=arch,
+        kind="vlm" if mmproj and kind == "llm" else kind,
+        params=sum(x.n_elements for x in headers),
+        weights_bytes=tensor_bytes,
+        layers=layers, hidden_size=hidden, attention_heads=heads,
+        kv_heads=max(kv_heads, default=0), head_dim=k_len,
+        vocab_size=vocab, max_context=_num(f, f"{arch}.context_length", 2048),
+        kv_bytes_per_token=kv_per_token,
+        quantization=_FILE_TYPES.get(file_type),
+        files_bytes=sum(p.stat().st_size for p in parts),
+        extra={
+            "k_length": k_len, "v_length": v_len, "kv_heads_per_layer": kv_heads,
+            "sliding_window": window if sliding_layers else 0,
+            "sliding_layers": sliding_layers, "encoder_only": encoder,
+            "mla_kv_dim": mla_rank + rope_dim if mla_rank else 0,
+            "experts": _num(f, f"{arch}.expert_count"),
+            "intermediate_size": _num(f, f"{arch}.feed_forward_length"),
+            "token_embd_bytes": _tensor_bytes(h, "token_embd.weight"),
+            "tied_output": not _tensor_bytes(h, "output.weight"),
+            "mmproj_bytes": sum(p.stat().st_size for p in mmproj),
+        },
+    )
+
+
+def _tensor_bytes(h: GgufHeader, name: str) -> int:
+    return next((t.n_bytes for t in h.tensors if t.name == name), 0)
