@@ -108,14 +108,9 @@ def _field(facts: NodeFacts, name: str, default: Any) -> Any:
 
 
 def pci_vendors(facts: NodeFacts) -> set[str]:
-    """Accelerator vendors on the PCI bus (from the `pci` fact), by our names."""
-    found: set[str] = set()
-    for device in _field(facts, "pci", []) or []:
-        vendor = device.get("vendor") if isinstance(device, Mapping) else device
-        name = PCI_VENDORS.get(str(vendor).lower())
-        if name:
-            found.add(name)
-    return found
+    """Accelerator vendors on the PCI bus (the `pci_accelerators` fact: vendor -> count)."""
+    counts = _field(facts, "pci_accelerators", {}) or {}
+    return {str(vendor) for vendor, count in counts.items() if count}
 
 
 def _branch(driver: str | None) -> str | None:
@@ -294,7 +289,7 @@ def _rocm(facts: NodeFacts, request: DriverRequest) -> list[str] | Blocked:
             "dnf install -y kernel-devel-"
             + (shlex.quote(facts.kernel) if facts.kernel else "$(uname -r)"),
         ]
-    user = request.user or "root"
+    user = request.user or str(_field(facts, "user", "") or "root")
     return [*install, "amdgpu-install -y --usecase=rocm",
             f"usermod -a -G render,video {shlex.quote(user)}"]
 
