@@ -14,9 +14,9 @@ from collections.abc import Generator
 from pathlib import PurePosixPath
 from typing import Any
 
-from pyinfra.context import host
 from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api.operation import operation
+from pyinfra.context import host
 
 from deploys.steps import Step
 
