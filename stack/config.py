@@ -17,6 +17,7 @@ import fnmatch
 import ipaddress
 import json
 import re
+import shlex
 import tomllib
 import types
 from collections.abc import Iterator
@@ -62,8 +63,13 @@ _MESSAGE_HINTS: dict[str, str] = {
 
 def load(path: Path) -> StackSpec:
     """Read and check the stack file at `path`; raises `ConfigError` on the first problem."""
+    return load_text(read_text(path), path.name, base_dir=path.parent)
+
+
+def read_text(path: Path) -> str:
+    """The text of the stack file, or a `ConfigError` saying why it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(
             f"`{path}` does not exist",
@@ -72,7 +78,6 @@ def load(path: Path) -> StackSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"`{path}` cannot be read: {exc}",
                           hint="check the file's permissions and that it is UTF-8.") from exc
-    return load_text(text, path.name, base_dir=path.parent)
 
 
 def load_text(text: str, filename: str = "stack.toml", base_dir: Path | None = None) -> StackSpec:
@@ -632,3 +637,15 @@ def _check_keys(spec: StackSpec, report: _Report) -> None:
 
 def _specificity(pattern: str) -> int:
     return len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
+
+
+def shell_path(path: str) -> str:
+    """A host path quoted for `sh`, with a leading `~/` left to the shell as `"$HOME"/`.
+
+    `stack.prefix` may start with `~/` (the SSH user's home on each host), which
+    `shlex.quote` alone would turn into a folder literally named `~`.
+    """
+    if path == "~" or path.startswith("~/"):
+        rest = path[2:]
+        return '"$HOME"' + ("/" + shlex.quote(rest) if rest else "")
+    return shlex.quote(path)

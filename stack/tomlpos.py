@@ -25,6 +25,7 @@ class Positions:
 
     keys: dict[Path, tuple[int, int]] = field(default_factory=dict)
     values: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    headers: list[tuple[int, Path]] = field(default_factory=list)  # (line, table) in order
 
     def of_value(self, path: Path) -> tuple[int, int] | None:
         """The value at `path`, else its key, else the nearest enclosing key found."""
@@ -173,6 +174,7 @@ class _Scanner:
                 if double:
                     arrays[names] = arrays.get(names, -1) + 1
                 table = self._resolve(names, arrays)
+                self.out.headers.append((self.pos(start)[0], table))
                 for end in range(1, len(table) + 1):  # implicit parents start here too
                     self.out.keys.setdefault(table[:end], self.pos(start))
             else:
