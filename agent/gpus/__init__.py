@@ -36,21 +36,22 @@ class Tool:
     """A vendor tool: the command that lists GPUs and the parser of its output."""
 
     name: str
+    vendor: str  # the vendor whose GPUs it lists
     group: str  # tools of one group answer the same question; the first present wins
     command: tuple[str, ...]
     parse: Callable[[str], list[GpuInfo]]
 
 
 TOOLS: tuple[Tool, ...] = (
-    Tool("nvidia-smi", "nvidia", nvidia.COMMAND, parse_nvidia_csv),
-    Tool("hy-smi", "rocm", amd.HY_SMI_COMMAND, parse_hy_smi_json),
-    Tool("rocm-smi", "rocm", amd.ROCM_SMI_COMMAND, parse_rocm_smi_json),
-    Tool("amd-smi", "rocm", amd.AMD_SMI_COMMAND, parse_amd_smi_static_json),
-    Tool("npu-smi", "ascend", ascend.COMMAND, parse_npu_smi_info),
-    Tool("mthreads-gmi", "mthreads", mthreads.COMMAND, parse_mthreads_gmi),
-    Tool("ixsmi", "iluvatar", nvidia.IXSMI_COMMAND, parse_ixsmi_csv),
-    Tool("cnmon", "cambricon", cambricon.COMMAND, parse_cnmon_json),
-    Tool("system_profiler", "apple", apple.COMMAND, parse_system_profiler),
+    Tool("nvidia-smi", "nvidia", "nvidia", nvidia.COMMAND, parse_nvidia_csv),
+    Tool("hy-smi", "hygon", "rocm", amd.HY_SMI_COMMAND, parse_hy_smi_json),
+    Tool("rocm-smi", "amd", "rocm", amd.ROCM_SMI_COMMAND, parse_rocm_smi_json),
+    Tool("amd-smi", "amd", "rocm", amd.AMD_SMI_COMMAND, parse_amd_smi_static_json),
+    Tool("npu-smi", "ascend", "ascend", ascend.COMMAND, parse_npu_smi_info),
+    Tool("mthreads-gmi", "mthreads", "mthreads", mthreads.COMMAND, parse_mthreads_gmi),
+    Tool("ixsmi", "iluvatar", "iluvatar", nvidia.IXSMI_COMMAND, parse_ixsmi_csv),
+    Tool("cnmon", "cambricon", "cambricon", cambricon.COMMAND, parse_cnmon_json),
+    Tool("system_profiler", "apple", "apple", apple.COMMAND, parse_system_profiler),
 )
 TOOLS_BY_NAME: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
 

@@ -1,0 +1,191 @@
+"""The one fact `stack` reads from every host, and the pure parsing of what it returns.
+
+`HostFacts` runs deploys/facts.sh (one SSH round trip; pyinfra 3 does not cache facts, so
+it is gathered once per host) and returns its JSON as a dict. `node_facts_from(raw)` turns
+that dict into a `NodeFacts`, parsing each vendor tool's output with `agent.gpus`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import shlex
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pyinfra.api.facts import FactBase
+from pyinfra.api.exceptions import FactProcessError
+
+from agent.gpus import PCI_VENDORS, TOOLS, TOOLS_BY_NAME, GpuInfo, GpuToolError
+from stack.observed import AgentFacts, GpuFacts, InstanceFacts, NodeFacts
+
+SCRIPT = Path(__file__).with_name("facts.sh")
+
+
+@cache
+def facts_script() -> str:
+    """The text of deploys/facts.sh."""
+    return SCRIPT.read_text()
+
+
+def facts_command(prefix: str) -> str:
+    """The shell command that prints a host's facts JSON (the prefix is quoted)."""
+    return f"STACK_PREFIX={shlex.quote(prefix)} sh -c {shlex.quote(facts_script())} facts"
+
+
+class HostFacts(FactBase[dict[str, Any]]):
+    """Everything about a host in one JSON object (see deploys/facts.sh)."""
+
+    def command(self, prefix: str = "/opt/stack") -> str:
+        return facts_command(prefix)
+
+    @staticmethod
+    def default() -> dict[str, Any]:
+        return {}
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        return parse_facts_output("\n".join(output))
+
+
+def parse_facts_output(text: str) -> dict[str, Any]:
+    """The facts script's JSON (anything printed before it, like a login banner, skipped)."""
+    start = text.find("{")
+    try:
+        data = json.loads(text[start:] if start >= 0 else text)
+    except json.JSONDecodeError as exc:
+        raise FactProcessError(f"the facts script printed no JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FactProcessError("the facts script printed no JSON object")
+    return data
+
+
+def decode_output(entry: dict[str, Any]) -> str:
+    """The text a tool printed, from the script's `{"enc", "out"}` encoding."""
+    raw = str(entry.get("out", ""))
+    try:
+        data = bytes.fromhex(raw) if entry.get("enc") == "hex" else base64.b64decode(raw)
+    except (ValueError, binascii.Error):
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
+def _gpus_from_tools(raw: dict[str, Any], problems: list[dict[str, str]]) -> list[GpuInfo]:
+    tools: dict[str, Any] = raw.get("tools") or {}
+    gpus: list[GpuInfo] = []
+    for tool in TOOLS:
+        entry = tools.get(tool.name)
+        if not isinstance(entry, dict):
+            continue
+        output = decode_output(entry)
+        try:
+            found = tool.parse(output)
+        except GpuToolError as err:
+            problems.append({"tool": err.tool, "status": str(err.status),
+                             "message": err.message, "hint": err.hint})
+            continue
+        except (ValueError, KeyError, TypeError) as err:
+            problems.append({"tool": tool.name, "status": "unparsable",
+                             "message": f"cannot read its output ({err})",
+                             "hint": f"run `{' '.join(tool.command)}` on the host by hand."})
+            continue
+        if not found and entry.get("rc", 0) != 0:
+            problems.append({"tool": tool.name, "status": "failed",
+                             "message": f"exit status {entry.get('rc')}: {output.strip()[:200]}",
+                             "hint": f"run `{' '.join(tool.command)}` on the host by hand."})
+        gpus.extend(found)
+    return gpus
+
+
+def _pci_accelerators(raw: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in raw.get("pci") or []:
+        vendor = PCI_VENDORS.get(str(entry).split(":")[0].lower())
+        if vendor:
+            counts[vendor] = counts.get(vendor, 0) + 1
+    return counts
+
+
+def _agent(raw: dict[str, Any]) -> AgentFacts:
+    version = raw.get("agent_version") or None
+    status = raw.get("agent_status")
+    if not isinstance(status, dict):
+        return AgentFacts(version=version, running=False)
+    try:
+        data = json.loads(decode_output(status))
+    except json.JSONDecodeError:
+        data = None
+    if status.get("rc") != 0 or not isinstance(data, dict):
+        return AgentFacts(version=version, running=False)
+    instances = []
+    for item in data.get("instances") or []:
+        try:
+            instances.append(InstanceFacts.model_validate(item))
+        except ValueError:
+            continue
+    running = bool(data.get("running", True))
+    return AgentFacts(version=data.get("version") or version, running=running,
+                      instances=instances)
+
+
+def _runtimes(raw: dict[str, Any]) -> dict[str, list[str]]:
+    runtimes: dict[str, list[str]] = {}
+    for item in raw.get("runtimes") or []:
+        name, _, version = str(item).partition("/")
+        if name and version:
+            runtimes.setdefault(name, []).append(version)
+    return {name: sorted(versions) for name, versions in sorted(runtimes.items())}
+
+
+def node_facts_from(raw: dict[str, Any], *, address: str = "",
+                    labels: dict[str, str] | None = None) -> NodeFacts:
+    """A host's `NodeFacts` from the facts script's JSON (pure)."""
+    problems: list[dict[str, str]] = []
+    memory = int(raw.get("memory_bytes") or 0)
+    gpus = _gpus_from_tools(raw, problems)
+    loaded = str(raw.get("nvidia_module_loaded") or "")
+    installed = str(raw.get("nvidia_module_installed") or "")
+    reboot = bool(raw.get("reboot_required")) or bool(loaded and installed and loaded != installed)
+    reboot = reboot or any(p["status"] == "version-mismatch" for p in problems)
+    pci = _pci_accelerators(raw)
+    for vendor, count in pci.items():
+        seen = sum(1 for g in gpus if g.vendor == vendor)
+        if seen == 0 and not any(TOOLS_BY_NAME[p["tool"]].vendor == vendor
+                                 for p in problems if p["tool"] in TOOLS_BY_NAME):
+            problems.append({
+                "tool": "", "status": "no-tool",
+                "message": f"{count} {vendor} device(s) on the PCI bus but no working vendor tool",
+                "hint": f"install the {vendor} driver (`drivers.{vendor}` in stack.toml).",
+            })
+    facts_gpus = []
+    for gpu in gpus:
+        data = gpu.to_dict()
+        if gpu.unified_memory and not gpu.memory_bytes:
+            data["memory_bytes"] = memory  # shares the host's RAM
+        if gpu.vendor == "nvidia" and not data["driver"] and loaded:
+            data["driver"] = loaded
+        facts_gpus.append(GpuFacts.model_validate(data))
+    distro = " ".join(p for p in (raw.get("distro_id"), raw.get("distro_version")) if p)
+    secure = {"enabled": True, "disabled": False}.get(str(raw.get("secure_boot") or ""))
+    return NodeFacts.model_validate({
+        "address": address,
+        "os": str(raw.get("os") or "unknown"),
+        "distro": distro,
+        "kernel": str(raw.get("kernel") or ""),
+        "arch": str(raw.get("arch") or ""),
+        "cpu_cores": int(raw.get("cpu_cores") or 1),
+        "memory_bytes": memory,
+        "disk_free_bytes": int(raw.get("disk_free_bytes") or 0),
+        "labels": dict(labels or {}),
+        "gpus": facts_gpus,
+        "runtimes": _runtimes(raw),
+        "agent": _agent(raw),
+        "reboot_required": reboot,
+        "secure_boot": secure,
+        # beyond the snapshot contract (kept: unknown fields are allowed)
+        "pci_accelerators": pci,
+        "gpu_problems": problems,
+        "sudo_ok": bool(raw.get("sudo_ok", True)),
+        "user": str(raw.get("user") or ""),
+    })

@@ -1,0 +1,267 @@
+"""Reading the fleet: connect to every host with pyinfra and gather its facts once.
+
+    gather(spec, stack_dir) -> Observed      facts of every host, in parallel
+    connect(spec, stack_dir) -> Connected    a connected pyinfra State + per-host errors
+    make_state(spec, stack_dir) -> State     the same State, for deploys
+
+Hosts come from `[hosts.NAME]` in stack.toml (address `@local` is this machine) or from
+the pyinfra inventory file named by `stack.inventory`, loaded the way the pyinfra CLI
+loads it. `[nodes."PATTERN"]` settings (user, port, key, sudo, prefix) apply on top.
+
+This is the boundary where pyinfra and paramiko errors become messages: a host that does
+not answer, refuses the key or lacks sudo is a `NodeFacts(reachable=False, error=...)`
+naming the host with a hint, and the other hosts go on. Connections and facts run in one
+greenlet per host; they overlap only when gevent has patched the process (the CLI does it
+first thing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gevent
+from pyinfra.api.config import Config
+from pyinfra.api.exceptions import ConnectError, FactProcessError, PyinfraError
+from pyinfra.api.host import Host
+from pyinfra.api.inventory import Inventory
+from pyinfra.api.state import State
+from pyinfra.context import ctx_host, ctx_state
+
+from deploys.facts import HostFacts, facts_command, node_facts_from
+from stack.config import node_settings
+from stack.errors import ConfigError
+from stack.observed import NodeFacts, Observed
+from stack.spec import StackSpec
+
+CONNECT_TIMEOUT = 10
+FACTS_TIMEOUT = 120
+
+
+@dataclass
+class Connected:
+    """A pyinfra State whose reachable hosts are connected, and why the others are not."""
+
+    state: State
+    nodes: dict[str, Host] = field(default_factory=dict)  # node name -> pyinfra host
+    addresses: dict[str, str] = field(default_factory=dict)  # node name -> SSH address
+    errors: dict[str, str] = field(default_factory=dict)  # node name -> message + hint
+
+
+def _inline_hosts(spec: StackSpec, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    entries = []
+    for name in names:
+        host = spec.hosts[name]
+        if host.address == "@local":
+            entries.append(("@local", {"stack_node": name}))
+            continue
+        data: dict[str, Any] = {"stack_node": name, "ssh_hostname": host.address}
+        if host.known_hosts:
+            data["ssh_known_hosts_file"] = host.known_hosts
+        entries.append((name, data))
+    return entries
+
+
+def _inventory_file(spec: StackSpec, stack_dir: Path) -> Inventory:
+    from pyinfra_cli.inventory import make_inventory_from_files
+
+    assert spec.stack.inventory is not None
+    path = (stack_dir / spec.stack.inventory).resolve()
+    if not path.is_file():
+        raise ConfigError(
+            f"`stack.inventory` names `{spec.stack.inventory}`, which does not exist",
+            hint=f"create the pyinfra inventory file at {path}, or list hosts under `[hosts]`.",
+        )
+    try:
+        inventory: Inventory = make_inventory_from_files(str(path), cwd=str(stack_dir))
+        return inventory
+    except Exception as exc:  # an inventory is user code: any error is a config error
+        raise ConfigError(
+            f"the inventory file `{spec.stack.inventory}` cannot be loaded: {exc}",
+            hint="run it with python to see the error; it must define lists of hosts.",
+        ) from exc
+
+
+def build_inventory(spec: StackSpec, stack_dir: Path,
+                    hosts: list[str] | None = None) -> tuple[Inventory, dict[str, str]]:
+    """The pyinfra Inventory of the stack (and node name -> SSH address)."""
+    if spec.stack.inventory:
+        inventory = _inventory_file(spec, stack_dir)
+        names = [h.name for h in inventory]
+        if hosts is not None:
+            names = [n for n in names if n in hosts]
+            entries = [(n, dict(inventory.get_host_data(n))) for n in names]
+            data = dict(inventory.get_data())  # type: ignore[no-untyped-call]
+            inventory = Inventory((entries, data))  # type: ignore[no-untyped-call]
+        for host in inventory:
+            host.data.stack_node = host.name
+    else:
+        names = [n for n in spec.hosts if hosts is None or n in hosts]
+        inventory = Inventory((_inline_hosts(spec, names), {}))  # type: ignore[no-untyped-call]
+    unknown = sorted(set(hosts or []) - {h.data.stack_node for h in inventory})
+    if unknown:
+        raise ConfigError(f"no host named `{unknown[0]}` in the stack",
+                          hint="check the name against `[hosts]` or the inventory file.")
+    addresses: dict[str, str] = {}
+    for host in inventory:
+        node = str(host.data.stack_node)
+        settings = node_settings(spec, node)
+        for ours, theirs in (("ssh_user", "ssh_user"), ("ssh_port", "ssh_port"),
+                             ("ssh_key", "ssh_key")):
+            value = getattr(settings, ours)
+            if value is not None:
+                setattr(host.data, theirs, value)
+        if settings.sudo:
+            host.data._sudo = True
+        address = host.data.get("ssh_hostname") or host.name
+        addresses[node] = "127.0.0.1" if address == "@local" else str(address)
+    return inventory, addresses
+
+
+def _prefix(spec: StackSpec, node: str) -> str:
+    return node_settings(spec, node).prefix or spec.stack.prefix
+
+
+def _connect_error(node: str, address: str, exc: Exception) -> str:
+    text = str(exc.args[0] if exc.args else exc)
+    lowered = text.lower()
+    if "authentication" in lowered or "no authentication" in lowered or "permission denied" \
+            in lowered:
+        hint = (f"check the SSH user and key for `{node}` (`[nodes.\"{node}\"] ssh_user` / "
+                "`ssh_key`) and that the key is in the host's authorized_keys.")
+        return f"host `{node}` ({address}) refused the SSH key: {text}\nhint: {hint}"
+    if "host key" in lowered or "known_hosts" in lowered:
+        hint = ("verify the host's key and add it to known_hosts (`ssh-keyscan`), or set "
+                f"`[hosts.{node}] known_hosts`.")
+        return f"host `{node}` ({address}) has an unknown or changed host key: {text}\nhint: {hint}"
+    hint = f"check that `{node}` is up and that SSH listens at {address}; other hosts go on."
+    return f"host `{node}` ({address}) is unreachable: {text}\nhint: {hint}"
+
+
+def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None) -> Connected:
+    """Connect to every host in parallel; unreachable ones are in `errors`, not raised."""
+    inventory, addresses = build_inventory(spec, stack_dir, hosts)
+    config = Config(CONNECT_TIMEOUT=CONNECT_TIMEOUT)  # type: ignore[no-untyped-call]
+    state = State(inventory, config)
+    connected = Connected(state=state, addresses=addresses)
+    for host in inventory:
+        connected.nodes[str(host.data.stack_node)] = host
+
+    def one(node: str, host: Host) -> None:
+        with ctx_state.use(state), ctx_host.use(host):
+            try:
+                host.connect(show_errors=False, raise_exceptions=True)
+            except (ConnectError, PyinfraError, OSError) as exc:
+                where = f"{addresses[node]}:{host.data.get('ssh_port') or 22}"
+                connected.errors[node] = _connect_error(node, where, exc)
+
+    with ctx_state.use(state):
+        greenlets = [gevent.spawn(one, node, host) for node, host in connected.nodes.items()]
+        gevent.joinall(greenlets, timeout=CONNECT_TIMEOUT * 3)
+    for (node, _), greenlet in zip(connected.nodes.items(), greenlets, strict=True):
+        if not greenlet.dead:
+            greenlet.kill(block=False)
+            connected.errors.setdefault(node, _connect_error(
+                node, addresses[node], TimeoutError("connection timed out")))
+    if connected.errors:
+        failed = {connected.nodes[n] for n in connected.errors}
+        # "No hosts remaining!" when all failed: every host is reported, none raised
+        with contextlib.suppress(PyinfraError):
+            state.fail_hosts(failed)  # type: ignore[no-untyped-call]
+    return connected
+
+
+def make_state(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None) -> State:
+    """A pyinfra State with every reachable host connected (failed hosts are marked)."""
+    return connect(spec, stack_dir, hosts=hosts).state
+
+
+def _facts_error(node: str, address: str, stderr: str, sudo: bool) -> tuple[str, str]:
+    """(os, message) for a host whose facts script failed."""
+    lowered = stderr.lower()
+    if "not recognized as an internal or external command" in lowered or "'sh'" in lowered:
+        return "windows", (f"host `{node}` ({address}) has no POSIX sh (a Windows host?)\n"
+                           "hint: pyinfra 3 cannot manage Windows hosts; remove it from the "
+                           "stack or run a Linux VM (WSL) with SSH on it.")
+    if sudo and ("password is required" in lowered or "not in the sudoers" in lowered
+                 or "sudo:" in lowered):
+        return "unknown", (f"host `{node}` ({address}): the SSH user cannot use sudo without a "
+                           f"password ({stderr.strip()[:200]})\nhint: add a NOPASSWD sudoers "
+                           f"rule for it, or connect as root and set `[nodes.\"{node}\"] "
+                           "sudo = false`.")
+    return "unknown", (f"host `{node}` ({address}): the facts script failed: "
+                       f"{stderr.strip()[:300] or 'no output'}\nhint: run "
+                       f"`sh deploys/facts.sh` on the host by hand to see why.")
+
+
+def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
+    """The facts of one connected host (errors become an unreachable NodeFacts)."""
+    host = connected.nodes[node]
+    address = connected.addresses[node]
+    settings = node_settings(spec, node)
+    if node in connected.errors:
+        return NodeFacts(address=address, labels=dict(settings.labels), reachable=False,
+                         error=connected.errors[node])
+    sudo = bool(settings.sudo)
+    with ctx_state.use(connected.state), ctx_host.use(host):
+        try:
+            status, output = host.run_shell_command(
+                facts_command(_prefix(spec, node)), print_output=False, print_input=False,
+                _timeout=FACTS_TIMEOUT, _sudo=sudo,
+            )
+        except (PyinfraError, OSError, TimeoutError) as exc:
+            return NodeFacts(address=address, labels=dict(settings.labels), reachable=False,
+                             error=_connect_error(node, address, exc))
+    if not status:
+        os_name, message = _facts_error(node, address, "\n".join(output.stderr_lines), sudo)
+        return NodeFacts(address=address, os=os_name, labels=dict(settings.labels),
+                         reachable=os_name == "windows", error=message)
+    try:
+        raw = HostFacts().process(output.stdout_lines)
+    except FactProcessError as exc:
+        return NodeFacts(address=address, labels=dict(settings.labels), reachable=False,
+                         error=f"host `{node}` ({address}): {exc}\nhint: run "
+                               "`sh deploys/facts.sh` on the host by hand to see its output.")
+    return node_facts_from(raw, address=address, labels=dict(settings.labels))
+
+
+def gather(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
+           now: datetime | None = None) -> Observed:
+    """Facts of every host of the stack, read in parallel; one failing host stops nothing."""
+    connected = connect(spec, stack_dir, hosts=hosts)
+    try:
+        results: dict[str, NodeFacts] = {}
+
+        def one(node: str) -> None:
+            results[node] = read_node(spec, connected, node)
+
+        greenlets = [gevent.spawn(one, node) for node in connected.nodes]
+        gevent.joinall(greenlets, timeout=FACTS_TIMEOUT + CONNECT_TIMEOUT)
+        for node in connected.nodes:
+            results.setdefault(node, NodeFacts(
+                address=connected.addresses[node], reachable=False,
+                error=f"host `{node}` did not answer within {FACTS_TIMEOUT} s\nhint: check "
+                      "the host's load and its vendor tools (a hung `nvidia-smi`?)."))
+        for greenlet in greenlets:
+            greenlet.kill(block=False)
+    finally:
+        disconnect(connected)
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Observed(collected_at=stamp, nodes={n: results[n] for n in connected.nodes})
+
+
+def disconnect(connected: Connected) -> None:
+    """Close every SSH connection of a Connected."""
+    for node, host in connected.nodes.items():
+        if node not in connected.errors and host.connected:
+            try:
+                host.disconnect()
+            except Exception:  # closing a dead connection must not hide the results
+                continue
+
+
+__all__ = ["Connected", "build_inventory", "connect", "disconnect", "gather", "make_state",
+           "read_node"]
