@@ -202,7 +202,7 @@ def build_sglang(inst: Instance, ctx: Context) -> Launch:
         argv += ["--api-key", inst.api_key]
     gpus = _gpu_count(inst)
     if gpus > 1 or inst.role != "single":
-        nodes = len(inst.peers) + 1 if inst.role == "main" else len(inst.peers)
+        nodes = {"single": 1, "main": len(inst.peers) + 1}.get(inst.role, len(inst.peers))
         argv += ["--tp-size", str(max(gpus, 1) * nodes)]
     if inst.context:
         argv += ["--context-length", str(inst.context)]
