@@ -1,0 +1,733 @@
+"""`stack apply`: converge the fleet on the plan, host by host, and report every host.
+
+    lock -> facts -> plan (fresh, or a saved one checked for staleness) -> confirm
+    -> deploys (one pyinfra run, parallel over hosts; unchanged hosts only no-op)
+    -> reboots (only with --allow-reboot, one host at a time)
+    -> assignments, rolling: new instances are added beside the old ones and must be
+       `ready` before the router is pointed at them and the old ones are removed
+       (replacements in place go at most `--max-unavailable` at a time)
+    -> router config written and reloaded -> runtime versions nobody uses removed
+    -> locks released.
+
+A host that fails is named with the reason; the others converge; the result says so and
+the command exits 1. Every step is idempotent, so an interrupted apply is finished by the
+next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import gevent
+
+from agent.assignment import Assignment, Instance
+from deploys.drivers import DriverRequest
+from deploys.runtimes import RuntimeInstall, removal_script, runtime_path
+from deploys.services import Service, reload_commands, start_commands
+from deploys.state import dumps, host_files_script, parse_host_files
+from deploys.steps import HostTarget, ModelUpload, Step, agent_paths, host_steps, sha256_text
+from router.config import RouterConfig
+from stack import lock as locks
+from stack.errors import ApplyError, StackError
+from stack.observed import NodeFacts, Observed
+from stack.spec import StackSpec
+from stack.wheelhouse import (
+    agent_bundle,
+    platform_tag,
+    prebuilt_bin,
+    prebuilt_tarball,
+    sha256_file,
+)
+
+AGENT_PORT = 7070
+
+
+class Host(Protocol):
+    """The slice of `pyinfra.api.Host` apply uses (so tests can pass fakes)."""
+
+    name: str
+
+    def run_shell_command(self, *args: Any, **kwargs: Any) -> Any: ...
+    def put_file(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@dataclass
+class HostReport:
+    """What apply did on one host."""
+
+    node: str
+    changed: list[str] = field(default_factory=list)
+    error: str | None = None
+    hint: str = ""
+
+    def fail(self, error: str, hint: str = "") -> None:
+        if self.error is None:
+            self.error, self.hint = error, hint
+
+
+@dataclass
+class ApplyResult:
+    """The outcome of one apply: a report per host and the router's."""
+
+    hosts: dict[str, HostReport] = field(default_factory=dict)
+    router_changed: bool = False
+    lock_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(r.error is None for r in self.hosts.values())
+
+    @property
+    def changed(self) -> bool:
+        return self.router_changed or any(r.changed for r in self.hosts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "changed": self.changed, "router_changed": self.router_changed,
+                "hosts": {n: {"changed": r.changed, "error": r.error, "hint": r.hint}
+                          for n, r in sorted(self.hosts.items())}}
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    allow_reboot: bool = False
+    max_unavailable: int = 1
+    ready_timeout: float = 900.0
+    poll_interval: float = 0.5
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the plan turns into: per-node assignments and the router config."""
+
+    assignments: dict[str, Assignment]
+    router: RouterConfig | None
+    router_nodes: list[str]
+
+
+# -- small helpers -----------------------------------------------------------------------
+
+
+def node_prefix(spec: StackSpec, node: str) -> str:
+    from stack.config import node_settings
+
+    return (node_settings(spec, node).prefix or spec.stack.prefix).rstrip("/")
+
+
+def _run(host: Host, command: str, sudo: bool = False) -> tuple[bool, str, str]:
+    """One shell command on a host: (ok, stdout, stderr)."""
+    from pyinfra.api.command import StringCommand
+
+    kwargs: dict[str, Any] = {"_sudo": True} if sudo else {}
+    ok, output = host.run_shell_command(
+        StringCommand("sh", "-c", shlex.quote(command)), **kwargs
+    )
+    return bool(ok), output.stdout, output.stderr
+
+
+def _parallel(hosts: Iterable[Host], fn: Callable[[Host], None]) -> None:
+    """Run `fn` for every host in its own greenlet and wait for all."""
+    jobs = [gevent.spawn(fn, host) for host in hosts]
+    gevent.joinall(jobs)
+    for job in jobs:
+        if job.exception is not None and not isinstance(job.exception, StackError):
+            raise job.exception
+
+
+def _write(host: Host, dest: str, content: bytes, mode: str = "600") -> None:
+    """Write a file atomically over SFTP (`dest.tmp` then rename)."""
+    import io
+
+    q = shlex.quote
+    parent = str(Path(dest).parent)
+    ok, _, err = _run(host, f"mkdir -p {q(parent)}")
+    if ok:
+        ok = bool(host.put_file(io.BytesIO(content), dest + ".tmp"))
+    if ok:
+        tmp = q(dest + ".tmp")
+        ok, _, err = _run(host, f"chmod {mode} {tmp} && mv {tmp} {q(dest)}")
+    if not ok:
+        raise ApplyError(f"could not write `{dest}` on `{host.name}`: {err.strip()}",
+                         hint="check the disk and the permissions of the prefix.")
+
+
+# -- desired state --------------------------------------------------------------------
+
+
+def agent_service(spec: StackSpec, prefix: str, manager: str) -> Service:
+    return Service("agent", spec.stack.name, prefix,
+                   (f"{prefix}/agent/venv/bin/stack-agent", "--config", f"{prefix}/etc/agent.toml"),
+                   manager)
+
+
+def router_service(spec: StackSpec, prefix: str, manager: str) -> Service:
+    return Service("router", spec.stack.name, prefix,
+                   (f"{prefix}/agent/venv/bin/stack-router", "--config",
+                    f"{prefix}/etc/router.json"), manager)
+
+
+def agent_listen(spec: StackSpec, node: str, facts: NodeFacts) -> str:
+    from stack.config import node_settings
+
+    address = node_settings(spec, node).address or facts.address or "127.0.0.1"
+    return f"{address}:{AGENT_PORT}"
+
+
+def render_agent_toml(node: str, listen: str, prefix: str) -> str:
+    from deploys.services import render
+
+    return render("agent.toml.j2", node=node, listen=listen,
+                  token_file=f"{prefix}/etc/agent.token", prefix=prefix)
+
+
+def _runtime_of(spec: StackSpec, inst: Instance, prefix: str) -> tuple[str, str] | None:
+    """(runtime name, version) from an instance's runtime path under the prefix."""
+    base = f"{prefix}/runtimes/"
+    if not inst.runtime_path.startswith(base):
+        return None
+    name, _, version = inst.runtime_path[len(base):].partition("/")
+    if name not in spec.runtimes or not version:
+        return None
+    return name, version
+
+
+def resolve_local(spec_source: str, stack_dir: Path) -> Path:
+    """`local://PATH` -> the controller path (relative to stack.toml, or `local:///abs`)."""
+    rest = spec_source[len("local://"):]
+    path = Path(rest)
+    return path if path.is_absolute() else stack_dir / path
+
+
+def _runtime_install(
+    spec: StackSpec, stack_dir: Path, name: str, version: str, prefix: str, facts: NodeFacts,
+) -> tuple[RuntimeInstall, Path | None]:
+    """A runtime version to install on one host, and the controller file it needs."""
+    rt = spec.runtimes[name]
+    expected = rt.sha256.get(version)
+    url = (rt.url or "").replace("{version}", version)
+    local: Path | None = None
+    if rt.source in ("archive", "build") and (url.startswith("local://") or url.startswith("/")):
+        local = resolve_local(url, stack_dir) if url.startswith("local://") else Path(url)
+        if not local.exists():
+            raise ApplyError(f"`runtimes.{name}.url` names `{local}`, which does not exist",
+                             hint="put the archive there or fix the URL.")
+    upload = f"{prefix}/runtimes/.uploads/{name}-{version}"
+    if rt.source == "build" and local is not None:
+        digest = sha256_file(local)
+        if expected and digest != expected:
+            raise ApplyError(
+                f"`runtimes.{name}.sha256.\"{version}\"` does not match `{local}` "
+                f"(its sha256 is {digest})",
+                hint="fix the sha256 in stack.toml or replace the archive.",
+            )
+        target_platform = f"{facts.os}-{facts.arch}"
+        prebuilt = prebuilt_bin(local, digest, rt.cmake_args, rt.targets, rt.subdir,
+                                target_platform)
+        if prebuilt is not None and target_platform == platform_tag():
+            install = RuntimeInstall(name, version, rt, prefix, upload=upload, prebuilt=True)
+            return install, prebuilt_tarball(prebuilt)
+        return RuntimeInstall(name, version, rt, prefix, upload=upload, sha256=digest), local
+    if local is not None:
+        return RuntimeInstall(name, version, rt, prefix, upload=upload,
+                              sha256=expected or sha256_file(local)), local
+    return RuntimeInstall(name, version, rt, prefix, sha256=expected), None
+
+
+def _model_uploads(assignment: Assignment, stack_dir: Path) -> list[ModelUpload]:
+    uploads: dict[str, ModelUpload] = {}
+    for inst in assignment.instances:
+        if not inst.source.startswith("local://") or not inst.model_path:
+            continue
+        source = resolve_local(inst.source, stack_dir)
+        files = ([source] if source.is_file()
+                 else sorted(p for p in source.rglob("*") if p.is_file()))
+        for path in files:
+            dest = inst.model_path if source.is_file() else (
+                f"{inst.model_path}/{path.relative_to(source).as_posix()}")
+            uploads[dest] = ModelUpload(path, dest, sha256_file(path))
+    return list(uploads.values())
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    """One reachable host during apply."""
+
+    name: str
+    host: Any  # pyinfra Host
+    prefix: str
+    facts: NodeFacts
+    files: dict[str, Any] = field(default_factory=dict)
+    current: Assignment | None = None
+    manager: str = "supervise"
+
+
+def _host_probe(node: _Node, lock: locks.LockInfo, extra_files: list[str],
+                sidecars: list[str]) -> None:
+    """Take the host lock and read what apply wrote last time (one round trip)."""
+    paths = agent_paths(node.prefix)
+    services = [f"{node.prefix}/run/{name}.supervisor.pid" for name in ("agent", "router")]
+    files = [paths["agent_toml"], paths["agent_token"], paths["router_json"],
+             paths["assignment"], *extra_files]
+    script = (locks.host_acquire_script(node.prefix, lock) + "\n"
+              + host_files_script(node.prefix, files, [paths["installed"], *sidecars], services)
+              + f"\necho assignment-json; cat {shlex.quote(paths['assignment'])} 2>/dev/null "
+              "| tr -d '\\n'; echo")
+    ok, out, err = _run(node.host, script)
+    if not ok:
+        raise ApplyError(f"`{node.name}`: could not read the host's state: {err.strip()[:300]}",
+                         hint="check the prefix's permissions and free disk space.")
+    lines = out.splitlines()
+    locks.check_host_lock(out, node.name)
+    node.files = parse_host_files(lines)
+    node.manager = node.files["manager"]
+    if "assignment-json" in lines:
+        text = lines[lines.index("assignment-json") + 1:]
+        try:
+            node.current = Assignment.model_validate_json(text[0]) if text and text[0] else None
+        except ValueError:
+            node.current = None
+
+
+def _release_host_locks(nodes: list[_Node], lock_id: str) -> None:
+    def one(node: _Node) -> None:
+        try:
+            _run(node.host, locks.host_release_script(node.prefix, lock_id))
+        except Exception:  # a host that died mid-apply keeps its lock: force-unlock
+            return
+
+    jobs = [gevent.spawn(one, n) for n in nodes]
+    gevent.joinall(jobs, timeout=30)
+
+
+def _targets(
+    spec: StackSpec, stack_dir: Path, nodes: list[_Node], desired: Desired,
+    reports: dict[str, HostReport],
+) -> tuple[dict[str, HostTarget], list[str], list[str]]:
+    """Per-host targets and the fleet-wide step keys (runtimes, models)."""
+    from stack.config import node_settings
+    from stack.secrets import derive_key, stack_secret
+
+    bundle = agent_bundle()
+    secret = stack_secret(stack_dir)
+    targets: dict[str, HostTarget] = {}
+    runtime_keys: set[str] = set()
+    model_keys: set[str] = set()
+    for node in nodes:
+        try:
+            assignment = desired.assignments.get(node.name, Assignment(node=node.name))
+            installs: list[RuntimeInstall] = []
+            uploads: dict[str, Path] = {}
+            seen: set[tuple[str, str]] = set()
+            for inst in assignment.instances:
+                key = _runtime_of(spec, inst, node.prefix)
+                if key is None or key in seen:
+                    continue
+                seen.add(key)
+                install, local = _runtime_install(spec, stack_dir, *key, node.prefix, node.facts)
+                installs.append(install)
+                if local is not None:
+                    uploads[install.path] = local
+            models = _model_uploads(assignment, stack_dir)
+            settings = node_settings(spec, node.name)
+            drivers = [DriverRequest(node.name, vendor, d.mode, d.version,
+                                     str((node.facts.model_extra or {}).get("user") or "") or None)
+                       for vendor, d in sorted(settings.drivers.items())]
+            router = (router_service(spec, node.prefix, node.manager)
+                      if node.name in desired.router_nodes else None)
+            targets[node.name] = HostTarget(
+                node=node.name, prefix=node.prefix, facts=node.facts, files=node.files,
+                drivers=drivers, runtimes=installs, runtime_uploads=uploads,
+                bundle=bundle.tarball, bundle_version=bundle.version,
+                wheel_name=bundle.wheel_name,
+                agent_toml=render_agent_toml(node.name, agent_listen(spec, node.name, node.facts),
+                                             node.prefix),
+                agent_token=derive_key(secret, f"agent:{node.name}") + "\n",
+                agent_service=agent_service(spec, node.prefix, node.manager),
+                router_service=router, models=models,
+            )
+            runtime_keys |= {f"runtime {i.name} {i.version}" for i in installs}
+            model_keys |= {f"model {m.dest}" for m in models}
+        except StackError as err:
+            reports[node.name].fail(err.message, err.hint)
+    return targets, sorted(runtime_keys), sorted(model_keys)
+
+
+def run_deploys(
+    state: Any, nodes: list[_Node], targets: dict[str, HostTarget], runtime_keys: list[str],
+    model_keys: list[str], reports: dict[str, HostReport],
+) -> dict[str, list[Step]]:
+    """One pyinfra run: the same operation sequence on every host, in parallel."""
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.api.operation import add_op
+    from pyinfra.api.operations import run_ops
+
+    from deploys.ops import step as step_op
+
+    plans = {n: host_steps(t, runtime_keys, model_keys) for n, t in targets.items()}
+    by_name = {n.name: n for n in nodes}
+    skipped = {n.name for n in nodes if n.name not in plans}
+    if skipped:
+        try:
+            state.fail_hosts({by_name[n].host for n in skipped})
+        except PyinfraError:
+            return {}  # no host left to deploy to; each is reported already
+    width = 1 + len(runtime_keys) + 6 + len(model_keys)
+    for index in range(width):
+        for name, steps in plans.items():
+            add_op(state, step_op, steps[index], name=f"{steps[index].key}",
+                   host=by_name[name].host)
+    with contextlib.suppress(PyinfraError):  # every host failed: each is reported below
+        run_ops(state)
+    for name, steps in plans.items():
+        host = by_name[name].host
+        report = reports[name]
+        if host in state.failed_hosts:
+            blocked = next((s.blocked for s in steps if s.blocked), None)
+            if blocked:
+                report.fail(blocked.reason, blocked.hint)
+            else:
+                report.fail(f"`{name}`: a deploy step failed: {_last_error(state, host)}",
+                            "fix the cause shown above and run `stack apply` again; "
+                            "finished steps are not repeated.")
+            continue
+        report.changed += [s.key for s in steps if s.changes]
+    return plans
+
+
+def _last_error(state: Any, host: Any) -> str:
+    """The stderr of the operation that failed on `host`, for the report."""
+    for op_hash in reversed(state.get_op_order()):
+        meta = state.ops[host].get(op_hash)
+        if meta is None:
+            continue
+        result = meta.operation_meta
+        if result.is_complete() and result.did_error():
+            lines = (result.stderr or "").strip().splitlines()
+            return lines[-1][:300] if lines else "the command failed without output"
+    return "see the output above"
+
+
+# -- rollout --------------------------------------------------------------------------------
+
+
+def _agent_status(node: _Node) -> dict[str, Any]:
+    """`stack-agent status --json` on the host (what the agent last wrote, checked)."""
+    q = shlex.quote
+    p = node.prefix
+    ok, out, err = _run(node.host, f"{q(p + '/agent/venv/bin/stack-agent')} status --json "
+                                   f"--config {q(p + '/etc/agent.toml')}")
+    try:
+        body = json.loads(out[out.find("{"):]) if "{" in out else {}
+    except json.JSONDecodeError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    if not ok and not body:
+        body = {"error": err.strip()[:300]}
+    return body
+
+
+def _surge(current: Assignment | None, desired: Assignment, hold: set[str]) -> Assignment:
+    """The desired instances plus the old ones not yet replaced: nothing goes away before
+    its replacement is ready. `hold`: ids whose old version stays for now."""
+    old = {i.id: i for i in (current.instances if current else [])}
+    chosen: dict[str, Instance] = {}
+    for inst in desired.instances:
+        chosen[inst.id] = old[inst.id] if inst.id in hold and inst.id in old else inst
+    ports = {i.port for i in chosen.values()}
+    for iid, inst in old.items():
+        if iid not in chosen and inst.port not in ports:
+            chosen[iid] = inst
+            ports.add(inst.port)
+    return Assignment(node=desired.node, instances=sorted(chosen.values(), key=lambda i: i.id))
+
+
+def _write_assignment(node: _Node, assignment: Assignment) -> bool:
+    """Write assignment.json if it differs; the agent picks the change up itself."""
+    body = dumps(assignment.model_dump(mode="json")).encode()
+    path = agent_paths(node.prefix)["assignment"]
+    if node.files.get("files", {}).get(path) == sha256_text(body):
+        return False
+    _write(node.host, path, body, "600")
+    node.files.setdefault("files", {})[path] = sha256_text(body)
+    node.current = assignment
+    return True
+
+
+def _wait_ready(nodes: list[_Node], wanted: dict[str, dict[str, str]],
+                reports: dict[str, HostReport], options: ApplyOptions,
+                progress: Callable[[str], None]) -> None:
+    """Poll the agents until every wanted instance (id -> spec hash) is `ready`."""
+    deadline = time.monotonic() + options.ready_timeout
+    pending = {n.name: dict(wanted.get(n.name, {})) for n in nodes if wanted.get(n.name)}
+    by_name = {n.name: n for n in nodes}
+    last: dict[str, str] = {}
+    while pending and time.monotonic() < deadline:
+        def poll(name: str) -> None:
+            body = _agent_status(by_name[name])
+            states = {str(i.get("id")): i for i in body.get("instances") or []}
+            for iid, spec_hash in list(pending[name].items()):
+                item = states.get(iid, {})
+                state = str(item.get("state", "missing"))
+                if state == "ready" and item.get("spec_hash") in (None, spec_hash):
+                    del pending[name][iid]
+                    progress(f"{name}: {iid} is ready")
+                elif state == "failed":
+                    reports[name].fail(
+                        f"`{name}`: instance `{iid}` failed: {item.get('last_error') or state}",
+                        f"read `stack logs {item.get('model', iid)}` for the backend's output.")
+                    del pending[name][iid]
+                elif last.get(iid) != state:
+                    last[iid] = state
+                    progress(f"{name}: {iid} is {state}")
+            if body.get("assignment_error"):
+                reports[name].fail(f"`{name}`: the agent rejected its assignment: "
+                                   f"{body['assignment_error']}",
+                                   "this is a bug in stack apply; please report it.")
+                pending[name].clear()
+            if not pending[name]:
+                del pending[name]
+
+        jobs = [gevent.spawn(poll, name) for name in list(pending)]
+        gevent.joinall(jobs)
+        if pending:
+            gevent.sleep(options.poll_interval)
+    for name, ids in pending.items():
+        states = ", ".join(f"{i} ({last.get(i, 'unknown')})" for i in sorted(ids))
+        reports[name].fail(
+            f"`{name}`: not ready after {int(options.ready_timeout)} s: {states}",
+            "read `stack logs MODEL` and `stack status`; the next apply picks up from here.")
+
+
+def rollout(nodes: list[_Node], desired: Desired, reports: dict[str, HostReport],
+            options: ApplyOptions, progress: Callable[[str], None]) -> None:
+    """Assignments in waves: new beside old, replacements `max_unavailable` at a time."""
+    live = [n for n in nodes if reports[n.name].error is None]
+    changed: dict[str, dict[str, str]] = {}
+    replaced: list[tuple[str, str]] = []
+    for node in live:
+        want = desired.assignments.get(node.name, Assignment(node=node.name))
+        old = {i.id: i.spec_hash() for i in (node.current.instances if node.current else [])}
+        for inst in want.instances:
+            if old.get(inst.id) != inst.spec_hash():
+                changed.setdefault(node.name, {})[inst.id] = inst.spec_hash()
+                if inst.id in old:
+                    replaced.append((node.name, inst.id))
+    step = max(1, options.max_unavailable)
+    waves = [replaced[k:k + step] for k in range(0, len(replaced), step)] or [[]]
+    for wave_index, _wave in enumerate(waves):
+        done = {r for w in waves[:wave_index + 1] for r in w}
+        hold_all = {r for r in replaced if r not in done}
+        for node in live:
+            if reports[node.name].error is not None:
+                continue
+            want = desired.assignments.get(node.name, Assignment(node=node.name))
+            hold = {iid for (n, iid) in hold_all if n == node.name}
+            try:
+                if _write_assignment(node, _surge(node.current, want, hold)):
+                    reports[node.name].changed.append("assignment")
+            except StackError as err:
+                reports[node.name].fail(err.message, err.hint)
+        wanted = {n: {iid: h for iid, h in ids.items()
+                      if (n, iid) not in hold_all}
+                  for n, ids in changed.items() if reports[n].error is None}
+        _wait_ready(live, wanted, reports, options, progress)
+
+
+def finish_assignments(nodes: list[_Node], desired: Desired,
+                       reports: dict[str, HostReport]) -> None:
+    """Remove the old instances (their replacements are ready and routed)."""
+    for node in nodes:
+        if reports[node.name].error is not None:
+            continue
+        want = desired.assignments.get(node.name, Assignment(node=node.name))
+        try:
+            if _write_assignment(node, want) and "assignment" not in reports[node.name].changed:
+                reports[node.name].changed.append("assignment")
+        except StackError as err:
+            reports[node.name].fail(err.message, err.hint)
+
+
+def update_routers(spec: StackSpec, nodes: list[_Node], desired: Desired,
+                   reports: dict[str, HostReport]) -> bool:
+    """Write router.json where it differs and start or reload the router (SIGHUP)."""
+    if desired.router is None:
+        return False
+    body = dumps(desired.router.model_dump(mode="json")).encode()
+    changed = False
+    for node in nodes:
+        if node.name not in desired.router_nodes or reports[node.name].error is not None:
+            continue
+        service = router_service(spec, node.prefix, node.manager)
+        path = agent_paths(node.prefix)["router_json"]
+        alive = bool(node.files.get("alive", {}).get(service.supervisor_pid_file))
+        if service.manager != "supervise":
+            alive = True
+        fresh = node.files.get("files", {}).get(path) != sha256_text(body)
+        unit_changed = "router-unit" in reports[node.name].changed
+        agent_changed = "agent-install" in reports[node.name].changed
+        try:
+            if fresh:
+                _write(node.host, path, body, "600")
+            commands = start_commands(service, running=alive, restart=unit_changed or agent_changed)
+            if alive and fresh and not commands:
+                commands = reload_commands(service)
+            for command in commands:
+                ok, _, err = _run(node.host, command)
+                if not ok:
+                    raise ApplyError(f"`{node.name}`: the router did not start: {err.strip()}",
+                                     hint=f"read {service.log} on the host.")
+        except StackError as err:
+            reports[node.name].fail(err.message, err.hint)
+            continue
+        if fresh or commands:
+            reports[node.name].changed.append("router")
+            changed = True
+    return changed
+
+
+def remove_unused_runtimes(spec: StackSpec, nodes: list[_Node], desired: Desired,
+                           reports: dict[str, HostReport]) -> None:
+    """Runtime versions neither in stack.toml nor used by an instance are removed."""
+    for node in nodes:
+        if reports[node.name].error is not None:
+            continue
+        used = {i.runtime_path for i in desired.assignments.get(
+            node.name, Assignment(node=node.name)).instances}
+        for name, versions in node.facts.runtimes.items():
+            listed = set(spec.runtimes[name].versions) if name in spec.runtimes else set()
+            stale = [v for v in versions if v not in listed
+                     and runtime_path(node.prefix, name, v) not in used]
+            if stale:
+                ok, _, _err = _run(node.host, removal_script(node.prefix, name, stale))
+                if ok:
+                    reports[node.name].changed.append(f"removed {name} {', '.join(stale)}")
+
+
+# -- the whole apply -----------------------------------------------------------------------
+
+
+def _desired(spec: StackSpec, stack_dir: Path, observed: Observed, placements: Any) -> Desired:
+    from stack.assign import build_assignments, build_router_config
+    from stack.secrets import stack_secret
+
+    assignments = build_assignments(spec, placements, observed, stack_dir,
+                                    stack_secret(stack_dir))
+    router = build_router_config(spec, placements, assignments)
+    return Desired(assignments, router, list(placements.routers))
+
+
+def _reboot(node: _Node, spec: StackSpec, stack_dir: Path, report: HostReport,
+            progress: Callable[[str], None], timeout: float = 900) -> None:
+    """Reboot one host and wait until SSH and the driver answer again."""
+    from stack.observe import connect, disconnect, read_node
+
+    progress(f"{node.name}: rebooting for the new driver")
+    _run(node.host, "(sleep 2; reboot) >/dev/null 2>&1 &")
+    gevent.sleep(10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        connected = connect(spec, stack_dir, hosts=[node.name])
+        try:
+            if node.name not in connected.errors:
+                facts = read_node(spec, connected, node.name)
+                if facts.reachable and facts.gpus and not facts.reboot_required:
+                    report.changed.append("rebooted")
+                    return
+        finally:
+            disconnect(connected)
+        gevent.sleep(5)
+    report.fail(f"`{node.name}` did not come back with a working driver within "
+                f"{int(timeout)} s after the reboot",
+                "check the host's console; `stack apply` continues from here once it is up.")
+
+
+def apply_fleet(
+    spec: StackSpec, stack_dir: Path, placements_for: Callable[[Observed], Any],
+    options: ApplyOptions, confirm: Callable[[Observed, Desired], bool],
+    progress: Callable[[str], None],
+) -> ApplyResult:
+    """Lock, read the fleet, converge it, unlock. `placements_for(observed)` gives the
+    placements to apply (a fresh schedule or a saved plan's, checked against the facts)."""
+    from stack.observe import connect, disconnect, read_node
+
+    info = locks.new_lock()
+    locks.acquire_local(stack_dir, info)
+    result = ApplyResult(lock_id=info.id)
+    nodes: list[_Node] = []
+    connected = None
+    try:
+        connected = connect(spec, stack_dir)
+        facts: dict[str, NodeFacts] = {}
+
+        def read(name: str) -> None:
+            assert connected is not None
+            facts[name] = read_node(spec, connected, name)
+
+        gevent.joinall([gevent.spawn(read, n) for n in connected.nodes])
+        observed = Observed(nodes={n: facts[n] for n in connected.nodes})
+        for name, node_facts in observed.nodes.items():
+            report = result.hosts.setdefault(name, HostReport(name))
+            if not node_facts.reachable or node_facts.error:
+                message, _, hint = (node_facts.error or f"`{name}` is unreachable").partition(
+                    "\nhint: ")
+                report.fail(message, hint)
+                continue
+            if node_facts.os not in ("linux", "darwin"):
+                report.fail(f"`{name}` runs {node_facts.os}, which pyinfra 3 cannot manage",
+                            "remove it from the stack, or serve from a Linux VM on it.")
+                continue
+            nodes.append(_Node(name, connected.nodes[name], node_prefix(spec, name), node_facts))
+        placements = placements_for(observed)
+        desired = _desired(spec, stack_dir, observed, placements)
+        if not confirm(observed, desired):
+            raise ApplyError("apply cancelled; nothing was changed", hint="")
+
+        def probe(node: _Node) -> None:
+            try:
+                extra = [make(spec, node.prefix, manager).unit_path
+                         for make in (agent_service, router_service)
+                         for manager in ("supervise", "systemd", "launchd")]
+                models = [f"{i.model_path}.sha256"
+                          for i in desired.assignments.get(node.name, Assignment(
+                              node=node.name)).instances if i.model_path]
+                _host_probe(node, info, extra, models)
+            except StackError as err:
+                result.hosts[node.name].fail(err.message, err.hint)
+
+        gevent.joinall([gevent.spawn(probe, n) for n in nodes])
+        live = [n for n in nodes if result.hosts[n.name].error is None]
+        targets, runtime_keys, model_keys = _targets(spec, stack_dir, live, desired,
+                                                      result.hosts)
+        plans = run_deploys(connected.state, live, targets, runtime_keys, model_keys,
+                            result.hosts)
+        for node in live:
+            steps = plans.get(node.name, [])
+            if result.hosts[node.name].error is None and any(s.reboot for s in steps):
+                if options.allow_reboot:
+                    _reboot(node, spec, stack_dir, result.hosts[node.name], progress)
+                else:
+                    result.hosts[node.name].fail(
+                        f"`{node.name}` needs a reboot to load its new driver",
+                        "run `stack apply --allow-reboot` (hosts reboot one at a time).")
+        live = [n for n in live if result.hosts[n.name].error is None]
+        rollout(live, desired, result.hosts, options, progress)
+        result.router_changed = update_routers(spec, live, desired, result.hosts)
+        finish_assignments(live, desired, result.hosts)
+        remove_unused_runtimes(spec, live, desired, result.hosts)
+        return result
+    finally:
+        if nodes:
+            _release_host_locks(nodes, info.id)
+        if connected is not None:
+            disconnect(connected)
+        locks.release_local(stack_dir, info.id)
