@@ -137,18 +137,44 @@ def fetch_metadata(source: Source, base_dir: Path) -> Path:
     return _fetch_modelscope(source)
 
 
-def _fetch_hf(source: Source) -> Path:
-    """Download (or find in the cache) the small metadata files of a Hugging Face repo."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def _hf_cached(source: Source, filename: str) -> Path | None:
+    """A file of the repo from the Hugging Face cache (the library's own lookup)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     assert source.repo is not None
+    try:
+        return Path(hf_hub_download(repo_id=source.repo, filename=filename,
+                                    revision=source.revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _fetch_hf(source: Source) -> Path:
+    """The small metadata files of a Hugging Face repo: from the cache, else downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
+    assert source.repo is not None
+    if source.file:
+        cached = _hf_cached(source, source.file)
+        if cached is not None:
+            return cached
+    else:
+        for name in ("config.json", "model_index.json"):
+            cached = _hf_cached(source, name)
+            if cached is not None:
+                return cached.parent
     patterns = [*METADATA_FILES, "*.safetensors.index.json", "*/config.json"]
     try:
         folder = Path(snapshot_download(
             repo_id=source.repo, revision=source.revision, allow_patterns=patterns,
         ))
-    except LocalEntryNotFoundError as exc:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         raise SourceError(
             f"`{source.text}` is not in the Hugging Face cache and the hub cannot be reached",
             hint="download it once with network (`hf download "
@@ -164,27 +190,19 @@ def _fetch_hf(source: Source) -> Path:
 
 
 def _fetch_hf_file(source: Source, folder: Path) -> Path:
-    """A single file of the repo (a GGUF): the cached copy, or a sparse copy of its header."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """A single file of the repo (a GGUF): a copy of its first bytes, read by range."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
 
     assert source.repo is not None and source.file is not None
     cached = folder / source.file
     if cached.exists():
         return cached
-    try:
-        return Path(hf_hub_download(repo_id=source.repo, filename=source.file,
-                                    revision=source.revision, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise SourceError(f"`{source.file}` of `{source.text}` is not in the Hugging Face cache",
-                          hint="download it once with network, or unset `HF_HUB_OFFLINE`.")
     from stack.estimate.remote import hf_header_copy
 
     try:
         return hf_header_copy(source.repo, source.file, source.revision)
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, httpx.HTTPError, OSError) as exc:
         raise SourceError(f"cannot read `{source.text}` from Hugging Face: {exc}",
                           hint="check the file name and `HF_TOKEN` for gated models.") from exc
 

@@ -60,7 +60,7 @@ def model_reason(backend: str, meta: ModelMeta, kind: str) -> str | None:
     if support is None:
         return f"unknown backend `{backend}`"
     if meta.format not in support.formats:
-        fmt = "GGUF files" if meta.format == "gguf" else f"{meta.format} models"
+        fmt = "GGUF files" if meta.format == "gguf" else "safetensors models"
         return f"{support.label} does not serve {fmt}"
     if kind not in support.kinds:
         return f"{support.label} does not serve {kind} models"

@@ -1,7 +1,7 @@
 """Headers of remote files read with HTTP range requests (no weights downloaded).
 
-A GGUF on the hub is copied as a sparse local file of the real size holding only its
-first bytes: the header reader never reads past the header.
+A GGUF on the hub is copied as its first bytes only (8 MiB, grown until the header parses):
+the header reader never reads past the header.
 """
 
 from __future__ import annotations
