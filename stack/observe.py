@@ -76,7 +76,9 @@ def _inventory_file(spec: StackSpec, stack_dir: Path) -> Inventory:
             hint=f"create the pyinfra inventory file at {path}, or list hosts under `[hosts]`.",
         )
     try:
-        inventory: Inventory = make_inventory_from_files(str(path), cwd=str(stack_dir))
+        # pyinfra's loader records the file it runs on the current State
+        with ctx_state.use(State(check_for_changes=False)):
+            inventory: Inventory = make_inventory_from_files(str(path), cwd=str(stack_dir))
         return inventory
     except Exception as exc:  # an inventory is user code: any error is a config error
         raise ConfigError(

@@ -351,6 +351,7 @@ class Fleet:
         if status:
             base.with_suffix(".rc").write_text(str(status))
         tool_path = hostdir / "bin" / tool
+        tool_path.parent.mkdir(parents=True, exist_ok=True)
         if not tool_path.exists():
             shutil.copy(FAKE_TOOL, tool_path)
             tool_path.chmod(0o755)
