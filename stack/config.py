@@ -232,7 +232,7 @@ class _Report:
 # ---------------------------------------------------------------------------- schema errors
 
 
-def _unwrap(tp: Any) -> Any:
+def unwrap_type(tp: Any) -> Any:
     """Strip `Annotated[...]` and `X | None`."""
     while True:
         origin = get_origin(tp)
@@ -253,7 +253,7 @@ def _is_model(tp: Any) -> bool:
 
 def _descend(tp: Any, step: str | int) -> Any:
     """The type one step down from `tp`, or None when `step` is not a path step there."""
-    tp = _unwrap(tp)
+    tp = unwrap_type(tp)
     origin = get_origin(tp)
     if _is_model(tp) and isinstance(step, str):
         field = tp.model_fields.get(step)
@@ -279,7 +279,7 @@ def _walk(loc: Loc) -> tuple[Loc, Any, Any, bool]:
             return tuple(path), tp, parent, True
         below = _descend(tp, step)
         if below is None:
-            if _is_model(_unwrap(tp)) and isinstance(step, str):  # an unknown field
+            if _is_model(unwrap_type(tp)) and isinstance(step, str):  # an unknown field
                 path.append(step)
                 parent, tp = tp, None
             break
@@ -289,35 +289,49 @@ def _walk(loc: Loc) -> tuple[Loc, Any, Any, bool]:
 
 
 def _literal_values(tp: Any) -> list[str]:
-    tp = _unwrap(tp)
+    tp = unwrap_type(tp)
     if get_origin(tp) is Literal:
         return [str(arg) for arg in get_args(tp)]
     return []
 
 
-def _kind(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
     """How a value of this type is described to a user: `an integer`, `a table`, ..."""
+    if get_origin(tp) in (Union, types.UnionType):
+        members = [arg for arg in get_args(tp) if arg is not type(None)]
+        if len(members) == 1:  # `X | None`: describe X, keeping its annotations
+            return describe_type(members[0])
     if get_origin(tp) is Annotated and any(
         isinstance(m, BeforeValidator) and m.func is parse_bytes for m in get_args(tp)[1:]
     ):
         return 'a size such as "24GiB" or a number of bytes'
-    tp = _unwrap(tp)
+    tp = unwrap_type(tp)
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        return " or ".join(_kind(arg) for arg in get_args(tp) if arg is not type(None))
+        return " or ".join(describe_type(arg) for arg in get_args(tp) if arg is not type(None))
     if origin is Literal and len(get_args(tp)) == 1:
         return f"`{get_args(tp)[0]}`"
     if origin is Literal:
         return "one of " + ", ".join(f"`{v}`" for v in _literal_values(tp))
     if origin is list:
-        return "an array"
+        return "an array of " + _plural(get_args(tp)[0])
     if origin is tuple:
         return f"an array of {len(get_args(tp))} numbers"
+    if origin is dict and not _is_model(unwrap_type(get_args(tp)[1])):
+        return "a table of " + _plural(get_args(tp)[1])
     if origin is dict or _is_model(tp):
         return "a table"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
              date: "a date (YYYY-MM-DD)"}
     return names.get(tp, "a valid value")
+
+
+def _plural(tp: Any) -> str:
+    tp = unwrap_type(tp)
+    if get_origin(tp) is Literal:
+        return ", ".join(f"`{v}`" for v in _literal_values(tp))
+    words = {str: "strings", int: "integers", float: "numbers"}
+    return words.get(tp, "tables" if _is_model(tp) else "values")
 
 
 def show(value: Any) -> str:
@@ -344,7 +358,7 @@ def _all_models(tp: Any = StackSpec) -> Iterator[tuple[type[BaseModel], str]]:
     stack: list[tuple[Any, str]] = [(tp, "")]
     while stack:
         current, where = stack.pop()
-        current = _unwrap(current)
+        current = unwrap_type(current)
         if get_origin(current) is dict:
             name = '."PATTERN"' if where == "nodes" else ".NAME"
             stack.append((get_args(current)[1], where + name))
@@ -359,7 +373,7 @@ def _all_models(tp: Any = StackSpec) -> Iterator[tuple[type[BaseModel], str]]:
 
 def _unknown_key(path: Loc, parent: Any) -> tuple[str, str]:
     word = str(path[-1])
-    allowed = list(_unwrap(parent).model_fields)
+    allowed = list(unwrap_type(parent).model_fields)
     guess = _suggest(word, allowed)
     if guess:
         return f"unknown key `{dotted(path)}`", f"did you mean `{guess}`?"
@@ -379,7 +393,7 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
     kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
     field_hint = _FIELD_HINTS.get(str(path[-1]) if path else "", "")
     if about_key:
-        table = _unwrap(parent)
+        table = unwrap_type(parent)
         allowed = _literal_values(get_args(table)[0]) if get_origin(table) is dict else []
         guess = _suggest(str(path[-1]), allowed)
         return (path, f"`{dotted(path[:-1])}` has an unknown entry `{path[-1]}`",
@@ -389,10 +403,10 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
         message, hint = _unknown_key(path, parent)
         return path, message, hint, True
     if kind == "missing":
-        if get_origin(_unwrap(parent)) is tuple:
-            return (path[:-1], f"`{dotted(path[:-1])}` must be {_kind(parent)}",
+        if get_origin(unwrap_type(parent)) is tuple:
+            return (path[:-1], f"`{dotted(path[:-1])}` must be {describe_type(parent)}",
                     "e.g. `port_range = [40000, 40999]`.", False)
-        description = _unwrap(parent).model_fields[path[-1]].description or ""
+        description = unwrap_type(parent).model_fields[path[-1]].description or ""
         table = dotted(path[:-1]) or "the top level"
         return (path[:-1], f"`{table}` has no `{path[-1]}`",
                 f"add `{path[-1]} = ...`: {description}", True)
@@ -406,16 +420,17 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
     if kind == "too_short" and isinstance(value, list) and not value:
         return path, f"`{key}` must not be empty", field_hint or "add at least one element.", False
     if kind in ("too_short", "too_long"):
-        return path, f"`{key}` must be {_kind(tp)}", "e.g. `port_range = [40000, 40999]`.", False
+        return (path, f"`{key}` must be {describe_type(tp)}",
+                "e.g. `port_range = [40000, 40999]`.", False)
     if kind == "string_pattern_mismatch":
         return (path, f"`{key}` has the wrong form, got {show(value)}",
                 field_hint or f"it must match `{ctx['pattern']}`.", False)
-    wrong_size = kind == "value_error" and _kind(tp).startswith("a size")
+    wrong_size = kind == "value_error" and describe_type(tp).startswith("a size")
     if kind == "literal_error" or kind.endswith(("_type", "_parsing")) or wrong_size:
         values = _literal_values(tp)
         guess = _suggest(str(value), values) if isinstance(value, str) and values else None
         hint = f"did you mean `{guess}`?" if guess else _type_hint(path, tp)
-        return path, f"`{key}` must be {_kind(tp)}, got {show(value)}", hint, False
+        return path, f"`{key}` must be {describe_type(tp)}, got {show(value)}", hint, False
     if kind == "value_error":
         reason = str(ctx.get("error", error["msg"]))
         return (path, f"`{key}`: {reason}",
@@ -425,16 +440,19 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
 
 def _type_hint(path: Loc, tp: Any) -> str:
     name = str(path[-1]) if path else "key"
-    kind = _kind(tp)
+    kind = describe_type(tp)
     examples = {"an integer": f"{name} = 2", "a number": f"{name} = 0.9",
                 "a string": f'{name} = "text"', "true or false": f"{name} = true",
-                "an array": f'{name} = ["a", "b"]', "a date (YYYY-MM-DD)": f"{name} = 2027-01-31",
+                "an array of strings": f'{name} = ["a", "b"]',
+                "an array of integers": f"{name} = [0, 1]",
+                "a table of strings": f'{name} = {{ key = "value" }}',
+                "a date (YYYY-MM-DD)": f"{name} = 2027-01-31",
                 "a table": f"[{dotted(path)}]"}
     if kind.startswith("a size"):
         return f'write `{name} = "24GiB"` (units: B, KB, MB, GB, KiB, MiB, GiB, TiB).'
     if kind.startswith("one of"):
         return "use one of the values listed."
-    if get_origin(_unwrap(tp)) is dict:
+    if get_origin(unwrap_type(tp)) is dict:
         return f"write `[{dotted(path)}.NAME]` tables."
     if kind == "an integer or `auto`":
         return f'write it as `{name} = 2` or `{name} = "auto"`.'

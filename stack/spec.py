@@ -10,7 +10,14 @@ import re
 from datetime import date
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 BackendName = Literal[
     "llama.cpp", "vllm", "sglang", "vox-box", "stable-diffusion.cpp", "mindie", "custom"
@@ -51,7 +58,15 @@ def parse_bytes(value: object) -> int:
     raise ValueError(f"expected a size such as \"24GiB\" or a number of bytes, got {value!r}")
 
 
-Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+Bytes = Annotated[
+    int,
+    BeforeValidator(parse_bytes),
+    # editors see what may be written: a byte count or a size with a unit
+    WithJsonSchema({"anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT][iI]?)?[bB]?\s*$"},
+    ]}),
+]
 
 
 class _Strict(BaseModel):
@@ -79,7 +94,11 @@ class StackSection(_Strict):
     inventory: str | None = Field(
         None, description="A pyinfra inventory file (relative to stack.toml) listing the hosts."
     )
-    prefix: str = Field("/opt/stack", description="Where everything is installed on hosts.")
+    prefix: str = Field(
+        "/opt/stack",
+        description="Where runtimes, models and the agent are installed on hosts: an absolute "
+        "path, or `~/...` for the SSH user's home (no root needed).",
+    )
     placement: Policy = Field(
         "spread", description="Default placement: `spread` replicas over nodes, or `binpack`."
     )
@@ -223,7 +242,11 @@ class RouterSpec(_Strict):
     hosts: list[str] = Field(
         default_factory=list, description="Nodes (names or globs) running a router; default all."
     )
-    listen: str = Field("127.0.0.1:8080", description="Address and port to listen on.")
+    listen: str = Field(
+        "127.0.0.1:8080",
+        description="`HOST:PORT` to listen on (`[::1]:8080` for IPv6). Off loopback, at "
+        "least one `[[keys]]` table is required.",
+    )
     tls_cert: str | None = Field(None, description="TLS certificate file (controller path).")
     tls_key: str | None = Field(None, description="TLS key file (controller path).")
     workers: int = Field(1, ge=1, le=64, description="Worker processes (SO_REUSEPORT).")
