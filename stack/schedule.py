@@ -35,6 +35,8 @@ TP_SIZES = (1, 2, 4, 8)
 MAX_NODES_PER_REPLICA = 16
 # backends that may run on the CPU only (cpu_inference) and over RPC workers
 CPU_BACKENDS = ("llama.cpp",)
+# backends whose multi-node mains start a Ray head on the port after their own
+RAY_BACKENDS = ("vllm", "sglang")
 
 
 # --------------------------------------------------------------------------- values
@@ -437,18 +439,23 @@ class _Fleet:
         node.version += 1
         self._push(node)
 
-    def free_port(self, node: _Node, owner: str = "", wanted: int | None = None) -> int | None:
+    def free_port(self, node: _Node, owner: str = "", wanted: int | None = None,
+                  span: int = 1) -> int | None:
         """`wanted` when it is free or already `owner`'s, else the lowest free port.
 
         Ports reported in use by any instance (ours to be removed, or not ours) stay
         untouched, so a replacement can start before the old instance stops.
         """
-        if wanted is not None and self.port_lo <= wanted <= self.port_hi \
-                and wanted not in node.ports_taken \
-                and node.ports_reported.get(wanted, owner) == owner:
+        def free(port: int, mine: bool) -> bool:
+            return all(self.port_lo <= q <= self.port_hi and q not in node.ports_taken
+                       and node.ports_reported.get(q, owner if mine else None) in
+                       ((owner,) if mine else (None,))
+                       for q in range(port, port + span))
+
+        if wanted is not None and free(wanted, True):
             return wanted
-        for port in range(self.port_lo, self.port_hi + 1):
-            if port not in node.ports_taken and port not in node.ports_reported:
+        for port in range(self.port_lo, self.port_hi - span + 2):
+            if free(port, False):
                 return port
         return None
 
@@ -618,9 +625,15 @@ class _Scheduler:
         placed: list[Worker] = []
         for k, (part_node, part_pool, part_gpus, want) in enumerate(parts):
             owner = instance_id(m.name, replica) + (f"-w{k}" if k else "")
-            got = self.fleet.free_port(part_node, owner, want)
+            # a distributed vLLM/SGLang main also runs the Ray head on port + 1 (agent)
+            span = 2 if k == 0 and workers and backend in RAY_BACKENDS else 1
+            got = self.fleet.free_port(part_node, owner, want, span)
+            if got is None:
+                got = self.fleet.free_port(part_node, owner, None, 1)
             assert got is not None  # fits_host checked a port is free
             self.fleet.take(part_node, m.name, part_gpus, need, got)
+            if span == 2:
+                part_node.ports_taken.add(got + 1)
             placed.append(Worker(part_node.name, part_gpus, got,
                                  part_pool.vendor if part_pool else "cpu"))
         main = placed[0]

@@ -1,0 +1,183 @@
+"""From placements to what each host must run: agent assignments and the router config.
+
+`build_assignments` turns `Placements` into one `agent.assignment.Assignment` per node;
+`build_router_config` turns them into the router's `RouterConfig`. Both are pure apart
+from one look at the controller's disk (is a `local://` source a file or a folder).
+API keys are derived from the stack secret (`stack.secrets.derive_key`, purpose
+`instance:<id>`); without a secret (planning in CI) they are left out, which is why
+`Instance.spec_hash()` and `router_config_sha256()` ignore them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from agent.assignment import Assignment, Devices, Instance, Peer
+from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeouts
+from stack.observed import Observed
+from stack.schedule import Placement, Placements, Worker, node_settings
+from stack.spec import ModelSpec, StackSpec
+
+# health paths the router probes where a backend does not answer on /health
+HEALTH_PATHS = {"mindie": "/info"}
+# backends whose gpu_memory_utilization the scheduler's claim decides
+UTILIZATION_BACKENDS = ("vllm", "sglang")
+
+
+def node_prefix(spec: StackSpec, node: str) -> str:
+    """The install prefix on `node`."""
+    return node_settings(spec, node).prefix or spec.stack.prefix
+
+
+def node_host(spec: StackSpec, observed: Observed, node: str) -> str:
+    """The private address backends on `node` bind to and the router calls."""
+    address = node_settings(spec, node).address
+    if address:
+        return address
+    facts = observed.nodes.get(node)
+    if facts is not None and facts.address:
+        return facts.address
+    host = spec.hosts.get(node)
+    if host is not None and host.address != "@local":
+        return host.address
+    return "127.0.0.1"
+
+
+def model_path(name: str, source: str, prefix: str, stack_dir: Path) -> str | None:
+    """Where a model's files are on a host.
+
+    `local://` files are uploaded to `PREFIX/models/<model>/<filename>` (folders to
+    `PREFIX/models/<model>`); absolute host paths are used as they are; Hugging Face and
+    ModelScope sources are None: the agent downloads them into its caches under
+    `PREFIX/models/` and resolves the path itself.
+    """
+    folder = PurePosixPath(prefix) / "models" / name
+    if source.startswith("local://"):
+        rest = source[len("local://"):]
+        local = Path(rest) if rest.startswith("/") else stack_dir / rest
+        if local.is_dir() or (not local.exists() and not PurePosixPath(rest).suffix):
+            return str(folder)
+        return str(folder / PurePosixPath(rest).name)
+    if source.startswith("/"):
+        return source
+    return None
+
+
+def gpu_memory_utilization(model: ModelSpec, placement: Placement) -> float | None:
+    """The model's setting, else (vLLM, SGLang) the claim as a fraction of the GPU."""
+    if model.gpu_memory_utilization is not None:
+        return model.gpu_memory_utilization
+    if placement.backend not in UTILIZATION_BACKENDS or not placement.gpu_memory_bytes:
+        return None
+    fraction = placement.claim.vram_bytes_per_gpu / placement.gpu_memory_bytes
+    return min(1.0, math.ceil(fraction * 100) / 100)
+
+
+def _api_key(secret: bytes | None, instance: str) -> str | None:
+    if secret is None:
+        return None
+    from stack.secrets import derive_key
+
+    return derive_key(secret, f"instance:{instance}")
+
+
+def _instances(spec: StackSpec, observed: Observed, p: Placement, stack_dir: Path,
+               secret: bytes | None) -> list[tuple[str, Instance]]:
+    """(node, Instance) for the main part and every worker of one placement."""
+    model = spec.models[p.model]
+    main = Worker(p.node, p.gpus, p.port, p.vendor)
+    parts = [main, *p.workers]
+    peers = [Peer(node=w.node, host=node_host(spec, observed, w.node), port=w.port)
+             for w in parts]
+    out: list[tuple[str, Instance]] = []
+    for k, part in enumerate(parts):
+        prefix = node_prefix(spec, part.node)
+        runtime_path = (str(PurePosixPath(prefix) / "runtimes" / p.runtime / p.backend_version)
+                        if p.runtime and p.backend_version else "")
+        runtime = spec.runtimes.get(p.runtime)
+        iid = p.id if k == 0 else p.worker_id(k)
+        role: Literal["single", "main", "worker"] = (
+            "single" if not p.workers else ("main" if k == 0 else "worker"))
+        # a main lists its workers in rank order; a worker lists the main, then every
+        # worker in rank order (itself included), so it can find its own rank
+        part_peers = peers[1:] if k == 0 else peers
+        out.append((part.node, Instance(
+            id=iid, model=p.model, replica=p.replica, source=model.source,
+            model_path=model_path(p.model, model.source, prefix, stack_dir), kind=p.kind,
+            backend=p.backend, backend_version=p.backend_version, runtime_path=runtime_path,
+            args=list(model.args), env={**(runtime.env if runtime else {}), **model.env},
+            devices=Devices(vendor=part.vendor, indices=list(part.gpus)),
+            host=peers[k].host, port=part.port,
+            api_key=_api_key(secret, iid) if k == 0 else None,
+            context=p.context, role=role, peers=part_peers if p.workers else [],
+            health_path=model.health_path, command=model.command, mmproj=model.mmproj,
+            gpu_memory_utilization=gpu_memory_utilization(model, p) if part.gpus else None,
+        )))
+    return out
+
+
+def build_assignments(spec: StackSpec, placements: Placements, observed: Observed,
+                      stack_dir: Path, secret: bytes | None) -> dict[str, Assignment]:
+    """The assignment of every node in the fleet (empty for nodes that run nothing)."""
+    per_node: dict[str, list[Instance]] = {name: [] for name in sorted(observed.nodes)}
+    for p in placements.placements:
+        if p.model not in spec.models:
+            continue
+        for node, inst in _instances(spec, observed, p, stack_dir, secret):
+            per_node.setdefault(node, []).append(inst)
+    return {node: Assignment(node=node, instances=sorted(items, key=lambda i: i.id))
+            for node, items in sorted(per_node.items())}
+
+
+def build_router_config(spec: StackSpec, placements: Placements,
+                        assignments: dict[str, Assignment]) -> RouterConfig:
+    """The router.json every router host gets: one route per model (replicas may be
+    empty: the router answers 503 until one is placed) and the API keys by hash."""
+    mains = {inst.id: inst for a in assignments.values() for inst in a.instances
+             if inst.role != "worker"}
+    routes: list[RouteModel] = []
+    for name in sorted(spec.models):
+        model = spec.models[name]
+        replicas = []
+        kind: str = model.kind or "llm"
+        for p in placements.placements:
+            inst = mains.get(p.id)
+            if p.model != name or inst is None:
+                continue
+            kind = model.kind or p.kind
+            replicas.append(Replica(
+                id=p.id, url=f"http://{_url_host(inst.host)}:{inst.port}",
+                api_key=inst.api_key,
+                health_path=model.health_path or HEALTH_PATHS.get(p.backend, "/health")))
+        routes.append(RouteModel(name=name, aliases=list(model.aliases), kind=kind,
+                                 replicas=replicas))
+    r = spec.router
+    return RouterConfig(
+        listen=r.listen, workers=r.workers, tls_cert=r.tls_cert, tls_key=r.tls_key,
+        timeouts=Timeouts(connect=r.timeouts.connect, first_byte=r.timeouts.first_byte,
+                          idle=r.timeouts.idle),
+        health=Health(), balancing=r.balancing, affinity=r.affinity,
+        affinity_header=r.affinity_header, retries=r.retries, max_body_bytes=r.max_body_bytes,
+        models=routes,
+        keys=[Key(name=k.name, owner=k.owner, hash=k.hash, models=list(k.models), rpm=k.rpm,
+                  tpm=k.tpm, expires=k.expires) for k in spec.keys],
+    )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def router_config_sha256(config: RouterConfig) -> str:
+    """Fingerprint of a router config without the replicas' API keys (which need the
+    stack secret, absent when planning in CI)."""
+    body = config.model_dump(mode="json")
+    for route in body["models"]:
+        for replica in route["replicas"]:
+            replica.pop("api_key", None)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

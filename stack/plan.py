@@ -1,0 +1,429 @@
+"""The plan: what `stack apply` would change, as a frozen value (`plan(...) -> Plan`).
+
+Compares the desired state (placements turned into assignments and a router config)
+with the observed one (the facts) and lists changes: hosts (drivers, reboots, the agent,
+runtimes), model replicas (create, replace with its reason, delete), the router. The plan
+decides nothing by itself; `render` shows it and `apply` carries it out. Its JSON form
+(`Plan.to_json`) is the public contract of DESIGN.md "Plan", plus what apply needs to
+rebuild the assignments (placements with runtime, vendor, context and workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from agent.assignment import Assignment, Instance
+from stack.assign import build_router_config, router_config_sha256
+from stack.errors import ConfigError
+from stack.observed import InstanceFacts, NodeFacts, Observed
+from stack.schedule import Placement, Placements, Unschedulable, gib, instance_id, node_settings
+from stack.spec import StackSpec
+
+FORMAT_VERSION = 1
+# facts that change from one reading to the next without anything to converge
+VOLATILE_NODE = ("collected_at",)
+VOLATILE_GPU = ("utilization_percent", "temperature_c", "power_w", "memory_used_bytes")
+VOLATILE_INSTANCE = ("state", "restarts", "last_error", "pid", "progress")
+
+
+class Action(StrEnum):
+    """What a change does; the value is the JSON word, `symbol` what the plan shows."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    REPLACE = "replace"
+    DELETE = "delete"
+
+    @property
+    def symbol(self) -> str:
+        return {"create": "+", "update": "~", "replace": "-/+", "delete": "-"}[self.value]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing apply would do. `details` are (label, value) lines for the renderer."""
+
+    address: str
+    action: Action
+    reason: str
+    disruption: str = "none"  # none | restart | reboot
+    node: str | None = None
+    details: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "action": self.action.value, "reason": self.reason,
+                "disruption": self.disruption, "node": self.node,
+                "details": [list(d) for d in self.details]}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Change:
+        return Change(address=data["address"], action=Action(data["action"]),
+                      reason=data.get("reason", ""), disruption=data.get("disruption", "none"),
+                      node=data.get("node"),
+                      details=tuple((str(a), str(b)) for a, b in data.get("details", [])))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts as Terraform counts them: a replace is one add and one destroy."""
+
+    add: int = 0
+    change: int = 0
+    destroy: int = 0
+
+    @staticmethod
+    def of(changes: tuple[Change, ...]) -> Summary:
+        add = sum(c.action in (Action.CREATE, Action.REPLACE) for c in changes)
+        change = sum(c.action is Action.UPDATE for c in changes)
+        destroy = sum(c.action in (Action.DELETE, Action.REPLACE) for c in changes)
+        return Summary(add, change, destroy)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `stack apply` would do, and the placements it would apply."""
+
+    stack_sha256: str
+    facts_sha256: str
+    changes: tuple[Change, ...]
+    placements: Placements
+    router_config_sha256: str = ""
+    summary: Summary = field(default_factory=Summary)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def unschedulable(self) -> tuple[Unschedulable, ...]:
+        return self.placements.unschedulable
+
+    def has_changes(self) -> bool:
+        return bool(self.changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "stack_sha256": self.stack_sha256,
+            "facts_sha256": self.facts_sha256,
+            "changes": [c.to_json() for c in self.changes],
+            "placements": [p.to_json() for p in self.placements.placements],
+            "unschedulable": [u.to_json() for u in self.placements.unschedulable],
+            "summary": {"add": self.summary.add, "change": self.summary.change,
+                        "destroy": self.summary.destroy},
+            "routers": list(self.placements.routers),
+            "router_config_sha256": self.router_config_sha256,
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any], where: str = "the plan file") -> Plan:
+        """A saved plan (`stack plan --out`) read back; ConfigError when it is not one."""
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(
+                f"`{where}` has plan format {data.get('format_version')!r}, this stack "
+                f"reads format {FORMAT_VERSION}",
+                hint="make the plan again with this version: `stack plan --out PLAN`.")
+        try:
+            placements = Placements(
+                tuple(Placement.from_json(p) for p in data["placements"]),
+                tuple(Unschedulable.from_json(u) for u in data.get("unschedulable", [])),
+                tuple(data.get("routers", [])))
+            changes = tuple(Change.from_json(c) for c in data["changes"])
+            return Plan(stack_sha256=data["stack_sha256"], facts_sha256=data["facts_sha256"],
+                        changes=changes, placements=placements,
+                        router_config_sha256=data.get("router_config_sha256", ""),
+                        summary=Summary.of(changes))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"`{where}` is not a plan written by `stack plan --out`: "
+                              f"missing or bad {exc}",
+                              hint="make it again with `stack plan --out PLAN`.") from exc
+
+
+# --------------------------------------------------------------------------- hashes
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_facts(observed: Observed) -> dict[str, Any]:
+    """The facts without what changes between two readings (clock, utilization,
+    temperatures, memory in use, instance states): a re-read fleet hashes the same."""
+    data = observed.model_dump(mode="json")
+    for key in VOLATILE_NODE:
+        data.pop(key, None)
+    for node in data.get("nodes", {}).values():
+        for gpu in node.get("gpus", []):
+            for key in VOLATILE_GPU:
+                gpu.pop(key, None)
+        for inst in (node.get("agent") or {}).get("instances", []):
+            for key in VOLATILE_INSTANCE:
+                inst.pop(key, None)
+    return data
+
+
+def facts_sha256(observed: Observed) -> str:
+    """sha256 of the canonical facts JSON (sorted keys, no spaces); apply compares it."""
+    text = json.dumps(canonical_facts(observed), sort_keys=True, separators=(",", ":"))
+    return sha256_bytes(text.encode())
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def replica_address(model: str, replica: int) -> str:
+    return f"model.{model}.replica[{replica}]"
+
+
+def _placement_details(p: Placement) -> tuple[tuple[str, str], ...]:
+    gpus = ", ".join(map(str, p.gpus)) if p.gpus else "none (CPU)"
+    out = [("node", p.node), ("gpus", f"{p.vendor} {gpus}" if p.gpus else gpus),
+           ("backend", f"{p.backend} {p.backend_version or ''}".strip()),
+           ("port", str(p.port))]
+    claim = f"{gib(p.claim.ram_bytes)} RAM"
+    if p.gpus:
+        claim = f"{gib(p.claim.vram_bytes_per_gpu)} per GPU, " + claim
+    out.append(("claim", claim))
+    for k, w in enumerate(p.workers, start=1):
+        wg = ", ".join(map(str, w.gpus)) if w.gpus else "CPU"
+        out.append((f"worker {k}", f"{w.node} gpus {wg} port {w.port}"))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- host changes
+
+
+def _host_changes(spec: StackSpec, observed: Observed, placements: Placements,
+                  agent_version: str) -> list[Change]:
+    needed: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for p in placements.placements:
+        if not p.runtime or not p.backend_version:
+            continue
+        for node in p.nodes():
+            users = needed.setdefault(node, {}).setdefault((p.runtime, p.backend_version), [])
+            users.append(replica_address(p.model, p.replica))
+    out: list[Change] = []
+    for name in sorted(observed.nodes):
+        facts = observed.nodes[name]
+        if not facts.reachable:
+            continue
+        out.extend(_driver_changes(spec, name, facts))
+        if facts.reboot_required:
+            out.append(Change(f"node.{name}.reboot", Action.UPDATE,
+                              "the node reports that a reboot is required", "reboot", name))
+        agent = facts.agent
+        if agent.version is None:
+            out.append(Change(f"node.{name}.agent", Action.CREATE,
+                              f"install the agent {agent_version}", "none", name))
+        elif agent.version != agent_version:
+            out.append(Change(f"node.{name}.agent", Action.UPDATE,
+                              f"agent {agent.version} -> {agent_version}", "none", name))
+        elif not agent.running:
+            out.append(Change(f"node.{name}.agent", Action.UPDATE,
+                              "the agent is not running", "none", name))
+        out.extend(_runtime_changes(spec, name, facts, needed.get(name, {})))
+    return out
+
+
+def _driver_changes(spec: StackSpec, name: str, facts: NodeFacts) -> list[Change]:
+    out: list[Change] = []
+    for vendor, driver in sorted(node_settings(spec, name).drivers.items()):
+        gpus = [g for g in facts.gpus if g.vendor == vendor]
+        if driver.mode != "install" or not gpus:
+            continue
+        have = sorted({g.driver or "" for g in gpus})
+        address = f"node.{name}.driver.{vendor}"
+        if "" in have:
+            out.append(Change(address, Action.CREATE,
+                              f"install the {vendor} driver {driver.version or ''}".rstrip(),
+                              "reboot", name))
+        elif driver.version and not all(v.startswith(driver.version) for v in have):
+            out.append(Change(address, Action.UPDATE,
+                              f"{vendor} driver {', '.join(have)} -> {driver.version}",
+                              "reboot", name))
+    return out
+
+
+def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
+                     needed: dict[tuple[str, str], list[str]]) -> list[Change]:
+    out: list[Change] = []
+    for (runtime, version), users in sorted(needed.items()):
+        if version in facts.runtimes.get(runtime, []):
+            continue
+        more = f" and {len(users) - 1} more" if len(users) > 1 else ""
+        out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.CREATE,
+                          f"needed by {users[0]}{more}", "none", name))
+    # versions of our runtimes that stack.toml no longer lists and nothing here uses
+    for runtime, versions in sorted(facts.runtimes.items()):
+        listed = spec.runtimes.get(runtime)
+        if listed is None:
+            continue
+        for version in sorted(versions):
+            if version not in listed.versions and (runtime, version) not in needed:
+                out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.DELETE,
+                                  f"`runtimes.{runtime}.versions` no longer lists {version}",
+                                  "none", name))
+    return out
+
+
+# --------------------------------------------------------------------------- instances
+
+
+@dataclass(frozen=True)
+class _Part:
+    node: str
+    facts: InstanceFacts
+
+
+def _current(observed: Observed) -> tuple[dict[tuple[str, int], dict[str, _Part]],
+                                          list[tuple[str, InstanceFacts]]]:
+    """Reported instances grouped by replica (main and workers); others on their own."""
+    replicas: dict[tuple[str, int], dict[str, _Part]] = {}
+    loose: list[tuple[str, InstanceFacts]] = []
+    for name in sorted(observed.nodes):
+        for inst in observed.nodes[name].agent.instances:
+            base = instance_id(inst.model, inst.replica)
+            tail = inst.id[len(base):]
+            if inst.id == base or (tail.startswith("-w") and tail[2:].isdigit()
+                                   and inst.id.startswith(base)):
+                replicas.setdefault((inst.model, inst.replica), {})[inst.id] = _Part(name, inst)
+            else:
+                loose.append((name, inst))
+    return replicas, loose
+
+
+def _replace_reasons(p: Placement, want: dict[str, tuple[str, Instance]],
+                     have: dict[str, _Part], observed: Observed) -> list[str]:
+    reasons: list[str] = []
+    main = have.get(p.id)
+    if main is None:
+        return ["its main instance is missing"]
+    if main.node != p.node:
+        down = observed.nodes.get(main.node)
+        why = " (unreachable)" if down is not None and not down.reachable else ""
+        reasons.append(f"moved from {main.node}{why} to {p.node}")
+    moved = set(want) != set(have) or any(have[i].node != want[i][0] for i in want if i in have)
+    if moved and not reasons:
+        reasons.append(f"spans {len(want)} node(s), ran on {len(have)}"
+                       if len(want) != len(have) else "a worker moved")
+    if main.facts.backend != p.backend:
+        reasons.append(f"backend {main.facts.backend} -> {p.backend}")
+    elif main.facts.backend_version != p.backend_version:
+        reasons.append(f"new version {main.facts.backend_version} -> {p.backend_version}")
+    if main.node == p.node and tuple(main.facts.gpus) != p.gpus:
+        old = ", ".join(map(str, main.facts.gpus)) or "CPU"
+        reasons.append(f"GPUs {old} -> {', '.join(map(str, p.gpus)) or 'CPU'}")
+    if main.node == p.node and main.facts.port != p.port:
+        reasons.append(f"port {main.facts.port} -> {p.port}")
+    if not reasons:
+        for iid, (_, inst) in sorted(want.items()):
+            reported = have[iid].facts.spec_hash
+            if reported is not None and reported != inst.spec_hash():
+                reasons.append("args changed")
+                break
+    return reasons
+
+
+def _instance_changes(spec: StackSpec, observed: Observed, placements: Placements,
+                      assignments: Mapping[str, Assignment]) -> list[Change]:
+    desired: dict[str, tuple[str, Instance]] = {
+        inst.id: (node, inst) for node, a in assignments.items() for inst in a.instances}
+    current, loose = _current(observed)
+    out: list[Change] = []
+    placed = {(p.model, p.replica) for p in placements.placements}
+    for p in placements.placements:
+        ids = [p.id, *(p.worker_id(k) for k in range(1, len(p.workers) + 1))]
+        want = {i: desired[i] for i in ids if i in desired}
+        have = current.get((p.model, p.replica), {})
+        address = replica_address(p.model, p.replica)
+        details = _placement_details(p)
+        if not have:
+            out.append(Change(address, Action.CREATE, "new replica", "none", p.node, details))
+            continue
+        reasons = _replace_reasons(p, want, have, observed)
+        if reasons:
+            out.append(Change(address, Action.REPLACE, "; ".join(reasons), "restart", p.node,
+                              details))
+    unschedulable = {(u.model, u.replica) for u in placements.unschedulable}
+    for key in sorted(set(current) - placed):
+        model, replica = key
+        parts = current[key]
+        main = parts.get(instance_id(model, replica)) or next(iter(parts.values()))
+        if model not in spec.models:
+            why = f"model `{model}` is no longer in stack.toml"
+        elif replica >= spec.models[model].replicas:
+            why = f"`models.{model}.replicas` is {spec.models[model].replicas}"
+        elif key in unschedulable:
+            why = "it no longer fits anywhere (see unschedulable)"
+        else:
+            why = "no longer placed"
+        out.append(Change(replica_address(model, replica), Action.DELETE, why, "restart",
+                          main.node, (("node", main.node), ("port", str(main.facts.port)))))
+    for node, inst in loose:
+        out.append(Change(f"node.{node}.instance.{inst.id}", Action.DELETE,
+                          "not an instance of this stack's replicas", "restart", node))
+    return out
+
+
+# --------------------------------------------------------------------------- router
+
+
+def _router_change(observed: Observed, placements: Placements, config_sha: str,
+                   instances_changed: bool) -> Change | None:
+    """One `router` change when the config differs where routers report their config's
+    hash (`router.config_sha256` in a node's facts); facts without it: whenever a
+    replica changes."""
+    reported: dict[str, str | None] = {}
+    for name in placements.routers:
+        facts = observed.nodes.get(name)
+        if facts is None or not facts.reachable:
+            continue
+        info = (facts.model_extra or {}).get("router")
+        reported[name] = info.get("config_sha256") if isinstance(info, dict) else None
+    hosts = ", ".join(placements.routers) or "no host"
+    details = (("hosts", hosts),)
+    if any(v is not None for v in reported.values()):
+        missing = sorted(n for n, v in reported.items() if v is None)
+        stale = sorted(n for n, v in reported.items() if v is not None and v != config_sha)
+        if missing and len(missing) == len(reported):
+            return Change("router", Action.CREATE, f"install on {', '.join(missing)}",
+                          "none", None, details)
+        if missing or stale:
+            parts = ([f"install on {', '.join(missing)}"] if missing else []) + (
+                [f"config changed on {', '.join(stale)}"] if stale else [])
+            return Change("router", Action.UPDATE, "; ".join(parts), "none", None, details)
+        return None
+    fresh = all(observed.nodes[n].agent.version is None for n in reported)
+    if reported and fresh:
+        return Change("router", Action.CREATE, f"install on {hosts}", "none", None, details)
+    if instances_changed:
+        return Change("router", Action.UPDATE, "replicas changed", "none", None, details)
+    return None
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def plan(spec: StackSpec, observed: Observed, placements: Placements,
+         assignments: Mapping[str, Assignment], stack_bytes: bytes,
+         agent_version: str) -> Plan:
+    """Compare desired (placements, assignments) with observed (facts): the plan."""
+    hosts = _host_changes(spec, observed, placements, agent_version)
+    instances = _instance_changes(spec, observed, placements, assignments)
+    config = build_router_config(spec, placements, dict(assignments))
+    config_sha = router_config_sha256(config)
+    router = _router_change(observed, placements, config_sha, bool(instances))
+    changes = tuple(sorted(hosts, key=_order) + sorted(instances, key=_order)
+                    + ([router] if router else []))
+    return Plan(stack_sha256=sha256_bytes(stack_bytes), facts_sha256=facts_sha256(observed),
+                changes=changes, placements=placements, router_config_sha256=config_sha,
+                summary=Summary.of(changes))
+
+
+def _order(change: Change) -> tuple[Any, ...]:
+    # addresses sort by their parts, with replica numbers as numbers: [2] before [10]
+    head, _, index = change.address.partition("[")
+    number = int(index.rstrip("]")) if index.rstrip("]").isdigit() else -1
+    return (head, number, change.address)

@@ -1,0 +1,98 @@
+"""Showing a plan the way Terraform does: one block per change, then the summary line.
+
+`render_plan(plan)` is plain text (what CI logs and the golden tests see);
+`print_plan(plan, file)` adds colour through rich when `file` is a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from stack.plan import Action, Change, Plan
+
+NO_CHANGES = "No changes. The fleet matches stack.toml."
+# how many per-node reasons an unschedulable replica shows before "... and N more"
+MAX_REASONS = 10
+VERBS = {
+    Action.CREATE: "will be created",
+    Action.UPDATE: "will be updated in place",
+    Action.REPLACE: "must be replaced",
+    Action.DELETE: "will be destroyed",
+}
+STYLES = {Action.CREATE: "green", Action.UPDATE: "yellow", Action.REPLACE: "magenta",
+          Action.DELETE: "red"}
+
+
+def _block(change: Change) -> list[str]:
+    lines = [f"  # {change.address} {VERBS[change.action]}"]
+    if change.reason:
+        lines[0] += f" ({change.reason})"
+    if change.disruption != "none":
+        lines[0] += f" [{change.disruption}]"
+    lines.append(f"{change.action.symbol:>3} {change.address}")
+    width = max((len(label) for label, _ in change.details), default=0)
+    lines.extend(f"      {label + ':':<{width + 1}} {value}" for label, value in change.details)
+    return lines
+
+
+def _unschedulable(plan: Plan) -> list[str]:
+    if not plan.unschedulable:
+        return []
+    lines = ["", f"{len(plan.unschedulable)} replica(s) cannot be placed:", ""]
+    for u in plan.unschedulable:
+        lines.append(f"  ! model.{u.model}.replica[{u.replica}]")
+        shown = u.reasons[:MAX_REASONS]
+        lines.extend(f"      {reason}" for reason in shown)
+        if len(u.reasons) > len(shown):
+            lines.append(f"      ... and {len(u.reasons) - len(shown)} more")
+    return lines
+
+
+def summary_line(plan: Plan) -> str:
+    s = plan.summary
+    return f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
+
+
+def render_lines(plan: Plan) -> list[tuple[str, Action | None]]:
+    """The plan's lines, each with the action that colours it (None: plain)."""
+    out: list[tuple[str, Action | None]] = []
+    if plan.changes:
+        out.append(("stack will perform the following actions:", None))
+        for change in plan.changes:
+            out.append(("", None))
+            out.extend((line, change.action) for line in _block(change))
+    out.extend((line, None) for line in _unschedulable(plan))
+    if plan.changes:
+        out += [("", None), (summary_line(plan), None)]
+    elif plan.unschedulable:
+        out += [("", None), ("No changes to make, but some replicas cannot be placed.", None)]
+    else:
+        out.append((NO_CHANGES, None))
+    return out
+
+
+def render_plan(plan: Plan) -> str:
+    """The plan as plain text, ending with the summary line (or the no-changes line)."""
+    return "\n".join(line for line, _ in render_lines(plan)) + "\n"
+
+
+def print_plan(plan: Plan, file: TextIO | None = None) -> None:
+    """Print the plan: coloured on a terminal, plain otherwise."""
+    out = file or sys.stdout
+    if not out.isatty():
+        out.write(render_plan(plan))
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(file=out, highlight=False, soft_wrap=True)
+    for line, action in render_lines(plan):
+        if action is not None and line.lstrip().startswith(action.symbol):
+            console.print(Text(line, style=STYLES[action]))
+        elif line.startswith("  !"):
+            console.print(Text(line, style="bold red"))
+        elif line.startswith("Plan:") or line == NO_CHANGES:
+            console.print(Text(line, style="bold"))
+        else:
+            console.print(Text(line))

@@ -1,0 +1,74 @@
+"""Runs every plan case folder in tests/plan/cases/ (one generic runner).
+
+A case folder holds `case.json` (`stack`, `facts`, `evaluations` as in tests/schedule;
+`applied: true` first turns the facts into what a successful apply of `stack` leaves,
+then `stack_after` (optional) is planned against them) and the golden files `plan.json`
+(the `--json` form) and `plan.txt` (the rendered text). `STACK_UPDATE_GOLDEN=1` rewrites
+the golden files; review the diff before committing it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stack.assign import build_assignments
+from stack.plan import Plan, plan
+from stack.render import render_plan
+from stack.schedule import schedule, with_instances
+from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack, read_case
+
+CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())
+AGENT = "0.1.0"
+
+
+def make(case: dict[str, Any]) -> Plan:
+    spec, text = load_stack(case["stack"])
+    facts = load_facts(case["facts"])
+    evaluations = load_evaluations(case["evaluations"])
+    if case.get("applied"):
+        placed = schedule(spec, evaluations, facts)
+        assignments = build_assignments(spec, placed, facts, Path("/nonexistent"), None)
+        hashes = {i.id: i.spec_hash() for a in assignments.values() for i in a.instances}
+        facts = with_instances(facts, placed, hashes, agent_version=AGENT)
+        facts = facts.model_copy(update={"nodes": {
+            name: node.model_copy(update={"runtimes": _installed(placed, name, node.runtimes)})
+            for name, node in facts.nodes.items()}})
+        if "stack_after" in case:
+            spec, text = load_stack(case["stack_after"])
+            evaluations = load_evaluations(case.get("evaluations_after", case["evaluations"]))
+        for name, change in case.get("facts_after", {}).items():
+            facts.nodes[name] = facts.nodes[name].model_copy(update=change)
+    placements = schedule(spec, evaluations, facts)
+    assignments = build_assignments(spec, placements, facts, Path("/nonexistent"), None)
+    return plan(spec, facts, placements, assignments, text, AGENT)
+
+
+def _installed(placed: Any, node: str, have: dict[str, list[str]]) -> dict[str, list[str]]:
+    out = {k: list(v) for k, v in have.items()}
+    for p in placed.placements:
+        if node in p.nodes() and p.backend_version:
+            versions = out.setdefault(p.runtime, [])
+            if p.backend_version not in versions:
+                versions.append(p.backend_version)
+    return out
+
+
+@pytest.mark.parametrize("folder", CASES, ids=[p.name for p in CASES])
+def test_plan_case(folder: Path) -> None:
+    case = read_case(folder / "case.json")
+    result = make(case)
+    got_json = json.dumps(result.to_json(), indent=2) + "\n"
+    got_text = render_plan(result)
+    if os.environ.get("STACK_UPDATE_GOLDEN"):
+        (folder / "plan.json").write_text(got_json)
+        (folder / "plan.txt").write_text(got_text)
+    assert got_json == (folder / "plan.json").read_text()
+    assert got_text == (folder / "plan.txt").read_text()
+    assert Plan.from_json(json.loads(got_json)) == result, "the saved plan reads back the same"
+    for key, value in case.get("expect", {}).items():
+        assert result.to_json()[key] == value, key
