@@ -1,0 +1,101 @@
+"""`stack plan` end to end: real stack.toml, real estimator on a real config.json, a facts
+snapshot, the saved plan, exit codes; then the facts an apply would leave -> no changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from stack.assign import build_assignments
+from stack.config import load
+from stack.observed import Observed
+from stack.plan import Plan
+from stack.schedule import with_instances
+
+ROOT = Path(__file__).resolve().parents[2]
+QWEN_CONFIG = ROOT / "tests" / "estimate" / "configs" / "qwen2.5-7b-instruct.json"
+H100 = {"vendor": "nvidia", "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 85520809984,
+        "compute_capability": "9.0", "driver": "580.95.05"}
+STACK = """\
+[stack]
+name = "lab"
+
+[runtimes.vllm]
+versions = ["0.11.0"]
+source = "pip"
+package = "vllm=={version}"
+
+[models.qwen]
+source = "local://models/qwen"
+replicas = 2
+context = 8192
+
+[models.broken]
+source = "local://models/missing"
+"""
+
+
+def _stack(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stack.cli", "plan",
+                           "-f", str(tmp / "stack.toml"), *args],
+                          capture_output=True, text=True, cwd=tmp, timeout=120)
+
+
+def _facts(tmp: Path) -> Path:
+    nodes = {name: {"address": f"10.0.0.{i}", "memory_bytes": 540 * 10**9,
+                    "disk_free_bytes": 2 * 10**12, "runtimes": {"vllm": ["0.11.0"]},
+                    "agent": {"version": "0.1.0", "running": True},
+                    "gpus": [{**H100, "index": g, "uuid": f"GPU-{i}-{g}"} for g in range(2)]}
+             for i, name in enumerate(["gpu-01", "gpu-02"], start=11)}
+    path = tmp / "facts.json"
+    path.write_text(json.dumps({"format_version": 1, "nodes": nodes}))
+    return path
+
+
+def test_plan_with_facts_saves_a_plan_and_exits_2_then_0_after_apply(tmp_path: Path) -> None:
+    (tmp_path / "models" / "qwen").mkdir(parents=True)
+    shutil.copy(QWEN_CONFIG, tmp_path / "models" / "qwen" / "config.json")
+    (tmp_path / "stack.toml").write_text(STACK)
+    facts = _facts(tmp_path)
+
+    run = _stack(tmp_path, "--facts", str(facts), "--out", "plan.json", "--detailed-exitcode")
+    assert run.returncode == 2, run.stderr
+    assert "+ model.qwen.replica[0]" in run.stdout
+    assert "! model.broken.replica[0]" in run.stdout
+    assert run.stdout.rstrip().endswith("Saved the plan to plan.json; `stack apply plan.json` "
+                                        "carries it out.")
+    # two replicas created; the agents are installed, so the router is updated, not created
+    assert "Plan: 2 to add, 1 to change, 0 to destroy." in run.stdout
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["stack_sha256"] == hashlib.sha256(STACK.encode()).hexdigest()
+    assert [p["node"] for p in saved["placements"]] == ["gpu-01", "gpu-02"]
+    assert saved["placements"][0]["claim"]["vram_bytes_per_gpu"] > 15 * 10**9  # bf16 weights
+    assert saved["unschedulable"][0]["model"] == "broken"
+
+    # what apply would leave: the agents run the saved placements
+    spec = load(tmp_path / "stack.toml")
+    observed = Observed.model_validate_json(facts.read_text())
+    placements = Plan.from_json(saved).placements
+    assignments = build_assignments(spec, placements, observed, tmp_path, None)
+    hashes = {i.id: i.spec_hash() for a in assignments.values() for i in a.instances}
+    after = with_instances(observed, placements, hashes)
+    facts.write_text(after.model_dump_json())
+    again = _stack(tmp_path, "--facts", str(facts), "--detailed-exitcode")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "No changes to make, but some replicas cannot be placed." in again.stdout
+
+    as_json = _stack(tmp_path, "--facts", str(facts), "--json")
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["summary"] == {"add": 0, "change": 0, "destroy": 0}
+
+
+def test_plan_names_a_missing_facts_file(tmp_path: Path) -> None:
+    (tmp_path / "stack.toml").write_text('[stack]\nname = "lab"\n')
+    run = _stack(tmp_path, "--facts", "nope.json")
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == ["error: `--facts nope.json` does not exist",
+                                       "hint: write one with `stack facts --out FILE`."]
