@@ -49,7 +49,8 @@ def hf_cache_with(prefix: Path, repo: str, filename: str, target: Path) -> None:
 class Agent:
     """One agent process plus an API client."""
 
-    def __init__(self, prefix: Path, node: str = "test-node", env: dict[str, str] | None = None):
+    def __init__(self, prefix: Path, node: str = "test-node", env: dict[str, str] | None = None,
+                 tuning: str = "stop_grace_seconds = 3\n"):
         self.prefix = prefix
         self.node = node
         self.port = free_port()
@@ -63,7 +64,7 @@ class Agent:
         self.config.write_text(
             f'node = "{node}"\nlisten = "127.0.0.1:{self.port}"\n'
             f'token_file = "{token}"\nprefix = "{prefix}"\n'
-            "[tuning]\nstop_grace_seconds = 3\n")
+            "[tuning]\n" + tuning)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}",
                                    headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
 

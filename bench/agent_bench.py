@@ -1,0 +1,162 @@
+"""Agent footprint and healing speed, measured on real processes.
+
+    .venv/bin/python bench/agent_bench.py [--idle-seconds 30] [--kills 5]
+
+Starts a real `stack-agent` with two llama.cpp instances of Gemma 3 270M, then reports:
+- the idle agent's RSS (from /proc/PID/status, the agent process only) and CPU over
+  `--idle-seconds` (from /proc/PID/stat), beside a bare Python interpreter's RSS;
+- for `--kills` SIGKILLs of a backend: the time until the agent has started the
+  replacement (its new pid is recorded), and separately the backend's own load time
+  (until /health answers 200), beside the load time of llama-server started by hand.
+Targets (issue 3): RSS <= 80 MB, CPU < 1% of a core, replacement started within 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "agent")]
+
+from agent_harness import Agent, free_port, make_runtime  # noqa: E402
+
+
+def _setup(script: str, env_name: str) -> Path:
+    value = os.environ.get(env_name)
+    if not value:
+        out = subprocess.run([str(ROOT / "scripts" / script)], check=True, capture_output=True,
+                             text=True, env={**os.environ, "PYTHON": sys.executable})
+        value = out.stdout.strip().splitlines()[-1]
+    return Path(value)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rfind(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def health_ok(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait(check, timeout: float, step: float = 0.005) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(step)
+    raise TimeoutError("timed out")
+
+
+def recorded_pid(agent: Agent, iid: str) -> int | None:
+    try:
+        return int(json.loads((agent.prefix / "state" / "instances" / f"{iid}.json")
+                              .read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def direct_load_time(runtime: Path, model: Path) -> float:
+    port = free_port()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(runtime / "bin")}
+    proc = subprocess.Popen([str(runtime / "bin" / "llama-server"), "-m", str(model), "--port",
+                             str(port), "-c", "512", "-t", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        return wait(lambda: health_ok(port), 60, 0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--kills", type=int, default=5)
+    args = parser.parse_args()
+    llama_bin = _setup("setup-llama-cpp", "STACK_LLAMA_BIN")
+    model = _setup("setup-model", "STACK_TEST_MODEL")
+    with tempfile.TemporaryDirectory() as tmp:
+        # a crash within `stable_after_seconds` of the last one backs off (1 s, 2 s, ...);
+        # a short window lets each kill here count as the first crash after healthy running
+        agent = Agent(Path(tmp) / "prefix", tuning="stable_after_seconds = 1\n")
+        runtime = make_runtime(agent.prefix, llama_bin)
+        try:
+            agent.start()
+            ports = [free_port(), free_port()]
+            agent.assign([{"id": f"gemma-{i}", "model": "gemma", "source": str(model),
+                           "backend": "llama.cpp", "runtime_path": str(runtime), "port": p,
+                           "context": 512, "args": ["-t", "1"]} for i, p in enumerate(ports)])
+            for i in range(2):
+                agent.wait_state(f"gemma-{i}", "ready", 120)
+            assert agent.proc is not None
+            pid = agent.proc.pid
+            time.sleep(3)
+            bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+            time.sleep(1)
+            bare_rss = rss_mb(bare.pid)
+            bare.kill()
+            bare.wait()
+            cpu0, t0 = cpu_seconds(pid), time.monotonic()
+            time.sleep(args.idle_seconds)
+            cpu_pct = 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+            rss = rss_mb(pid)
+
+            notice, loads = [], []
+            for _ in range(args.kills):
+                old = recorded_pid(agent, "gemma-0")
+                assert old is not None
+                os.kill(old, signal.SIGKILL)
+                killed = time.monotonic()
+                wait(lambda old=old: recorded_pid(agent, "gemma-0") not in (None, old), 10)
+                notice.append(time.monotonic() - killed)
+                started = time.monotonic()
+                wait(lambda: health_ok(ports[0]), 60, 0.01)
+                loads.append(time.monotonic() - started)
+                agent.wait_state("gemma-0", "ready", 30)
+                time.sleep(1.5)  # healthy for longer than stable_after_seconds
+            direct = [direct_load_time(runtime, model) for _ in range(3)]
+        finally:
+            agent.cleanup()
+    cpu_count = os.cpu_count()
+    print(f"machine: {platform.machine()}, {cpu_count} cores, Python {platform.python_version()}")
+    print(f"idle agent (2 instances ready): RSS {rss:.1f} MB (bare python {bare_rss:.1f} MB), "
+          f"CPU {cpu_pct:.2f}% of a core over {args.idle_seconds:g} s")
+    print(f"kill -9 -> replacement started: median {statistics.median(notice) * 1000:.0f} ms, "
+          f"max {max(notice) * 1000:.0f} ms over {len(notice)} kills")
+    print(f"backend load after restart: median {statistics.median(loads):.2f} s; "
+          f"llama-server started by hand: median {statistics.median(direct):.2f} s")
+    ok = rss <= 80 and cpu_pct < 1 and max(notice) < 1.0
+    print("replacement started (ms):", " ".join(f"{n * 1000:.0f}" for n in notice))
+    print("load after restart (s):", " ".join(f"{x:.2f}" for x in loads),
+          "| by hand (s):", " ".join(f"{x:.2f}" for x in direct))
+    print("targets met" if ok else "TARGETS MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
