@@ -17,7 +17,6 @@ import fnmatch
 import ipaddress
 import json
 import re
-import shlex
 import tomllib
 import types
 from collections.abc import Iterator
@@ -488,11 +487,16 @@ def _reference_problems(spec: StackSpec, report: _Report) -> None:
         report.add(("stack", "port_range"), f"`stack.port_range` starts at {low} but ends at "
                    f"{high}", "write the lower port first, e.g. `port_range = [40000, 40999]`.")
     prefix = spec.stack.prefix
-    if not (prefix.startswith("/") or prefix.startswith("~/")):
-        report.add(("stack", "prefix"), f"`stack.prefix` must be an absolute path or start "
-                   f"with `~/`, got {show(prefix)}",
-                   'e.g. `prefix = "/opt/stack"`, or `"~/.local/share/modelstack"` to '
-                   "install without root.")
+    # `~/...` would need expanding on each host; the installers take the path literally
+    if not prefix.startswith("/"):
+        report.add(("stack", "prefix"), f"`stack.prefix` must be an absolute path, got "
+                   f"{show(prefix)}", 'e.g. `prefix = "/opt/stack"`, or a folder the SSH '
+                   "user owns to install without root.")
+    for pattern, node in spec.nodes.items():
+        if node.prefix is not None and not node.prefix.startswith("/"):
+            path: Loc = ("nodes", pattern, "prefix")
+            report.add(path, f"`{dotted(path)}` must be an absolute path, got "
+                       f"{show(node.prefix)}", 'e.g. `prefix = "/opt/stack"`.')
     if spec.stack.inventory is not None and spec.hosts:
         report.add(("stack", "inventory"), "`stack.inventory` and `[hosts]` both list hosts",
                    "keep one: the inventory file or the inline `[hosts.NAME]` tables.")
@@ -656,14 +660,3 @@ def _check_keys(spec: StackSpec, report: _Report) -> None:
 def _specificity(pattern: str) -> int:
     return len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
 
-
-def shell_path(path: str) -> str:
-    """A host path quoted for `sh`, with a leading `~/` left to the shell as `"$HOME"/`.
-
-    `stack.prefix` may start with `~/` (the SSH user's home on each host), which
-    `shlex.quote` alone would turn into a folder literally named `~`.
-    """
-    if path == "~" or path.startswith("~/"):
-        rest = path[2:]
-        return '"$HOME"' + ("/" + shlex.quote(rest) if rest else "")
-    return shlex.quote(path)

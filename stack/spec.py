@@ -96,8 +96,7 @@ class StackSection(_Strict):
     )
     prefix: str = Field(
         "/opt/stack",
-        description="Where runtimes, models and the agent are installed on hosts: an absolute "
-        "path, or `~/...` for the SSH user's home (no root needed).",
+        description="Where runtimes, models and the agent are installed on hosts (absolute).",
     )
     placement: Policy = Field(
         "spread", description="Default placement: `spread` replicas over nodes, or `binpack`."

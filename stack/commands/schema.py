@@ -70,8 +70,8 @@ Conventions:
   set in a pattern overrides the same key from the patterns before it; `labels` and
   `drivers` merge key by key. An inline `[hosts.NAME]` table's `labels`, `user`, `port`
   and `key` apply last.
-- **`prefix`** is an absolute path, or starts with `~/` for the SSH user's home on each
-  host (installing without root, as the quickstart does).
+- **`prefix`** is an absolute path on the hosts; the SSH user needs to be able to create
+  it (root, `sudo = true`, or a folder that user owns).
 - **Secrets** never go in this file: API keys are stored as hashes (`stack keys
   create`), backend keys are derived from the stack secret (`.stack/secret` or
   `$STACK_SECRET`).

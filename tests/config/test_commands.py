@@ -11,7 +11,7 @@ import pytest
 from stack.cli import main
 from stack.commands.init import starter_files
 from stack.commands.schema import render_markdown
-from stack.config import load, node_settings, shell_path
+from stack.config import load, node_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,14 +132,3 @@ def test_reference_documents_every_section() -> None:
                    "[[keys]]"):
         assert f"## `{header}`" in text
     assert '| `reserved_vram` | size such as "24GiB" or a number of bytes | `0` |' in text
-
-
-@pytest.mark.parametrize(("path", "quoted"), [
-    ("/opt/stack/runtimes", "/opt/stack/runtimes"),
-    ("/opt/my stack", "'/opt/my stack'"),
-    ("~/.local/share/modelstack", "\"$HOME\"/.local/share/modelstack"),
-    ("~/a b;rm", "\"$HOME\"/'a b;rm'"),
-    ("~", "\"$HOME\""),
-])
-def test_shell_path_leaves_only_the_home_to_the_shell(path: str, quoted: str) -> None:
-    assert shell_path(path) == quoted
