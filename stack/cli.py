@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from stack.errors import StackError
 
     args_list = sys.argv[1:] if argv is None else argv
-    first = next((a for a in args_list if not a.startswith("-")), None)
-    parser = build_parser(first if first in COMMANDS else None)
+    first = next((a for a in args_list if a in COMMANDS), None)
+    parser = build_parser(first)
     args = parser.parse_args(args_list)
     if not getattr(args, "_module", None):
         parser.print_help()
