@@ -1,0 +1,272 @@
+"""Router benchmark: direct, nginx proxy_pass, LiteLLM's proxy and ours, side by side.
+
+    .venv/bin/python bench/router/run.py [--seconds 10] [--skip-litellm]
+
+Servers (canned upstream, nginx, LiteLLM, stack-router with one worker) are pinned to
+core 0, the load generator (`wrk`, and a small asyncio client for TTFT and paced latency)
+to core 1. LiteLLM is installed with pip into a separate venv (`$LITELLM_VENV`, default
+/tmp/modelstack-bench-litellm), never into the project's. Prints a Markdown report.
+Needs the Debian packages `wrk` and `nginx`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PY = sys.executable
+SERVER_CPU, LOAD_CPU = "0", "1"
+CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+STREAM_CHUNKS = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {seconds} s")
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log: Path, **kw: object) -> subprocess.Popen[bytes]:
+        out = log.open("wb")
+        proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, **kw)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wrk(url: str, lua: Path, conns: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
+         "-s", str(lua), url], capture_output=True, text=True, timeout=seconds + 60).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": ms("50%"), "p99": ms("99%"),
+            "errors": float(errors.group(1)) if errors else 0.0}
+
+
+def lua(path: Path, body: bytes) -> Path:
+    path.write_text('wrk.method = "POST"\nwrk.body = ' + json.dumps(body.decode()) +
+                    '\nwrk.headers["Content-Type"] = "application/json"\n'
+                    'wrk.headers["Authorization"] = "Bearer sk-bench"\n')
+    return path
+
+
+async def one(port: int, path: str, body: bytes, reader: asyncio.StreamReader,
+              writer: asyncio.StreamWriter) -> tuple[float, float]:
+    """One keep-alive request; (time to first body byte, total) in ms."""
+    t0 = time.perf_counter()
+    writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer sk-bench\r\nContent-Length: %d\r\n\r\n%s" % (
+                     path.encode(), len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    first = 0.0
+    if b"chunked" in head.lower():
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            if not first:
+                first = time.perf_counter()
+            if size == 0:
+                await reader.readline()
+                break
+            await reader.readexactly(size + 2)
+    else:
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        first = time.perf_counter()
+    return (first - t0) * 1000, (time.perf_counter() - t0) * 1000
+
+
+async def paced(port: int, path: str, body: bytes, conns: int, rate: float,
+                seconds: float) -> list[tuple[float, float]]:
+    """`conns` connections sending `rate` requests/s in total; latencies."""
+    results: list[tuple[float, float]] = []
+    end = time.perf_counter() + seconds
+    gap = conns / rate
+
+    async def worker(offset: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(offset)
+        nxt = time.perf_counter()
+        while time.perf_counter() < end:
+            results.append(await one(port, path, body, reader, writer))
+            nxt += gap
+            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+        writer.close()
+
+    await asyncio.gather(*(worker(i * gap / conns) for i in range(conns)))
+    return results
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def setup_litellm(venv: Path) -> Path:
+    litellm = venv / "bin" / "litellm"
+    if not litellm.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
+                       check=True, timeout=900)
+    return litellm
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--skip-litellm", action="store_true")
+    args = parser.parse_args()
+    secs = args.seconds
+    tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))
+    procs = Procs()
+    try:
+        ports = {name: free_port() for name in ("direct", "nginx", "litellm", "ours")}
+        procs.start([PY, str(HERE / "canned_upstream.py"), "--port", str(ports["direct"]),
+                     "--chunks", str(STREAM_CHUNKS)], tmp / "canned.log")
+        up = f"127.0.0.1:{ports['direct']}"
+        (tmp / "nginx.conf").write_text(f"""
+worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  upstream canned {{ server {up}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{ports['nginx']};
+    location / {{ proxy_pass http://canned; proxy_http_version 1.1;
+                 proxy_set_header Connection ""; proxy_buffering off; }}
+  }}
+}}
+""")
+        procs.start(["nginx", "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")],
+                    tmp / "nginx.log")
+        (tmp / "router.json").write_text(json.dumps({
+            "listen": f"127.0.0.1:{ports['ours']}", "workers": 1,
+            "models": [{"name": "m", "replicas": [{"id": "canned", "url": f"http://{up}"}]}],
+            "keys": [{"name": "bench",
+                      "hash": "sha256:" + hashlib.sha256(b"sk-bench").hexdigest()}],
+        }))
+        procs.start([str(ROOT / ".venv" / "bin" / "stack-router"), "--config",
+                     str(tmp / "router.json")], tmp / "router.log")
+        targets = ["direct", "nginx", "ours"]
+        for name in targets:
+            wait_port(ports[name], 120 if name == "litellm" else 15)
+        time.sleep(1)
+        chat = lua(tmp / "chat.lua", CHAT)
+        stream = lua(tmp / "stream.lua", b'{"model":"m","stream":true,"messages":[]}')
+        rows: dict[str, dict[str, float]] = {}
+        for name in targets:
+            url = f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
+            wrk(url, chat, 32, 2)  # warm up
+            rows[name] = wrk(url, chat, 32, secs)
+            s = wrk(url, stream, 8, secs)
+            rows[name]["chunks"] = s["rps"] * STREAM_CHUNKS
+        paced_rows: dict[str, dict[str, float]] = {}
+        small = b'{"model":"m","stream":true,"canned_chunks":3,"messages":[]}'
+        for name in ("direct", "nginx", "ours"):
+            lat = asyncio.run(paced(ports[name], "/v1/chat/completions", CHAT, 32, 1000,
+                                    min(secs, 5)))
+            ttft = asyncio.run(paced(ports[name], "/v1/chat/completions", small, 1, 200,
+                                     min(secs, 5)))
+            paced_rows[name] = {"p50": pct([t for _, t in lat], 0.5),
+                                "p99": pct([t for _, t in lat], 0.99),
+                                "ttft": pct([f for f, _ in ttft], 0.5)}
+        if not args.skip_litellm:
+            # last and alone: its background work would slow the others down
+            litellm = setup_litellm(Path(os.environ.get("LITELLM_VENV",
+                                                        "/tmp/modelstack-bench-litellm")))
+            (tmp / "litellm.yaml").write_text(
+                "model_list:\n  - model_name: m\n    litellm_params:\n      model: openai/m\n"
+                f"      api_base: http://{up}/v1\n      api_key: none\n"
+                "litellm_settings:\n  telemetry: false\n")
+            procs.start([str(litellm), "--config", str(tmp / "litellm.yaml"), "--host",
+                         "127.0.0.1", "--port", str(ports["litellm"]), "--num_workers", "1"],
+                        tmp / "litellm.log",
+                        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                             "LITELLM_MASTER_KEY": "sk-bench"})
+            wait_port(ports["litellm"], 120)
+            url = f"http://127.0.0.1:{ports['litellm']}/v1/chat/completions"
+            wrk(url, chat, 32, 2)
+            rows["litellm"] = wrk(url, chat, 32, secs)
+            rows["litellm"]["chunks"] = 0.0
+        report(rows, paced_rows, secs)
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def report(rows: dict[str, dict[str, float]], paced_rows: dict[str, dict[str, float]],
+           secs: int) -> None:
+    print(f"## Non-streaming, wrk -t1 -c32 -d{secs}s (saturation)\n")
+    print("| target | req/s | p50 ms | p99 ms | non-2xx | stream chunks/s (c8) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+              f"{r['errors']:.0f} | {r['chunks']:,.0f} |")
+    ours = rows["ours"]["rps"]
+    print()
+    if "litellm" in rows and rows["litellm"]["rps"]:
+        print(f"- ours / LiteLLM: **{ours / rows['litellm']['rps']:.1f}x**")
+    print(f"- ours / nginx: **{ours / rows['nginx']['rps']:.2f}x**")
+    d, o = paced_rows["direct"], paced_rows["ours"]
+    print("\n## Paced: 32 connections, 1,000 req/s in total (asyncio client)\n")
+    print("| target | p50 ms | p99 ms | TTFT p50 ms (stream, 1 conn) |")
+    print("|---|---:|---:|---:|")
+    for name, r in paced_rows.items():
+        print(f"| {name} | {r['p50']:.3f} | {r['p99']:.3f} | {r['ttft']:.3f} |")
+    print(f"\n- added latency (ours - direct): p50 **{o['p50'] - d['p50']:.3f} ms**, "
+          f"p99 **{o['p99'] - d['p99']:.3f} ms**")
+    print(f"- added TTFT p50 (ours - direct): **{o['ttft'] - d['ttft']:.3f} ms**")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
