@@ -228,12 +228,12 @@ def meta_from_gguf(parts: list[Path], source: str) -> ModelMeta:
             "mla_kv_dim": mla_rank + rope_dim if mla_rank else 0,
             "experts": _num(f, f"{arch}.expert_count"),
             "intermediate_size": _num(f, f"{arch}.feed_forward_length"),
-            "token_embd_bytes": _tensor_bytes(h, "token_embd.weight"),
-            "tied_output": not _tensor_bytes(h, "output.weight"),
+            "token_embd_bytes": _tensor_bytes(headers, "token_embd.weight"),
+            "tied_output": not _tensor_bytes(headers, "output.weight"),
             "mmproj_bytes": sum(p.stat().st_size for p in mmproj),
         },
     )
 
 
-def _tensor_bytes(h: GgufHeader, name: str) -> int:
-    return next((t.n_bytes for t in h.tensors if t.name == name), 0)
+def _tensor_bytes(headers: list[GgufHeader], name: str) -> int:
+    return next((t.n_bytes for h in headers for t in h.tensors if t.name == name), 0)
