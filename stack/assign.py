@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -35,7 +36,7 @@ def node_prefix(spec: StackSpec, node: str) -> str:
 
 def node_host(spec: StackSpec, observed: Observed, node: str) -> str:
     """The private address backends on `node` bind to and the router calls."""
-    address = node_settings(spec, node).address
+    address = node_settings(spec, node).address  # cached per set of patterns
     if address:
         return address
     facts = observed.nodes.get(node)
@@ -85,19 +86,21 @@ def _api_key(secret: bytes | None, instance: str) -> str | None:
     return derive_key(secret, f"instance:{instance}")
 
 
-def _instances(spec: StackSpec, observed: Observed, p: Placement, stack_dir: Path,
+def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str | None],
+               p: Placement, stack_dir: Path,
                secret: bytes | None) -> list[tuple[str, Instance]]:
     """(node, Instance) for the main part and every worker of one placement."""
     model = spec.models[p.model]
     main = Worker(p.node, p.gpus, p.port, p.vendor)
     parts = [main, *p.workers]
-    peers = [Peer(node=w.node, host=node_host(spec, observed, w.node), port=w.port)
-             for w in parts]
+    peers = [Peer(node=w.node, host=nodes.get(w.node)[1], port=w.port) for w in parts]
     out: list[tuple[str, Instance]] = []
     for k, part in enumerate(parts):
-        prefix = node_prefix(spec, part.node)
-        runtime_path = (str(PurePosixPath(prefix) / "runtimes" / p.runtime / p.backend_version)
+        prefix = nodes.get(part.node)[0]
+        runtime_path = (posixpath.join(prefix, "runtimes", p.runtime, p.backend_version)
                         if p.runtime and p.backend_version else "")
+        if (p.model, prefix) not in paths:
+            paths[(p.model, prefix)] = model_path(p.model, model.source, prefix, stack_dir)
         runtime = spec.runtimes.get(p.runtime)
         iid = p.id if k == 0 else p.worker_id(k)
         role: Literal["single", "main", "worker"] = (
@@ -107,7 +110,7 @@ def _instances(spec: StackSpec, observed: Observed, p: Placement, stack_dir: Pat
         part_peers = peers[1:] if k == 0 else peers
         out.append((part.node, Instance(
             id=iid, model=p.model, replica=p.replica, source=model.source,
-            model_path=model_path(p.model, model.source, prefix, stack_dir), kind=p.kind,
+            model_path=paths[(p.model, prefix)], kind=p.kind,
             backend=p.backend, backend_version=p.backend_version, runtime_path=runtime_path,
             args=list(model.args), env={**(runtime.env if runtime else {}), **model.env},
             devices=Devices(vendor=part.vendor, indices=list(part.gpus)),
@@ -120,14 +123,30 @@ def _instances(spec: StackSpec, observed: Observed, p: Placement, stack_dir: Pat
     return out
 
 
+class _Nodes:
+    """Per-node prefix and address, looked up once per node."""
+
+    def __init__(self, spec: StackSpec, observed: Observed) -> None:
+        self.spec, self.observed = spec, observed
+        self.cache: dict[str, tuple[str, str]] = {}
+
+    def get(self, node: str) -> tuple[str, str]:
+        if node not in self.cache:
+            self.cache[node] = (node_prefix(self.spec, node),
+                                node_host(self.spec, self.observed, node))
+        return self.cache[node]
+
+
 def build_assignments(spec: StackSpec, placements: Placements, observed: Observed,
                       stack_dir: Path, secret: bytes | None) -> dict[str, Assignment]:
     """The assignment of every node in the fleet (empty for nodes that run nothing)."""
     per_node: dict[str, list[Instance]] = {name: [] for name in sorted(observed.nodes)}
+    nodes = _Nodes(spec, observed)
+    paths: dict[tuple[str, str], str | None] = {}
     for p in placements.placements:
         if p.model not in spec.models:
             continue
-        for node, inst in _instances(spec, observed, p, stack_dir, secret):
+        for node, inst in _instances(spec, nodes, paths, p, stack_dir, secret):
             per_node.setdefault(node, []).append(inst)
     return {node: Assignment(node=node, instances=sorted(items, key=lambda i: i.id))
             for node, items in sorted(per_node.items())}
@@ -139,14 +158,17 @@ def build_router_config(spec: StackSpec, placements: Placements,
     empty: the router answers 503 until one is placed) and the API keys by hash."""
     mains = {inst.id: inst for a in assignments.values() for inst in a.instances
              if inst.role != "worker"}
+    by_model: dict[str, list[Placement]] = {}
+    for p in placements.placements:
+        by_model.setdefault(p.model, []).append(p)
     routes: list[RouteModel] = []
     for name in sorted(spec.models):
         model = spec.models[name]
         replicas = []
         kind: str = model.kind or "llm"
-        for p in placements.placements:
+        for p in by_model.get(name, []):
             inst = mains.get(p.id)
-            if p.model != name or inst is None:
+            if inst is None:
                 continue
             kind = model.kind or p.kind
             replicas.append(Replica(

@@ -206,11 +206,25 @@ def choose_runtime(spec: StackSpec, backend: str,
     return best[1], best[2]
 
 
+_SETTINGS: dict[int, tuple[StackSpec, dict[tuple[Any, ...], NodeSpec]]] = {}
+
+
 def node_settings(spec: StackSpec, node: str) -> NodeSpec:
-    """The `[nodes."PATTERN"]` settings of a node (merged by the config module)."""
+    """The `[nodes."PATTERN"]` settings of a node (merged by `stack.config`), computed once
+    per set of matching patterns: a fleet of thousands of nodes has a handful of them."""
     from stack.config import node_settings as merged
 
-    return merged(spec, node)
+    entry = _SETTINGS.get(id(spec))
+    if entry is None or entry[0] is not spec:
+        if len(_SETTINGS) > 8:
+            _SETTINGS.clear()
+        entry = _SETTINGS[id(spec)] = (spec, {})
+    key = (tuple(p for p in spec.nodes if fnmatchcase(node, p)),
+           node if node in spec.hosts else None)
+    cache = entry[1]
+    if key not in cache:
+        cache[key] = merged(spec, node)
+    return cache[key]
 
 
 def _cc_key(value: str | None) -> tuple[int, ...] | None:
@@ -293,6 +307,7 @@ class _Node:
     disk_free: int
     ports_taken: set[int]  # given to our replicas in this pass
     ports_reported: dict[int, str]  # in use on the node per its facts -> instance id
+    port_cursor: int = 0  # no free port below this one
     models: dict[str, int] = field(default_factory=dict)  # model -> parts placed here
     files_here: set[str] = field(default_factory=set)  # models whose files are present
     cls: int = 0
@@ -454,8 +469,12 @@ class _Fleet:
 
         if wanted is not None and free(wanted, True):
             return wanted
-        for port in range(self.port_lo, self.port_hi - span + 2):
+        # ports are only ever taken while placing, so the lowest free one only moves up
+        start = max(self.port_lo, node.port_cursor)
+        for port in range(start, self.port_hi - span + 2):
             if free(port, False):
+                if span == 1:
+                    node.port_cursor = port
                 return port
         return None
 
@@ -500,6 +519,7 @@ class _Scheduler:
         self.fleet = _Fleet(spec, observed)
         self.models: dict[str, _Model] = {}
         self.eligible: dict[tuple[str, str, int], _Eligibility] = {}
+        self.usable: dict[tuple[str, str, int, int], list[int]] = {}
         from stack.selector import parse_selector
 
         for name in sorted(evaluations):
@@ -753,8 +773,11 @@ class _Scheduler:
             if node is not None:
                 accept(node)
         else:
-            usable = [c for c in classes if self._layout_possible(m, backend, c, gpus)]
-            self.fleet.candidates(usable, policy, accept)
+            key = (m.name, backend, gpus, 1)
+            if key not in self.usable:
+                self.usable[key] = [c for c in classes
+                                    if self._layout_possible(m, backend, c, gpus)]
+            self.fleet.candidates(self.usable[key], policy, accept)
         if not found:
             m.failed_layouts.add(layout)
             return None
