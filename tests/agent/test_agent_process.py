@@ -157,6 +157,8 @@ def test_bad_instances_fail_with_hints_and_the_agent_keeps_running(
              "port": free_port()},
             {**base, "id": "no-download", "source": "hf://nobody/nothing/x.gguf",
              "port": free_port()},
+            {**base, "id": "no-modelscope", "source": "modelscope://org/name",
+             "port": free_port()},
         ])
         assert response.status_code == 200
         expected = {
@@ -164,6 +166,7 @@ def test_bad_instances_fail_with_hints_and_the_agent_keeps_running(
             "no-runtime": "runtime binary",
             "no-model": "does not exist on this host. hint:",
             "no-download": "download of hf://nobody/nothing failed",
+            "no-modelscope": "`modelscope` library is not installed",
         }
         for iid, text in expected.items():
             inst = agent.wait_state(iid, "failed", timeout=30)
