@@ -41,7 +41,8 @@ from stack.spec import StackSpec  # noqa: E402
 CONFIGS = ["qwen2.5-7b-instruct", "llama-3.1-8b", "mistral-7b-v0.1", "deepseek-v2-lite",
            "qwen3-30b-a3b"]
 CONTEXTS = [4096, 8192, 16384, 32768]
-H100 = {"vendor": "nvidia", "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 85520809984,
+H100_BYTES = 85520809984  # 81559 MiB, as nvidia-smi reports an H100 80GB HBM3
+H100 = {"vendor": "nvidia", "name": "NVIDIA H100 80GB HBM3", "memory_bytes": H100_BYTES,
         "compute_capability": "9.0", "driver": "580.95.05"}
 STACK_DIR = Path("/nonexistent")
 
@@ -102,7 +103,7 @@ def naive(spec: StackSpec, observed: Observed, meta: dict[str, ModelMeta]) -> fl
     free = {n: {g.index: g.memory_bytes for g in f.gpus} for n, f in observed.nodes.items()}
     for name, model in sorted(spec.models.items()):
         ev = evaluate(name, model, meta[model.source.split("/")[-1].rsplit("-", 1)[0]])
-        claim = ev.claim(ev.backends[0], 1, H100["memory_bytes"], 1)
+        claim = ev.claim(ev.backends[0], 1, H100_BYTES, 1)
         if isinstance(claim, str):
             continue
         for _ in range(model.replicas):
