@@ -89,6 +89,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._last_rotate = 0.0
         self._last_status: str | None = None
+        self._adopted = False
         self.shared = Shared(cfg, ModelStore(cfg.models_dir, cfg.state_dir), self.wake)
 
     def wake(self) -> None:
@@ -123,15 +124,16 @@ class Reconciler:
     def adopt(self) -> None:
         """Adopt backends a previous agent started; stop recorded ones no longer wanted."""
         self._load_assignment()
-        wanted = {i.id: i for i in self.desired or []}
+        if self.desired is None:
+            return  # no valid desired state yet: touch nothing, adopt once there is one
+        self._adopted = True
+        wanted = {i.id: i for i in self.desired}
         now = time.monotonic()
         for rec in procs.load_records(self.cfg.instances_dir):
             if not procs.matches(rec):
                 procs.remove_record(self.cfg.instances_dir, rec.id)
                 continue
             inst = wanted.get(rec.id)
-            if self.desired is None:
-                continue  # no valid desired state: touch nothing
             fresh = time.time() - rec.started_at < self.cfg.tuning.startup_timeout_seconds
             if inst is not None and instance_hash(inst) == rec.instance_hash and (
                     procs.port_listening(rec.host, rec.port) or fresh):
@@ -155,6 +157,8 @@ class Reconciler:
                 del self.stopping[rid]
         if self.desired is None:
             return
+        if not self._adopted:
+            self.adopt()
         wanted = {i.id: i for i in self.desired}
         for rid, runner in list(self.runners.items()):
             inst = wanted.get(rid)

@@ -241,3 +241,20 @@ def test_status_command_without_any_agent(tmp_path: Path) -> None:
     body = json.loads(out.stdout)
     assert body["running"] is False and body["node"] == "test-node"
     assert body["instances"] == []
+
+
+def test_agent_started_on_a_broken_assignment_file_touches_nothing_then_adopts(
+        agent: Agent, llama_bin: Path, gguf_model: Path) -> None:
+    port, inst = start_gemma(agent, llama_bin, gguf_model)
+    good = json.loads((agent.prefix / "state" / "assignment.json").read_text())
+    agent.stop()
+    (agent.prefix / "state" / "assignment.json").write_text("{broken")
+    agent.start()
+    wait_for(lambda: agent.status()["assignment_error"] is not None, 5, "assignment_error")
+    time.sleep(1.5)
+    assert group_alive(inst["pid"]) and agent.status()["instances"] == []
+    assert agent.client.put("/v1/assignment", json=good).status_code == 200
+    adopted = agent.wait_state("gemma-0", "ready")
+    assert adopted["pid"] == inst["pid"] and adopted["adopted"] is True
+    assert agent.status()["assignment_error"] is None
+    assert chat(port)
