@@ -1,0 +1,111 @@
+"""Helpers for router tests: canned upstreams and `stack-router` as real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CANNED = ROOT / "bench" / "router" / "canned_upstream.py"
+ROUTER = [sys.executable, "-m", "router.main"]
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class Proc:
+    """A process in its own group, with the first line matching `ready` parsed for a port."""
+
+    def __init__(self, argv: list[str], ready: str, log: Path, env: dict[str, str] | None = None,
+                 timeout: float = 20.0) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(ready, log.read_text(errors="replace"))
+            if match:
+                self.port = int(match.group(1))
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"{argv[:3]} did not start:\n{log.read_text(errors='replace')}")
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+        self.config_path = tmp / "router.json"
+
+    def upstream(self, *args: str) -> Proc:
+        proc = Proc([sys.executable, str(CANNED), "--port", "0", *args],
+                    r"canned: listening on (\d+)", self.tmp / f"canned-{len(self.procs)}.log")
+        self.procs.append(proc)
+        return proc
+
+    def write(self, config: dict[str, Any]) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config))
+        tmp.replace(self.config_path)
+
+    def router(self, config: dict[str, Any]) -> Proc:
+        self.write({"listen": "127.0.0.1:0", **config})
+        proc = Proc([*ROUTER, "--config", str(self.config_path)],
+                    r"listening on http://127\.0\.0\.1:(\d+)", self.tmp / "router.log")
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+def replica(rid: str, proc: Proc, api_key: str | None = None) -> dict[str, Any]:
+    return {"id": rid, "url": f"http://127.0.0.1:{proc.port}", "api_key": api_key}
+
+
+def get(port: int, path: str, key: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    _, text = get(port, "/metrics")
+    total = 0.0
+    for line in text.decode().splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
