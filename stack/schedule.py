@@ -257,7 +257,7 @@ def gpu_selected(model: ModelSpec, gpu: GpuFacts) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Previous:
+class PreviousPlacement:
     """Where a replica ran, from the agents' reports."""
 
     model: str
@@ -270,7 +270,7 @@ class _Previous:
     workers: tuple[tuple[int, str, tuple[int, ...], int], ...] = ()  # (k, node, gpus, port)
 
 
-def previous_placements(observed: Observed) -> dict[tuple[str, int], _Previous]:
+def previous_placements(observed: Observed) -> dict[tuple[str, int], PreviousPlacement]:
     """The placements the agents report, by (model, replica); workers folded in."""
     mains: dict[tuple[str, int], tuple[str, InstanceFacts]] = {}
     workers: dict[tuple[str, int], list[tuple[int, str, tuple[int, ...], int]]] = {}
@@ -283,9 +283,9 @@ def previous_placements(observed: Observed) -> dict[tuple[str, int], _Previous]:
             elif inst.id.startswith(base + "-w") and inst.id[len(base) + 2:].isdigit():
                 k = int(inst.id[len(base) + 2:])
                 workers.setdefault(key, []).append((k, node_name, tuple(inst.gpus), inst.port))
-    out: dict[tuple[str, int], _Previous] = {}
+    out: dict[tuple[str, int], PreviousPlacement] = {}
     for key, (node_name, inst) in sorted(mains.items()):
-        out[key] = _Previous(inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port,
+        out[key] = PreviousPlacement(inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port,
                              inst.backend, inst.backend_version,
                              tuple(sorted(workers.get(key, []))))
     return out
@@ -665,7 +665,7 @@ class _Scheduler:
             kind=m.evaluation.kind, context=m.evaluation.context, workers=tuple(placed[1:]),
         )
 
-    def sticky(self, m: _Model, prev: _Previous) -> Placement | None:
+    def sticky(self, m: _Model, prev: PreviousPlacement) -> Placement | None:
         """The replica where it runs now, if it still fits there."""
         if prev.backend not in m.backends or isinstance(m.runtimes[prev.backend], str):
             return None
@@ -913,7 +913,7 @@ class _Scheduler:
 
     # ---- the whole pass
 
-    def run(self, previous: Mapping[tuple[str, int], _Previous],
+    def run(self, previous: Mapping[tuple[str, int], PreviousPlacement],
             failed: Mapping[str, str]) -> Placements:
         placed: dict[tuple[str, int], Placement] = {}
         for key in sorted(previous):
@@ -958,7 +958,7 @@ class _Scheduler:
 
 
 def schedule(spec: StackSpec, evaluations: Mapping[str, Evaluation], observed: Observed,
-             previous: Mapping[tuple[str, int], _Previous] | None = None,
+             previous: Mapping[tuple[str, int], PreviousPlacement] | None = None,
              failed: Mapping[str, str] | None = None) -> Placements:
     """Place every replica of every model in `spec` on the nodes of `observed`.
 

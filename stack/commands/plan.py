@@ -41,11 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def agent_version() -> str:
-    """The version of this package: the agent every host should run."""
+    """The agent version every host should run: the one this package ships."""
     try:
-        return metadata.version("modelstack")
-    except metadata.PackageNotFoundError:
-        return "0.1.0"
+        from agent.reconcile import VERSION
+
+        return VERSION
+    except ImportError:
+        try:
+            return metadata.version("modelstack")
+        except metadata.PackageNotFoundError:
+            return "0.1.0"
 
 
 def read_facts(path: Path) -> Observed:
