@@ -285,9 +285,9 @@ def previous_placements(observed: Observed) -> dict[tuple[str, int], PreviousPla
                 workers.setdefault(key, []).append((k, node_name, tuple(inst.gpus), inst.port))
     out: dict[tuple[str, int], PreviousPlacement] = {}
     for key, (node_name, inst) in sorted(mains.items()):
-        out[key] = PreviousPlacement(inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port,
-                             inst.backend, inst.backend_version,
-                             tuple(sorted(workers.get(key, []))))
+        out[key] = PreviousPlacement(
+            inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port, inst.backend,
+            inst.backend_version, tuple(sorted(workers.get(key, []))))
     return out
 
 
