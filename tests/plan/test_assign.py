@@ -1,0 +1,117 @@
+"""Assignments and the router config built from placements (stack/assign.py)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from stack.assign import build_assignments, build_router_config, router_config_sha256
+from stack.plan import Plan
+from stack.render import print_plan, render_plan
+from stack.schedule import schedule
+from stack.secrets import derive_key
+from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack
+
+STACK = """\
+[stack]
+name = "lab"
+prefix = "/srv/stack"
+
+[nodes."gpu-02"]
+address = "192.168.1.12"
+
+[runtimes.vllm]
+versions = ["0.11.0"]
+source = "pip"
+package = "vllm=={version}"
+env = { VLLM_LOGGING_LEVEL = "WARNING" }
+
+[models.big]
+source = "hf://org/big"
+distributed = true
+args = ["--enable-prefix-caching"]
+env = { HF_HUB_OFFLINE = "1" }
+aliases = ["gpt-big"]
+
+[models.tiny]
+source = "local://models/tiny.gguf"
+backend = "vllm"
+
+[models.onhost]
+source = "/data/models/onhost"
+gpu_memory_utilization = 0.5
+"""
+FACTS = {"nodes": {
+    "gpu-01": {"address": "10.0.0.11", "memory_bytes": 10**12, "disk_free_bytes": 10**13,
+               "gpus": {"model": "l40s", "count": 2}},
+    "gpu-02": {"address": "10.0.0.12", "memory_bytes": 10**12, "disk_free_bytes": 10**13,
+               "gpus": {"model": "l40s", "count": 2}}}}
+EVALUATIONS = {"big": {"weights": "150GiB", "overhead_per_gpu": "1GiB"},
+               "tiny": {"weights": "1GiB"}, "onhost": {"weights": "2GiB"}}
+
+
+def _build(secret: bytes | None):  # type: ignore[no-untyped-def]
+    spec, _ = load_stack(STACK)
+    facts = load_facts(FACTS)
+    placements = schedule(spec, load_evaluations(EVALUATIONS), facts)
+    return spec, placements, build_assignments(spec, placements, facts, Path("/ctl"), secret)
+
+
+def test_distributed_replica_becomes_a_main_and_a_worker_that_know_each_other() -> None:
+    _, _, assignments = _build(None)
+    main = next(i for i in assignments["gpu-01"].instances if i.id == "big-0")
+    worker = next(i for i in assignments["gpu-02"].instances if i.id == "big-0-w1")
+    assert (main.role, worker.role) == ("main", "worker")
+    assert [(p.node, p.host, p.port) for p in main.peers] == [("gpu-02", "192.168.1.12", 40000)]
+    assert [(p.node, p.host) for p in worker.peers] == [("gpu-01", "10.0.0.11"),
+                                                        ("gpu-02", "192.168.1.12")]
+    assert main.host == "10.0.0.11" and worker.host == "192.168.1.12"
+    assert main.runtime_path == "/srv/stack/runtimes/vllm/0.11.0"
+    assert main.devices.vendor == "nvidia" and main.devices.indices == [0, 1]
+    assert main.args == ["--enable-prefix-caching"]
+    assert main.env == {"VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+    assert main.model_path is None  # the agent resolves hub sources from its cache
+    # 38.5 GiB of a 44.99 GiB L40S -> 0.86 after rounding up
+    assert main.gpu_memory_utilization == 0.86
+
+
+def test_model_paths_and_the_models_own_memory_fraction() -> None:
+    _, _, assignments = _build(None)
+    everything = {i.id: i for a in assignments.values() for i in a.instances}
+    assert everything["tiny-0"].model_path == "/srv/stack/models/tiny/tiny.gguf"
+    assert everything["onhost-0"].model_path == "/data/models/onhost"
+    assert everything["onhost-0"].gpu_memory_utilization == 0.5
+
+
+def test_api_keys_come_from_the_secret_and_stay_out_of_hashes() -> None:
+    spec, placements, without = _build(None)
+    _, _, with_keys = _build(b"s" * 32)
+    inst = next(i for i in with_keys["gpu-01"].instances if i.id == "big-0")
+    assert inst.api_key == derive_key(b"s" * 32, "instance:big-0")
+    assert next(i for i in with_keys["gpu-02"].instances if i.id == "big-0-w1").api_key is None
+    plain = next(i for i in without["gpu-01"].instances if i.id == "big-0")
+    assert plain.api_key is None and plain.spec_hash() == inst.spec_hash()
+    config = build_router_config(spec, placements, with_keys)
+    route = next(m for m in config.models if m.name == "big")
+    assert route.aliases == ["gpt-big"]
+    assert [(r.id, r.url, r.api_key) for r in route.replicas] == [
+        ("big-0", "http://10.0.0.11:40000", inst.api_key)]
+    assert router_config_sha256(config) == router_config_sha256(
+        build_router_config(spec, placements, without))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_plan_is_plain_off_a_terminal_and_coloured_on_one() -> None:
+    folder = Path(__file__).parent / "cases" / "add_model_and_new_version"
+    import json
+
+    plan = Plan.from_json(json.loads((folder / "plan.json").read_text()))
+    plain, tty = io.StringIO(), _Terminal()
+    print_plan(plan, plain)
+    print_plan(plan, tty)
+    assert plain.getvalue() == render_plan(plan) and "\x1b[" not in plain.getvalue()
+    assert "\x1b[" in tty.getvalue()
