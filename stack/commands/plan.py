@@ -17,7 +17,7 @@ import json
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -95,7 +95,7 @@ def evaluate_models(spec: StackSpec,
         try:
             meta = read_metadata(model.source, stack_dir)
             # ModelEvaluation is frozen; the protocol declares plain attributes
-            evaluations[name] = cast(Evaluation, evaluate(name, model, meta))
+            evaluations[name] = evaluate(name, model, meta)
         except StackError as err:
             failed[name] = err.message + (f" (hint: {err.hint})" if err.hint else "")
     return evaluations, failed

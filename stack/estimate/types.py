@@ -51,11 +51,22 @@ class Claim:
 class Evaluation(Protocol):
     """A model understood: its metadata, compatible backends, and claims per layout."""
 
-    name: str
-    meta: ModelMeta
-    kind: str
-    context: int
-    backends: tuple[str, ...]  # compatible backends, preferred first
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def meta(self) -> ModelMeta: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def context(self) -> int: ...
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Compatible backends, preferred first."""
+        ...
 
     def claim(
         self, backend: str, gpus: int, gpu_memory_bytes: int | None, nodes: int = 1
