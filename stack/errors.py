@@ -43,7 +43,7 @@ class EstimateError(StackError):
     """A model's memory cannot be estimated."""
 
 
-class ConnectionError_(StackError):  # noqa: N801 - the builtin name is taken
+class ConnectionError_(StackError):  # the builtin name is taken
     """A host does not answer or refuses the connection."""
 
 
