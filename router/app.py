@@ -23,9 +23,10 @@ from router import multipart
 from router.balance import Load, choose
 from router.config import Key, Replica, RouterConfig
 from router.health import ReplicaHealth
-from router.limits import KeyLimiter
-from router.metrics import Metrics, ReplicaGauge
+from router.limits import KeyLimiter, Limiter
+from router.metrics import Metrics, ReplicaGauge, combine
 from router.server import ClientConnection, Request
+from router.shared import SharedState
 from router.upstream import Exchange, Pool, UpstreamConnection, UpstreamError, request_head
 
 log = logging.getLogger("stack-router")
@@ -95,7 +96,7 @@ class ReplicaState:
 @dataclass(slots=True)
 class KeyEntry:
     key: Key
-    limiter: KeyLimiter
+    limiter: Limiter
     allowed: frozenset[str] | None
     """Resolved model names the key may use; None means all."""
 
@@ -114,9 +115,13 @@ class Tables:
     """Key name ("" without keys) -> the /v1/models response."""
 
 
-def build_tables(config: RouterConfig, old: Tables | None,
-                 loop: asyncio.AbstractEventLoop) -> Tables:
-    """Tables for `config`, carrying over unchanged replicas and limiters from `old`."""
+def build_tables(config: RouterConfig, old: Tables | None, loop: asyncio.AbstractEventLoop,
+                 shared: SharedState | None = None) -> Tables:
+    """Tables for `config`, carrying over unchanged replicas and limiters from `old`.
+
+    With `shared` (several workers) limiters count in shared memory by key hash, so their
+    windows survive reloads and restarts of a worker whatever the limits are.
+    """
     old_replicas = {(r.model, r.config.id): r for rs in (old.replicas.values() if old else [])
                     for r in rs}
     routes: dict[str, str] = {}
@@ -139,9 +144,12 @@ def build_tables(config: RouterConfig, old: Tables | None,
     keys: dict[str, KeyEntry] = {}
     for key in config.keys:
         prev_entry = old_keys.get(key.hash)
+        limiter: Limiter | None = None
         if prev_entry and (prev_entry.key.rpm, prev_entry.key.tpm) == (key.rpm, key.tpm):
             limiter = prev_entry.limiter
-        else:
+        elif shared is not None and (key.rpm is not None or key.tpm is not None):
+            limiter = shared.limiter(key.hash, key.rpm, key.tpm)
+        if limiter is None:
             limiter = KeyLimiter(key.rpm, key.tpm)
         allowed = frozenset(routes[m] for m in key.models) if key.models else None
         keys[key.hash] = KeyEntry(key, limiter, allowed)
@@ -159,17 +167,40 @@ class Router:
     """The request handler of one process."""
 
     def __init__(self, config: RouterConfig, loop: asyncio.AbstractEventLoop,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, shared: SharedState | None = None,
+                 slot: int = 0) -> None:
         self.loop = loop
         self.rng = random.Random(seed)
         self.metrics = Metrics()
-        self.tables = build_tables(config, None, loop)
+        self.shared = shared
+        self.slot = slot
+        """This worker's number when `shared` (several workers)."""
+        self.tables = build_tables(config, None, loop, shared)
         self.key_cache: dict[bytes, KeyEntry | None] = {}
         self.inflight = 0
 
     def reload(self, config: RouterConfig) -> None:
-        self.tables = build_tables(config, self.tables, self.loop)
+        self.tables = build_tables(config, self.tables, self.loop, self.shared)
         self.key_cache.clear()
+
+    def gauges(self) -> list[ReplicaGauge]:
+        return [ReplicaGauge(r.model, r.config.id, r.outstanding, r.health.state == "up")
+                for rs in self.tables.replicas.values() for r in rs]
+
+    def snapshot(self) -> bytes:
+        """This worker's counters, for the sibling that answers `/metrics`."""
+        return self.metrics.snapshot(self.gauges())
+
+    async def render_metrics(self) -> bytes:
+        """`/metrics`: this process's counters, plus its siblings' with several workers."""
+        if self.shared is None:
+            return self.metrics.render(self.gauges())
+        peers = await self.shared.gather(self.slot)
+        total = Metrics()
+        gauges = total.merge(self.snapshot())
+        for data in peers:
+            gauges += total.merge(data)
+        return total.render(combine(gauges), workers=1 + len(peers))
 
     # entry points used by the server
 
@@ -228,9 +259,7 @@ class Router:
             self._respond(conn, ctx, 200, orjson.dumps({"status": "ok", "replicas_up": up}),
                           b"application/json")
         elif path == b"/metrics":
-            gauges = [ReplicaGauge(r.model, r.config.id, r.outstanding, r.health.state == "up")
-                      for rs in ctx.tables.replicas.values() for r in rs]
-            self._respond(conn, ctx, 200, self.metrics.render(gauges),
+            self._respond(conn, ctx, 200, await self.render_metrics(),
                           b"text/plain; version=0.0.4")
         else:
             raise ApiError(404, f"unknown path {path.decode(errors='replace')}",
@@ -626,7 +655,7 @@ class _Context:
         self.drop_usage = False
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.limiter: KeyLimiter | None = None
+        self.limiter: Limiter | None = None
         self.reservation = (0, 0)
         self.overhead_base = 0.0
         """Seconds spent waiting on the upstream, subtracted from the overhead."""

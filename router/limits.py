@@ -1,24 +1,29 @@
 """Per-key request and token limits over a sliding minute.
 
 Token limits reserve an estimate when a request is admitted and settle on the real usage
-when it ends. Pure: the clock is passed in. One limiter lives in each router process.
+when it ends. Pure: the clock is passed in. With one worker the windows are plain lists;
+with several, `router.shared` backs them with shared memory (same code, other cells).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 WINDOW = 60
 """Seconds in the sliding window, counted in one-second buckets."""
+
+Cells = list[int] | memoryview
+"""WINDOW integers: a list, or a shared-memory view cast to int64."""
 
 
 @dataclass(slots=True)
 class Window:
     """Amounts added per second over the last WINDOW seconds."""
 
-    buckets: list[int] = field(default_factory=lambda: [0] * WINDOW)
-    stamps: list[int] = field(default_factory=lambda: [-1] * WINDOW)
+    buckets: Cells = field(default_factory=lambda: [0] * WINDOW)
+    stamps: Cells = field(default_factory=lambda: [-1] * WINDOW)
 
     def total(self, second: int) -> int:
         return sum(b for b, s in zip(self.buckets, self.stamps, strict=True)
@@ -57,6 +62,14 @@ class Verdict:
     retry_after: int = 0
     reservation: tuple[int, int] = (0, 0)
     """(second, tokens reserved)."""
+
+
+class Limiter(Protocol):
+    """What the router needs of a key's limiter (process-local or shared)."""
+
+    def admit(self, now: float, estimate: int) -> Verdict: ...
+
+    def settle(self, now: float, reservation: tuple[int, int], used: int) -> None: ...
 
 
 @dataclass(slots=True)

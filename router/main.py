@@ -3,7 +3,8 @@
 With `workers` > 1 the parent forks that many processes, each with its own listening
 socket on the same address (SO_REUSEPORT) so the kernel spreads connections; the parent
 forwards SIGHUP (reload) and SIGTERM/SIGINT (drain and stop) and restarts a worker that
-dies. Each worker re-reads the config on SIGHUP or when the file changes.
+dies. Each worker re-reads the config on SIGHUP or when the file changes. The workers
+share rate-limit windows and answer `/metrics` for all of them (router/shared.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from router import config as router_config
 from router.app import Router
 from router.config import RouterConfig
 from router.server import ClientConnection
+from router.shared import SharedState
 from stack.errors import ConfigError
 
 log = logging.getLogger("stack-router")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     port = reserve.getsockname()[1]
     if config.workers == 1:
         reserve.listen(1024)
-        return _serve(path, config, reserve, None)
+        return _serve(path, config, reserve, None, None, 0)
     return _supervise(path, config, host, port, reserve)
 
 
@@ -80,6 +82,7 @@ def _supervise(path: Path, config: RouterConfig, host: str, port: int,
     children: dict[int, int] = {}
     stopping = False
     ready_r, ready_w = os.pipe()
+    shared = SharedState(config.workers)
 
     def spawn(slot: int) -> None:
         pid = os.fork()
@@ -89,7 +92,7 @@ def _supervise(path: Path, config: RouterConfig, host: str, port: int,
             try:
                 sock = _socket(host, port)
                 sock.listen(1024)
-                code = _serve(path, config, sock, ready_w)
+                code = _serve(path, config, sock, ready_w, shared, slot)
             finally:
                 os._exit(code)
         children[pid] = slot
@@ -121,7 +124,8 @@ def _supervise(path: Path, config: RouterConfig, host: str, port: int,
     return 0
 
 
-def _serve(path: Path, config: RouterConfig, sock: socket.socket, ready_fd: int | None) -> int:
+def _serve(path: Path, config: RouterConfig, sock: socket.socket, ready_fd: int | None,
+           shared: SharedState | None, slot: int) -> int:
     try:
         import uvloop
 
@@ -129,13 +133,14 @@ def _serve(path: Path, config: RouterConfig, sock: socket.socket, ready_fd: int 
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
         runner = asyncio.Runner()
     with runner:
-        return runner.run(_worker(path, config, sock, ready_fd))
+        return runner.run(_worker(path, config, sock, ready_fd, shared, slot))
 
 
 async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
-                  ready_fd: int | None) -> int:
+                  ready_fd: int | None, shared: SharedState | None, slot: int) -> int:
     loop = asyncio.get_running_loop()
-    app = Router(config, loop)
+    app = Router(config, loop, shared=shared, slot=slot)
+    peers = None if shared is None else await shared.serve_snapshots(slot, app.snapshot)
     connections: set[ClientConnection] = set()
 
     def factory() -> ClientConnection:
@@ -186,6 +191,8 @@ async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
         os.close(ready_fd)
     await stop.wait()
     server.close()
+    if peers is not None:
+        peers.close()
     deadline = loop.time() + DRAIN_SECONDS
     while app.inflight and loop.time() < deadline:
         await asyncio.sleep(0.05)

@@ -1,7 +1,9 @@
 """Prometheus metrics of one router process, rendered as text format 0.0.4.
 
 Hand-rolled counters (plain dicts) because they sit on the hot path. Labels are bounded:
-model names from the config, key names (never keys), status classes, replica ids.
+model names from the config, key names (never keys), status classes, replica ids. With
+several workers, `snapshot` and `merge` carry one worker's counters to the one that
+answers `/metrics` (router/shared.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 PREFIX = "modelstack_router_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -79,7 +84,39 @@ class Metrics:
         label = (model, replica)
         self.ejections[label] = self.ejections.get(label, 0) + 1
 
-    def render(self, replicas: Iterable[ReplicaGauge]) -> bytes:
+    def snapshot(self, replicas: Iterable[ReplicaGauge]) -> bytes:
+        """This process's counters and replica gauges as JSON, for `merge` elsewhere."""
+        return orjson.dumps({
+            "requests": [[*k, n] for k, n in self.requests.items()],
+            "latency": {m: [h.counts, h.total] for m, h in self.latency.items()},
+            "ttft": {m: [h.counts, h.total] for m, h in self.ttft.items()},
+            "tokens": [[*k, n] for k, n in self.tokens.items()],
+            "retries": self.retries,
+            "rate_limited": [[*k, n] for k, n in self.rate_limited.items()],
+            "ejections": [[*k, n] for k, n in self.ejections.items()],
+            "replicas": [[g.model, g.replica, g.in_flight, g.up] for g in replicas],
+        })
+
+    def merge(self, data: bytes) -> list[ReplicaGauge]:
+        """Add a `snapshot` into these counters; returns its replica gauges."""
+        doc: dict[str, Any] = orjson.loads(data)
+        for name in ("requests", "tokens", "rate_limited", "ejections"):
+            table: dict[Any, int] = getattr(self, name)
+            for *label, n in doc[name]:
+                key = tuple(label)
+                table[key] = table.get(key, 0) + n
+        for model, n in doc["retries"].items():
+            self.retries[model] = self.retries.get(model, 0) + n
+        for name in ("latency", "ttft"):
+            hists: dict[str, Histogram] = getattr(self, name)
+            for model, (counts, total) in doc[name].items():
+                hist = hists.setdefault(model, Histogram())
+                hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
+                hist.total += total
+        return [ReplicaGauge(m, r, n, up) for m, r, n, up in doc["replicas"]]
+
+    def render(self, replicas: Iterable[ReplicaGauge], workers: int | None = None) -> bytes:
+        """Text format; `workers` (several-worker routers) is how many workers are counted."""
         out: list[str] = []
         p = PREFIX
 
@@ -126,7 +163,20 @@ class Metrics:
         for g in gauges:
             out.append(f'{p}replica_up{{model="{_esc(g.model)}",'
                        f'replica="{_esc(g.replica)}"}} {int(g.up)}\n')
+        if workers is not None:
+            head("workers", "gauge", "Worker processes whose counters this scrape includes.")
+            out.append(f"{p}workers {workers}\n")
         return "".join(out).encode()
+
+
+def combine(gauges: Iterable[ReplicaGauge]) -> list[ReplicaGauge]:
+    """One gauge per replica over several workers: in-flight summed, up only if up in all."""
+    merged: dict[tuple[str, str], ReplicaGauge] = {}
+    for g in gauges:
+        prev = merged.get((g.model, g.replica))
+        merged[(g.model, g.replica)] = g if prev is None else ReplicaGauge(
+            g.model, g.replica, prev.in_flight + g.in_flight, prev.up and g.up)
+    return list(merged.values())
 
 
 def _esc(value: str) -> str:

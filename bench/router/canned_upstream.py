@@ -7,7 +7,9 @@ Prints `canned: listening on PORT` once it listens. Answers:
   an SSE stream of `--chunks` chunks (plus a usage chunk when
   `stream_options.include_usage` is set).
 - `POST /v1/embeddings`: a fixed vector; `POST /v1/audio/transcriptions`: the number of
-  body bytes received; `GET /health`: ok.
+  body bytes received; `POST /v1/audio/speech`: `SPEECH` (audio/mpeg) in 4 chunked
+  pieces, `"canned_gap": S` seconds apart; `POST /v1/images/generations`: one image
+  whose `b64_json` is `IMAGE_B64`; `GET /health`: ok.
 Faults, per request through extra body fields: `"canned_status": 503` answers that status,
 `"canned_die_after": N` kills the connection after N stream chunks, `"canned_delay": S`
 waits S seconds before answering. `--status` and `--delay` set them for every request.
@@ -26,6 +28,9 @@ from typing import cast
 import httptools
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+SPEECH = b"ID3canned-audio" + bytes(range(256)) * 64
+IMAGE_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
+             "AAAABJRU5ErkJggg==")
 
 
 def completion(model: str) -> bytes:
@@ -122,7 +127,12 @@ class Server(asyncio.Protocol):
             self.send(status, b'{"error":{"message":"canned failure","type":"server_error"}}')
             return
         model = str(doc.get("model", "canned"))
-        if path == b"/v1/embeddings":
+        if path == b"/v1/audio/speech":
+            await self.speech(float(doc.get("canned_gap", 0)))
+        elif path == b"/v1/images/generations":
+            self.send(200, json.dumps({"created": 1, "data": [
+                {"b64_json": IMAGE_B64, "revised_prompt": doc.get("prompt")}]}).encode())
+        elif path == b"/v1/embeddings":
             self.send(200, json.dumps({"object": "list", "model": model, "data": [
                 {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                 "usage": {"prompt_tokens": 3, "total_tokens": 3}}).encode())
@@ -131,11 +141,27 @@ class Server(asyncio.Protocol):
         else:
             self.send(200, completion(model))
 
+    async def speech(self, gap: float) -> None:
+        assert self.transport is not None
+        t = self.transport
+        t.write(b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\n"
+                b"Transfer-Encoding: chunked\r\nx-canned-port: %d\r\n\r\n" % self.opts.port_real)
+        step = len(SPEECH) // 4 + 1
+        for i in range(0, len(SPEECH), step):
+            piece = SPEECH[i:i + step]
+            t.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if gap:
+                await asyncio.sleep(gap)
+        t.write(b"0\r\n\r\n")
+        if not self.keep_alive:
+            t.close()
+
     async def stream(self, model: str, doc: dict[str, object]) -> None:
         assert self.transport is not None
         opts = doc.get("stream_options")
         usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-        die_after = doc.get("canned_die_after")
+        die = doc.get("canned_die_after")
+        die_after = int(die) if isinstance(die, int) else None
         n = int(doc.get("canned_chunks", self.opts.chunks))  # type: ignore[call-overload]
         gap = float(doc.get("canned_gap", 0))  # type: ignore[arg-type]
         t = self.transport

@@ -75,7 +75,7 @@ class Harness:
     def router(self, config: dict[str, Any]) -> Proc:
         self.write({"listen": "127.0.0.1:0", **config})
         proc = Proc([*ROUTER, "--config", str(self.config_path)],
-                    r"listening on http://127\.0\.0\.1:(\d+)", self.tmp / "router.log")
+                    r"listening on https?://127\.0\.0\.1:(\d+)", self.tmp / "router.log")
         self.procs.append(proc)
         return proc
 
@@ -99,12 +99,18 @@ def get(port: int, path: str, key: str | None = None) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+def stats(proc: Proc) -> dict[str, int]:
+    """Requests a canned upstream received, by path."""
+    result: dict[str, int] = json.loads(get(proc.port, "/stats")[1])
+    return result
+
+
 def metric(port: int, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     _, text = get(port, "/metrics")
     total = 0.0
     for line in text.decode().splitlines():
-        if not line.startswith(name + "{"):
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
             continue
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
