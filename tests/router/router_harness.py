@@ -99,9 +99,9 @@ def get(port: int, path: str, key: str | None = None) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def stats(proc: Proc) -> dict[str, int]:
+def stats(proc: Proc, key: str | None = None) -> dict[str, int]:
     """Requests a canned upstream received, by path."""
-    result: dict[str, int] = json.loads(get(proc.port, "/stats")[1])
+    result: dict[str, int] = json.loads(get(proc.port, "/stats", key)[1])
     return result
 
 

@@ -43,7 +43,9 @@ def test_balance_case(case: dict[str, Any]) -> None:
     loads = [Load(c["id"], c["outstanding"], c.get("weight", 1), c.get("latency", 0.0))
              for c in case["replicas"]]
     rng = Random(case.get("seed", 0))
-    picks = [choose(loads, rng, case.get("affinity")) for _ in range(case.get("repeat", 1))]
+    sessions = case.get("affinities", [case.get("affinity")])
+    picks = [choose(loads, rng, session) for session in sessions
+             for _ in range(case.get("repeat", 1))]
     chosen = {None if i is None else loads[i].id for i in picks}
     assert chosen == set(case["expect"])
 
