@@ -87,7 +87,8 @@ def agent_paths(prefix: str) -> dict[str, str]:
         "agent_token": f"{p}/etc/agent.token",
         "router_json": f"{p}/etc/router.json",
         "assignment": f"{p}/state/assignment.json",
-        "installed": f"{p}/agent/.installed",
+        "installed": f"{p}/agent/.installed",  # the agent's version (facts read it)
+        "bundle": f"{p}/agent/.bundle",  # which bundle it came from (apply compares it)
         "venv": f"{p}/agent/venv",
     }
 
@@ -137,7 +138,7 @@ def runtime_step(key: str, target: HostTarget, install: RuntimeInstall | None) -
 
 def agent_install_step(target: HostTarget) -> Step:
     paths = agent_paths(target.prefix)
-    installed = target.files["sidecars"].get(paths["installed"])
+    installed = target.files["sidecars"].get(paths["bundle"])
     if installed == target.bundle_version:
         return Step("agent-install", f"agent {target.bundle_version} is installed")
     q = shlex.quote
@@ -153,7 +154,8 @@ def agent_install_step(target: HostTarget) -> Step:
         f"{pip} --no-index --find-links wheels {q(wheel)}",
         f"{pip} --no-index --no-deps --force-reinstall {q(wheel)}",
         "rm -rf wheels",
-        f"printf '%s\\n' {q(target.bundle_version)} > .installed",
+        f"printf '%s\\n' {q(target.bundle_version.split('+')[0])} > .installed",
+        f"printf '%s\\n' {q(target.bundle_version)} > .bundle",
     ])
     return Step("agent-install", "", [Upload(tar, path=target.bundle)],
                 [f"mkdir -p {q(home)}", script])

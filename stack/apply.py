@@ -40,7 +40,6 @@ from stack.observed import NodeFacts, Observed
 from stack.spec import StackSpec
 from stack.wheelhouse import (
     agent_bundle,
-    platform_tag,
     prebuilt_bin,
     prebuilt_tarball,
     sha256_file,
@@ -229,10 +228,18 @@ def _runtime_install(
         target_platform = f"{facts.os}-{facts.arch}"
         prebuilt = prebuilt_bin(local, digest, rt.cmake_args, rt.targets, rt.subdir,
                                 target_platform)
-        if prebuilt is not None and target_platform == platform_tag():
+        if prebuilt is not None:
             install = RuntimeInstall(name, version, rt, prefix, upload=upload, prebuilt=True)
             return install, prebuilt_tarball(prebuilt)
         return RuntimeInstall(name, version, rt, prefix, upload=upload, sha256=digest), local
+    if rt.source == "build" and expected:
+        # a URL source with a pinned sha256: a controller build of that archive counts too
+        target_platform = f"{facts.os}-{facts.arch}"
+        prebuilt = prebuilt_bin(Path(url.rsplit("/", 1)[-1]), expected, rt.cmake_args,
+                                rt.targets, rt.subdir, target_platform)
+        if prebuilt is not None:
+            install = RuntimeInstall(name, version, rt, prefix, upload=upload, prebuilt=True)
+            return install, prebuilt_tarball(prebuilt)
     if local is not None:
         return RuntimeInstall(name, version, rt, prefix, upload=upload,
                               sha256=expected or sha256_file(local)), local
@@ -278,7 +285,7 @@ def _host_probe(node: _Node, lock: locks.LockInfo, extra_files: list[str],
     files = [paths["agent_toml"], paths["agent_token"], paths["router_json"],
              paths["assignment"], *extra_files]
     script = (locks.host_acquire_script(node.prefix, lock) + "\n"
-              + host_files_script(node.prefix, files, [paths["installed"], *sidecars], services)
+              + host_files_script(node.prefix, files, [paths["bundle"], *sidecars], services)
               + f"\necho assignment-json; cat {shlex.quote(paths['assignment'])} 2>/dev/null "
               "| tr -d '\\n'; echo")
     ok, out, err = _run(node.host, script)
@@ -374,6 +381,8 @@ def run_deploys(
 
     plans = {n: host_steps(t, runtime_keys, model_keys) for n, t in targets.items()}
     by_name = {n.name: n for n in nodes}
+    for name in plans:  # pyinfra runs operations only on "active" hosts
+        state.activate_host(by_name[name].host)
     skipped = {n.name for n in nodes if n.name not in plans}
     if skipped:
         try:
@@ -517,11 +526,15 @@ def rollout(nodes: list[_Node], desired: Desired, reports: dict[str, HostReport]
     for node in live:
         want = desired.assignments.get(node.name, Assignment(node=node.name))
         old = {i.id: i.spec_hash() for i in (node.current.instances if node.current else [])}
+        running = {i.id: i.spec_hash for i in node.facts.agent.instances if i.state == "ready"}
         for inst in want.instances:
-            if old.get(inst.id) != inst.spec_hash():
+            fresh = old.get(inst.id) != inst.spec_hash()
+            if fresh or running.get(inst.id) not in (inst.spec_hash(), None) \
+                    or inst.id not in running:
+                # not yet ready as desired: wait for it (written earlier, or now)
                 changed.setdefault(node.name, {})[inst.id] = inst.spec_hash()
-                if inst.id in old:
-                    replaced.append((node.name, inst.id))
+            if fresh and inst.id in old:
+                replaced.append((node.name, inst.id))
     step = max(1, options.max_unavailable)
     waves = [replaced[k:k + step] for k in range(0, len(replaced), step)] or [[]]
     for wave_index, _wave in enumerate(waves):
