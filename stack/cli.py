@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "destroy": "destroy",
     "keys": "keys",
     "logs": "logs",
+    "monitoring": "monitoring",
     "force-unlock": "force_unlock",
 }
 
