@@ -1,0 +1,129 @@
+"""Stop everything the stack runs: every model instance (the agents are given an empty
+assignment and wait for their backends to stop), then the routers and the agents. With
+`--purge`, also remove what apply installed under the prefix (runtimes, the agent, model
+files, state); drivers stay.
+
+On a terminal it asks for `yes`; elsewhere it needs `--auto-approve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from stack.errors import ApplyError, ConfigError, StackError
+from stack.spec import StackSpec
+
+HELP = "stop the stack's instances, routers and agents (--purge: remove them too)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--auto-approve", action="store_true",
+                        help="destroy without asking (needed without a terminal)")
+    parser.add_argument("--purge", action="store_true",
+                        help="also remove runtimes, the agent, model files and state")
+
+
+def purge_script(prefix: str) -> str:
+    """What `--purge` removes under a prefix."""
+    q = shlex.quote
+    parts = ("runtimes", "agent", "models", "state", "etc", "run", "logs")
+    return "rm -rf " + " ".join(q(f"{prefix}/{p}") for p in parts)
+
+
+def _destroy_host(spec: StackSpec, name: str, host: Any, prefix: str, manager: str,
+                  purge: bool) -> str | None:
+    """Stop one host's instances, router and agent; the error, if any."""
+    from agent.assignment import Assignment
+    from deploys.services import stop_commands
+    from deploys.state import dumps
+    from stack.apply import _run, _write, agent_service, router_service
+
+    empty = dumps(Assignment(node=name).model_dump(mode="json")).encode()
+    assignment = f"{prefix}/state/assignment.json"
+    try:
+        ok, out, _ = _run(host, f"test -d {shlex.quote(prefix + '/state')} && echo present")
+        if "present" in out:
+            _write(host, assignment, empty, "600")
+            status = shlex.quote(f"{prefix}/state/status.json")
+            # the agent stops its backends (TERM, grace, KILL) and reports none left
+            _run(host, f"i=0; while [ $i -lt 300 ] && grep -q '\"id\"' {status} 2>/dev/null; "
+                       "do sleep 0.2; i=$((i+1)); done")
+        for service in (router_service(spec, prefix, manager),
+                        agent_service(spec, prefix, manager)):
+            for command in stop_commands(service):
+                _run(host, command)
+        if purge:
+            ok, _, err = _run(host, purge_script(prefix))
+            if not ok:
+                return f"`{name}`: could not remove {prefix}: {err.strip()}"
+    except StackError as err:
+        return err.message
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    import gevent
+
+    from stack import lock
+    from stack.apply import node_prefix
+    from stack.config import load
+    from stack.observe import connect, disconnect, read_node
+
+    path = Path(args.file)
+    spec = load(path)
+    stack_dir = path.resolve().parent
+    console = Console()
+    if not args.auto_approve:
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise ConfigError("`stack destroy` asks for confirmation, but there is no terminal",
+                              hint="pass `--auto-approve`.")
+        what = "and remove " if args.purge else ""
+        answer = console.input(f"Stop {what}every instance, router and agent of "
+                               f"`{spec.stack.name}`? Only `yes` is accepted: ")
+        if answer.strip() != "yes":
+            raise ApplyError("destroy cancelled; nothing was changed")
+    info = lock.new_lock()
+    lock.acquire_local(stack_dir, info)
+    connected = connect(spec, stack_dir)
+    errors: dict[str, str] = {n: e.split("\nhint:")[0] for n, e in connected.errors.items()}
+    try:
+        def one(name: str) -> None:
+            facts = read_node(spec, connected, name)
+            manager = "supervise"
+            if facts.os == "darwin":
+                manager = "launchd"
+            ok_systemd, _, _ = _run_probe(connected.nodes[name])
+            if ok_systemd:
+                manager = "systemd"
+            error = _destroy_host(spec, name, connected.nodes[name], node_prefix(spec, name),
+                                  manager, args.purge)
+            if error:
+                errors[name] = error
+
+        started = time.monotonic()
+        gevent.joinall([gevent.spawn(one, n) for n in connected.nodes
+                        if n not in connected.errors])
+    finally:
+        disconnect(connected)
+        lock.release_local(stack_dir, info.id)
+    for name in sorted(connected.nodes):
+        if name in errors:
+            console.print(f"[red]✗[/red] {name}: {errors[name]}", highlight=False)
+        else:
+            console.print(f"[green]✓[/green] {name}: stopped"
+                          + (" and purged" if args.purge else ""), highlight=False)
+    console.print(f"Destroy finished in {time.monotonic() - started:.1f} s.")
+    return 1 if errors else 0
+
+
+def _run_probe(host: Any) -> tuple[bool, str, str]:
+    from stack.apply import _run
+
+    return _run(host, "test -d /run/systemd/system")

@@ -1,0 +1,66 @@
+"""Print the log of a model's instance (the backend's output, as the agent keeps it under
+`PREFIX/logs/<instance>.log`), read over SSH from the node it runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from stack.errors import ConfigError, StackError
+
+HELP = "show the log of a model's instance"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="the model's name in stack.toml")
+    parser.add_argument("--replica", type=int, default=0, metavar="N",
+                        help="which replica (default 0)")
+    parser.add_argument("--tail", type=int, default=100, metavar="N",
+                        help="number of lines (default 100)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import gevent
+
+    from stack.apply import _run, node_prefix
+    from stack.config import load
+    from stack.observe import connect, disconnect, read_node
+    from stack.schedule import instance_id
+
+    path = Path(args.file)
+    spec = load(path)
+    if args.model not in spec.models:
+        names = ", ".join(sorted(spec.models)) or "none"
+        raise ConfigError(f"no model `{args.model}` in `{path}` (models: {names})",
+                          hint="pass a name from `[models]`.")
+    wanted = instance_id(args.model, args.replica)
+    connected = connect(spec, path.resolve().parent)
+    try:
+        found: list[str] = []
+
+        def look(name: str) -> None:
+            facts = read_node(spec, connected, name)
+            if any(i.id == wanted for i in facts.agent.instances):
+                found.append(name)
+
+        gevent.joinall([gevent.spawn(look, n) for n in connected.nodes
+                        if n not in connected.errors])
+        if not found:
+            raise StackError(f"no agent runs `{wanted}` (model `{args.model}`, replica "
+                             f"{args.replica})",
+                             hint="run `stack status` to see where instances run, or "
+                                  "`stack apply` to start them.")
+        node = found[0]
+        log = f"{node_prefix(spec, node)}/logs/{wanted}.log"
+        ok, out, err = _run(connected.nodes[node],
+                            f"tail -n {int(args.tail)} {shlex.quote(log)}")
+        if not ok:
+            raise StackError(f"cannot read `{log}` on `{node}`: {err.strip()}",
+                             hint="the instance may not have started yet; see `stack status`.")
+        sys.stdout.write(out if out.endswith("\n") or not out else out + "\n")
+        return 0
+    finally:
+        disconnect(connected)

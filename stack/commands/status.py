@@ -1,0 +1,181 @@
+"""Show the fleet as its agents report it: nodes, GPUs (utilization, memory,
+temperature), model instances (state, restarts, endpoint) and the routers (requests/s and
+tokens/s over one second, from their Prometheus metrics).
+
+Hosts that cannot be read are listed with the reason; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from stack.observed import Observed
+from stack.spec import StackSpec
+
+HELP = "show nodes, GPUs, instances and routers as the agents report them"
+METRIC_PREFIX = "modelstack_router_"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def parse_router_metrics(text: str) -> dict[str, float]:
+    """Totals of the router's request and token counters in a Prometheus text page."""
+    totals = {"requests": 0.0, "tokens": 0.0}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        metric = name.split("{", 1)[0]
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if metric == METRIC_PREFIX + "requests_total":
+            totals["requests"] += number
+        elif metric == METRIC_PREFIX + "tokens_total":
+            totals["tokens"] += number
+    return totals
+
+
+def rates(first: dict[str, float], second: dict[str, float], seconds: float) -> dict[str, float]:
+    """Requests/s and tokens/s between two samples."""
+    span = max(seconds, 1e-6)
+    return {"requests_per_second": round((second["requests"] - first["requests"]) / span, 2),
+            "tokens_per_second": round((second["tokens"] - first["tokens"]) / span, 2)}
+
+
+def _router_sample(host: Any, prefix: str, listen: str) -> dict[str, float] | None:
+    from stack.apply import _run
+
+    python = shlex.quote(f"{prefix}/agent/venv/bin/python")
+    url = shlex.quote(f"http://{listen}/metrics")
+    code = shlex.quote("import sys,urllib.request as u;"
+                       "print(u.urlopen(sys.argv[1],timeout=5).read().decode())")
+    ok, out, _ = _run(host, f"{python} -c {code} {url}")
+    return parse_router_metrics(out) if ok else None
+
+
+def read_status(spec: StackSpec, stack_dir: Path) -> dict[str, Any]:
+    """The whole status as a JSON-able dict."""
+    import gevent
+
+    from stack.apply import node_prefix
+    from stack.observe import connect, disconnect, read_node
+
+    connected = connect(spec, stack_dir)
+    try:
+        facts = {}
+
+        def read(name: str) -> None:
+            facts[name] = read_node(spec, connected, name)
+
+        gevent.joinall([gevent.spawn(read, n) for n in connected.nodes])
+        observed = Observed(nodes=facts)
+        routers: dict[str, Any] = {}
+        globs = spec.router.hosts
+        from fnmatch import fnmatchcase
+
+        hosts = [n for n, f in facts.items() if f.reachable and not f.error
+                 and (not globs or any(fnmatchcase(n, g) for g in globs))]
+        first: dict[str, dict[str, float] | None] = {}
+        second: dict[str, dict[str, float] | None] = {}
+
+        def sample(into: dict[str, dict[str, float] | None], name: str) -> None:
+            into[name] = _router_sample(connected.nodes[name], node_prefix(spec, name),
+                                        spec.router.listen)
+
+        start = time.monotonic()
+        gevent.joinall([gevent.spawn(sample, first, n) for n in hosts])
+        gevent.sleep(1.0)
+        gevent.joinall([gevent.spawn(sample, second, n) for n in hosts])
+        span = time.monotonic() - start
+        for name in hosts:
+            a, b = first.get(name), second.get(name)
+            routers[name] = ({"listen": spec.router.listen, "up": True, **rates(a, b, span)}
+                             if a is not None and b is not None
+                             else {"listen": spec.router.listen, "up": False})
+    finally:
+        disconnect(connected)
+    return _status_json(observed, routers)
+
+
+def _status_json(observed: Observed, routers: dict[str, Any]) -> dict[str, Any]:
+    nodes: dict[str, Any] = {}
+    for name, node in sorted(observed.nodes.items()):
+        nodes[name] = {
+            "reachable": node.reachable and not node.error,
+            "error": node.error,
+            "address": node.address,
+            "agent": {"version": node.agent.version, "running": node.agent.running},
+            "gpus": [{"index": g.index, "name": g.name, "vendor": g.vendor,
+                      "utilization_percent": g.utilization_percent,
+                      "memory_used_bytes": g.memory_used_bytes,
+                      "memory_bytes": g.memory_bytes, "temperature_c": g.temperature_c}
+                     for g in node.gpus],
+            "instances": [{"id": i.id, "model": i.model, "replica": i.replica,
+                           "state": i.state,
+                           "restarts": (i.model_extra or {}).get("restarts", 0),
+                           "endpoint": f"http://{(i.model_extra or {}).get('host') or node.address}"
+                                       f":{i.port}",
+                           "backend": i.backend, "backend_version": i.backend_version}
+                          for i in node.agent.instances],
+        }
+    return {"nodes": nodes, "routers": routers}
+
+
+def _gib(n: int | None) -> str:
+    return f"{(n or 0) / 1024**3:.1f}"
+
+
+def render(console: Console, status: dict[str, Any]) -> None:
+    nodes = Table(title="Nodes")
+    for column in ("node", "agent", "GPUs (util %, used/total GiB, °C)", "problem"):
+        nodes.add_column(column)
+    instances = Table(title="Instances")
+    for column in ("instance", "node", "state", "restarts", "endpoint", "backend"):
+        instances.add_column(column)
+    for name, node in status["nodes"].items():
+        agent = node["agent"]
+        gpus = "; ".join(f"{g['index']}: {g['utilization_percent'] or 0:.0f}%, "
+                         f"{_gib(g['memory_used_bytes'])}/{_gib(g['memory_bytes'])}, "
+                         f"{g['temperature_c'] if g['temperature_c'] is not None else '-'}"
+                         for g in node["gpus"]) or "-"
+        running = "running" if agent["running"] else "stopped"
+        nodes.add_row(name, f"{agent['version'] or '-'} ({running})", gpus,
+                      (node["error"] or "").split("\n")[0])
+        for inst in node["instances"]:
+            instances.add_row(inst["id"], name, inst["state"], str(inst["restarts"]),
+                              inst["endpoint"],
+                              f"{inst['backend']} {inst['backend_version'] or ''}".strip())
+    console.print(nodes)
+    console.print(instances)
+    for name, router in status["routers"].items():
+        if router.get("up"):
+            console.print(f"router on {name} ({router['listen']}): "
+                          f"{router['requests_per_second']} requests/s, "
+                          f"{router['tokens_per_second']} tokens/s", highlight=False)
+        else:
+            console.print(f"router on {name} ({router['listen']}): not answering",
+                          highlight=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stack.config import load
+
+    path = Path(args.file)
+    status = read_status(load(path), path.resolve().parent)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        render(Console(), status)
+    return 0 if all(n["reachable"] for n in status["nodes"].values()) else 1
