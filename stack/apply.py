@@ -361,11 +361,42 @@ def _targets(
                 agent_service=agent_service(spec, node.prefix, node.manager),
                 router_service=router, models=models,
             )
+            check_disk(node.name, node.prefix, node.facts, targets[node.name])
             runtime_keys |= {f"runtime {i.name} {i.version}" for i in installs}
             model_keys |= {f"model {m.dest}" for m in models}
         except StackError as err:
+            targets.pop(node.name, None)
             reports[node.name].fail(err.message, err.hint)
     return targets, sorted(runtime_keys), sorted(model_keys)
+
+
+def upload_bytes(target: HostTarget) -> int:
+    """Bytes this host still has to receive (what is already there is not counted)."""
+    total = 0
+    if target.files.get("sidecars", {}).get(agent_paths(target.prefix)["bundle"]) \
+            != target.bundle_version:
+        total += 3 * target.bundle.stat().st_size  # the tarball, its wheels, the venv
+    for install in target.runtimes:
+        if install.version in target.facts.runtimes.get(install.name, []):
+            continue
+        local = target.runtime_uploads.get(install.path)
+        size = local.stat().st_size if local is not None else 0
+        total += (3 if install.prebuilt else 20) * size  # archive + extracted (+ build)
+    for model in target.models:
+        if target.files.get("sidecars", {}).get(model.dest + ".sha256") != model.sha256:
+            total += model.source.stat().st_size
+    return total
+
+
+def check_disk(node: str, prefix: str, facts: NodeFacts, target: HostTarget) -> None:
+    """Refuse a host whose disk cannot hold what apply would put there."""
+    needed = upload_bytes(target)
+    free = target.files.get("free") or facts.disk_free_bytes
+    if needed and free and free < needed:
+        raise ApplyError(
+            f"`{node}` has {free / 1024**3:.1f} GiB free at `{prefix}` but this apply "
+            f"needs about {needed / 1024**3:.1f} GiB there",
+            hint="free space on that disk or set `[nodes.\"...\"] prefix` to a larger one.")
 
 
 def run_deploys(

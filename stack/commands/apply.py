@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from stack.apply import ApplyOptions, ApplyResult, Desired, apply_fleet
-from stack.errors import ConfigError, StackError
+from stack.errors import ConfigError
 from stack.observed import Observed
 from stack.spec import StackSpec
 
@@ -40,24 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_plan(spec: StackSpec, stack_dir: Path, stack_bytes: bytes, observed: Observed) -> Any:
-    """The plan of `stack plan`: evaluate every model, schedule, compare with the facts."""
-    from agent.reconcile import VERSION
-    from stack.assign import build_assignments
-    from stack.estimate.evaluate import evaluate
-    from stack.estimate.read import read_metadata
-    from stack.plan import plan
-    from stack.schedule import schedule
+    """The plan `stack plan` would show for these facts."""
+    from stack.commands.plan import make_plan as plan_for
 
-    evaluations: dict[str, Any] = {}
-    failed: dict[str, str] = {}
-    for name, model in spec.models.items():
-        try:
-            evaluations[name] = evaluate(name, model, read_metadata(model.source, stack_dir))
-        except StackError as err:
-            failed[name] = err.message
-    placements = schedule(spec, evaluations, observed, failed=failed)
-    assignments = build_assignments(spec, placements, observed, stack_dir, None)
-    return plan(spec, observed, placements, assignments, stack_bytes, VERSION)
+    return plan_for(spec, stack_bytes, observed, stack_dir)
 
 
 def load_saved_plan(path: Path) -> Any:
@@ -87,19 +73,14 @@ def check_not_stale(saved: Any, stack_bytes: bytes, observed: Observed, path: Pa
 
 
 def render_changes(plan: Any) -> str:
-    """The plan's changes, one line each, and Terraform's summary line."""
-    try:
-        from stack.render import render_plan
+    """The plan as `stack plan` prints it."""
+    import io
 
-        return str(render_plan(plan))
-    except ImportError:
-        pass
-    if not plan.changes:
-        return "No changes. The fleet matches stack.toml."
-    lines = [f"  {c.action.symbol} {c.address}: {c.reason}" for c in plan.changes]
-    s = plan.summary
-    lines.append(f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy.")
-    return "\n".join(lines)
+    from stack.render import print_plan
+
+    out = io.StringIO()
+    print_plan(plan, out)
+    return out.getvalue().rstrip("\n")
 
 
 def print_result(console: Console, result: ApplyResult) -> None:
