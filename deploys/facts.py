@@ -30,9 +30,21 @@ def facts_script() -> str:
     return SCRIPT.read_text()
 
 
+@cache
+def _script_body() -> str:
+    # what is sent: the script without its comment-only and blank lines (it has no here-docs
+    # or multi-line strings holding such lines)
+    lines = facts_script().splitlines()
+    return "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
 def facts_command(prefix: str) -> str:
-    """The shell command that prints a host's facts JSON (the prefix is quoted)."""
-    return f"STACK_PREFIX={shlex.quote(prefix)} sh -c {shlex.quote(facts_script())} facts"
+    """The shell command that prints a host's facts JSON (the prefix is quoted).
+
+    The script runs in the `sh -c` that pyinfra wraps every command in (under `sudo` when
+    asked), with `STACK_PREFIX` set first: no second shell is started for it.
+    """
+    return f"STACK_PREFIX={shlex.quote(prefix)}\n{_script_body()}\n"
 
 
 class HostFacts(FactBase[dict[str, Any]]):

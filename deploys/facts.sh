@@ -8,9 +8,14 @@
 # Escaping: vendor tool outputs (and `stack-agent status --json`) are arbitrary text, so they
 # are never put into JSON by hand: each is encoded whole, base64 (`"enc": "base64"`) or, on a
 # host without `base64`, hex from od (`"enc": "hex"`). Short values (distro, kernel, paths,
-# runtime names) go through `jstr`, which drops control characters and escapes `\` and `"`.
+# runtime names) go through `jput`, which drops control characters and escapes `\` and `"`.
 # The parsing is done on the controller (deploys/facts.py, agent/gpus).
 # The tool commands must stay equal to those in agent/gpus (tests/facts checks it).
+#
+# Cheap by design (it runs on every host at every plan and apply): files are read with the
+# `read` builtin, paths and fields are cut with parameter expansion, and the JSON is built in
+# one variable and written once. A host without accelerators starts 4 processes (uname,
+# nproc, df, id); each vendor tool present adds itself, `timeout` and the encoder.
 
 PREFIX="${STACK_PREFIX:-/opt/stack}"
 SYSFS="${STACK_SYSFS_ROOT:-/sys}"
@@ -18,38 +23,93 @@ PATH="$PATH:/usr/sbin:/sbin:/opt/rocm/bin:/usr/local/Ascend/driver/tools:/usr/lo
 export PATH
 LC_ALL=C
 export LC_ALL
+NL='
+'
 
-jstr() {
-  printf '"%s"' "$(printf '%s' "$1" | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')"
+J="" # the JSON being built
+
+# append $1 to the JSON as a string: control characters dropped, `\` and `"` escaped (only
+# a value that has any of them, or a non-ASCII byte, costs a `tr` and a `sed`)
+jput() {
+  case $1 in
+    *[!\ -~]* | *[\"\\]*)
+      J="$J\"$(printf '%s' "$1" | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')\"" ;;
+    *) J="$J\"$1\"" ;;
+  esac
 }
 
-if command -v base64 >/dev/null 2>&1; then
+has() { command -v "$1" >/dev/null 2>&1; }
+
+if has base64; then
   ENC=base64
   encode() { base64 | tr -d '\n\r'; }
 else
   ENC=hex
   encode() { od -An -v -tx1 | tr -d ' \n\r'; }
 fi
+if has timeout; then HAS_TIMEOUT=1; else HAS_TIMEOUT=""; fi
 
-# "NAME": {"rc": N, "enc": "...", "out": "..."} for a command's stdout+stderr
+# append "NAME": {"rc": N, "enc": "...", "out": "..."} for a command's stdout+stderr
 captured() {
   name=$1
   shift
-  if command -v timeout >/dev/null 2>&1; then
+  if [ -n "$HAS_TIMEOUT" ]; then
     out=$(timeout 30 "$@" 2>&1)
   else
     out=$("$@" 2>&1)
   fi
   rc=$?
-  printf '%s: {"rc": %d, "enc": "%s", "out": "%s"}' "$(jstr "$name")" "$rc" "$ENC" \
-    "$(printf '%s' "$out" | encode)"
+  jput "$name"
+  J="$J: {\"rc\": $rc, \"enc\": \"$ENC\", \"out\": \"$(printf '%s' "$out" | encode)\"}"
 }
 
-has() { command -v "$1" >/dev/null 2>&1; }
-read_first() { [ -r "$1" ] && head -n 1 "$1" 2>/dev/null | tr -d '\r'; }
+# the first line of a readable file, in REPLY (empty when it is missing or unreadable)
+read_first() {
+  REPLY=""
+  [ -r "$1" ] || return 0
+  IFS= read -r REPLY 2>/dev/null <"$1"
+  return 0
+}
+
+# dirname(1) without a process, in REPLY
+parent() {
+  p=$1
+  case $p in
+    *[!/]*) ;;
+    "") REPLY=. && return 0 ;;
+    *) REPLY=/ && return 0 ;;
+  esac
+  while :; do case $p in */) p=${p%/} ;; *) break ;; esac; done
+  case $p in */*) ;; *) REPLY=. && return 0 ;; esac
+  p=${p%/*}
+  while :; do case $p in */) p=${p%/} ;; *) break ;; esac; done
+  REPLY=${p:-/}
+}
+
+# $1 without its double quotes, in REPLY
+unquote() {
+  REPLY=$1
+  while :; do
+    case $REPLY in
+      *\"*) REPLY=${REPLY%%\"*}${REPLY#*\"} ;;
+      *) break ;;
+    esac
+  done
+}
 
 # -- the machine ------------------------------------------------------------------------
-kernel_name=$(uname -s 2>/dev/null || echo unknown)
+set -f # word splitting below, no globbing
+# shellcheck disable=SC2046 # split on purpose: "sysname nodename release machine"
+set -- $(uname -snrm 2>/dev/null)
+if [ $# -eq 4 ]; then
+  kernel_name=$1 hostname=$2 kernel=$3 arch=$4
+else
+  kernel_name=$(uname -s 2>/dev/null || echo unknown)
+  hostname=$(uname -n 2>/dev/null)
+  kernel=$(uname -r 2>/dev/null)
+  arch=$(uname -m 2>/dev/null)
+fi
+set +f
 case "$kernel_name" in
   Linux) os=linux ;;
   Darwin) os=darwin ;;
@@ -59,9 +119,15 @@ esac
 
 distro_id="" distro_version="" distro_name=""
 if [ -r /etc/os-release ]; then
-  distro_id=$(sed -n 's/^ID=//p' /etc/os-release | tr -d '"' | head -n 1)
-  distro_version=$(sed -n 's/^VERSION_ID=//p' /etc/os-release | tr -d '"' | head -n 1)
-  distro_name=$(sed -n 's/^PRETTY_NAME=//p' /etc/os-release | tr -d '"' | head -n 1)
+  seen=""
+  while IFS= read -r line || [ -n "$line" ]; do
+    # the first line of each key, without its double quotes
+    case $line in
+      ID=*) case $seen in *i*) ;; *) seen="${seen}i" && unquote "${line#ID=}" && distro_id=$REPLY ;; esac ;;
+      VERSION_ID=*) case $seen in *v*) ;; *) seen="${seen}v" && unquote "${line#VERSION_ID=}" && distro_version=$REPLY ;; esac ;;
+      PRETTY_NAME=*) case $seen in *n*) ;; *) seen="${seen}n" && unquote "${line#PRETTY_NAME=}" && distro_name=$REPLY ;; esac ;;
+    esac
+  done </etc/os-release
 elif [ "$os" = darwin ] && has sw_vers; then
   distro_id=macos
   distro_version=$(sw_vers -productVersion 2>/dev/null)
@@ -69,8 +135,14 @@ elif [ "$os" = darwin ] && has sw_vers; then
 fi
 
 cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
+memory=""
 if [ -r /proc/meminfo ]; then
-  memory=$(awk '/^MemTotal:/ {printf "%.0f", $2 * 1024}' /proc/meminfo)
+  while read -r key value _; do
+    if [ "$key" = MemTotal: ]; then
+      case $value in "" | *[!0-9]*) memory=0 ;; *) memory=$((value * 1024)) ;; esac
+      break
+    fi
+  done </proc/meminfo
 else
   memory=$(sysctl -n hw.memsize 2>/dev/null || echo 0)
 fi
@@ -78,61 +150,106 @@ fi
 # free disk at the prefix, or at its nearest existing parent before it is created
 disk_path=$PREFIX
 while [ ! -d "$disk_path" ] && [ "$disk_path" != / ] && [ -n "$disk_path" ]; do
-  disk_path=$(dirname "$disk_path")
+  parent "$disk_path"
+  disk_path=$REPLY
 done
-disk_free=$(df -Pk "$disk_path" 2>/dev/null | awk 'NR == 2 {printf "%.0f", $4 * 1024}')
+disk_free=""
+df_out=$(df -Pk "$disk_path" 2>/dev/null)
+case $df_out in
+  *"$NL"*)
+    line=${df_out#*"$NL"}
+    set -f
+    # shellcheck disable=SC2086 # split on purpose: the fields of df's second line
+    set -- ${line%%"$NL"*}
+    set +f
+    case $4 in "" | *[!0-9]*) disk_free=0 ;; *) disk_free=$(($4 * 1024)) ;; esac
+    ;;
+esac
+
+J="{\"facts_version\": 1, \"os\": "
+jput "$os"
+J="$J, \"distro_id\": "
+jput "$distro_id"
+J="$J, \"distro_version\": "
+jput "$distro_version"
+J="$J, \"distro_name\": "
+jput "$distro_name"
+J="$J,$NL \"kernel\": "
+jput "$kernel"
+J="$J, \"arch\": "
+jput "$arch"
+J="$J, \"hostname\": "
+jput "$hostname"
+J="$J,$NL \"cpu_cores\": ${cores:-1}, \"memory_bytes\": ${memory:-0}, \"disk_path\": "
+jput "$disk_path"
+J="$J, \"disk_free_bytes\": ${disk_free:-0},$NL \"pci\": ["
 
 # -- accelerators on the PCI bus (seen before any driver is installed) -------------------
-pci=""
+sep=""
 for device in "$SYSFS"/bus/pci/devices/*; do
   [ -r "$device/class" ] && [ -r "$device/vendor" ] || continue
-  class=$(read_first "$device/class")
+  read_first "$device/class"
+  class=$REPLY
   case "$class" in
     0x03* | 0x12*)
-      entry="$(read_first "$device/vendor"):$class"
-      pci="$pci${pci:+, }$(jstr "$entry")"
+      read_first "$device/vendor"
+      J="$J$sep"
+      jput "$REPLY:$class"
+      sep=", "
       ;;
   esac
 done
+J="$J], \"tools\": {"
 
 # -- vendor tools (the first present tool of each group answers) -------------------------
-tools=""
-add_tool() { tools="$tools${tools:+, }$1"; }
+sep=""
+tool() {
+  J="$J$sep"
+  sep=", "
+  captured "$@"
+}
 if has nvidia-smi; then
-  add_tool "$(captured nvidia-smi nvidia-smi --query-gpu=index,uuid,name,pci.bus_id,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw,driver_version,compute_cap --format=csv)"
+  tool nvidia-smi nvidia-smi --query-gpu=index,uuid,name,pci.bus_id,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw,driver_version,compute_cap --format=csv
 fi
 rocm_flags="--showid --showmeminfo vram --showpower --showuse --showtemp --showproductname --showuniqueid --json"
 if has hy-smi; then
   # shellcheck disable=SC2086 # the flags are words on purpose
-  add_tool "$(captured hy-smi hy-smi $rocm_flags)"
+  tool hy-smi hy-smi $rocm_flags
 elif has rocm-smi; then
   # shellcheck disable=SC2086
-  add_tool "$(captured rocm-smi rocm-smi $rocm_flags)"
+  tool rocm-smi rocm-smi $rocm_flags
 elif has amd-smi; then
-  add_tool "$(captured amd-smi amd-smi static --json)"
+  tool amd-smi amd-smi static --json
 fi
-if has npu-smi; then add_tool "$(captured npu-smi npu-smi info)"; fi
-if has mthreads-gmi; then add_tool "$(captured mthreads-gmi mthreads-gmi)"; fi
+if has npu-smi; then tool npu-smi npu-smi info; fi
+if has mthreads-gmi; then tool mthreads-gmi mthreads-gmi; fi
 if has ixsmi; then
-  add_tool "$(captured ixsmi ixsmi --query-gpu=index,uuid,name,pci.bus_id,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw,driver_version,compute_cap --format=csv)"
+  tool ixsmi ixsmi --query-gpu=index,uuid,name,pci.bus_id,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw,driver_version,compute_cap --format=csv
 fi
 if has cnmon; then
   # `cnmon info -e -m -u -j` writes cnmon_info.json into the current folder
   cn_dir=$(mktemp -d 2>/dev/null || echo "/tmp/stack-cnmon-$$")
   mkdir -p "$cn_dir"
-  add_tool "$(captured cnmon sh -c 'cd "$1" && cnmon info -e -m -u -j >/dev/null 2>&1; cat cnmon_info.json' cnmon "$cn_dir")"
+  tool cnmon sh -c 'cd "$1" && cnmon info -e -m -u -j >/dev/null 2>&1; cat cnmon_info.json' cnmon "$cn_dir"
   rm -rf "$cn_dir"
 fi
 if [ "$os" = darwin ] && has system_profiler; then
-  add_tool "$(captured system_profiler system_profiler SPDisplaysDataType)"
+  tool system_profiler system_profiler SPDisplaysDataType
 fi
+J="$J},$NL"
 
 # -- drivers, reboot, Secure Boot ---------------------------------------------------------
-nvidia_loaded=$(read_first "$SYSFS/module/nvidia/version")
+read_first "$SYSFS/module/nvidia/version"
+nvidia_loaded=$REPLY
 nvidia_installed=""
-if has modinfo; then nvidia_installed=$(modinfo -F version nvidia 2>/dev/null | head -n 1); fi
-amdgpu_loaded=$(read_first "$SYSFS/module/amdgpu/version")
-rocm_version=$(read_first /opt/rocm/.info/version)
+if has modinfo; then
+  nvidia_installed=$(modinfo -F version nvidia 2>/dev/null)
+  nvidia_installed=${nvidia_installed%%"$NL"*}
+fi
+read_first "$SYSFS/module/amdgpu/version"
+amdgpu_loaded=$REPLY
+read_first /opt/rocm/.info/version
+rocm_version=$REPLY
 
 reboot=false
 if [ -e /var/run/reboot-required ] || [ -e /run/reboot-required ]; then reboot=true; fi
@@ -147,33 +264,57 @@ if has mokutil; then
   esac
 fi
 
+J="$J \"nvidia_module_loaded\": "
+jput "$nvidia_loaded"
+J="$J, \"nvidia_module_installed\": "
+jput "$nvidia_installed"
+J="$J,$NL \"amdgpu_module_loaded\": "
+jput "$amdgpu_loaded"
+J="$J, \"rocm_version\": "
+jput "$rocm_version"
+J="$J,$NL \"reboot_required\": $reboot, \"secure_boot\": "
+jput "$secure_boot"
+J="$J,$NL \"prefix\": "
+jput "$PREFIX"
+J="$J, \"runtimes\": ["
+
 # -- what stack installed under the prefix -----------------------------------------------
-runtimes=""
+sep=""
 for marker in "$PREFIX"/runtimes/*/*/.installed; do
   [ -f "$marker" ] || continue
-  version_dir=$(dirname "$marker")
-  name=$(basename "$(dirname "$version_dir")")
-  runtimes="$runtimes${runtimes:+, }$(jstr "$name/$(basename "$version_dir")")"
+  version_dir=${marker%/.installed}
+  name_dir=${version_dir%/*}
+  J="$J$sep"
+  jput "${name_dir##*/}/${version_dir##*/}"
+  sep=", "
 done
-agent_version=$(read_first "$PREFIX/agent/.installed")
-agent_status=""
+read_first "$PREFIX/agent/.installed"
+J="$J], \"agent_version\": "
+jput "$REPLY"
 if [ -x "$PREFIX/agent/venv/bin/stack-agent" ]; then
-  agent_status=", $(captured agent_status "$PREFIX/agent/venv/bin/stack-agent" status --json --config "$PREFIX/etc/agent.toml")"
+  J="$J, "
+  captured agent_status "$PREFIX/agent/venv/bin/stack-agent" status --json --config "$PREFIX/etc/agent.toml"
 fi
 
-user=$(id -un 2>/dev/null)
-uid=$(id -u 2>/dev/null || echo -1)
+# user and uid from one `id` (POSIX format: uid=N(name) gid=N(name) [euid=N(name)] ...)
+id_out=$(id 2>/dev/null)
+case $id_out in
+  *" euid="*) who=${id_out#*" euid="} ;;
+  uid=*) who=${id_out#uid=} ;;
+  *) who="" ;;
+esac
+who=${who%%" gid="*}
+who=${who%%" egid="*}
+who=${who%%" groups="*}
+uid=${who%%"("*}
+case $uid in "" | *[!0-9]*) uid="" ;; esac
+user=""
+case $who in *"("*")"*) user=${who#*"("} && user=${user%")"} ;; esac
 sudo_ok=false
 if [ "$uid" = 0 ]; then sudo_ok=true; elif has sudo && sudo -n true >/dev/null 2>&1; then sudo_ok=true; fi
 
-cat <<EOF
-{"facts_version": 1, "os": $(jstr "$os"), "distro_id": $(jstr "$distro_id"), "distro_version": $(jstr "$distro_version"), "distro_name": $(jstr "$distro_name"),
- "kernel": $(jstr "$(uname -r 2>/dev/null)"), "arch": $(jstr "$(uname -m 2>/dev/null)"), "hostname": $(jstr "$(uname -n 2>/dev/null)"),
- "cpu_cores": ${cores:-1}, "memory_bytes": ${memory:-0}, "disk_path": $(jstr "$disk_path"), "disk_free_bytes": ${disk_free:-0},
- "pci": [$pci], "tools": {$tools},
- "nvidia_module_loaded": $(jstr "$nvidia_loaded"), "nvidia_module_installed": $(jstr "$nvidia_installed"),
- "amdgpu_module_loaded": $(jstr "$amdgpu_loaded"), "rocm_version": $(jstr "$rocm_version"),
- "reboot_required": $reboot, "secure_boot": $(jstr "$secure_boot"),
- "prefix": $(jstr "$PREFIX"), "runtimes": [$runtimes], "agent_version": $(jstr "$agent_version")$agent_status,
- "user": $(jstr "$user"), "uid": ${uid:--1}, "sudo_ok": $sudo_ok, "test_host": $(jstr "${STACK_TEST_HOST:-}")}
-EOF
+J="$J,$NL \"user\": "
+jput "$user"
+J="$J, \"uid\": ${uid:--1}, \"sudo_ok\": $sudo_ok, \"test_host\": "
+jput "${STACK_TEST_HOST:-}"
+printf '%s}\n' "$J"

@@ -10,14 +10,15 @@ loads it. `[nodes."PATTERN"]` settings (user, port, key, sudo, prefix) apply on 
 
 This is the boundary where pyinfra and paramiko errors become messages: a host that does
 not answer, refuses the key or lacks sudo is a `NodeFacts(reachable=False, error=...)`
-naming the host with a hint, and the other hosts go on. Connections and facts run in one
-greenlet per host; they overlap only when gevent has patched the process (the CLI does it
-first thing).
+naming the host with a hint, and the other hosts go on. Connecting and reading the facts
+run in one greenlet per host; they overlap only when gevent has patched the process (the
+CLI does it first thing).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,8 +144,17 @@ def _connect_error(node: str, address: str, exc: Exception) -> str:
     return f"host `{node}` ({address}) is unreachable: {text}\nhint: {hint}"
 
 
-def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None) -> Connected:
-    """Connect to every host in parallel; unreachable ones are in `errors`, not raised."""
+def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
+            then: Callable[[Connected, str], None] | None = None,
+            then_timeout: float = 0) -> Connected:
+    """Connect to every host in parallel; unreachable ones are in `errors`, not raised.
+
+    With `then`, each host's greenlet calls `then(connected, node)` as soon as that host is
+    connected (gather reads its facts there), so one host's work overlaps the other hosts'
+    handshakes instead of waiting for the slowest of them; `then_timeout` is added to the
+    time the greenlets get. A greenlet still in `then` at the deadline is killed and its
+    node is left to the caller (it is connected, not in `errors`).
+    """
     inventory, addresses = build_inventory(spec, stack_dir, hosts)
     config = Config(CONNECT_TIMEOUT=CONNECT_TIMEOUT)  # type: ignore[no-untyped-call]
     state = State(inventory, config)
@@ -159,15 +169,19 @@ def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None)
             except (ConnectError, PyinfraError, OSError) as exc:
                 where = f"{addresses[node]}:{host.data.get('ssh_port') or 22}"
                 connected.errors[node] = _connect_error(node, where, exc)
+                return
+        if then is not None:
+            then(connected, node)
 
     with ctx_state.use(state):
         greenlets = [gevent.spawn(one, node, host) for node, host in connected.nodes.items()]
-        gevent.joinall(greenlets, timeout=CONNECT_TIMEOUT * 3)
-    for (node, _), greenlet in zip(connected.nodes.items(), greenlets, strict=True):
+        gevent.joinall(greenlets, timeout=CONNECT_TIMEOUT * 3 + then_timeout)
+    for (node, host), greenlet in zip(connected.nodes.items(), greenlets, strict=True):
         if not greenlet.dead:
             greenlet.kill(block=False)
-            connected.errors.setdefault(node, _connect_error(
-                node, addresses[node], TimeoutError("connection timed out")))
+            if not host.connected:
+                connected.errors.setdefault(node, _connect_error(
+                    node, addresses[node], TimeoutError("connection timed out")))
     if connected.errors:
         failed = {connected.nodes[n] for n in connected.errors}
         # "No hosts remaining!" when all failed: every host is reported, none raised
@@ -232,23 +246,26 @@ def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
 
 def gather(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
            now: datetime | None = None) -> Observed:
-    """Facts of every host of the stack, read in parallel; one failing host stops nothing."""
-    connected = connect(spec, stack_dir, hosts=hosts)
+    """Facts of every host of the stack, read in parallel; one failing host stops nothing.
+
+    One greenlet per host connects and then reads the facts right away (one SSH round
+    trip), overlapping with the other hosts' handshakes.
+    """
+    results: dict[str, NodeFacts] = {}
+
+    def read(connected: Connected, node: str) -> None:
+        results[node] = read_node(spec, connected, node)
+
+    connected = connect(spec, stack_dir, hosts=hosts, then=read, then_timeout=FACTS_TIMEOUT)
     try:
-        results: dict[str, NodeFacts] = {}
-
-        def one(node: str) -> None:
-            results[node] = read_node(spec, connected, node)
-
-        greenlets = [gevent.spawn(one, node) for node in connected.nodes]
-        gevent.joinall(greenlets, timeout=FACTS_TIMEOUT + CONNECT_TIMEOUT)
         for node in connected.nodes:
+            if node in connected.errors:
+                results[node] = read_node(spec, connected, node)  # the connect error
             results.setdefault(node, NodeFacts(
                 address=connected.addresses[node], reachable=False,
+                labels=dict(node_settings(spec, node).labels),
                 error=f"host `{node}` did not answer within {FACTS_TIMEOUT} s\nhint: check "
                       "the host's load and its vendor tools (a hung `nvidia-smi`?)."))
-        for greenlet in greenlets:
-            greenlet.kill(block=False)
     finally:
         disconnect(connected)
     stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -256,11 +273,19 @@ def gather(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
 
 
 def disconnect(connected: Connected) -> None:
-    """Close every SSH connection of a Connected."""
+    """Close every SSH connection of a Connected.
+
+    pyinfra's SSH connector `disconnect` only drops its file transfer client and leaves the
+    paramiko client (and the host's sshd session) open until garbage collection, so the
+    client is closed here too.
+    """
     for node, host in connected.nodes.items():
         if node not in connected.errors and host.connected:
             try:
                 host.disconnect()
+                client = getattr(host.connector, "client", None)
+                if client is not None:
+                    client.close()
             except Exception:  # closing a dead connection must not hide the results
                 continue
 

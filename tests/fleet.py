@@ -2,10 +2,13 @@
 
 Every host gets its own random address in 127.0.0.0/8 with a free port, its own folder
 (`<root>/<name>/`) holding the sshd config, host key, prefix (`prefix/`), fake sysfs root
-(`sysfs/`) and PATH folder (`bin/`). sshd's `SetEnv` gives every SSH session of a host
-`PATH=<hostdir>/bin:...`, `STACK_TEST_HOST=<name>`, `STACK_SYSFS_ROOT=<hostdir>/sysfs` and
-a unique `STACK_FLEET_HOST` token, so vendor tools and the facts script see the host's
-identity even though all hosts are this one machine.
+(`sysfs/`), PATH folder (`bin/`) and home folder (`home/`). sshd's `SetEnv` gives every SSH
+session of a host `PATH=<hostdir>/bin:...`, `HOME=<hostdir>/home`, `STACK_TEST_HOST=<name>`,
+`STACK_SYSFS_ROOT=<hostdir>/sysfs` and a unique `STACK_FLEET_HOST` token, so vendor tools and
+the facts script see the host's identity even though all hosts are this one machine. The
+own, empty home also keeps the login shell from sourcing this machine's ~/.bashrc in every
+session (a developer's rc file, e.g. `pyenv init`, costs ~0.13 s of CPU per session, which a
+fleet host of its own would not have and which 16 loopback hosts would share on 2 cores).
 
 GPU hosts get fake vendor tools (`tests/fleet_tools/fake-tool`) that print recorded real
 outputs from `tests/facts/fixtures/` (see SOURCES.md there), and fake PCI devices with the
@@ -375,13 +378,15 @@ class Fleet:
     # -- internals -----------------------------------------------------------------------
 
     def _write_host(self, host: FleetHost) -> None:
-        for sub in ("bin", "prefix", "sysfs/bus/pci/devices", "sysfs/module", "tool-data"):
+        for sub in ("bin", "home", "prefix", "sysfs/bus/pci/devices", "sysfs/module",
+                    "tool-data"):
             (host.path / sub).mkdir(parents=True, exist_ok=True)
         _keygen(host.path / "host_key", f"fleet-{host.name}")
         shutil.copy(self.client_key.with_suffix(".pub"), host.path / "authorized_keys")
         (host.path / "authorized_keys").chmod(0o600)
         env = {
             "PATH": f"{host.bin}:{SYSTEM_PATH}",
+            "HOME": str(host.path / "home"),
             "STACK_TEST_HOST": host.name,
             "STACK_SYSFS_ROOT": str(host.sysfs),
             "STACK_FLEET_HOST": host.token,
