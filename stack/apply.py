@@ -119,11 +119,17 @@ def node_prefix(spec: StackSpec, node: str) -> str:
     return (node_settings(spec, node).prefix or spec.stack.prefix).rstrip("/")
 
 
-def _run(host: Host, command: str, sudo: bool = False) -> tuple[bool, str, str]:
-    """One shell command on a host: (ok, stdout, stderr)."""
+def _sudo(host: Host) -> dict[str, Any]:
+    """`[nodes."..."] sudo = true` (set on the host data by stack.observe)."""
+    data = getattr(host, "data", None)
+    return {"_sudo": True} if data is not None and data.get("_sudo") else {}
+
+
+def _run(host: Host, command: str) -> tuple[bool, str, str]:
+    """One shell command on a host (with sudo where the node says so): (ok, out, err)."""
     from pyinfra.api.command import StringCommand
 
-    kwargs: dict[str, Any] = {"_sudo": True} if sudo else {}
+    kwargs = _sudo(host)
     ok, output = host.run_shell_command(
         StringCommand("sh", "-c", shlex.quote(command)), **kwargs
     )
@@ -147,7 +153,7 @@ def _write(host: Host, dest: str, content: bytes, mode: str = "600") -> None:
     parent = str(Path(dest).parent)
     ok, _, err = _run(host, f"mkdir -p {q(parent)}")
     if ok:
-        ok = bool(host.put_file(io.BytesIO(content), dest + ".tmp"))
+        ok = bool(host.put_file(io.BytesIO(content), dest + ".tmp", **_sudo(host)))
     if ok:
         tmp = q(dest + ".tmp")
         ok, _, err = _run(host, f"chmod {mode} {tmp} && mv {tmp} {q(dest)}")
