@@ -24,22 +24,40 @@ class Window:
 
     buckets: Cells = field(default_factory=lambda: [0] * WINDOW)
     stamps: Cells = field(default_factory=lambda: [-1] * WINDOW)
+    cache: Cells = field(default_factory=lambda: [-1, 0])
+    """(second, total over the window ending at that second): the sum is computed once
+    per second, then kept up to date by `add` and `adjust`."""
 
     def total(self, second: int) -> int:
-        return sum(b for b, s in zip(self.buckets, self.stamps, strict=True)
-                   if second - WINDOW < s <= second)
+        cache = self.cache
+        if cache[0] == second:
+            return cache[1]
+        total = sum(b for b, s in zip(self.buckets, self.stamps, strict=True)
+                    if second - WINDOW < s <= second)
+        cache[0], cache[1] = second, total
+        return total
 
     def add(self, second: int, amount: int) -> None:
         i = second % WINDOW
         if self.stamps[i] != second:
             self.buckets[i], self.stamps[i] = 0, second
         self.buckets[i] += amount
+        if self.cache[0] == second:
+            self.cache[1] += amount
+        else:
+            self.cache[0] = -1
 
     def adjust(self, second: int, now_second: int, amount: int) -> None:
         """Correct an earlier bucket if it is still in the window."""
         i = second % WINDOW
         if self.stamps[i] == second and now_second - second < WINDOW:
-            self.buckets[i] = max(0, self.buckets[i] + amount)
+            old = self.buckets[i]
+            self.buckets[i] = new = max(0, old + amount)
+            cache = self.cache
+            if cache[0] >= 0 and cache[0] - WINDOW < second <= cache[0]:
+                cache[1] += new - old
+            else:
+                cache[0] = -1
 
     def retry_after(self, second: int, limit: int, need: int) -> int:
         """Whole seconds until `need` more fits under `limit`."""

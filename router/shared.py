@@ -32,8 +32,9 @@ log = logging.getLogger("stack-router")
 SLOTS = 4096
 """Distinct key hashes the table holds (slots are never freed; revoked keys keep theirs)."""
 ID_BYTES = 32
-CELLS = 4 * WINDOW
-"""int64 cells per slot: request buckets and stamps, token buckets and stamps."""
+CELLS = 4 * WINDOW + 4
+"""int64 cells per slot: request buckets and stamps, token buckets and stamps, and each
+window's cached (second, total)."""
 SLOT_BYTES = 2048
 TABLE_BYTES = SLOTS * SLOT_BYTES
 CLAIM_LOCK = TABLE_BYTES
@@ -86,6 +87,8 @@ class SharedState:
                 if held in (key_id, empty):
                     if held == empty:
                         self.view[base:base + ID_BYTES] = key_id
+                        _init_cache(self.view[base + ID_BYTES:base + ID_BYTES + CELLS * 8]
+                                    .cast("q"))
                     self.slots[key_id] = index
                     return index
         return None
@@ -99,8 +102,10 @@ class SharedState:
             return None
         base = index * SLOT_BYTES + ID_BYTES
         cells = self.view[base:base + CELLS * 8].cast("q")
-        requests = Window(cells[0:WINDOW], cells[WINDOW:2 * WINDOW])
-        tokens = Window(cells[2 * WINDOW:3 * WINDOW], cells[3 * WINDOW:4 * WINDOW])
+        caches = 4 * WINDOW
+        requests = Window(cells[0:WINDOW], cells[WINDOW:2 * WINDOW], cells[caches:caches + 2])
+        tokens = Window(cells[2 * WINDOW:3 * WINDOW], cells[3 * WINDOW:4 * WINDOW],
+                        cells[caches + 2:caches + 4])
         return SharedKeyLimiter(self, index * SLOT_BYTES, KeyLimiter(rpm, tpm, requests, tokens))
 
     # metrics
@@ -146,6 +151,12 @@ class SharedState:
 
         got = await asyncio.gather(*(fetch(s) for s in range(self.workers) if s != own_slot))
         return [g for g in got if g]
+
+
+def _init_cache(cells: memoryview) -> None:
+    """A new slot's window caches say "nothing cached" (second -1)."""
+    cells[4 * WINDOW] = -1
+    cells[4 * WINDOW + 2] = -1
 
 
 class SharedKeyLimiter:

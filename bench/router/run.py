@@ -7,6 +7,11 @@ core 0, the load generator (`wrk`, and a small asyncio client for TTFT and paced
 to core 1. LiteLLM is installed with pip into a separate venv (`$LITELLM_VENV`, default
 /tmp/modelstack-bench-litellm), never into the project's. Prints a Markdown report.
 Needs the Debian packages `wrk` and `nginx`.
+
+Two more sections in the same run: the upstream client alone (clients.py: aiohttp,
+httpx, our raw pool; client on core 1, canned upstream on core 0, 32 concurrent
+requests, rounds interleaved), and 1 vs 2 router workers with everything (upstream,
+router, wrk) allowed on both cores, with the router's CPU time per request.
 """
 
 from __future__ import annotations
@@ -56,12 +61,19 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], log: Path, **kw: object) -> subprocess.Popen[bytes]:
+    def start(self, argv: list[str], log: Path, cpus: str = SERVER_CPU,
+              **kw: object) -> subprocess.Popen[bytes]:
         out = log.open("wb")
-        proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv], stdout=out,
+        proc = subprocess.Popen(["taskset", "-c", cpus, *argv], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, **kw)  # type: ignore[call-overload]
         self.procs.append(proc)
-        return proc
+        return proc  # type: ignore[no-any-return]
+
+    def stop_one(self, proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        self.procs.remove(proc)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -74,9 +86,9 @@ class Procs:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def wrk(url: str, lua: Path, conns: int, seconds: int) -> dict[str, float]:
+def wrk(url: str, lua: Path, conns: int, seconds: int, cpus: str = LOAD_CPU) -> dict[str, float]:
     out = subprocess.run(
-        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
+        ["taskset", "-c", cpus, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
          "-s", str(lua), url], capture_output=True, text=True, timeout=seconds + 60).stdout
 
     def ms(label: str) -> float:
@@ -91,11 +103,81 @@ def wrk(url: str, lua: Path, conns: int, seconds: int) -> dict[str, float]:
             "errors": float(errors.group(1)) if errors else 0.0}
 
 
-def lua(path: Path, body: bytes) -> Path:
+def lua(path: Path, body: bytes, key: str = "sk-bench") -> Path:
     path.write_text('wrk.method = "POST"\nwrk.body = ' + json.dumps(body.decode()) +
                     '\nwrk.headers["Content-Type"] = "application/json"\n'
-                    'wrk.headers["Authorization"] = "Bearer sk-bench"\n')
+                    f'wrk.headers["Authorization"] = "Bearer {key}"\n')
     return path
+
+
+def clients(port: int, secs: int, rounds: int) -> dict[str, list[dict[str, float]]]:
+    """The upstream client alone against the canned upstream; rounds interleaved."""
+    results: dict[str, list[dict[str, float]]] = {"raw": [], "aiohttp": [], "httpx": []}
+    for _ in range(rounds):
+        for name in results:
+            out = subprocess.run(
+                ["taskset", "-c", LOAD_CPU, PY, str(HERE / "clients.py"), "--client", name,
+                 "--port", str(port), "--conns", "32", "--seconds", str(secs)],
+                capture_output=True, text=True, timeout=secs + 120, check=True).stdout
+            results[name].append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its children (the router's workers)."""
+    pids = [pid] + [int(p) for p in subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def router_config(path: Path, port: int, upstream: str, workers: int) -> Path:
+    path.write_text(json.dumps({
+        "listen": f"127.0.0.1:{port}", "workers": workers,
+        "models": [{"name": "m", "replicas": [{"id": "canned", "url": f"http://{upstream}"}]}],
+        "keys": [{"name": "bench", "hash": "sha256:" + hashlib.sha256(b"sk-bench").hexdigest()},
+                 {"name": "limited", "rpm": 10**9, "tpm": 10**12,
+                  "hash": "sha256:" + hashlib.sha256(b"sk-limited").hexdigest()}],
+    }))
+    return path
+
+
+def scaling(procs: Procs, tmp: Path, secs: int) -> list[dict[str, float | str]]:
+    """1 vs 2 workers, everything on both cores; req/s and router CPU per request."""
+    both = f"{SERVER_CPU},{LOAD_CPU}"
+    up_port = free_port()
+    upstream = procs.start([PY, str(HERE / "canned_upstream.py"), "--port", str(up_port)],
+                           tmp / "canned-both.log", cpus=both)
+    wait_port(up_port, 15)
+    chat = lua(tmp / "chat-bench.lua", CHAT)
+    limited = lua(tmp / "chat-limited.lua", CHAT, "sk-limited")
+    rows: list[dict[str, float | str]] = []
+    for workers, script, label in ((1, chat, "1 worker"), (2, chat, "2 workers"),
+                                   (1, limited, "1 worker, key with rpm+tpm"),
+                                   (2, limited, "2 workers, key with rpm+tpm (shared table)")):
+        port = free_port()
+        conf = router_config(tmp / f"router-{workers}.json", port, f"127.0.0.1:{up_port}",
+                             workers)
+        router = procs.start([str(ROOT / ".venv" / "bin" / "stack-router"), "--config",
+                              str(conf)], tmp / f"router-{workers}.log", cpus=both)
+        wait_port(port, 15)
+        time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        wrk(url, script, 32, 2, cpus=both)
+        cpu0, t0 = cpu_seconds(router.pid), time.monotonic()
+        row = wrk(url, script, 32, secs, cpus=both)
+        cpu = cpu_seconds(router.pid) - cpu0
+        took = time.monotonic() - t0
+        procs.stop_one(router)
+        rows.append({"label": label, "rps": row["rps"], "p50": row["p50"], "p99": row["p99"],
+                     "errors": row["errors"], "cores": cpu / took,
+                     "us_per_req": cpu / max(1.0, row["rps"] * secs) * 1e6})
+    procs.stop_one(upstream)
+    return rows
 
 
 async def one(port: int, path: str, body: bytes, reader: asyncio.StreamReader,
@@ -162,8 +244,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument("--client-rounds", type=int, default=3)
     args = parser.parse_args()
     secs = args.seconds
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))
     procs = Procs()
     try:
@@ -188,18 +272,14 @@ http {{
 """)
         procs.start(["nginx", "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")],
                     tmp / "nginx.log")
-        (tmp / "router.json").write_text(json.dumps({
-            "listen": f"127.0.0.1:{ports['ours']}", "workers": 1,
-            "models": [{"name": "m", "replicas": [{"id": "canned", "url": f"http://{up}"}]}],
-            "keys": [{"name": "bench",
-                      "hash": "sha256:" + hashlib.sha256(b"sk-bench").hexdigest()}],
-        }))
+        router_config(tmp / "router.json", ports["ours"], up, 1)
         procs.start([str(ROOT / ".venv" / "bin" / "stack-router"), "--config",
                      str(tmp / "router.json")], tmp / "router.log")
         targets = ["direct", "nginx", "ours"]
         for name in targets:
             wait_port(ports[name], 120 if name == "litellm" else 15)
         time.sleep(1)
+        client_rows = clients(ports["direct"], min(secs, 5), args.client_rounds)
         chat = lua(tmp / "chat.lua", CHAT)
         stream = lua(tmp / "stream.lua", b'{"model":"m","stream":true,"messages":[]}')
         rows: dict[str, dict[str, float]] = {}
@@ -219,6 +299,7 @@ http {{
             paced_rows[name] = {"p50": pct([t for _, t in lat], 0.5),
                                 "p99": pct([t for _, t in lat], 0.99),
                                 "ttft": pct([f for f, _ in ttft], 0.5)}
+        scale_rows = scaling(procs, tmp, secs)
         if not args.skip_litellm:
             # last and alone: its background work would slow the others down
             litellm = setup_litellm(Path(os.environ.get("LITELLM_VENV",
@@ -238,6 +319,11 @@ http {{
             rows["litellm"] = wrk(url, chat, 32, secs)
             rows["litellm"]["chunks"] = 0.0
         report(rows, paced_rows, secs)
+        report_clients(client_rows, min(secs, 5))
+        report_scaling(scale_rows, secs)
+        print(f"\nLoad average (1, 5, 15 min) before the run: "
+              f"{', '.join(f'{x:.2f}' for x in load_before)}; after: "
+              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cores.")
     finally:
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -266,6 +352,42 @@ def report(rows: dict[str, dict[str, float]], paced_rows: dict[str, dict[str, fl
     print(f"\n- added latency (ours - direct): p50 **{o['p50'] - d['p50']:.3f} ms**, "
           f"p99 **{o['p99'] - d['p99']:.3f} ms**")
     print(f"- added TTFT p50 (ours - direct): **{o['ttft'] - d['ttft']:.3f} ms**")
+
+
+
+def report_clients(results: dict[str, list[dict[str, float]]], secs: int) -> None:
+    def median(name: str, field: str) -> float:
+        return pct([r[field] for r in results[name]], 0.5)
+
+    rounds = len(results["raw"])
+    print(f"\n## Upstream client alone: 32 concurrent requests, {secs} s x {rounds} rounds "
+          "(client on core 1, canned upstream on core 0)\n")
+    print("| client | req/s (median) | each round | p50 ms | p99 ms | raw pool / this |")
+    print("|---|---:|---|---:|---:|---:|")
+    raw = median("raw", "rps")
+    for name in results:
+        each = ", ".join(f"{r['rps']:,.0f}" for r in results[name])
+        rps = median(name, "rps")
+        print(f"| {name} | {rps:,.0f} | {each} | {median(name, 'p50_ms'):.2f} | "
+              f"{median(name, 'p99_ms'):.2f} | {raw / rps:.1f}x |")
+    print(f"\n- aiohttp / httpx: **{median('aiohttp', 'rps') / median('httpx', 'rps'):.1f}x**")
+
+
+def report_scaling(rows: list[dict[str, float | str]], secs: int) -> None:
+    print(f"\n## Workers: wrk -t1 -c32 -d{secs}s, router, canned upstream and wrk all on "
+          "cores 0-1\n")
+    print("| router | req/s | p50 ms | p99 ms | non-2xx | router CPU (cores) | "
+          "router CPU us/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['label']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+              f"{r['errors']:.0f} | {r['cores']:.2f} | {r['us_per_req']:.0f} |")
+    one, two = float(rows[0]["rps"]), float(rows[1]["rps"])
+    print(f"\n- 2 workers / 1 worker: **{two / one:.2f}x**")
+    if len(rows) >= 4:
+        print(f"- key with limits / key without, 1 worker: "
+              f"**{float(rows[2]['rps']) / one:.2f}x**; 2 workers (shared table): "
+              f"**{float(rows[3]['rps']) / two:.2f}x**")
 
 
 if __name__ == "__main__":
