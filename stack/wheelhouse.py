@@ -136,8 +136,19 @@ def _dependency_wheels(root: Path) -> Path:
     return folder
 
 
+_BUNDLES: dict[Path, AgentBundle] = {}
+
+
 def agent_bundle(root: Path = ROOT) -> AgentBundle:
-    """Build (or reuse) the wheel + wheelhouse tarball for this controller's Python."""
+    """Build (or reuse) the wheel + wheelhouse tarball for this controller's Python.
+
+    Computed once per process: one apply uploads one version everywhere."""
+    if root not in _BUNDLES:
+        _BUNDLES[root] = _agent_bundle(root)
+    return _BUNDLES[root]
+
+
+def _agent_bundle(root: Path) -> AgentBundle:
     src = source_hash(root)
     (cache_dir() / "wheelhouse").mkdir(parents=True, exist_ok=True)
     deps = _dependency_wheels(root)
