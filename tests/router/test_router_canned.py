@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from router_harness import ROUTER, Harness, get, key_hash, metric, replica
 
-MSG = [{"role": "user", "content": "hi"}]
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def client(port: int, key: str = "none", **kw: object) -> openai.OpenAI:
@@ -28,22 +29,22 @@ def test_chat_sync_async_stream_and_alias(harness: Harness) -> None:
     r = harness.router({"models": [{"name": "m", "aliases": ["m-alias"],
                                     "replicas": [replica("a", up, "inst-1")]}]})
     c = client(r.port)
-    reply = c.chat.completions.create(model="m-alias", messages=MSG)  # type: ignore[arg-type]
+    reply = c.chat.completions.create(model="m-alias", messages=MSG)
     assert reply.choices[0].message.content == "Hello from the canned upstream."
-    raw = c.chat.completions.with_raw_response.create(model="m", messages=MSG)  # type: ignore[arg-type]
+    raw = c.chat.completions.with_raw_response.create(model="m", messages=MSG)
     assert float(raw.headers["x-modelstack-overhead-ms"]) >= 0
-    chunks = list(c.chat.completions.create(model="m", messages=MSG, stream=True))  # type: ignore[arg-type]
+    chunks = list(c.chat.completions.create(model="m", messages=MSG, stream=True))
     assert [ch.choices[0].delta.content for ch in chunks] == [f"t{i} " for i in range(7)]
-    with_usage = list(c.chat.completions.create(model="m", messages=MSG, stream=True,  # type: ignore[arg-type]
+    with_usage = list(c.chat.completions.create(model="m", messages=MSG, stream=True,
                                                 stream_options={"include_usage": True}))
     assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens == 7
 
     async def run_async() -> list[str]:
         ac = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{r.port}/v1", api_key="x",
                                 max_retries=0)
-        out = [(await ac.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        out = [(await ac.chat.completions.create(model="m", messages=MSG)
                 ).choices[0].message.content or ""]
-        stream = await ac.chat.completions.create(model="m", messages=MSG, stream=True)  # type: ignore[arg-type]
+        stream = await ac.chat.completions.create(model="m", messages=MSG, stream=True)
         out += [ch.choices[0].delta.content or "" async for ch in stream]
         await ac.close()
         return out
@@ -63,7 +64,7 @@ def test_errors_are_openai_shaped(harness: Harness) -> None:
                                                             "replicas": [replica("a", up)]}]})
     c = client(r.port)
     with pytest.raises(openai.NotFoundError) as nf:
-        c.chat.completions.create(model="nope", messages=MSG)  # type: ignore[arg-type]
+        c.chat.completions.create(model="nope", messages=MSG)
     assert nf.value.code == "model_not_found"
     resp = httpx.post(f"http://127.0.0.1:{r.port}/v1/chat/completions", content=b"{not json")
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
@@ -83,28 +84,28 @@ def test_keys_allowlist_expiry_rpm_and_model_filter(harness: Harness) -> None:
             {"name": "tok", "hash": key_hash("sk-tok"), "tpm": 300},
         ]})
     with pytest.raises(openai.AuthenticationError) as bad:
-        client(r.port, "sk-wrong").chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        client(r.port, "sk-wrong").chat.completions.create(model="m", messages=MSG)
     assert bad.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
-        client(r.port, "sk-old").chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        client(r.port, "sk-old").chat.completions.create(model="m", messages=MSG)
     alice = client(r.port, "sk-alice")
     assert [m.id for m in alice.models.list()] == ["m"]
     assert sorted(m.id for m in client(r.port, "sk-tok").models.list()) == ["m", "other"]
     with pytest.raises(openai.PermissionDeniedError):
-        alice.chat.completions.create(model="other", messages=MSG)  # type: ignore[arg-type]
+        alice.chat.completions.create(model="other", messages=MSG)
     for _ in range(3):  # rpm 3; the refused 403 above did not count
-        alice.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        alice.chat.completions.create(model="m", messages=MSG)
     with pytest.raises(openai.RateLimitError) as limited:
-        alice.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        alice.chat.completions.create(model="m", messages=MSG)
     assert limited.value.code == "rate_limit_exceeded"
     assert int(limited.value.response.headers["retry-after"]) >= 1
     # tpm: each request reserves body/4 + max_tokens, settles at the real 15 tokens
     tok = client(r.port, "sk-tok")
     for _ in range(5):
-        tok.chat.completions.create(model="m", messages=MSG, max_tokens=200)  # type: ignore[arg-type]
+        tok.chat.completions.create(model="m", messages=MSG, max_tokens=200)
     with pytest.raises(openai.RateLimitError):
         for _ in range(30):
-            tok.chat.completions.create(model="m", messages=MSG, max_tokens=200)  # type: ignore[arg-type]
+            tok.chat.completions.create(model="m", messages=MSG, max_tokens=200)
     text = get(r.port, "/metrics")[1].decode()
     assert 'rate_limited_total{key="alice",limit="rpm"} 1' in text
     assert "sk-alice" not in text and "sk-alice" not in (harness.tmp / "router.log").read_text()
@@ -120,7 +121,7 @@ def test_killing_a_replica_mid_loop_fails_no_request(harness: Harness) -> None:
     def loop() -> None:
         for _ in range(300):
             try:
-                c.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+                c.chat.completions.create(model="m", messages=MSG)
             except Exception as exc:
                 errors.append(exc)
 
@@ -144,11 +145,11 @@ def test_5xx_and_429_fail_over_and_mid_stream_death_ends_with_error(harness: Har
         {"name": "only-bad", "replicas": [replica("bad", bad)]}]})
     c = client(r.port)
     for _ in range(6):
-        assert c.chat.completions.create(model="m", messages=MSG).choices  # type: ignore[arg-type]
+        assert c.chat.completions.create(model="m", messages=MSG).choices
     assert metric(r.port, "modelstack_router_retries_total", model="m") >= 1
     with pytest.raises(openai.InternalServerError):
-        c.chat.completions.create(model="only-bad", messages=MSG)  # type: ignore[arg-type]
-    stream = c.chat.completions.create(model="dies", messages=MSG, stream=True,  # type: ignore[arg-type]
+        c.chat.completions.create(model="only-bad", messages=MSG)
+    stream = c.chat.completions.create(model="dies", messages=MSG, stream=True,
                                        extra_body={"canned_die_after": 3})
     got: list[str] = []
     with pytest.raises(openai.APIError, match="failed mid-stream"):
@@ -166,9 +167,9 @@ def test_timeouts_first_byte_and_idle(harness: Harness) -> None:
     c = client(r.port)
     started = time.monotonic()
     for _ in range(3):
-        c.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        c.chat.completions.create(model="m", messages=MSG)
     assert time.monotonic() - started < 2.5
-    stream = c.chat.completions.create(model="gappy", messages=MSG, stream=True,  # type: ignore[arg-type]
+    stream = c.chat.completions.create(model="gappy", messages=MSG, stream=True,
                                        extra_body={"canned_gap": 2, "canned_chunks": 3})
     with pytest.raises(openai.APIError, match="failed mid-stream"):
         for _ in stream:
@@ -187,8 +188,8 @@ def test_reload_under_load_loses_nothing(harness: Harness) -> None:
     def loop() -> None:
         while not stop.is_set():
             try:
-                list(c.chat.completions.create(model="m", messages=MSG, stream=True))  # type: ignore[arg-type]
-                c.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+                list(c.chat.completions.create(model="m", messages=MSG, stream=True))
+                c.chat.completions.create(model="m", messages=MSG)
                 done[0] += 2
             except Exception as exc:
                 errors.append(exc)
@@ -237,7 +238,7 @@ def test_two_workers_share_the_port(harness: Harness) -> None:
     r = harness.router({"workers": 2, "models": [{"name": "m", "replicas": [replica("a", up)]}]})
     c = client(r.port)
     for _ in range(20):
-        client(r.port).chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        client(r.port).chat.completions.create(model="m", messages=MSG)
     assert c.models.list().data[0].id == "m"
     children = subprocess.run(["pgrep", "-P", str(r.proc.pid)], capture_output=True, text=True)
     assert len(children.stdout.split()) == 2

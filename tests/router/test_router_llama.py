@@ -11,9 +11,10 @@ from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from router_harness import Harness, Proc, key_hash, metric
 
-MSG = [{"role": "user", "content": "Say hello."}]
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 
 
 def llama(harness: Harness, bin_dir: Path, model: Path, key: str, *extra: str) -> Proc:
@@ -54,17 +55,17 @@ def test_openai_client_through_router_to_llama_server(
         "keys": [{"name": "dev", "hash": key_hash("sk-dev")}]})
     c = openai.OpenAI(base_url=f"http://127.0.0.1:{r.port}/v1", api_key="sk-dev",
                       max_retries=0)
-    reply = c.chat.completions.create(model="gemma", messages=MSG, max_tokens=8)  # type: ignore[arg-type]
+    reply = c.chat.completions.create(model="gemma", messages=MSG, max_tokens=8)
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens > 0
     text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-        model="gemma", messages=MSG, max_tokens=8, stream=True) if ch.choices)  # type: ignore[arg-type]
+        model="gemma", messages=MSG, max_tokens=8, stream=True) if ch.choices)
     assert text
 
     async def run_async() -> str:
         ac = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{r.port}/v1", api_key="sk-dev",
                                 max_retries=0)
-        stream = await ac.chat.completions.create(model="gemma", messages=MSG, max_tokens=8,  # type: ignore[arg-type]
+        stream = await ac.chat.completions.create(model="gemma", messages=MSG, max_tokens=8,
                                                   stream=True)
         out = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
         await ac.close()
