@@ -253,7 +253,8 @@ def _nouveau_off(rebuild_initramfs: str) -> list[str]:
 
 def _rocm(facts: NodeFacts, request: DriverRequest) -> list[str] | Blocked:
     wanted = request.version
-    if _working(facts, "amd") and (wanted is None or _rocm_version(facts) == wanted):
+    # without a `rocm_version` fact, working GPUs are taken as the wanted release
+    if _working(facts, "amd") and (wanted is None or _rocm_version(facts) in (None, wanted)):
         return []
     if request.version is None:
         return Blocked(

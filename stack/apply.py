@@ -701,6 +701,21 @@ def _reboot(node: _Node, spec: StackSpec, stack_dir: Path, report: HostReport,
                 "check the host's console; `stack apply` continues from here once it is up.")
 
 
+def unmanageable(name: str, facts: NodeFacts) -> tuple[str, str] | None:
+    """(reason, hint) when apply cannot work on this host: unreachable, or not POSIX."""
+    if facts.os == "windows":
+        return (f"`{name}` runs Windows, which pyinfra 3 cannot manage",
+                "remove it from the stack, or serve from a Linux VM (or WSL with an SSH "
+                "server) on it.")
+    if not facts.reachable or facts.error:
+        message, _, hint = (facts.error or f"`{name}` is unreachable").partition("\nhint: ")
+        return message, hint
+    if facts.os not in ("linux", "darwin"):
+        return (f"`{name}` runs {facts.os}, which modelstack does not manage",
+                "use a Linux or macOS host.")
+    return None
+
+
 def apply_fleet(
     spec: StackSpec, stack_dir: Path, placements_for: Callable[[Observed], Any],
     options: ApplyOptions, confirm: Callable[[Observed, Desired], bool],
@@ -727,14 +742,9 @@ def apply_fleet(
         observed = Observed(nodes={n: facts[n] for n in connected.nodes})
         for name, node_facts in observed.nodes.items():
             report = result.hosts.setdefault(name, HostReport(name))
-            if not node_facts.reachable or node_facts.error:
-                message, _, hint = (node_facts.error or f"`{name}` is unreachable").partition(
-                    "\nhint: ")
-                report.fail(message, hint)
-                continue
-            if node_facts.os not in ("linux", "darwin"):
-                report.fail(f"`{name}` runs {node_facts.os}, which pyinfra 3 cannot manage",
-                            "remove it from the stack, or serve from a Linux VM on it.")
+            problem = unmanageable(name, node_facts)
+            if problem is not None:
+                report.fail(*problem)
                 continue
             nodes.append(_Node(name, connected.nodes[name], node_prefix(spec, name), node_facts))
         placements = placements_for(observed)
