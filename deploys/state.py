@@ -1,6 +1,6 @@
-"""What `stack apply` wrote on a host last time: one fact, one SSH round trip.
+"""What `stack apply` wrote on a host last time, read in one SSH round trip.
 
-`HostFiles` prints, for the files apply manages, each file's sha256 (or null), whether
+`host_files_script` prints, for the files apply manages, each file's sha256 (or null), whether
 each supervised service is alive, which service manager runs there, and the current
 assignment. Apply compares this with what it would write, so a host already in the
 desired state gets only no-ops.
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import shlex
 from typing import Any
-
-from pyinfra.api.facts import FactBase
 
 SCRIPT = r"""
 h() { if [ -f "$1" ]; then
@@ -60,16 +58,6 @@ def parse_host_files(lines: list[str]) -> dict[str, Any]:
         elif kind == "free" and rest.strip().isdigit():
             out["free"] = int(rest.strip())
     return out
-
-
-class HostFiles(FactBase[dict[str, Any]]):
-    """Hashes of the files apply manages, service liveness and the service manager."""
-
-    def command(self, prefix: str, files: list[str], sidecars: list[str], pids: list[str]) -> str:
-        return host_files_script(prefix, files, sidecars, pids)
-
-    def process(self, output: list[str]) -> dict[str, Any]:
-        return parse_host_files(output)
 
 
 def dumps(value: Any) -> str:
