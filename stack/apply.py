@@ -524,6 +524,8 @@ def _wait_ready(nodes: list[_Node], wanted: dict[str, dict[str, str]],
             for iid, spec_hash in list(pending[name].items()):
                 item = states.get(iid, {})
                 state = str(item.get("state", "missing"))
+                if state == "ready" and item.get("spec_hash") not in (None, spec_hash):
+                    state = "still the old version"
                 if state == "ready" and item.get("spec_hash") in (None, spec_hash):
                     del pending[name][iid]
                     progress(f"{name}: {iid} is ready")

@@ -4,8 +4,9 @@
    controller's prebuilt `bin/` for the same sdist, args and platform), uploads the model,
    starts the router; a chat completion through the router with the `openai` client;
 2. a second apply changes nothing and `stack plan --detailed-exitcode` exits 0;
-3. with one host stopped, apply exits 1 naming it while the other converges;
-4. `stack status --json` and `stack logs`; `stack destroy` stops every process.
+3. a changed model setting replaces the instance and the plan is clean again;
+4. with one host stopped, apply exits 1 naming it while the other converges;
+5. `stack status --json` and `stack logs`; `stack destroy` stops every process.
 
 About 60-90 s on 2 cores (mostly the agent venv install on two hosts and the model load).
 """
@@ -147,7 +148,19 @@ def test_2_second_apply_changes_nothing_and_plan_is_clean(world: dict[str, Any])
     assert plan.returncode == 0, plan.stdout + plan.stderr
 
 
-def test_3_a_stopped_host_fails_by_name_while_the_other_converges(
+def test_3_a_changed_model_is_replaced_and_the_plan_is_clean_again(
+        world: dict[str, Any]) -> None:
+    path = world["dir"] / "stack.toml"
+    path.write_text(path.read_text().replace("context = 1024", "context = 1536"))
+    result = stack("apply", "--auto-approve", "--max-unavailable", "1", cwd=world["dir"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✓ node-01: assignment" in result.stdout
+    assert "node-01: gemma-0 is ready" in result.stdout
+    plan = stack("plan", "--detailed-exitcode", cwd=world["dir"])
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+
+
+def test_4_a_stopped_host_fails_by_name_while_the_other_converges(
         world: dict[str, Any]) -> None:
     fleet: Fleet = world["fleet"]
     fleet.stop_host("node-02")
@@ -166,7 +179,7 @@ def test_3_a_stopped_host_fails_by_name_while_the_other_converges(
     assert again.returncode == 0, again.stdout + again.stderr
 
 
-def test_4_status_logs_and_destroy(world: dict[str, Any]) -> None:
+def test_5_status_logs_and_destroy(world: dict[str, Any]) -> None:
     status = stack("status", "--json", cwd=world["dir"])
     assert status.returncode == 0, status.stderr
     body = json.loads(status.stdout)
