@@ -146,8 +146,10 @@ def router_config(path: Path, port: int, upstream: str, workers: int) -> Path:
     return path
 
 
-def scaling(procs: Procs, tmp: Path, secs: int) -> list[dict[str, float | str]]:
-    """1 vs 2 workers, everything on both cores; req/s and router CPU per request."""
+def scaling(procs: Procs, tmp: Path, secs: int, rounds: int) -> list[dict[str, float | str]]:
+    """1 vs 2 workers, everything on both cores; req/s and router CPU per request.
+
+    The four setups run `rounds` times, interleaved; one row per setup and round."""
     both = f"{SERVER_CPU},{LOAD_CPU}"
     up_port = free_port()
     upstream = procs.start([PY, str(HERE / "canned_upstream.py"), "--port", str(up_port)],
@@ -156,9 +158,10 @@ def scaling(procs: Procs, tmp: Path, secs: int) -> list[dict[str, float | str]]:
     chat = lua(tmp / "chat-bench.lua", CHAT)
     limited = lua(tmp / "chat-limited.lua", CHAT, "sk-limited")
     rows: list[dict[str, float | str]] = []
-    for workers, script, label in ((1, chat, "1 worker"), (2, chat, "2 workers"),
-                                   (1, limited, "1 worker, key with rpm+tpm"),
-                                   (2, limited, "2 workers, key with rpm+tpm (shared table)")):
+    setups = ((1, chat, "1 worker"), (2, chat, "2 workers"),
+              (1, limited, "1 worker, key with rpm+tpm"),
+              (2, limited, "2 workers, key with rpm+tpm (shared table)"))
+    for workers, script, label in [s for _ in range(rounds) for s in setups]:
         port = free_port()
         conf = router_config(tmp / f"router-{workers}.json", port, f"127.0.0.1:{up_port}",
                              workers)
@@ -245,6 +248,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--client-rounds", type=int, default=3)
+    parser.add_argument("--scale-rounds", type=int, default=3)
     args = parser.parse_args()
     secs = args.seconds
     load_before = os.getloadavg()
@@ -299,7 +303,7 @@ http {{
             paced_rows[name] = {"p50": pct([t for _, t in lat], 0.5),
                                 "p99": pct([t for _, t in lat], 0.99),
                                 "ttft": pct([f for f, _ in ttft], 0.5)}
-        scale_rows = scaling(procs, tmp, secs)
+        scale_rows = scaling(procs, tmp, secs, args.scale_rounds)
         if not args.skip_litellm:
             # last and alone: its background work would slow the others down
             litellm = setup_litellm(Path(os.environ.get("LITELLM_VENV",
@@ -374,20 +378,28 @@ def report_clients(results: dict[str, list[dict[str, float]]], secs: int) -> Non
 
 
 def report_scaling(rows: list[dict[str, float | str]], secs: int) -> None:
-    print(f"\n## Workers: wrk -t1 -c32 -d{secs}s, router, canned upstream and wrk all on "
-          "cores 0-1\n")
-    print("| router | req/s | p50 ms | p99 ms | non-2xx | router CPU (cores) | "
+    labels = list(dict.fromkeys(str(r["label"]) for r in rows))
+
+    def median(label: str, field: str) -> float:
+        return pct([float(r[field]) for r in rows if r["label"] == label], 0.5)
+
+    rounds = len(rows) // len(labels)
+    print(f"\n## Workers: wrk -t1 -c32 -d{secs}s x {rounds} rounds (interleaved), router, "
+          "canned upstream and wrk all on cores 0-1; medians\n")
+    print("| router | req/s | each round | p50 ms | p99 ms | non-2xx | router CPU (cores) | "
           "router CPU us/req |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['label']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-              f"{r['errors']:.0f} | {r['cores']:.2f} | {r['us_per_req']:.0f} |")
-    one, two = float(rows[0]["rps"]), float(rows[1]["rps"])
-    print(f"\n- 2 workers / 1 worker: **{two / one:.2f}x**")
-    if len(rows) >= 4:
-        print(f"- key with limits / key without, 1 worker: "
-              f"**{float(rows[2]['rps']) / one:.2f}x**; 2 workers (shared table): "
-              f"**{float(rows[3]['rps']) / two:.2f}x**")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for label in labels:
+        each = ", ".join(f"{float(r['rps']):,.0f}" for r in rows if r["label"] == label)
+        errors = sum(float(r["errors"]) for r in rows if r["label"] == label)
+        print(f"| {label} | {median(label, 'rps'):,.0f} | {each} | {median(label, 'p50'):.2f} | "
+              f"{median(label, 'p99'):.2f} | {errors:.0f} | {median(label, 'cores'):.2f} | "
+              f"{median(label, 'us_per_req'):.0f} |")
+    one, two = median(labels[0], "rps"), median(labels[1], "rps")
+    print(f"\n- 2 workers / 1 worker: **{two / one:.2f}x** (router CPU per request: "
+          f"{median(labels[1], 'us_per_req') / median(labels[0], 'us_per_req'):.2f}x)")
+    print(f"- key with limits / key without: 1 worker **{median(labels[2], 'rps') / one:.2f}x**"
+          f", 2 workers (shared table) **{median(labels[3], 'rps') / two:.2f}x**")
 
 
 if __name__ == "__main__":
