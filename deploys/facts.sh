@@ -187,7 +187,7 @@ J="$J, \"disk_free_bytes\": ${disk_free:-0},$NL \"pci\": ["
 # -- accelerators on the PCI bus (seen before any driver is installed) -------------------
 sep=""
 for device in "$SYSFS"/bus/pci/devices/*; do
-  [ -r "$device/class" ] && [ -r "$device/vendor" ] || continue
+  if [ ! -r "$device/class" ] || [ ! -r "$device/vendor" ]; then continue; fi
   read_first "$device/class"
   class=$REPLY
   case "$class" in
@@ -230,6 +230,7 @@ if has cnmon; then
   # `cnmon info -e -m -u -j` writes cnmon_info.json into the current folder
   cn_dir=$(mktemp -d 2>/dev/null || echo "/tmp/stack-cnmon-$$")
   mkdir -p "$cn_dir"
+  # shellcheck disable=SC2016 # $1 expands in that shell
   tool cnmon sh -c 'cd "$1" && cnmon info -e -m -u -j >/dev/null 2>&1; cat cnmon_info.json' cnmon "$cn_dir"
   rm -rf "$cn_dir"
 fi
