@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from fleet import Fleet
-from pyinfra.api import Config, Inventory, State
+from pyinfra.api.config import Config
 from pyinfra.api.connect import connect_all
 from pyinfra.api.facts import get_facts
+from pyinfra.api.inventory import Inventory
+from pyinfra.api.state import State
 from pyinfra.facts.server import Command
 
 H100 = "nvidia/query-gpu-allfields_csv_h100-80gb-hbm3_590.48.01_linux.csv"
@@ -18,13 +20,13 @@ NO_DRIVER = "nvidia/error_nvidia-smi-has-failed_no-driver.txt"
 
 def _pyinfra_state(fleet: Fleet) -> State:
     hosts = [(name, fleet.pyinfra_host_data(name)) for name in fleet.hosts]
-    state = State(Inventory((hosts, {})), Config(CONNECT_TIMEOUT=5))
+    state = State(Inventory((hosts, {})), Config(CONNECT_TIMEOUT=5))  # type: ignore[no-untyped-call]
     connect_all(state)
     return state
 
 
 def _run(state: State, command: str) -> dict[str, Any]:
-    results = get_facts(state, Command, kwargs={"command": command})
+    results = get_facts(state, Command, kwargs={"command": command})  # type: ignore[no-untyped-call]
     return {host.name: value for host, value in results.items()}
 
 
