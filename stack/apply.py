@@ -40,6 +40,7 @@ from stack.observed import NodeFacts, Observed
 from stack.spec import StackSpec
 from stack.wheelhouse import (
     agent_bundle,
+    fetch_sdist,
     prebuilt_bin,
     prebuilt_tarball,
     sha256_file,
@@ -217,7 +218,10 @@ def _runtime_install(
     expected = rt.sha256.get(version)
     url = (rt.url or "").replace("{version}", version)
     local: Path | None = None
-    if rt.source in ("archive", "build") and (url.startswith("local://") or url.startswith("/")):
+    if rt.source in ("archive", "build") and not rt.url and rt.package:
+        local = fetch_sdist(rt.package.replace("{version}", version),
+                            what=f"runtimes.{name}.package")
+    elif rt.source in ("archive", "build") and (url.startswith("local://") or url.startswith("/")):
         local = resolve_local(url, stack_dir) if url.startswith("local://") else Path(url)
         if not local.exists():
             raise ApplyError(f"`runtimes.{name}.url` names `{local}`, which does not exist",

@@ -589,11 +589,15 @@ def _check_runtimes(spec: StackSpec, report: _Report) -> None:
                        + ", ".join(f"`{b}`" for b in BACKENDS) + ".", at_key=True)
         needs = {"pip": "package", "archive": "url", "build": "url", "system": "path"}
         field = needs[runtime.source]
+        if field == "url" and runtime.package is not None:
+            field = "package"  # the archive is that package's sdist
         if getattr(runtime, field) is None:
             report.add(("runtimes", name, "source"), f"`{dotted(('runtimes', name))}` has "
                        f"`source = \"{runtime.source}\"` but no `{field}`",
                        f"add `{field} = ...`: "
-                       f"{type(runtime).model_fields[field].description}")
+                       f"{type(runtime).model_fields[field].description}"
+                       + (" Or name the package whose sdist is the archive: "
+                          "`package = \"NAME=={version}\"`." if field == "url" else ""))
     versions: dict[str, set[str]] = {}
     for name, runtime in spec.runtimes.items():
         versions.setdefault(runtime.backend or name, set()).update(runtime.versions)

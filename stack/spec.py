@@ -148,7 +148,11 @@ class RuntimeSpec(_Strict):
         description="`pip` (a venv), `archive` (URL or file), `build` (cmake), `system`."
     )
     package: str | None = Field(
-        None, description="pip: requirement, `{version}` replaced, e.g. `vllm=={version}`."
+        None,
+        description="pip: requirement, `{version}` replaced, e.g. `vllm=={version}`; "
+        "archive/build: instead of `url`, a package whose source distribution is the "
+        "archive, fetched by name on the controller with pip, e.g. "
+        "`llama-cpp-python=={version}`.",
     )
     index_url: str | None = Field(None, description="pip: package index URL.")
     url: str | None = Field(

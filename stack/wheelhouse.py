@@ -108,6 +108,27 @@ def _run(cmd: list[str], what: str) -> None:
         )
 
 
+def fetch_sdist(requirement: str, what: str) -> Path:
+    """The source distribution of `requirement` (`name==version`), fetched once by name
+    with the controller's pip into `CACHE/sdist/` (so no registry host is written down)."""
+    folder = cache_dir() / "sdist"
+    name, _, version = requirement.partition("==")
+    stem = f"{name.replace('-', '_')}-{version}"
+    for path in folder.glob(f"{stem}.*"):
+        if path.name.endswith((".tar.gz", ".zip")):
+            return path
+    folder.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+          "--no-binary", ":all:", "-d", str(folder), requirement],
+         f"`{what}`: downloading the source of `{requirement}`")
+    for path in folder.glob(f"{stem}.*"):
+        if path.name.endswith((".tar.gz", ".zip")):
+            return path
+    raise ApplyError(f"`{what}`: pip fetched no source archive for `{requirement}`",
+                     hint="name an exact version (`name=={version}`) of a package that "
+                     "publishes an sdist, or give `url` instead.")
+
+
 def _dependencies(root: Path) -> list[str]:
     import tomllib
 
