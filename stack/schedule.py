@@ -378,14 +378,21 @@ class _Fleet:
         self.spec = spec
         self.port_lo, self.port_hi = spec.stack.port_range
         self.nodes: dict[str, _Node] = {}
-        self.unreachable: dict[str, str] = {}
+        self.excluded: dict[str, str] = {}  # node -> why no model goes there
         self.class_members: list[list[str]] = []
         self.heaps: list[dict[str, list[tuple[tuple[float, str], int, str]]]] = []
         class_index: dict[tuple[Any, ...], int] = {}
         for name in sorted(observed.nodes):
             facts = observed.nodes[name]
             if not facts.reachable:
-                self.unreachable[name] = facts.error or "the node did not answer"
+                self.excluded[name] = (
+                    f"unreachable: {facts.error or 'the node did not answer'}")
+                continue
+            if facts.os not in ("linux", "darwin"):
+                # pyinfra 3 manages POSIX hosts only; say so instead of "too little RAM"
+                self.excluded[name] = (
+                    f"runs {facts.os}, which pyinfra 3 cannot manage (no model is placed "
+                    "there)")
                 continue
             node = self._node(name, facts)
             key = self._class_key(node)
@@ -843,9 +850,9 @@ class _Scheduler:
             return m.reasons
         out: list[str] = []
         multi = len(m.backends) > 1
-        for name in sorted({*self.fleet.nodes, *self.fleet.unreachable}):
-            if name in self.fleet.unreachable:
-                out.append(f"{name}: unreachable: {self.fleet.unreachable[name]}")
+        for name in sorted({*self.fleet.nodes, *self.fleet.excluded}):
+            if name in self.fleet.excluded:
+                out.append(f"{name}: {self.fleet.excluded[name]}")
                 continue
             if m.spec.pin and name != m.spec.pin.node:
                 continue
@@ -854,9 +861,9 @@ class _Scheduler:
                              for b, w in zip(m.backends, why, strict=True))
             out.append(f"{name}: {text}")
         if m.spec.pin and m.spec.pin.node not in self.fleet.nodes \
-                and m.spec.pin.node not in self.fleet.unreachable:
+                and m.spec.pin.node not in self.fleet.excluded:
             out.append(f"{m.spec.pin.node}: the pinned node is not in the fleet")
-        if not self.fleet.nodes and not self.fleet.unreachable:
+        if not self.fleet.nodes and not self.fleet.excluded:
             out.append("the fleet has no nodes")
         if m.spec.distributed:
             out.append("no set of nodes can hold it distributed either")
@@ -950,7 +957,7 @@ class _Scheduler:
                                                   n))
 
     def _routers(self) -> tuple[str, ...]:
-        names = sorted({*self.fleet.nodes, *self.fleet.unreachable})
+        names = sorted({*self.fleet.nodes, *self.fleet.excluded})
         globs = self.spec.router.hosts
         if not globs:
             return tuple(names)
