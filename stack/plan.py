@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from agent.assignment import Assignment, Instance
+from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
 from stack.assign import build_router_config, router_config_sha256
 from stack.errors import ConfigError
 from stack.observed import InstanceFacts, NodeFacts, Observed
@@ -228,21 +229,27 @@ def _host_changes(spec: StackSpec, observed: Observed, placements: Placements,
 
 
 def _driver_changes(spec: StackSpec, name: str, facts: NodeFacts) -> list[Change]:
+    """The driver work apply would do on this node: the same decision apply runs
+    (`deploys.drivers.driver_commands`), so plan and apply never disagree."""
     out: list[Change] = []
+    user = str((facts.model_extra or {}).get("user") or "") or None
     for vendor, driver in sorted(node_settings(spec, name).drivers.items()):
-        gpus = [g for g in facts.gpus if g.vendor == vendor]
-        if driver.mode != "install" or not gpus:
-            continue
-        have = sorted({g.driver or "" for g in gpus})
+        request = DriverRequest(name, vendor, driver.mode, driver.version, user)
+        result = driver_commands(facts, request)
         address = f"node.{name}.driver.{vendor}"
-        if "" in have:
-            out.append(Change(address, Action.CREATE,
-                              f"install the {vendor} driver {driver.version or ''}".rstrip(),
-                              "reboot", name))
-        elif driver.version and not all(v.startswith(driver.version) for v in have):
+        if isinstance(result, Blocked):
             out.append(Change(address, Action.UPDATE,
-                              f"{vendor} driver {', '.join(have)} -> {driver.version}",
-                              "reboot", name))
+                              f"blocked: {result.reason}; hint: {result.hint}", "none", name))
+        elif result:
+            have = sorted({g.driver for g in facts.gpus if g.vendor == vendor and g.driver})
+            disruption = "reboot" if needs_reboot(facts, result) else "none"
+            if have:
+                out.append(Change(address, Action.UPDATE,
+                                  f"{vendor} driver {', '.join(have)} -> "
+                                  f"{driver.version or 'the pinned branch'}", disruption, name))
+            else:
+                what = f"install the {vendor} driver {driver.version or ''}".rstrip()
+                out.append(Change(address, Action.CREATE, what, disruption, name))
     return out
 
 
