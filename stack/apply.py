@@ -100,6 +100,7 @@ class ApplyOptions:
     max_unavailable: int = 1
     ready_timeout: float = 900.0
     poll_interval: float = 0.5
+    stop_timeout: float = 60.0  # removed instances: the agent's grace, then SIGKILL
 
 
 @dataclass(frozen=True)
@@ -599,18 +600,57 @@ def rollout(nodes: list[_Node], desired: Desired, reports: dict[str, HostReport]
         _wait_ready(live, wanted, reports, options, progress)
 
 
-def finish_assignments(nodes: list[_Node], desired: Desired,
-                       reports: dict[str, HostReport]) -> None:
-    """Remove the old instances (their replacements are ready and routed)."""
+def finish_assignments(nodes: list[_Node], desired: Desired, reports: dict[str, HostReport],
+                       options: ApplyOptions | None = None,
+                       progress: Callable[[str], None] = lambda line: None) -> None:
+    """Remove the old instances (their replacements are ready and routed) and wait until
+    their agents have stopped them, so a plan right after apply finds nothing to do."""
+    gone: dict[str, set[str]] = {}
     for node in nodes:
         if reports[node.name].error is not None:
             continue
         want = desired.assignments.get(node.name, Assignment(node=node.name))
+        before = {i.id for i in (node.current.instances if node.current else [])}
         try:
             if _write_assignment(node, want) and "assignment" not in reports[node.name].changed:
                 reports[node.name].changed.append("assignment")
         except StackError as err:
             reports[node.name].fail(err.message, err.hint)
+            continue
+        removed = before - {i.id for i in want.instances}
+        if removed:
+            gone[node.name] = removed
+    _wait_gone(nodes, gone, reports, options or ApplyOptions(), progress)
+
+
+def _wait_gone(nodes: list[_Node], gone: dict[str, set[str]], reports: dict[str, HostReport],
+               options: ApplyOptions, progress: Callable[[str], None],
+               status: Callable[[_Node], dict[str, Any]] | None = None) -> None:
+    """Poll the agents until none reports an instance of `gone` (node -> ids) any more."""
+    read = status or _agent_status
+    by_name = {n.name: n for n in nodes}
+    pending = {name: set(ids) for name, ids in gone.items() if ids}
+    deadline = time.monotonic() + options.stop_timeout
+    while pending and time.monotonic() < deadline:
+        def poll(name: str) -> None:
+            body = read(by_name[name])
+            if "instances" not in body:
+                return  # not readable now: ask again
+            listed = {str(i.get("id")) for i in body["instances"] or []}
+            for iid in sorted(pending[name] - listed):
+                progress(f"{name}: {iid} is stopped")
+            pending[name] &= listed
+            if not pending[name]:
+                del pending[name]
+
+        gevent.joinall([gevent.spawn(poll, name) for name in list(pending)])
+        if pending:
+            gevent.sleep(options.poll_interval)
+    for name, ids in sorted(pending.items()):
+        reports[name].fail(
+            f"`{name}`: {', '.join(sorted(ids))} still running {options.stop_timeout:g} s "
+            "after it was removed from the assignment",
+            "the agent keeps stopping it; see `stack status` and `stack logs MODEL`.")
 
 
 def update_routers(spec: StackSpec, nodes: list[_Node], desired: Desired,
@@ -788,7 +828,7 @@ def apply_fleet(
         live = [n for n in live if result.hosts[n.name].error is None]
         rollout(live, desired, result.hosts, options, progress)
         result.router_changed = update_routers(spec, live, desired, result.hosts)
-        finish_assignments(live, desired, result.hosts)
+        finish_assignments(live, desired, result.hosts, options, progress)
         remove_unused_runtimes(spec, live, desired, result.hosts)
         return result
     finally:

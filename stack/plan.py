@@ -86,6 +86,18 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class Unreachable:
+    """A host whose facts could not be read: apply cannot touch it, and what runs there
+    is unknown (its replicas are placed again on the hosts that answered)."""
+
+    node: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"node": self.node, "error": self.error}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything `stack apply` would do, and the placements it would apply."""
 
@@ -96,6 +108,7 @@ class Plan:
     router_config_sha256: str = ""
     summary: Summary = field(default_factory=Summary)
     format_version: int = FORMAT_VERSION
+    unreachable: tuple[Unreachable, ...] = ()
 
     @property
     def unschedulable(self) -> tuple[Unschedulable, ...]:
@@ -116,6 +129,7 @@ class Plan:
                         "destroy": self.summary.destroy},
             "routers": list(self.placements.routers),
             "router_config_sha256": self.router_config_sha256,
+            "unreachable": [u.to_json() for u in self.unreachable],
         }
 
     @staticmethod
@@ -135,7 +149,9 @@ class Plan:
             return Plan(stack_sha256=data["stack_sha256"], facts_sha256=data["facts_sha256"],
                         changes=changes, placements=placements,
                         router_config_sha256=data.get("router_config_sha256", ""),
-                        summary=Summary.of(changes))
+                        summary=Summary.of(changes),
+                        unreachable=tuple(Unreachable(str(u["node"]), str(u["error"]))
+                                          for u in data.get("unreachable", [])))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"`{where}` is not a plan written by `stack plan --out`: "
                               f"missing or bad {exc}",
@@ -340,6 +356,10 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
     current, loose = _current(observed)
     out: list[Change] = []
     placed = {(p.model, p.replica) for p in placements.placements}
+    # an unreachable host reports nothing: a replica that ran there looks new
+    down = sorted(name for name, facts in observed.nodes.items() if not facts.reachable)
+    new = (f"not running on a reachable node; {', '.join(down)} "
+           f"{'is' if len(down) == 1 else 'are'} unreachable" if down else "new replica")
     for p in placements.placements:
         ids = [p.id, *(p.worker_id(k) for k in range(1, len(p.workers) + 1))]
         want = {i: desired[i] for i in ids if i in desired}
@@ -347,7 +367,7 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
         address = replica_address(p.model, p.replica)
         details = _placement_details(p)
         if not have:
-            out.append(Change(address, Action.CREATE, "new replica", "none", p.node, details))
+            out.append(Change(address, Action.CREATE, new, "none", p.node, details))
             continue
         reasons = _replace_reasons(p, want, have, observed)
         if reasons:
@@ -424,9 +444,11 @@ def plan(spec: StackSpec, observed: Observed, placements: Placements,
     router = _router_change(observed, placements, config_sha, bool(instances))
     changes = tuple(sorted(hosts, key=_order) + sorted(instances, key=_order)
                     + ([router] if router else []))
+    unreachable = tuple(Unreachable(name, facts.error or f"`{name}` did not answer")
+                        for name, facts in sorted(observed.nodes.items()) if not facts.reachable)
     return Plan(stack_sha256=sha256_bytes(stack_bytes), facts_sha256=facts_sha256(observed),
                 changes=changes, placements=placements, router_config_sha256=config_sha,
-                summary=Summary.of(changes))
+                summary=Summary.of(changes), unreachable=unreachable)
 
 
 def _order(change: Change) -> tuple[Any, ...]:

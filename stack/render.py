@@ -49,6 +49,21 @@ def _unschedulable(plan: Plan) -> list[str]:
     return lines
 
 
+def _unreachable(plan: Plan) -> list[str]:
+    if not plan.unreachable:
+        return []
+    n = len(plan.unreachable)
+    lines = ["", f"{n} host(s) cannot be reached; apply leaves {'it' if n == 1 else 'them'} "
+             "as is and exits 1:", ""]
+    for u in plan.unreachable:
+        message, _, hint = u.error.partition("\nhint: ")
+        # facts errors name their host already (`host `gpu-02` (10.0.0.12:22) is ...`)
+        lines.append(f"  ! {message}" if f"`{u.node}`" in message else f"  ! {u.node}: {message}")
+        if hint:
+            lines.append(f"      hint: {hint}")
+    return lines
+
+
 def summary_line(plan: Plan) -> str:
     s = plan.summary
     return f"Plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy."
@@ -63,10 +78,14 @@ def render_lines(plan: Plan) -> list[tuple[str, Action | None]]:
             out.append(("", None))
             out.extend((line, change.action) for line in _block(change))
     out.extend((line, None) for line in _unschedulable(plan))
+    out.extend((line, None) for line in _unreachable(plan))
     if plan.changes:
         out += [("", None), (summary_line(plan), None)]
     elif plan.unschedulable:
         out += [("", None), ("No changes to make, but some replicas cannot be placed.", None)]
+    elif plan.unreachable:
+        out += [("", None), ("No changes on the reachable hosts, but some hosts cannot be "
+                             "reached.", None)]
     else:
         out.append((NO_CHANGES, None))
     return out

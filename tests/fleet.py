@@ -50,6 +50,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "facts" / "fixtures"
+STACK_CLI = ROOT / ".venv" / "bin" / "stack"
+# the llama-cpp-python sdist whose vendored llama.cpp scripts/setup-llama-cpp builds
+LLAMA_SDIST_VERSION = "0.3.36"
 FAKE_TOOL = ROOT / "tests" / "fleet_tools" / "fake-tool"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -289,6 +292,32 @@ class Fleet:
         proc = self._procs.get(name)
         return proc is not None and proc.poll() is None
 
+    def free_port(self, name: str) -> int:
+        """A port that is free on the host's address now (e.g. for `[router] listen`)."""
+        return _free_port(self.hosts[name].address)
+
+    def stack_processes(self) -> dict[int, str]:
+        """pid -> command line of every process that belongs to what a stack put on the
+        hosts: its command line or environment names a host's prefix, or it carries a
+        host's session token (started over SSH) and is not an sshd. What `stack destroy`
+        must leave nothing of (agents, supervisors, routers, backends)."""
+        prefixes = [str(h.prefix).encode() for h in self.hosts.values()]
+        markers = [f"STACK_FLEET_HOST={h.token}".encode() for h in self.hosts.values()]
+        me = os.getpid()
+        found: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            cmdline = _read(entry / "cmdline")
+            if not cmdline or cmdline.startswith(b"sshd"):
+                continue  # a kernel thread or zombie, or a fleet host's sshd and sessions
+            environ = _read(entry / "environ").split(b"\0")
+            if any(p in cmdline for p in prefixes) or any(
+                    p in v for v in environ for p in prefixes) or any(
+                    m in environ for m in markers):
+                found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+        return found
+
     # -- what tests use ----------------------------------------------------------------
 
     def inventory_toml(self, *, prefixes: bool = True) -> str:
@@ -502,6 +531,40 @@ class Fleet:
                     found.add(child)
                     stack.append(child)
         return found
+
+
+def run_stack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The `stack` CLI of this checkout, run in `cwd` (plain output, wide lines)."""
+    return subprocess.run([str(STACK_CLI), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=False,
+                          env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
+
+
+def llama_sdist(cache: Path) -> Path:
+    """The llama-cpp-python sdist (a `build` runtime's archive), fetched once into `cache`
+    like scripts/setup-llama-cpp does, so apply reuses that script's build of it."""
+    folder = cache / "sdist"
+    path = folder / f"llama_cpp_python-{LLAMA_SDIST_VERSION}.tar.gz"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary", ":all:", "-d", str(folder),
+                        f"llama-cpp-python=={LLAMA_SDIST_VERSION}"], check=True, timeout=600)
+    return path
+
+
+def llama_runtime_toml(sdist: Path) -> str:
+    """The `[runtimes."llama.cpp"]` table that builds `sdist` with the arguments of
+    scripts/setup-llama-cpp (so apply uploads that cached build instead of compiling)."""
+    return f'''[runtimes."llama.cpp"]
+source = "build"
+versions = ["{LLAMA_SDIST_VERSION}"]
+url = "local://{sdist}"
+subdir = "vendor/llama.cpp"
+cmake_args = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF",
+              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DGGML_RPC=ON"]
+targets = ["llama-server", "ggml-rpc-server"]
+'''
 
 
 @pytest.fixture

@@ -17,55 +17,35 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import Fleet  # tests/ is on sys.path (tests/conftest.py)
+from fleet import (  # tests/ is on sys.path (tests/conftest.py)
+    LLAMA_SDIST_VERSION,
+    Fleet,
+    llama_runtime_toml,
+    llama_sdist,
+    run_stack,
+)
 
 from stack.secrets import generate_key, hash_key
 
-ROOT = Path(__file__).resolve().parents[2]
-STACK = str(ROOT / ".venv" / "bin" / "stack")
-SDIST_VERSION = "0.3.36"
-
 pytestmark = pytest.mark.integration
-
-
-def _sdist(cache: Path) -> Path:
-    """The llama-cpp-python sdist (the `build` source), fetched once like setup-llama-cpp."""
-    folder = cache / "sdist"
-    path = folder / f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--no-binary", ":all:", "-d", str(folder),
-                        f"llama-cpp-python=={SDIST_VERSION}"], check=True, timeout=600)
-    return path
-
-
-def stack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([STACK, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "NO_COLOR": "1",
-                                                "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
           gguf_model: Path) -> Iterator[dict[str, Any]]:
     cache = llama_bin.parent.parent.parent  # ~/.cache/modelstack (setup-llama-cpp's cache)
-    sdist = _sdist(cache)
+    sdist = llama_sdist(cache)
     work = tmp_path_factory.mktemp("apply")
     fleet = Fleet(2, root=work / "fleet")
     fleet.start()
     key = generate_key()
     router = fleet.hosts["node-01"]
-    with __import__("socket").socket() as sock:
-        sock.bind((router.address, 0))
-        port = sock.getsockname()[1]
+    port = fleet.free_port("node-01")
     low = random.randint(41000, 59000)
     (work / "stack.toml").write_text(f'''
 [stack]
@@ -76,15 +56,7 @@ port_range = [{low}, {low + 40}]
 [nodes."*"]
 cpu_inference = true
 
-[runtimes."llama.cpp"]
-source = "build"
-versions = ["{SDIST_VERSION}"]
-url = "local://{sdist}"
-subdir = "vendor/llama.cpp"
-cmake_args = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF",
-              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DGGML_RPC=ON"]
-targets = ["llama-server", "ggml-rpc-server"]
-
+{llama_runtime_toml(sdist)}
 [models.gemma]
 source = "local://{gguf_model}"
 backend = "llama.cpp"
@@ -106,7 +78,7 @@ hash = "{hash_key(key)}"
         yield {"fleet": fleet, "dir": work, "key": key,
                "url": f"http://{router.address}:{port}/v1"}
     finally:
-        stack("destroy", "--auto-approve", cwd=work, timeout=120)
+        run_stack("destroy", "--auto-approve", cwd=work, timeout=120)
         fleet.stop()
         for k, v in old.items():
             if v is None:
@@ -117,12 +89,12 @@ hash = "{hash_key(key)}"
 
 
 def test_1_apply_installs_everything_and_serves_through_the_router(world: dict[str, Any]) -> None:
-    result = stack("apply", "--auto-approve", cwd=world["dir"])
+    result = run_stack("apply", "--auto-approve", cwd=world["dir"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "node-01: runtime llama.cpp 0.3.36, agent-install" in result.stdout
     assert "Apply complete: 2 hosts converged." in result.stdout
     prefix = world["fleet"].hosts["node-01"].prefix
-    runtime = prefix / "runtimes" / "llama.cpp" / SDIST_VERSION
+    runtime = prefix / "runtimes" / "llama.cpp" / LLAMA_SDIST_VERSION
     assert (runtime / "bin" / "llama-server").exists()
     assert (runtime / ".installed").exists()
     assert (prefix / "agent" / ".installed").read_text().strip() == "0.1.0"
@@ -139,12 +111,12 @@ def test_1_apply_installs_everything_and_serves_through_the_router(world: dict[s
 
 
 def test_2_second_apply_changes_nothing_and_plan_is_clean(world: dict[str, Any]) -> None:
-    result = stack("apply", "--auto-approve", cwd=world["dir"])
+    result = run_stack("apply", "--auto-approve", cwd=world["dir"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "node-01: no changes" in result.stdout
     assert "node-02: no changes" in result.stdout
     assert result.stdout.rstrip().endswith("No changes. The fleet matches stack.toml.")
-    plan = stack("plan", "--detailed-exitcode", cwd=world["dir"])
+    plan = run_stack("plan", "--detailed-exitcode", cwd=world["dir"])
     assert plan.returncode == 0, plan.stdout + plan.stderr
 
 
@@ -152,11 +124,11 @@ def test_3_a_changed_model_is_replaced_and_the_plan_is_clean_again(
         world: dict[str, Any]) -> None:
     path = world["dir"] / "stack.toml"
     path.write_text(path.read_text().replace("context = 1024", "context = 1536"))
-    result = stack("apply", "--auto-approve", "--max-unavailable", "1", cwd=world["dir"])
+    result = run_stack("apply", "--auto-approve", "--max-unavailable", "1", cwd=world["dir"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "✓ node-01: assignment" in result.stdout
     assert "node-01: gemma-0 is ready" in result.stdout
-    plan = stack("plan", "--detailed-exitcode", cwd=world["dir"])
+    plan = run_stack("plan", "--detailed-exitcode", cwd=world["dir"])
     assert plan.returncode == 0, plan.stdout + plan.stderr
 
 
@@ -165,7 +137,7 @@ def test_4_a_stopped_host_fails_by_name_while_the_other_converges(
     fleet: Fleet = world["fleet"]
     fleet.stop_host("node-02")
     try:
-        result = stack("apply", "--auto-approve", cwd=world["dir"])
+        result = run_stack("apply", "--auto-approve", cwd=world["dir"])
         assert result.returncode == 1
         assert "✗ node-02: host `node-02`" in result.stdout
         assert "is unreachable" in result.stdout
@@ -175,23 +147,22 @@ def test_4_a_stopped_host_fails_by_name_while_the_other_converges(
         assert not (world["dir"] / ".stack" / "lock").exists()
     finally:
         fleet.start_host("node-02")
-    again = stack("apply", "--auto-approve", cwd=world["dir"])
+    again = run_stack("apply", "--auto-approve", cwd=world["dir"])
     assert again.returncode == 0, again.stdout + again.stderr
 
 
 def test_5_status_logs_and_destroy(world: dict[str, Any]) -> None:
-    status = stack("status", "--json", cwd=world["dir"])
+    status = run_stack("status", "--json", cwd=world["dir"])
     assert status.returncode == 0, status.stderr
     body = json.loads(status.stdout)
     [inst] = body["nodes"]["node-01"]["instances"]
     assert inst["id"] == "gemma-0" and inst["state"] == "ready"
     assert body["routers"]["node-01"]["up"] is True
-    logs = stack("logs", "gemma", "--tail", "5", cwd=world["dir"])
+    logs = run_stack("logs", "gemma", "--tail", "5", cwd=world["dir"])
     assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
-    destroy = stack("destroy", "--auto-approve", cwd=world["dir"])
+    destroy = run_stack("destroy", "--auto-approve", cwd=world["dir"])
     assert destroy.returncode == 0, destroy.stdout + destroy.stderr
     prefix = world["fleet"].hosts["node-01"].prefix
     assert not (prefix / "run" / "agent.supervisor.pid").exists()
     assert not (prefix / "run" / "router.supervisor.pid").exists()
-    out = subprocess.run(["pgrep", "-f", str(prefix)], capture_output=True, text=True)
-    assert out.stdout.strip() == ""
+    assert world["fleet"].stack_processes() == {}

@@ -1,10 +1,15 @@
 """Rolling assignments: new instances go beside the old ones, held replacements keep
-their old version, and an old instance whose port a new one takes must go first."""
+their old version, and an old instance whose port a new one takes must go first; apply
+returns once the agents have stopped the instances it removed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from agent.assignment import Assignment, Instance
-from stack.apply import _surge
+from stack.apply import ApplyOptions, HostReport, _Node, _surge, _wait_gone
+from stack.observed import NodeFacts
 
 
 def inst(iid: str, port: int, args: list[str] | None = None) -> Instance:
@@ -38,3 +43,43 @@ def test_an_old_instance_on_a_port_a_new_one_needs_is_not_kept() -> None:
 def test_without_a_current_assignment_the_desired_one_is_written() -> None:
     desired = Assignment(node="a", instances=[inst("m-0", 40000)])
     assert _surge(None, desired, set()) == desired
+
+
+def _statuses(*bodies: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from bodies
+    while True:
+        yield bodies[-1]
+
+
+def test_apply_waits_until_a_removed_instance_is_no_longer_reported() -> None:
+    node = _Node("gpu-02", None, "/p", NodeFacts())
+    reads = _statuses({"instances": [{"id": "m-0", "state": "ready"},
+                                     {"id": "m-1", "state": "ready"}]},
+                      {"error": "ssh hiccup"},
+                      {"instances": [{"id": "m-0", "state": "ready"},
+                                     {"id": "m-1", "state": "stopping"}]},
+                      {"instances": [{"id": "m-0", "state": "ready"}]})
+    seen: list[int] = []
+
+    def status(_: _Node) -> dict[str, Any]:
+        seen.append(1)
+        return next(reads)
+
+    reports = {"gpu-02": HostReport("gpu-02")}
+    lines: list[str] = []
+    _wait_gone([node], {"gpu-02": {"m-1"}}, reports,
+               ApplyOptions(poll_interval=0.01), lines.append, status)
+    assert len(seen) == 4  # the stopping one and an unreadable status are waited through
+    assert lines == ["gpu-02: m-1 is stopped"]
+    assert reports["gpu-02"].error is None
+
+
+def test_an_instance_that_does_not_stop_in_time_fails_its_host_by_name() -> None:
+    node = _Node("gpu-02", None, "/p", NodeFacts())
+    reports = {"gpu-02": HostReport("gpu-02")}
+    _wait_gone([node], {"gpu-02": {"m-1"}}, reports,
+               ApplyOptions(poll_interval=0.01, stop_timeout=0.1), lambda _: None,
+               lambda _: {"instances": [{"id": "m-1", "state": "stopping"}]})
+    assert reports["gpu-02"].error == (
+        "`gpu-02`: m-1 still running 0.1 s after it was removed from the assignment")
+    assert "stack status" in reports["gpu-02"].hint

@@ -2,7 +2,8 @@
 
 A case folder holds `case.json` (`stack`, `facts`, `evaluations` as in tests/schedule;
 `applied: true` first turns the facts into what a successful apply of `stack` leaves,
-then `stack_after` (optional) is planned against them) and the golden files `plan.json`
+then `stack_after` (optional) is planned against them, with `facts_after` merged into
+their nodes) and the golden files `plan.json`
 (the `--json` form) and `plan.txt` (the rendered text). `STACK_UPDATE_GOLDEN=1` rewrites
 the golden files; review the diff before committing it.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from stack.assign import build_assignments
+from stack.observed import NodeFacts
 from stack.plan import Plan, plan
 from stack.render import render_plan
 from stack.schedule import schedule, with_instances
@@ -42,7 +44,9 @@ def make(case: dict[str, Any]) -> Plan:
             spec, text = load_stack(case["stack_after"])
             evaluations = load_evaluations(case.get("evaluations_after", case["evaluations"]))
         for name, change in case.get("facts_after", {}).items():
-            facts.nodes[name] = facts.nodes[name].model_copy(update=change)
+            # checked like a snapshot: `"agent": {}` is what an unreachable host reports
+            facts.nodes[name] = NodeFacts.model_validate(
+                {**facts.nodes[name].model_dump(), **change})
     placements = schedule(spec, evaluations, facts)
     assignments = build_assignments(spec, placements, facts, Path("/nonexistent"), None)
     return plan(spec, facts, placements, assignments, text, AGENT)
