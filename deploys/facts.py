@@ -137,7 +137,9 @@ def _agent(raw: dict[str, Any]) -> AgentFacts:
         except ValueError:
             continue
     running = bool(data.get("running", True))
-    return AgentFacts(version=data.get("version") or version, running=running,
+    # the installed marker holds the full bundle version (`0.1.0+<source hash>`) that
+    # plan compares; the running agent only knows its package version
+    return AgentFacts(version=version or data.get("version"), running=running,
                       instances=instances)
 
 

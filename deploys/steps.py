@@ -154,7 +154,7 @@ def agent_install_step(target: HostTarget) -> Step:
         f"{pip} --no-index --find-links wheels {q(wheel)}",
         f"{pip} --no-index --no-deps --force-reinstall {q(wheel)}",
         "rm -rf wheels",
-        f"printf '%s\\n' {q(target.bundle_version.split('+')[0])} > .installed",
+        f"printf '%s\\n' {q(target.bundle_version)} > .installed",
         f"printf '%s\\n' {q(target.bundle_version)} > .bundle",
     ])
     return Step("agent-install", "", [Upload(tar, path=target.bundle)],

@@ -88,12 +88,20 @@ def source_hash(root: Path = ROOT) -> str:
     return digest.hexdigest()[:16]
 
 
+def bundle_version(root: Path = ROOT) -> str:
+    """The agent version every host should run: the package version plus a hash of the
+    sources, so a code change without a version bump is still an upgrade that plan shows."""
+    from agent.reconcile import VERSION
+
+    return f"{VERSION}+{source_hash(root)}"
+
+
 @dataclass(frozen=True)
 class AgentBundle:
     """The tarball hosts install the agent and router from."""
 
     tarball: Path
-    version: str  # `0.1.0+<source hash>`: what `PREFIX/agent/.installed` holds
+    version: str  # `bundle_version()`: what `PREFIX/agent/.installed` holds
     wheel_name: str
 
 
@@ -199,7 +207,7 @@ def _agent_bundle(root: Path) -> AgentBundle:
             for path in sorted(deps.glob("*.whl")):
                 tar.add(path, arcname=f"wheels/{path.name}")
             tar.add(wheel, arcname=f"wheels/{wheel.name}")
-        version = f"0.1.0+{src}"
+        version = bundle_version(root)
         (work / "bundle.tar").replace(tarball)
         meta.write_text(json.dumps({"version": version, "wheel": wheel.name}))
         return AgentBundle(tarball, version, wheel.name)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def agent_version() -> str:
-    """The agent version every host should run: the one this package ships."""
-    try:
-        from agent.reconcile import VERSION
+    """The agent version every host should run: the bundle apply would install."""
+    from stack.wheelhouse import bundle_version
 
-        return VERSION
-    except ImportError:
-        try:
-            return metadata.version("modelstack")
-        except metadata.PackageNotFoundError:
-            return "0.1.0"
+    return bundle_version()
 
 
 def read_facts(path: Path) -> Observed:

@@ -31,6 +31,7 @@ from fleet import (  # tests/ is on sys.path (tests/conftest.py)
 )
 
 from stack.secrets import generate_key, hash_key
+from stack.wheelhouse import bundle_version
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +98,7 @@ def test_1_apply_installs_everything_and_serves_through_the_router(world: dict[s
     runtime = prefix / "runtimes" / "llama.cpp" / LLAMA_SDIST_VERSION
     assert (runtime / "bin" / "llama-server").exists()
     assert (runtime / ".installed").exists()
-    assert (prefix / "agent" / ".installed").read_text().strip() == "0.1.0"
+    assert (prefix / "agent" / ".installed").read_text().strip() == bundle_version()
     assert oct((prefix / "etc" / "agent.token").stat().st_mode & 0o777) == "0o600"
     assert oct((prefix / "etc" / "router.json").stat().st_mode & 0o777) == "0o600"
 

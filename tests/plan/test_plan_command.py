@@ -15,6 +15,7 @@ from stack.config import load
 from stack.observed import Observed
 from stack.plan import Plan
 from stack.schedule import with_instances
+from stack.wheelhouse import bundle_version
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN_CONFIG = ROOT / "tests" / "estimate" / "configs" / "qwen2.5-7b-instruct.json"
@@ -48,7 +49,7 @@ def _stack(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def _facts(tmp: Path) -> Path:
     nodes = {name: {"address": f"10.0.0.{i}", "memory_bytes": 540 * 10**9,
                     "disk_free_bytes": 2 * 10**12, "runtimes": {"vllm": ["0.11.0"]},
-                    "agent": {"version": "0.1.0", "running": True},
+                    "agent": {"version": bundle_version(), "running": True},
                     "gpus": [{**H100, "index": g, "uuid": f"GPU-{i}-{g}"} for g in range(2)]}
              for i, name in enumerate(["gpu-01", "gpu-02"], start=11)}
     path = tmp / "facts.json"
@@ -99,3 +100,19 @@ def test_plan_names_a_missing_facts_file(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert run.stderr.splitlines() == ["error: `--facts nope.json` does not exist",
                                        "hint: write one with `stack facts --out FILE`."]
+
+
+def test_agent_built_from_other_sources_is_an_update_in_the_plan(tmp_path: Path) -> None:
+    """A code change without a version bump is still an agent upgrade: plan and apply
+    compare the same bundle version (`0.1.0+<source hash>`)."""
+    (tmp_path / "stack.toml").write_text('[stack]\nname = "lab"\n')
+    facts = json.loads(_facts(tmp_path).read_text())
+    facts["nodes"]["gpu-01"]["agent"]["version"] = "0.1.0+0000000000000000"
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    out = _stack(tmp_path, "--facts", str(tmp_path / "facts.json"), "--json")
+    assert out.returncode == 0, out.stderr
+    changes = {c["address"]: c for c in json.loads(out.stdout)["changes"]}
+    assert changes["node.gpu-01.agent"]["action"] == "update"
+    assert changes["node.gpu-01.agent"]["reason"] == (
+        f"agent 0.1.0+0000000000000000 -> {bundle_version()}")
+    assert "node.gpu-02.agent" not in changes
