@@ -56,6 +56,9 @@ class Tuning(_Strict):
     stop_grace_seconds: float = Field(default=10.0, ge=0)
     stable_after_seconds: float = Field(default=60.0, gt=0)
     unhealthy_after_failures: int = Field(default=3, ge=1)
+    # a backend that stays unhealthy this long (hung, not crashed) is killed and restarted
+    # with the crash backoff; 0 only reports it
+    restart_unhealthy_after_seconds: float = Field(default=120.0, ge=0)
     log_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     log_keep: int = Field(default=3, ge=1)
 

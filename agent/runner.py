@@ -82,6 +82,7 @@ class Runner:
         self.adopted = False
         self.restarts = 0
         self.crashes = 0
+        self.unhealthy_since: float | None = None
         self.next_start = 0.0
         self.next_probe = 0.0
         self.probe_failures = 0
@@ -282,15 +283,32 @@ class Runner:
         if self.state == "ready" and self.ready_since is not None \
                 and now - self.ready_since >= tuning.stable_after_seconds:
             self.crashes = 0
+        if self.state == "unhealthy" and self.unhealthy_since is not None \
+                and tuning.restart_unhealthy_after_seconds \
+                and now - self.unhealthy_since >= tuning.restart_unhealthy_after_seconds:
+            self._kill_hung(now - self.unhealthy_since)
+            return
         if now >= self.next_probe and self.launch is not None:
             self._probe = asyncio.ensure_future(
                 probe(self.launch.health, self.inst.host, self.inst.port, self.inst.api_key))
             self._probe.add_done_callback(lambda _t: self.shared.wake())
 
+    def _kill_hung(self, for_seconds: float) -> None:
+        """A backend that is alive but does not answer is killed; `_on_exit` then restarts
+        it with the crash backoff, as if it had crashed."""
+        log.warning("node %s: instance %s unhealthy for %.0f s; killing it to restart it",
+                    self.shared.cfg.node, self.inst.id, for_seconds)
+        self.unhealthy_since = None
+        if self.pgid is not None:
+            procs.signal_group(self.pgid, signal.SIGKILL)
+        elif self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+
     def _on_probe(self, ok: bool, now: float) -> None:
         tuning = self.shared.cfg.tuning
         if ok:
             self.probe_failures = 0
+            self.unhealthy_since = None
             self.next_probe = now + tuning.probe_interval_seconds
             if self.state != "ready":
                 self.ready_since = now
@@ -304,6 +322,7 @@ class Runner:
             limit = tuning.startup_timeout_seconds
             if now - self.started_mono > limit:
                 self.next_probe = now + tuning.probe_interval_seconds
+                self.unhealthy_since = self.unhealthy_since or now
                 self._set("unhealthy", (
                     f"not healthy {limit:g} s after start. hint: read `stack logs "
                     f"{self.inst.model}`; a large model may need a longer "
@@ -312,6 +331,7 @@ class Runner:
         self.probe_failures += 1
         self.next_probe = now + tuning.probe_interval_seconds
         if self.probe_failures >= tuning.unhealthy_after_failures:
+            self.unhealthy_since = self.unhealthy_since or now
             self._set("unhealthy", (
                 f"health check failed {self.probe_failures} times in a row. "
                 f"hint: read `stack logs {self.inst.model}`."))
