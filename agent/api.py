@@ -43,7 +43,7 @@ def create_app(reconciler: Reconciler, token: str, gpus: GpuReader) -> FastAPI:
     @app.get("/v1/status", dependencies=auth)
     def status() -> dict[str, Any]:
         body = reconciler.status()
-        body["gpu_source"], body["gpus"] = gpus.read()
+        body["gpu_source"], body["gpus"], body["gpu_error"] = gpus.read()
         return body
 
     @app.put("/v1/assignment", dependencies=auth)
@@ -72,7 +72,7 @@ def create_app(reconciler: Reconciler, token: str, gpus: GpuReader) -> FastAPI:
 
     @app.get("/metrics", dependencies=auth)
     def metrics() -> PlainTextResponse:
-        source, gpu_list = gpus.read()
+        source, gpu_list, _error = gpus.read()
         return PlainTextResponse(render_metrics(reconciler.status(), source, gpu_list),
                                  media_type="text/plain; version=0.0.4")
 

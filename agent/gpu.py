@@ -2,8 +2,9 @@
 
 Through nvidia-ml-py when the NVIDIA library loads (each field in its own try: many
 GPUs lack some), else through the vendor tools with the parsers the facts use
-(`agent.gpus`), else none, with `source = "unavailable"`. Read on request and cached for
-a few seconds, never in the reconcile loop.
+(`agent.gpus`), else none, with `source = "unavailable"` and the reason (the tool's
+error and hint, e.g. the NVIDIA driver not loaded). Read on request and cached for a few
+seconds, never in the reconcile loop.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("agent.gpu")
 
@@ -29,13 +30,34 @@ def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+_NVML_FIELDS = ("uuid", "name", "utilization_percent", "memory_bytes", "memory_used_bytes",
+                "temperature_c", "power_w")
+
+
+class GpuReading(NamedTuple):
+    """GPU metrics as `/v1/status` shows them: `gpu_source`, `gpus`, `gpu_error`."""
+
+    source: str  # nvml, tools or unavailable
+    gpus: list[dict[str, Any]]
+    error: str | None  # why there are none (or why a tool failed), with a hint
+
+
+def _tool_gpu(gpu: Any) -> dict[str, Any]:
+    """A parsed tool GPU as a metrics dict: memory a tool did not report is None, not 0."""
+    item: dict[str, Any] = gpu.to_dict()
+    if gpu.unified_memory or not gpu.memory_bytes:  # `[N/A]` (GB10, Jetson) or absent
+        item["memory_bytes"] = item["memory_used_bytes"] = None
+    return item
+
+
 class GpuReader:
     """Reads per-GPU utilization, memory, temperature and power."""
 
     def __init__(self) -> None:
         self._nvml: Any = None
         self._nvml_tried = False
-        self._cache: tuple[float, str, list[dict[str, Any]]] | None = None
+        self._nvml_error: str | None = None
+        self._cache: tuple[float, GpuReading] | None = None
 
     def _load_nvml(self) -> Any:
         if not self._nvml_tried:
@@ -46,12 +68,15 @@ class GpuReader:
                 pynvml.nvmlInit()
                 self._nvml = pynvml
             except Exception as exc:  # library missing or driver not loaded
+                self._nvml_error = f"NVML did not load ({type(exc).__name__}: {exc})"
                 log.info("NVML unavailable (%s); trying vendor tools", type(exc).__name__)
         return self._nvml
 
     @staticmethod
     def _read_nvml_device(nv: Any, i: int) -> dict[str, Any]:
-        h = nv.nvmlDeviceGetHandleByIndex(i)
+        h = _field(lambda: nv.nvmlDeviceGetHandleByIndex(i))
+        if h is None:  # a lost GPU must not hide the others
+            return {"index": i, "vendor": "nvidia", **dict.fromkeys(_NVML_FIELDS)}
         mem = _field(lambda: nv.nvmlDeviceGetMemoryInfo(h))
         power = _field(lambda: nv.nvmlDeviceGetPowerUsage(h))
         return {
@@ -68,28 +93,37 @@ class GpuReader:
     def _read_nvml(self, nv: Any) -> list[dict[str, Any]]:
         return [self._read_nvml_device(nv, i) for i in range(nv.nvmlDeviceGetCount())]
 
-    @staticmethod
-    def _read_tools() -> list[dict[str, Any]]:
-        from agent.gpus import read_gpus
+    def _read_tools(self, fallback_reason: str | None) -> GpuReading:
+        from agent.gpus import GpuToolError, read_gpus
 
-        return [gpu.to_dict() for gpu in read_gpus(timeout=5.0)]
+        errors: list[GpuToolError] = []
+        try:
+            gpus = [_tool_gpu(gpu) for gpu in read_gpus(timeout=5.0, errors=errors)]
+        except Exception as exc:  # a broken tool must not break the status page
+            log.warning("reading GPU metrics from vendor tools failed: %s", exc)
+            return GpuReading("unavailable", [], f"reading the GPU vendor tools failed: {exc}")
+        error = "; ".join(f"{e} hint: {e.hint}" for e in errors) or None
+        if gpus:
+            return GpuReading("tools", gpus, error)
+        return GpuReading("unavailable", [], error or (
+            f"{fallback_reason or 'NVML did not load'} and no GPU vendor tool "
+            "(`nvidia-smi`, `rocm-smi`, `npu-smi`, ...) is on PATH"))
 
-    def read(self) -> tuple[str, list[dict[str, Any]]]:
-        """(source, gpus): source is `nvml`, `tools` or `unavailable`."""
+    def read(self) -> GpuReading:
+        """The GPUs and where their numbers came from."""
         now = time.monotonic()
         if self._cache and now - self._cache[0] < CACHE_SECONDS:
-            return self._cache[1], self._cache[2]
-        source, gpus = "unavailable", []
+            return self._cache[1]
         nv = self._load_nvml()
-        try:
-            if nv is not None:
-                source, gpus = "nvml", self._read_nvml(nv)
-            else:
-                tools = self._read_tools()
-                if tools:
-                    source, gpus = "tools", tools
-        except Exception as exc:  # a broken driver must not break the status page
-            log.warning("reading GPU metrics failed: %s", exc)
-            source, gpus = "unavailable", []
-        self._cache = (now, source, gpus)
-        return source, gpus
+        reason = self._nvml_error
+        reading: GpuReading | None = None
+        if nv is not None:
+            try:
+                reading = GpuReading("nvml", self._read_nvml(nv), None)
+            except Exception as exc:  # e.g. the driver went away after nvmlInit
+                log.warning("reading GPU metrics through NVML failed: %s", exc)
+                reason = f"NVML failed ({type(exc).__name__}: {exc})"
+        if reading is None:
+            reading = self._read_tools(reason)
+        self._cache = (now, reading)
+        return reading

@@ -77,7 +77,7 @@ def local_status(cfg: AgentConfig) -> dict[str, Any]:
             rec = records.get(inst["id"])
             if rec is None or not procs.matches(rec):
                 inst["state"], inst["pid"] = "stopped", None
-    body["gpu_source"], body["gpus"] = GpuReader().read()
+    body["gpu_source"], body["gpus"], body["gpu_error"] = GpuReader().read()
     return body
 
 

@@ -25,6 +25,12 @@ def _labels(**labels: object) -> str:
     return "{" + ",".join(f"{k}={_label(v)}" for k, v in labels.items()) + "}"
 
 
+def _number(value: float) -> str:
+    """A sample value written exactly: `85520809984`, `144.97` (`:g` keeps 6 digits only)."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
 def _header(out: list[str], name: str, help_text: str, kind: str = "gauge") -> None:
     out.append(f"# HELP {name} {help_text}")
     out.append(f"# TYPE {name} {kind}")
@@ -46,7 +52,7 @@ def render_metrics(status: dict[str, Any], gpu_source: str, gpus: list[dict[str,
             if isinstance(value, int | float):
                 labels = _labels(node=node, gpu=gpu.get("index", ""), uuid=gpu.get("uuid") or "",
                                  vendor=gpu.get("vendor") or "", name=gpu.get("name") or "")
-                out.append(f"{name}{labels} {float(value):g}")
+                out.append(f"{name}{labels} {_number(value)}")
     instances = status["instances"]
     _header(out, "modelstack_instance_state", "1 for the instance's current state.")
     for inst in instances:
@@ -64,7 +70,8 @@ def render_metrics(status: dict[str, Any], gpu_source: str, gpus: list[dict[str,
         progress = inst.get("progress") or {}
         labels = _labels(node=node, instance=inst["id"], model=inst.get("model", ""))
         if progress.get("fraction") is not None:
-            out.append(f"modelstack_instance_download_progress{labels} {progress['fraction']:g}")
+            out.append(f"modelstack_instance_download_progress{labels} "
+                       f"{_number(progress['fraction'])}")
         if progress.get("bytes_done") is not None:
             out.append(f"modelstack_instance_download_bytes{labels} {progress['bytes_done']}")
     return "\n".join(out) + "\n"

@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from agent.gpus.types import GpuInfo, GpuToolError
+from agent.gpus.types import GpuInfo, GpuToolError, ToolStatus
 
 
 def run_tools(timeout: float = 20.0) -> dict[str, tuple[int, str]]:
@@ -35,16 +35,26 @@ def run_tools(timeout: float = 20.0) -> dict[str, tuple[int, str]]:
     return results
 
 
-def read_gpus(timeout: float = 20.0) -> list[GpuInfo]:
-    """Every GPU the vendor tools on this machine report (tools that fail are skipped)."""
+def read_gpus(timeout: float = 20.0,
+              errors: list[GpuToolError] | None = None) -> list[GpuInfo]:
+    """Every GPU the vendor tools on this machine report.
+
+    Tools that fail are skipped; their errors (driver not loaded, ...) go to `errors`.
+    """
     from agent.gpus import TOOLS_BY_NAME
 
     gpus: list[GpuInfo] = []
     for name, (_status, output) in run_tools(timeout).items():
         try:
             gpus.extend(TOOLS_BY_NAME[name].parse(output))
-        except (GpuToolError, ValueError, KeyError):
-            continue
+        except GpuToolError as exc:
+            if errors is not None:
+                errors.append(exc)
+        except (ValueError, KeyError, AttributeError) as exc:
+            if errors is not None:
+                errors.append(GpuToolError(name, ToolStatus.UNPARSABLE,
+                                           f"its output was not understood ({exc!r})",
+                                           f"run `{name}` by hand and check its output."))
     return gpus
 
 

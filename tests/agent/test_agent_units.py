@@ -45,7 +45,7 @@ def test_metrics_one_hot_state_gpu_gauges_and_escaped_labels() -> None:
     assert f"modelstack_instance_download_progress{{{labels}}} 0.25" in text
     gpu = 'node="n1",gpu="0",uuid="GPU-1",vendor="nvidia",name="H100"'
     assert f"modelstack_gpu_utilization_percent{{{gpu}}} 37" in text
-    assert f"modelstack_gpu_memory_total_bytes{{{gpu}}} 8.55208e+10" in text
+    assert f"modelstack_gpu_memory_total_bytes{{{gpu}}} 85520809984" in text
     assert "modelstack_gpu_power_watts{" not in text  # unknown fields are left out
 
 
