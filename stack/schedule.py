@@ -46,8 +46,21 @@ RAY_BACKENDS = ("vllm", "sglang")
 class ClaimedResources:
     """What one part of a replica takes on its node."""
 
-    vram_bytes_per_gpu: int
+    vram_bytes_per_gpu: int  # the most any of its GPUs takes
     ram_bytes: int
+    vram_bytes_by_gpu: tuple[int, ...] = ()  # per GPU (in `gpus` order) when split by layers
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"vram_bytes_per_gpu": self.vram_bytes_per_gpu,
+                                "ram_bytes": self.ram_bytes}
+        if self.vram_bytes_by_gpu:
+            data["vram_bytes_by_gpu"] = list(self.vram_bytes_by_gpu)
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ClaimedResources:
+        return ClaimedResources(int(data["vram_bytes_per_gpu"]), int(data["ram_bytes"]),
+                                tuple(int(v) for v in data.get("vram_bytes_by_gpu", ())))
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,21 @@ class Worker:
     gpus: tuple[int, ...]
     port: int
     vendor: str = "cpu"
+    claim: ClaimedResources | None = None  # set when it differs from the main's (layer split)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"node": self.node, "gpus": list(self.gpus), "port": self.port,
+                                "vendor": self.vendor}
+        if self.claim is not None:
+            data["claim"] = self.claim.to_json()
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Worker:
+        claim = data.get("claim")
+        return Worker(data["node"], tuple(int(g) for g in data["gpus"]), int(data["port"]),
+                      data.get("vendor", "cpu"),
+                      ClaimedResources.from_json(claim) if claim else None)
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,9 @@ class Placement:
     kind: str = "llm"
     context: int | None = None
     workers: tuple[Worker, ...] = ()
+    # llama.cpp split by layers: layers per device, the main's GPUs (in `gpus` order, or
+    # one entry for its CPU) first, then each worker's the same way; empty: one device
+    split: tuple[int, ...] = ()
 
     @property
     def id(self) -> str:
@@ -97,32 +128,28 @@ class Placement:
             "model": self.model, "replica": self.replica, "node": self.node,
             "gpus": list(self.gpus), "backend": self.backend,
             "backend_version": self.backend_version, "port": self.port,
-            "claim": {"vram_bytes_per_gpu": self.claim.vram_bytes_per_gpu,
-                      "ram_bytes": self.claim.ram_bytes},
+            "claim": self.claim.to_json(),
             "runtime": self.runtime, "vendor": self.vendor,
             "gpu_memory_bytes": self.gpu_memory_bytes, "kind": self.kind,
             "context": self.context,
-            "workers": [{"node": w.node, "gpus": list(w.gpus), "port": w.port,
-                         "vendor": w.vendor} for w in self.workers],
+            "workers": [w.to_json() for w in self.workers],
         }
+        if self.split:
+            data["split"] = list(self.split)
         return data
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Placement:
-        claim = data["claim"]
         return Placement(
             model=data["model"], replica=int(data["replica"]), node=data["node"],
             gpus=tuple(int(g) for g in data["gpus"]), backend=data["backend"],
             backend_version=data.get("backend_version"), port=int(data["port"]),
-            claim=ClaimedResources(int(claim["vram_bytes_per_gpu"]), int(claim["ram_bytes"])),
+            claim=ClaimedResources.from_json(data["claim"]),
             runtime=data.get("runtime", ""), vendor=data.get("vendor", "cpu"),
             gpu_memory_bytes=int(data.get("gpu_memory_bytes", 0)),
             kind=data.get("kind", "llm"), context=data.get("context"),
-            workers=tuple(
-                Worker(w["node"], tuple(int(g) for g in w["gpus"]), int(w["port"]),
-                       w.get("vendor", "cpu"))
-                for w in data.get("workers", [])
-            ),
+            workers=tuple(Worker.from_json(w) for w in data.get("workers", [])),
+            split=tuple(int(n) for n in data.get("split", ())),
         )
 
 
@@ -253,6 +280,47 @@ def gpu_selected(model: ModelSpec, gpu: GpuFacts) -> str | None:
     return None
 
 
+def split_layers(layers: int, layer_bytes: int, fixed: int,
+                 free: list[int]) -> tuple[int, ...] | None:
+    """Whole layers per device, in proportion to each device's free memory, none beyond
+    what it can hold; None when the devices cannot hold all `layers` with one each.
+
+    A device holding `l` layers needs `l * layer_bytes + fixed`. The proportional share
+    (llama.cpp's own rule, by free memory) ignores the fixed part, so a small device can
+    be given more than it holds: it is capped, and the layers it cannot take go, one at
+    a time, to the device with the most room left. Integer arithmetic, ties by position:
+    the same inputs give the same split.
+    """
+    if layers < len(free) or not free:
+        return None
+    room = [f - fixed for f in free]
+    caps = [0 if r < 0 else layers if layer_bytes <= 0 else r // layer_bytes for r in room]
+    if min(caps) < 1 or sum(caps) < layers:
+        return None
+    total = sum(free)
+    if total <= 0:
+        return None
+    share = [min(layers * f // total, cap) for f, cap in zip(free, caps, strict=True)]
+    # the rounded-down shares leave a few layers: largest remainders first (Hamilton)
+    order = sorted(range(len(free)), key=lambda i: (-(layers * free[i] % total), i))
+    left = layers - sum(share)
+    for i in order:
+        if left and share[i] < caps[i]:
+            share[i] += 1
+            left -= 1
+    while left:  # what capped devices could not take: the most room left first
+        i = max(range(len(free)), key=lambda j: (room[j] - share[j] * layer_bytes
+                                                 if share[j] < caps[j] else -1, -j))
+        share[i] += 1
+        left -= 1
+    for i in range(len(share)):  # every device chosen holds at least one layer
+        if share[i] == 0:
+            j = max(range(len(share)), key=lambda k: (share[k], -k))
+            share[j] -= 1
+            share[i] = 1
+    return tuple(share)
+
+
 # --------------------------------------------------------------------------- fleet state
 
 
@@ -268,6 +336,7 @@ class PreviousPlacement:
     backend: str
     backend_version: str | None
     workers: tuple[tuple[int, str, tuple[int, ...], int], ...] = ()  # (k, node, gpus, port)
+    split: tuple[int, ...] = ()  # layers per device, as the main reports (`layer_split`)
 
 
 def previous_placements(observed: Observed) -> dict[tuple[str, int], PreviousPlacement]:
@@ -285,9 +354,12 @@ def previous_placements(observed: Observed) -> dict[tuple[str, int], PreviousPla
                 workers.setdefault(key, []).append((k, node_name, tuple(inst.gpus), inst.port))
     out: dict[tuple[str, int], PreviousPlacement] = {}
     for key, (node_name, inst) in sorted(mains.items()):
+        split = (inst.model_extra or {}).get("layer_split") or ()
         out[key] = PreviousPlacement(
             inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port, inst.backend,
-            inst.backend_version, tuple(sorted(workers.get(key, []))))
+            inst.backend_version, tuple(sorted(workers.get(key, []))),
+            tuple(int(n) for n in split if isinstance(n, int)) if isinstance(split, list)
+            else ())
     return out
 
 
@@ -326,7 +398,8 @@ class _Pool:
 
     vendor: str
     indices: tuple[int, ...]
-    memory: int  # total memory of one GPU
+    memory: int  # total memory of one GPU (of the largest, when mixed)
+    mixed: bool = False  # unlike GPUs of one vendor, only for a split by layers
 
 
 @dataclass(frozen=True)
@@ -343,9 +416,15 @@ class _Need:
     """One part of a replica to place on one node: k GPUs of a pool (or CPU)."""
 
     gpus: int
-    vram: int
+    vram: int  # per GPU (the most any takes, when split by layers)
     ram: int
     disk: int
+    vram_by_gpu: tuple[int, ...] = ()  # split by layers: per GPU, in the part's GPU order
+    layers: tuple[int, ...] = ()  # split by layers: per GPU, or one entry for the CPU
+
+
+# one part of a replica as placed: node, GPU pool (None: CPU), GPUs, what it takes, port
+_Part = tuple[_Node, _Pool | None, tuple[int, ...], _Need, int | None]
 
 
 @dataclass
@@ -450,8 +529,8 @@ class _Fleet:
 
     def take(self, node: _Node, model: str, gpus: Iterable[int], need: _Need, port: int) -> None:
         """Claim resources on `node` for one part of a replica."""
-        for i in gpus:
-            node.free[i] -= need.vram
+        for k, i in enumerate(gpus):
+            node.free[i] -= need.vram_by_gpu[k] if need.vram_by_gpu else need.vram
         node.ram_free -= need.ram
         if model not in node.files_here:
             node.disk_free -= need.disk
@@ -519,6 +598,11 @@ class _Fleet:
 # --------------------------------------------------------------------------- scheduling
 
 
+def _same_split(a: Claim, b: Claim) -> bool:
+    """Whether two nodes' claims split the same layers the same way (one split over all)."""
+    return (a.layers, a.layer_bytes, a.device_bytes) == (b.layers, b.layer_bytes, b.device_bytes)
+
+
 class _Scheduler:
     def __init__(self, spec: StackSpec, evaluations: Mapping[str, Evaluation],
                  observed: Observed) -> None:
@@ -572,6 +656,14 @@ class _Scheduler:
                 gpu_reasons.append(why)
             else:
                 pools.append(_Pool(vendor, tuple(indices), memory))
+        if backend in CPU_BACKENDS:
+            # llama.cpp splits by layers, so unlike GPUs of one vendor work together
+            # (an RTX 4090 beside an L40S); tried after the pools of alike GPUs
+            for vendor in sorted({p.vendor for p in pools}):
+                same = [p for p in pools if p.vendor == vendor]
+                if len(same) > 1:
+                    pools.append(_Pool(vendor, tuple(sorted(i for p in same for i in p.indices)),
+                                       max(p.memory for p in same), mixed=True))
         cpu = False
         cpu_reason = ""
         if (m.spec.gpu.vendor and "cpu" not in m.spec.gpu.vendor) or m.spec.gpu.name \
@@ -631,7 +723,14 @@ class _Scheduler:
                 return None
             return None, (), need
         for pool in el.pools:
-            if len(pool.indices) < gpus:
+            if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
+                continue
+            claim = self.split_claim(m, backend, gpus, pool.memory, nodes) if nodes == 1 \
+                else None
+            if claim is not None:
+                got = self.fit_split(m, claim, node, pool, gpus, policy)
+                if got is not None:
+                    return got
                 continue
             need = self.need(m, backend, gpus, pool.memory, nodes)
             if isinstance(need, str) or self.fits_host(node, m.name, need):
@@ -641,35 +740,111 @@ class _Scheduler:
                 return pool, chosen, need
         return None
 
+    # ---- split by layers (llama.cpp over several GPUs or nodes)
+
+    def split_claim(self, m: _Model, backend: str, gpus: int, memory: int,
+                    nodes: int) -> Claim | None:
+        """The claim when this layout spreads the model over several devices by whole
+        layers (llama.cpp), else None (one device, or an even split such as vLLM's)."""
+        if max(gpus, 1) * nodes < 2:
+            return None
+        claim = m.claim(backend, gpus, memory, nodes)
+        if isinstance(claim, str) or claim.layers < 1:
+            return None
+        return claim
+
+    def split_parts(self, m: _Model, claim: Claim,
+                    parts: list[tuple[_Node, _Pool | None, tuple[int, ...], int | None]],
+                    previous: tuple[int, ...] = ()) -> list[_Part] | None:
+        """Each part with its share of the layers and what that share takes, or None.
+
+        The devices are the parts' GPUs in order (a CPU part is one device: its RAM).
+        `previous` (the split the replica runs with) is kept while it still fits, so a
+        replica that stays is not restarted for a new split.
+        """
+        free: list[int] = []
+        for node, _, gpus, _ in parts:
+            free.extend([node.free[i] for i in gpus] if gpus else [node.ram_free])
+        n, per_layer, fixed = claim.layers, claim.layer_bytes, claim.device_bytes
+        split: tuple[int, ...] | None = None
+        if len(previous) == len(free) and sum(previous) == n and all(
+                layers >= 1 and layers * per_layer + fixed <= f
+                for layers, f in zip(previous, free, strict=True)):
+            split = previous
+        else:
+            split = split_layers(n, per_layer, fixed, free)
+        if split is None:
+            return None
+        disk = claim.disk_bytes or m.evaluation.meta.files_bytes
+        out: list[_Part] = []
+        k = 0
+        for node, pool, gpus, port in parts:
+            share = split[k:k + max(len(gpus), 1)]
+            k += len(share)
+            if gpus:
+                vram = tuple(layers * per_layer + fixed for layers in share)
+                need = _Need(len(gpus), max(vram), claim.ram_bytes, disk, vram, share)
+            else:
+                need = _Need(0, 0, share[0] * per_layer + fixed, disk, (), share)
+            if self.fits_host(node, m.name, need):
+                return None
+            out.append((node, pool, gpus, need, port))
+        return out
+
+    def split_gpus(self, node: _Node, pool: _Pool, claim: Claim, k: int,
+                   policy: str) -> list[tuple[int, ...]]:
+        """Sets of `k` GPUs of `pool` to try for a split, each holding a layer or more:
+        spread, the emptiest; binpack, the fullest first, then ever emptier ones."""
+        least = claim.device_bytes + claim.layer_bytes
+        ok = [i for i in pool.indices if node.free[i] >= least]
+        if len(ok) < k:
+            return []
+        if policy == "spread":
+            return [tuple(sorted(sorted(ok, key=lambda i: (-node.free[i], i))[:k]))]
+        ok.sort(key=lambda i: (node.free[i], i))
+        return [tuple(sorted(ok[s:s + k])) for s in range(len(ok) - k + 1)]
+
+    def fit_split(self, m: _Model, claim: Claim, node: _Node, pool: _Pool, k: int,
+                  policy: str) -> tuple[_Pool | None, tuple[int, ...], _Need] | None:
+        """`k` GPUs of `pool` on `node` that hold the model split by layers, or None."""
+        for gpus in self.split_gpus(node, pool, claim, k, policy):
+            parts = self.split_parts(m, claim, [(node, pool, gpus, None)])
+            if parts is not None:
+                return pool, gpus, parts[0][3]
+        return None
+
     # ---- placing
 
-    def place(self, m: _Model, replica: int, backend: str, node: _Node, pool: _Pool | None,
-              gpus: tuple[int, ...], need: _Need, port: int | None,
-              workers: list[tuple[_Node, _Pool | None, tuple[int, ...], int | None]]) -> Placement:
+    def place(self, m: _Model, replica: int, backend: str, parts: list[_Part]) -> Placement:
+        """Take the parts' resources and ports; the main part first."""
         runtime = m.runtimes[backend]
         assert not isinstance(runtime, str)
-        parts = [(node, pool, gpus, port), *workers]
+        split = tuple(n for part in parts for n in part[3].layers)
         placed: list[Worker] = []
-        for k, (part_node, part_pool, part_gpus, want) in enumerate(parts):
+        for k, (node, pool, gpus, need, want) in enumerate(parts):
             owner = instance_id(m.name, replica) + (f"-w{k}" if k else "")
             # a distributed vLLM/SGLang main also runs the Ray head on port + 1 (agent)
-            span = 2 if k == 0 and workers and backend in RAY_BACKENDS else 1
-            got = self.fleet.free_port(part_node, owner, want, span)
+            span = 2 if k == 0 and len(parts) > 1 and backend in RAY_BACKENDS else 1
+            got = self.fleet.free_port(node, owner, want, span)
             if got is None:
-                got = self.fleet.free_port(part_node, owner, None, 1)
+                got = self.fleet.free_port(node, owner, None, 1)
             assert got is not None  # fits_host checked a port is free
-            self.fleet.take(part_node, m.name, part_gpus, need, got)
+            self.fleet.take(node, m.name, gpus, need, got)
             if span == 2:
-                part_node.ports_taken.add(got + 1)
-            placed.append(Worker(part_node.name, part_gpus, got,
-                                 part_pool.vendor if part_pool else "cpu"))
-        main = placed[0]
+                node.ports_taken.add(got + 1)
+            claim = ClaimedResources(need.vram, need.ram, need.vram_by_gpu)
+            placed.append(Worker(node.name, gpus, got, pool.vendor if pool else "cpu",
+                                 claim if split else None))
+        main, (node, _, gpus, need, _) = placed[0], parts[0]
         return Placement(
             model=m.name, replica=replica, node=node.name, gpus=gpus, backend=backend,
             backend_version=runtime[1], port=main.port,
-            claim=ClaimedResources(need.vram, need.ram), runtime=runtime[0],
-            vendor=main.vendor, gpu_memory_bytes=pool.memory if pool else 0,
-            kind=m.evaluation.kind, context=m.evaluation.context, workers=tuple(placed[1:]),
+            claim=ClaimedResources(need.vram, need.ram, need.vram_by_gpu), runtime=runtime[0],
+            vendor=main.vendor,
+            gpu_memory_bytes=min((node.gpus[i].memory_bytes for i in gpus), default=0),
+            kind=m.evaluation.kind, context=m.evaluation.context,
+            workers=tuple(placed[1:]),
+            split=split if len(split) > 1 else (),
         )
 
     def sticky(self, m: _Model, prev: PreviousPlacement) -> Placement | None:
@@ -688,19 +863,29 @@ class _Scheduler:
         nodes = [self.fleet.nodes.get(n) for n, _, _ in parts]
         if any(n is None for n in nodes) or len({n for n, _, _ in parts}) != len(parts):
             return None
-        fitted: list[tuple[_Node, _Pool | None, tuple[int, ...], int | None]] = []
-        need: _Need | None = None
+        resolved: list[tuple[_Node, _Pool | None, tuple[int, ...], int | None]] = []
         for node, (_, gpus, port) in zip(nodes, parts, strict=True):
             assert node is not None
+            el = self.eligibility(m, prev.backend, node.cls)
+            pool = next((p for p in el.pools if set(gpus) <= set(p.indices)), None)
+            if (pool is None) if gpus else not el.cpu:
+                return None
+            resolved.append((node, pool, gpus, port))
+        main_pool = resolved[0][1]
+        claim = self.split_claim(m, prev.backend, len(prev.gpus),
+                                 main_pool.memory if main_pool else 0, len(parts))
+        if claim is not None:
+            split = self.split_parts(m, claim, resolved, prev.split)
+            return None if split is None else self.place(m, prev.replica, prev.backend, split)
+        fitted: list[_Part] = []
+        need: _Need | None = None
+        for node, _, gpus, port_wanted in resolved:
             got = self._fits_exactly(m, prev.backend, node, gpus, len(parts))
             if got is None or (need is not None and got[1] != need):
                 return None
             need = got[1]
-            fitted.append((node, got[0], gpus, port))
-        assert need is not None
-        first, *rest = fitted
-        return self.place(m, prev.replica, prev.backend, first[0], first[1], first[2], need,
-                          first[3], rest)
+            fitted.append((node, got[0], gpus, need, port_wanted))
+        return self.place(m, prev.replica, prev.backend, fitted)
 
     def _fits_exactly(self, m: _Model, backend: str, node: _Node, gpus: tuple[int, ...],
                       nodes: int) -> tuple[_Pool | None, _Need] | None:
@@ -792,7 +977,7 @@ class _Scheduler:
             # fewest replicas of this model first; ties keep policy order
             found.sort(key=lambda f: f[0].models.get(m.name, 0))
         node, (pool, chosen, need) = found[0]
-        return self.place(m, replica, backend, node, pool, chosen, need, None, [])
+        return self.place(m, replica, backend, [(node, pool, chosen, need, None)])
 
     def _layout_possible(self, m: _Model, backend: str, cls: int, gpus: int) -> bool:
         """Whether an empty node of class `cls` could hold `gpus` GPUs' worth of the model."""
@@ -800,12 +985,19 @@ class _Scheduler:
         if gpus == 0:
             return el.cpu
         node = self.fleet.nodes[self.fleet.class_members[cls][0]]
+        reserved = node.settings.reserved_vram
         for pool in el.pools:
-            if len(pool.indices) < gpus:
+            if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
+                continue
+            claim = self.split_claim(m, backend, gpus, pool.memory, 1)
+            if claim is not None:
+                empty = sorted((node.gpus[i].memory_bytes - reserved for i in pool.indices),
+                               reverse=True)[:gpus]
+                if split_layers(claim.layers, claim.layer_bytes, claim.device_bytes, empty):
+                    return True
                 continue
             need = self.need(m, backend, gpus, pool.memory, 1)
-            if not isinstance(need, str) and \
-                    need.vram <= pool.memory - node.settings.reserved_vram:
+            if not isinstance(need, str) and need.vram <= pool.memory - reserved:
                 return True
         return False
 
@@ -813,6 +1005,12 @@ class _Scheduler:
                     node: _Node) -> tuple[_Pool | None, tuple[int, ...], _Need] | None:
         assert m.spec.pin is not None
         gpus = tuple(sorted(m.spec.pin.gpus))
+        pool = next((p for p in self.eligibility(m, backend, node.cls).pools
+                     if set(gpus) <= set(p.indices)), None)
+        claim = None if pool is None else self.split_claim(m, backend, len(gpus), pool.memory, 1)
+        if claim is not None:
+            parts = self.split_parts(m, claim, [(node, pool, gpus, None)])
+            return None if parts is None else (pool, gpus, parts[0][3])
         got = self._fits_exactly(m, backend, node, gpus, 1)
         return None if got is None else (got[0], gpus, got[1])
 
@@ -824,6 +1022,12 @@ class _Scheduler:
                 layout = (backend, gpus, nodes, 0)
                 if layout in m.failed_layouts:
                     continue
+                if not self._split_unknown(m, backend, classes, gpus, nodes):
+                    split = self._place_split(m, replica, backend, classes, gpus, nodes)
+                    if split is None:
+                        m.failed_layouts.add(layout)
+                        continue
+                    return split
                 chosen: list[tuple[_Node, tuple[_Pool | None, tuple[int, ...], _Need]]] = []
 
                 def accept(node: _Node, gpus: int = gpus, nodes: int = nodes,
@@ -837,10 +1041,61 @@ class _Scheduler:
                 if len(chosen) < nodes:
                     m.failed_layouts.add(layout)
                     continue
-                (main, (pool, g, need)), *rest = chosen
-                return self.place(m, replica, backend, main, pool, g, need, None,
-                                  [(n, p, gg, None) for n, (p, gg, _) in rest])
+                return self.place(m, replica, backend,
+                                  [(n, p, g, need, None) for n, (p, g, need) in chosen])
         return None
+
+    def _place_split(self, m: _Model, replica: int, backend: str, classes: list[int],
+                     gpus: int, nodes: int) -> Placement | None:
+        """A replica over `nodes` nodes split by layers (llama.cpp: the main and its RPC
+        workers): the first nodes in policy order whose devices hold a layer or more each,
+        sharing the layers by free memory; None when no such set holds it."""
+        probe: list[Claim] = []
+        chosen: list[tuple[_Node, _Pool | None, tuple[int, ...], int | None]] = []
+
+        def accept(node: _Node) -> bool:
+            el = self.eligibility(m, backend, node.cls)
+            got = self._split_part(m, backend, node, el, gpus, nodes)
+            if got is not None and (not probe or _same_split(got[0], probe[0])):
+                probe.append(got[0])
+                chosen.append((node, got[1], got[2], None))
+            return len(chosen) == nodes
+
+        self.fleet.candidates(classes, m.policy, accept)
+        if len(chosen) < nodes:
+            return None
+        parts = self.split_parts(m, probe[0], chosen)
+        return None if parts is None else self.place(m, replica, backend, parts)
+
+    def _split_part(self, m: _Model, backend: str, node: _Node, el: _Eligibility, gpus: int,
+                    nodes: int) -> tuple[Claim, _Pool | None, tuple[int, ...]] | None:
+        """The claim, pool and GPUs one node would add to a split replica, or None."""
+        if gpus == 0:
+            claim = self.split_claim(m, backend, 0, 0, nodes) if el.cpu else None
+            if claim is None or node.ram_free < claim.device_bytes + claim.layer_bytes:
+                return None
+            return claim, None, ()
+        for pool in el.pools:
+            if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
+                continue
+            claim = self.split_claim(m, backend, gpus, pool.memory, nodes)
+            sets = self.split_gpus(node, pool, claim, gpus, "spread") if claim else []
+            if claim is not None and sets:
+                return claim, pool, sets[0]
+        return None
+
+    def _split_unknown(self, m: _Model, backend: str, classes: list[int], gpus: int,
+                       nodes: int) -> bool:
+        """Whether this layout is not split by layers on any class (so the even way
+        decides), as opposed to split but with no node able to take a part."""
+        for cls in classes:
+            el = self.eligibility(m, backend, cls)
+            if gpus == 0 and el.cpu and self.split_claim(m, backend, 0, 0, nodes):
+                return False
+            if gpus and any(self.split_claim(m, backend, gpus, p.memory, nodes)
+                            for p in el.pools if len(p.indices) >= gpus):
+                return False
+        return True
 
     # ---- reasons
 
@@ -898,6 +1153,10 @@ class _Scheduler:
             if not sizes:
                 return f"needs {self.layouts(m)[0]} GPUs, has {len(pool.indices)}"
             for k in reversed(sizes):  # the most favourable layout first
+                claim = self.split_claim(m, backend, k, pool.memory, 1)
+                if claim is not None:
+                    return self.fits_host(node, m.name, self._split_host_need(m, claim)) or \
+                        self._split_reason(claim, node, pool, k)
                 need = self.need(m, backend, k, pool.memory, 1)
                 if isinstance(need, str):
                     last = need
@@ -917,6 +1176,20 @@ class _Scheduler:
                 return need
             return self.fits_host(node, m.name, need) or last
         return last
+
+    @staticmethod
+    def _split_host_need(m: _Model, claim: Claim) -> _Need:
+        return _Need(claim.gpus, 0, claim.ram_bytes,
+                     claim.disk_bytes or m.evaluation.meta.files_bytes)
+
+    @staticmethod
+    def _split_reason(claim: Claim, node: _Node, pool: _Pool, k: int) -> str:
+        free = sorted((node.free[i] for i in pool.indices), reverse=True)[:k]
+        room = sum(max(0, f - claim.device_bytes) // claim.layer_bytes if claim.layer_bytes
+                   else claim.layers for f in free)
+        return (f"needs {claim.layers} layers of {gib(claim.layer_bytes)} + "
+                f"{gib(claim.device_bytes)} per GPU over {k} GPUs, the {k} with the most free "
+                f"memory hold {min(room, claim.layers)} (largest free {gib(free[0])})")
 
     # ---- the whole pass
 
@@ -989,10 +1262,12 @@ def with_instances(observed: Observed, placements: Placements,
                  *((w.node, w.gpus, w.port, p.worker_id(k))
                    for k, w in enumerate(p.workers, start=1))]
         for node, gpus, port, iid in parts:
+            # a main split by layers reports its split (the agent's `layer_split`)
+            extra = {"layer_split": list(p.split)} if p.split and iid == p.id else {}
             per_node[node].append(InstanceFacts(
                 id=iid, model=p.model, replica=p.replica, gpus=list(gpus), port=port,
                 backend=p.backend, backend_version=p.backend_version, state="ready",
-                spec_hash=hashes.get(iid)))
+                spec_hash=hashes.get(iid), **extra))
     nodes: dict[str, NodeFacts] = {}
     for name, facts in observed.nodes.items():
         if not facts.reachable:

@@ -51,6 +51,11 @@ def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
+def _ceil_div(n: int, d: int) -> int:
+    """n / d rounded up (0 when d is 0: nothing to split)."""
+    return -(-n // d) if d > 0 else 0
+
+
 def _pad(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
@@ -231,10 +236,13 @@ def llama_claim(meta: ModelMeta, context: int, gpus: int, nodes: int,
     """llama.cpp: CPU (gpus=0, all in RAM), full offload split by layers over the GPUs of
     every node (RPC workers when nodes > 1), or partial offload when the GPU is too small."""
     b = llama_breakdown(meta, context, opts)
+    layers = max(meta.layers, 0)
     if gpus == 0:
-        per_node = (b.weights + b.kv) // nodes + b.compute + b.output + LLAMA_CPU_OVERHEAD
+        fixed = b.compute + b.output + LLAMA_CPU_OVERHEAD
+        per_node = (b.weights + b.kv) // nodes + fixed
         return Claim(backend="llama.cpp", gpus=0, nodes=nodes, vram_bytes_per_gpu=0,
-                     ram_bytes=per_node, disk_bytes=meta.files_bytes,
+                     ram_bytes=per_node, disk_bytes=meta.files_bytes, layers=layers,
+                     layer_bytes=_ceil_div(b.weights + b.kv, layers), device_bytes=fixed,
                      detail=f"RAM: weights {gib(b.weights)} + KV {gib(b.kv)} ({context} tokens)"
                             f" + compute {gib(b.compute)} + output {gib(b.output)} + runtime "
                             f"{gib(LLAMA_CPU_OVERHEAD)}" + (f", over {nodes} nodes"
@@ -248,7 +256,9 @@ def llama_claim(meta: ModelMeta, context: int, gpus: int, nodes: int,
               f", + compute {gib(b.compute)} + runtime {gib(LLAMA_CUDA_OVERHEAD)} per GPU")
     if gpu_memory_bytes is None or per_gpu <= gpu_memory_bytes:
         return Claim(backend="llama.cpp", gpus=gpus, nodes=nodes, vram_bytes_per_gpu=per_gpu,
-                     ram_bytes=ram, disk_bytes=meta.files_bytes, detail=detail)
+                     ram_bytes=ram, disk_bytes=meta.files_bytes, detail=detail, layers=layers,
+                     layer_bytes=_ceil_div(on_gpu + b.kv, layers),
+                     device_bytes=b.compute + LLAMA_CUDA_OVERHEAD)
     return _partial_offload(meta, b, context, gpus, nodes, gpu_memory_bytes, per_gpu, ram)
 
 

@@ -46,6 +46,13 @@ class Claim:
     ram_bytes: int
     disk_bytes: int = 0
     detail: str = ""  # human-readable breakdown: "weights 4.2 GiB + KV 1.0 GiB + ..."
+    # Split by whole layers (llama.cpp over several GPUs or RPC workers): `layers` blocks,
+    # each taking `layer_bytes` (weights + its KV cache) on the device that holds it, plus
+    # `device_bytes` fixed on every device (compute buffer, runtime; on the CPU: RAM).
+    # 0 layers: the claim is per device as it stands (an even split).
+    layers: int = 0
+    layer_bytes: int = 0
+    device_bytes: int = 0
 
 
 class Evaluation(Protocol):

@@ -3,7 +3,9 @@
 The scheduler must be tested apart from the estimator's numbers, so a case states the
 sizes it wants (weights, KV, overheads, compatible vendors) and this class turns them
 into claims the same way every time: VRAM per GPU = (weights + kv) / (gpus * nodes) +
-overhead_per_gpu; on the CPU the weights and KV live in RAM.
+overhead_per_gpu; on the CPU the weights and KV live in RAM. llama.cpp claims also say
+how they split by whole layers (as the real estimator's do): `layers` (default 32) of
+(weights + kv) / layers each, plus overhead_per_gpu per GPU (on the CPU: `ram` per node).
 """
 
 from __future__ import annotations
@@ -46,10 +48,14 @@ class FixedEvaluation:
         if gpus and self.heads % gpus:
             return f"TP {gpus} does not divide {self.heads} attention heads"
         total = self.weights + self.kv
+        layers = self.meta.layers if backend == "llama.cpp" else 0
+        per_layer = math.ceil(total / layers) if layers else 0
         if gpus == 0:
-            return Claim(backend, 0, nodes, 0, self.ram + math.ceil(total / nodes), self.disk)
+            return Claim(backend, 0, nodes, 0, self.ram + math.ceil(total / nodes), self.disk,
+                         layers=layers, layer_bytes=per_layer, device_bytes=self.ram)
         per_gpu = math.ceil(total / (gpus * nodes)) + self.overhead_per_gpu
-        return Claim(backend, gpus, nodes, per_gpu, self.ram, self.disk)
+        return Claim(backend, gpus, nodes, per_gpu, self.ram, self.disk, layers=layers,
+                     layer_bytes=per_layer, device_bytes=self.overhead_per_gpu)
 
     def refuse(self, backend: str, node: NodeFacts, gpus: list[GpuFacts]) -> str | None:
         vendor = gpus[0].vendor if gpus else "cpu"
@@ -70,7 +76,7 @@ def fixed_evaluation(name: str, data: dict[str, Any]) -> FixedEvaluation:
     meta = ModelMeta(
         source=data.get("source", f"hf://test/{name}"), format=data.get("format", "safetensors"),
         architecture="LlamaForCausalLM", kind=data.get("kind", "llm"), params=weights // 2,
-        weights_bytes=weights, layers=32, hidden_size=4096,
+        weights_bytes=weights, layers=int(data.get("layers", 32)), hidden_size=4096,
         attention_heads=int(data.get("heads", 32)), kv_heads=8, head_dim=128, vocab_size=32000,
         max_context=int(data.get("context", 8192)), kv_bytes_per_token=131072,
         files_bytes=size("disk", weights),
