@@ -60,14 +60,21 @@ class Instance(_Strict):
     command: str | None = None  # custom backend template
     mmproj: str | None = None
     gpu_memory_utilization: float | None = None
+    # llama.cpp split by whole layers (set by the scheduler): layers per device, this
+    # node's GPUs (in `devices.indices` order; one entry for its CPU when it has none)
+    # first, then each peer's devices in `peers` order. None: llama.cpp decides.
+    layer_split: list[int] | None = None
 
     def spec_hash(self) -> str:
         """Fingerprint of everything whose change needs the process replaced.
 
         The API key is left out: the controller computes this at plan time, where the
         stack's secret (from which keys are derived) may be absent, as in CI on a PR.
+        An unset `layer_split` is left out too, so instances from before the field keep
+        their fingerprint.
         """
-        body = json.dumps(self.model_dump(mode="json", exclude={"api_key"}), sort_keys=True)
+        exclude = {"api_key"} | ({"layer_split"} if self.layer_split is None else set())
+        body = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
         return hashlib.sha256(body).hexdigest()[:16]
 

@@ -120,10 +120,13 @@ def build_llama_cpp(inst: Instance, ctx: Context) -> Launch:
     if inst.context:
         argv += ["-c", str(inst.context)]
     gpus = _gpu_count(inst)
-    offload = gpus > 0 or (inst.role == "main" and inst.peers)
-    argv += ["-ngl", "99" if offload else "0"]
-    if gpus > 1:
-        argv += ["--tensor-split", ",".join("1" for _ in range(gpus))]
+    if inst.layer_split is not None:
+        argv += _layer_split_args(inst, inst.layer_split)
+    else:
+        offload = gpus > 0 or (inst.role == "main" and inst.peers)
+        argv += ["-ngl", "99" if offload else "0"]
+        if gpus > 1:
+            argv += ["--tensor-split", ",".join("1" for _ in range(gpus))]
     if inst.role == "main":
         if not inst.peers:
             raise CommandError(f"instance `{inst.id}` has role main but no `peers`",
@@ -137,6 +140,38 @@ def build_llama_cpp(inst: Instance, ctx: Context) -> Launch:
         argv += ["--mmproj", _relative_to_model(ctx, inst.mmproj)]
     argv += inst.args
     return Launch(argv, {**env, **inst.env}, _health(inst, Health("http", "/health")), files)
+
+
+def _layer_split_args(inst: Instance, split: list[int]) -> list[str]:
+    """`-ngl` and `--tensor-split` that put exactly the scheduler's layers on each device.
+
+    `split` lists this node's devices first (its GPUs, or one entry: the layers its CPU
+    keeps), then the RPC workers' devices in `--rpc` order. llama.cpp orders devices the
+    other way round: "add RPC servers at the front of the list to minimize network
+    transfers", then the local GPUs; the CPU is never one (`llama_model_load_from_file_impl`
+    in src/llama.cpp, default device selection). Its loader (`load_tensors` in
+    src/llama-model.cpp) offloads the last `n_gpu_layers` of `n_layer + 1` slots, the
+    output layer being the last slot, and gives slot `i` to the first device whose
+    cumulative `--tensor-split` fraction exceeds `i / n_gpu_layers`. So whole-layer counts,
+    with the output slot added to the last device, land exactly. Args from stack.toml come
+    later on the command line and win.
+    """
+    local = max(_gpu_count(inst), 1)
+    remote = split[local:]
+    if len(split) < local or min(split, default=0) < 0 or (
+            len(remote) < len(inst.peers) if inst.role == "main" else remote):
+        raise CommandError(
+            f"instance `{inst.id}` has a `layer_split` of {len(split)} entries for {local} "
+            f"local device(s) and {len(inst.peers) if inst.role == 'main' else 0} RPC worker(s)",
+            hint="list this node's devices first, then each worker's, at least one each.")
+    on_cpu = 0 if _gpu_count(inst) else split[0]
+    devices = [*remote, *split[:local]] if _gpu_count(inst) else remote
+    if not devices:
+        return ["-ngl", "0"]
+    shares = [*devices[:-1], devices[-1] + 1]
+    slots = sum(split) + 1 - on_cpu
+    ngl = slots if on_cpu else max(slots, 99)
+    return ["-ngl", str(ngl), "--tensor-split", ",".join(str(n) for n in shares)]
 
 
 def _ray_head_port(port: int) -> int:

@@ -115,6 +115,8 @@ class Runner:
             "spec_hash": self.spec_hash, "progress": self.progress, "adopted": self.adopted,
             "started_at": self.started_wall or None, "last_exit_code": self.last_exit,
         }
+        if inst.layer_split is not None:  # the scheduler keeps a replica's split (sticky)
+            body["layer_split"] = list(inst.layer_split)
         if self.state in ("crash-looping", "failed") and self.last_lines:
             body["last_log_lines"] = self.last_lines
         return body

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -221,8 +222,10 @@ def test_distributed_rpc_worker_and_main_answer(
         {**common, "id": "gemma-d-w1", "role": "worker", "port": worker_port,
          "args": ["-t", "2"], "peers": [{"node": agent.node, "host": "127.0.0.1",
                                          "port": main_port}]},
+        # the scheduler's split of Gemma 3 270M's 18 layers: 6 stay on this CPU, 12 go to
+        # the RPC worker (-ngl 13 --tensor-split 13: the output layer goes with them)
         {**common, "id": "gemma-d", "role": "main", "port": main_port, "context": 512,
-         "api_key": "sk-instance-key", "args": ["-t", "1"],
+         "api_key": "sk-instance-key", "args": ["-t", "1", "-lv", "4"], "layer_split": [6, 12],
          "peers": [{"node": agent.node, "host": "127.0.0.1", "port": worker_port}]},
     ])
     assert response.status_code == 200, response.text
@@ -230,6 +233,16 @@ def test_distributed_rpc_worker_and_main_answer(
     main = agent.wait_state("gemma-d", "ready", timeout=90)
     cmdline = Path(f"/proc/{main['pid']}/cmdline").read_bytes().split(b"\0")
     assert b"--rpc" in cmdline and f"127.0.0.1:{worker_port}".encode() in cmdline
+    assert cmdline[cmdline.index(b"--tensor-split") + 1] == b"13"
+    assert cmdline[cmdline.index(b"-ngl") + 1] == b"13"
+    # llama-server took it (`-lv 4` logs the loader): 12 repeating layers + the output
+    # layer on the RPC device, 6 layers on this CPU
+    log = (agent.prefix / "logs" / "gemma-d.log").read_text(errors="replace")
+    assert "offloading 12 repeating layers" in log and "offloaded 13/19 layers" in log, \
+        log[-3000:]
+    assert re.search(rf"RPC\d*\[127\.0\.0\.1:{worker_port}\] model buffer size", log), \
+        log[-3000:]
+    assert agent.instance("gemma-d")["layer_split"] == [6, 12]  # reported for sticky plans
     assert chat(main_port)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from pathlib import Path
 
 from stack.assign import build_assignments, build_router_config, router_config_sha256
 from stack.plan import Plan
 from stack.render import print_plan, render_plan
-from stack.schedule import schedule
+from stack.schedule import Placement, schedule
 from stack.secrets import derive_key
 from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack
 
@@ -115,3 +117,32 @@ def test_plan_is_plain_off_a_terminal_and_coloured_on_one() -> None:
     print_plan(plan, tty)
     assert plain.getvalue() == render_plan(plan) and "\x1b[" not in plain.getvalue()
     assert "\x1b[" in tty.getvalue()
+
+
+def test_llama_cpp_split_reaches_the_main_instance_only() -> None:
+    case = json.loads((Path(__file__).parents[1] / "schedule" / "cases" /
+                       "llama_cpp_rpc_three_cpu_nodes_split_by_free_ram.json").read_text())
+    spec, _ = load_stack(case["stack"])
+    facts = load_facts(case["facts"])
+    placements = schedule(spec, load_evaluations(case["evaluations"]), facts)
+    assignments = build_assignments(spec, placements, facts, Path("/ctl"), None)
+    main = assignments["cpu-01"].instances[0]
+    workers = [assignments[n].instances[0] for n in ("cpu-02", "cpu-03")]
+    assert main.role == "main" and main.layer_split == [27, 20, 13]
+    assert [p.node for p in main.peers] == ["cpu-02", "cpu-03"]  # the split's order
+    assert [w.layer_split for w in workers] == [None, None]
+    # the plan JSON carries the split and each part's own claim back to apply
+    again = [Placement.from_json(p.to_json()) for p in placements.placements]
+    assert again == list(placements.placements)
+    assert [w.claim.ram_bytes for w in again[0].workers if w.claim] == [21 * 2**30, 14 * 2**30]
+
+
+def test_an_instance_without_a_split_keeps_its_fingerprint() -> None:
+    _, _, assignments = _build(None)
+    inst = assignments["gpu-01"].instances[0]
+    assert inst.layer_split is None
+    body = inst.model_dump(mode="json", exclude={"api_key", "layer_split"})
+    assert inst.spec_hash() == hashlib.sha256(
+        json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    split = inst.model_copy(update={"layer_split": [10, 22]})
+    assert split.spec_hash() != inst.spec_hash()
