@@ -25,6 +25,7 @@ Sources:
 from __future__ import annotations
 
 import shlex
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from stack.spec import RuntimeSpec
@@ -112,7 +113,8 @@ def _system(install: RuntimeInstall, tmp: str) -> list[str]:
     path = (install.spec.path or "").replace("{version}", install.version)
     missing = q(f"runtime folder {path} is missing")
     checks = [f"test -d {q(path)} || {{ echo {missing} >&2; exit 3; }}"]
-    for binary in DEFAULT_BINARIES.get(install.name, ()):
+    # a runtime may carry any name; what it must hold depends on the backend it serves
+    for binary in DEFAULT_BINARIES.get(install.spec.backend or install.name, ()):
         target = f"{path}/{binary}"
         checks.append(
             f"test -x {q(target)} || {{ echo {q(f'{target} is missing')} >&2; exit 3; }}"
@@ -179,6 +181,23 @@ def _build(install: RuntimeInstall, tmp: str) -> list[str]:
         f"find {q(tmp)}/build -name '*.so*' -exec cp -a {{}} {q(tmp)}/bin/ \\;",
         f"rm -rf {q(src)} {q(tmp)}/build {q(tmp)}/cmake.log {q(tmp)}/build.log",
     ]
+
+
+def unused_versions(
+    installed: Mapping[str, Iterable[str]], listed: Mapping[str, Iterable[str]],
+    in_use: Collection[tuple[str, str]],
+) -> dict[str, list[str]]:
+    """The runtime versions on a host to remove: installed (`installed`, from the facts),
+    no longer listed in stack.toml (`listed`: name -> `versions`; a runtime it no longer
+    names lists nothing) and used by no instance on that host (`in_use`: (name, version)).
+    The plan shows them as deletes; apply removes them once its instances run elsewhere."""
+    out: dict[str, list[str]] = {}
+    for name, versions in sorted(installed.items()):
+        keep = set(listed.get(name, ()))
+        stale = sorted(v for v in set(versions) if v not in keep and (name, v) not in in_use)
+        if stale:
+            out[name] = stale
+    return out
 
 
 def removal_script(prefix: str, name: str, versions: list[str]) -> str:

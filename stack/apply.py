@@ -29,7 +29,7 @@ import gevent
 
 from agent.assignment import Assignment, Instance
 from deploys.drivers import DriverRequest
-from deploys.runtimes import RuntimeInstall, removal_script, runtime_path
+from deploys.runtimes import RuntimeInstall, removal_script, runtime_path, unused_versions
 from deploys.services import Service, reload_commands, start_commands
 from deploys.state import dumps, host_files_script, parse_host_files
 from deploys.steps import HostTarget, ModelUpload, Step, agent_paths, host_steps, sha256_text
@@ -693,20 +693,27 @@ def update_routers(spec: StackSpec, nodes: list[_Node], desired: Desired,
 
 def remove_unused_runtimes(spec: StackSpec, nodes: list[_Node], desired: Desired,
                            reports: dict[str, HostReport]) -> None:
-    """Runtime versions neither in stack.toml nor used by an instance are removed."""
+    """Remove the runtime versions stack.toml no longer lists (`unused_versions`), last and
+    only on hosts that converged: their instances run as desired by now. A version that
+    the desired or the last written assignment still names is kept (the agent runs it)."""
+    listed = {name: rt.versions for name, rt in spec.runtimes.items()}
     for node in nodes:
         if reports[node.name].error is not None:
-            continue
-        used = {i.runtime_path for i in desired.assignments.get(
-            node.name, Assignment(node=node.name)).instances}
-        for name, versions in node.facts.runtimes.items():
-            listed = set(spec.runtimes[name].versions) if name in spec.runtimes else set()
-            stale = [v for v in versions if v not in listed
-                     and runtime_path(node.prefix, name, v) not in used]
-            if stale:
-                ok, _, _err = _run(node.host, removal_script(node.prefix, name, stale))
-                if ok:
-                    reports[node.name].changed.append(f"removed {name} {', '.join(stale)}")
+            continue  # its instances may still run on a version stack.toml dropped
+        told = [*desired.assignments.get(node.name, Assignment(node=node.name)).instances,
+                *(node.current.instances if node.current else [])]
+        paths = {i.runtime_path for i in told}
+        in_use = {(name, v) for name, versions in node.facts.runtimes.items()
+                  for v in versions if runtime_path(node.prefix, name, v) in paths}
+        for name, stale in unused_versions(node.facts.runtimes, listed, in_use).items():
+            ok, _, err = _run(node.host, removal_script(node.prefix, name, stale))
+            if not ok:
+                reports[node.name].fail(
+                    f"`{node.name}`: could not remove {name} {', '.join(stale)}: "
+                    f"{err.strip()[:300]}",
+                    "check the permissions of the prefix; the next `stack apply` tries again.")
+                break
+            reports[node.name].changed.append(f"removed {name} {', '.join(stale)}")
 
 
 # -- the whole apply -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.assignment import Assignment, Instance
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
+from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.errors import ConfigError
 from stack.observed import InstanceFacts, NodeFacts, Observed
@@ -278,16 +279,15 @@ def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
         more = f" and {len(users) - 1} more" if len(users) > 1 else ""
         out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.CREATE,
                           f"needed by {users[0]}{more}", "none", name))
-    # versions of our runtimes that stack.toml no longer lists and nothing here uses
-    for runtime, versions in sorted(facts.runtimes.items()):
-        listed = spec.runtimes.get(runtime)
-        if listed is None:
-            continue
-        for version in sorted(versions):
-            if version not in listed.versions and (runtime, version) not in needed:
-                out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.DELETE,
-                                  f"`runtimes.{runtime}.versions` no longer lists {version}",
-                                  "none", name))
+    # what apply removes last: the same decision (`deploys.runtimes.unused_versions`)
+    listed = {n: rt.versions for n, rt in spec.runtimes.items()}
+    for runtime, versions in unused_versions(facts.runtimes, listed, needed).items():
+        for version in versions:
+            why = (f"`runtimes.{runtime}.versions` no longer lists {version}"
+                   if runtime in spec.runtimes
+                   else f"`runtimes.{runtime}` is no longer in stack.toml")
+            out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.DELETE, why,
+                              "none", name))
     return out
 
 
