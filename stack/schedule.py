@@ -819,8 +819,9 @@ class _Scheduler:
         """Take the parts' resources and ports; the main part first."""
         runtime = m.runtimes[backend]
         assert not isinstance(runtime, str)
-        split = tuple(n for part in parts for n in part[3].layers)
+        split = tuple(n for part in parts for n in part[3].layers) if parts[0][3].layers else ()
         placed: list[Worker] = []
+        claims: list[ClaimedResources] = []
         for k, (node, pool, gpus, need, want) in enumerate(parts):
             owner = instance_id(m.name, replica) + (f"-w{k}" if k else "")
             # a distributed vLLM/SGLang main also runs the Ray head on port + 1 (agent)
@@ -832,18 +833,17 @@ class _Scheduler:
             self.fleet.take(node, m.name, gpus, need, got)
             if span == 2:
                 node.ports_taken.add(got + 1)
-            claim = ClaimedResources(need.vram, need.ram, need.vram_by_gpu)
+            claims.append(ClaimedResources(need.vram, need.ram, need.vram_by_gpu))
             placed.append(Worker(node.name, gpus, got, pool.vendor if pool else "cpu",
-                                 claim if split else None))
-        main, (node, _, gpus, need, _) = placed[0], parts[0]
+                                 claims[-1] if split else None))
+        node, pool, gpus = parts[0][:3]
+        memory = 0 if pool is None else pool.memory if not pool.mixed else \
+            min(node.gpus[i].memory_bytes for i in gpus)
         return Placement(
             model=m.name, replica=replica, node=node.name, gpus=gpus, backend=backend,
-            backend_version=runtime[1], port=main.port,
-            claim=ClaimedResources(need.vram, need.ram, need.vram_by_gpu), runtime=runtime[0],
-            vendor=main.vendor,
-            gpu_memory_bytes=min((node.gpus[i].memory_bytes for i in gpus), default=0),
-            kind=m.evaluation.kind, context=m.evaluation.context,
-            workers=tuple(placed[1:]),
+            backend_version=runtime[1], port=placed[0].port, claim=claims[0],
+            runtime=runtime[0], vendor=placed[0].vendor, gpu_memory_bytes=memory,
+            kind=m.evaluation.kind, context=m.evaluation.context, workers=tuple(placed[1:]),
             split=split if len(split) > 1 else (),
         )
 
@@ -863,8 +863,34 @@ class _Scheduler:
         nodes = [self.fleet.nodes.get(n) for n, _, _ in parts]
         if any(n is None for n in nodes) or len({n for n, _, _ in parts}) != len(parts):
             return None
+        if prev.backend in CPU_BACKENDS and max(len(prev.gpus), 1) * len(parts) > 1:
+            return self._sticky_split(m, prev, [(n, g, p) for n, (_, g, p)
+                                                in zip(nodes, parts, strict=True)])
+        fitted = self._fit_even(m, prev.backend, [(n, g, p) for n, (_, g, p)
+                                                  in zip(nodes, parts, strict=True)])
+        return None if fitted is None else self.place(m, prev.replica, prev.backend, fitted)
+
+    def _fit_even(self, m: _Model, backend: str,
+                  parts: list[tuple[_Node | None, tuple[int, ...], int | None]]
+                  ) -> list[_Part] | None:
+        """The parts each taking the same claim on exactly these GPUs, or None."""
+        fitted: list[_Part] = []
+        need: _Need | None = None
+        for node, gpus, port in parts:
+            assert node is not None
+            got = self._fits_exactly(m, backend, node, gpus, len(parts))
+            if got is None or (need is not None and got[1] != need):
+                return None
+            need = got[1]
+            fitted.append((node, got[0], gpus, need, port))
+        return fitted
+
+    def _sticky_split(self, m: _Model, prev: PreviousPlacement,
+                      parts: list[tuple[_Node | None, tuple[int, ...], int]]) -> Placement | None:
+        """A llama.cpp replica over several devices where it runs, split by layers (its
+        reported split while that still fits), or None."""
         resolved: list[tuple[_Node, _Pool | None, tuple[int, ...], int | None]] = []
-        for node, (_, gpus, port) in zip(nodes, parts, strict=True):
+        for node, gpus, port in parts:
             assert node is not None
             el = self.eligibility(m, prev.backend, node.cls)
             pool = next((p for p in el.pools if set(gpus) <= set(p.indices)), None)
@@ -874,18 +900,11 @@ class _Scheduler:
         main_pool = resolved[0][1]
         claim = self.split_claim(m, prev.backend, len(prev.gpus),
                                  main_pool.memory if main_pool else 0, len(parts))
-        if claim is not None:
-            split = self.split_parts(m, claim, resolved, prev.split)
-            return None if split is None else self.place(m, prev.replica, prev.backend, split)
-        fitted: list[_Part] = []
-        need: _Need | None = None
-        for node, _, gpus, port_wanted in resolved:
-            got = self._fits_exactly(m, prev.backend, node, gpus, len(parts))
-            if got is None or (need is not None and got[1] != need):
-                return None
-            need = got[1]
-            fitted.append((node, got[0], gpus, need, port_wanted))
-        return self.place(m, prev.replica, prev.backend, fitted)
+        if claim is None:  # partial offload: the even claim on every part
+            fitted = self._fit_even(m, prev.backend, [(n, g, p) for n, _, g, p in resolved])
+        else:
+            fitted = self.split_parts(m, claim, resolved, prev.split)
+        return None if fitted is None else self.place(m, prev.replica, prev.backend, fitted)
 
     def _fits_exactly(self, m: _Model, backend: str, node: _Node, gpus: tuple[int, ...],
                       nodes: int) -> tuple[_Pool | None, _Need] | None:
