@@ -117,7 +117,8 @@ def driver_step(target: HostTarget) -> Step:
             return Step("driver", "", blocked=result)
         commands += result
     step = Step("driver", "drivers are in the desired state", commands=commands)
-    step.reboot = bool(target.drivers) and needs_reboot(target.facts, commands)
+    # a pending reboot counts without driver settings too: the plan shows it either way
+    step.reboot = needs_reboot(target.facts, commands)
     return step
 
 

@@ -11,14 +11,19 @@
 
 A host that fails is named with the reason; the others converge; the result says so and
 the command exits 1. Every step is idempotent, so an interrupted apply is finished by the
-next one.
+next one. Ctrl-C during the deploys and reboots stops apply once the steps in progress are
+done on every host (a second Ctrl-C stops it at once): a command left running on a host
+after apply exits could race the next apply.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -331,7 +336,6 @@ def _targets(
     reports: dict[str, HostReport],
 ) -> tuple[dict[str, HostTarget], list[str], list[str]]:
     """Per-host targets and the fleet-wide step keys (runtimes, models)."""
-    from stack.config import node_settings
     from stack.secrets import derive_key, stack_secret
 
     bundle = agent_bundle()
@@ -355,10 +359,7 @@ def _targets(
                 if local is not None:
                     uploads[install.path] = local
             models = _model_uploads(assignment, stack_dir)
-            settings = node_settings(spec, node.name)
-            drivers = [DriverRequest(node.name, vendor, d.mode, d.version,
-                                     str((node.facts.model_extra or {}).get("user") or "") or None)
-                       for vendor, d in sorted(settings.drivers.items())]
+            drivers = _driver_requests(spec, node)
             router = (router_service(spec, node.prefix, node.manager)
                       if node.name in desired.router_nodes else None)
             targets[node.name] = HostTarget(
@@ -729,29 +730,193 @@ def _desired(spec: StackSpec, stack_dir: Path, observed: Observed, placements: A
     return Desired(assignments, router, list(placements.routers))
 
 
+REBOOT_COMMAND = "(sleep 2; reboot) >/dev/null 2>&1 &"  # returns before the host goes down
+REBOOT_DOWN_TIMEOUT = 300.0  # a shutdown may wait for slow services this long
+REBOOT_POLL = 2.0
+
+
+def back_after_reboot(before: NodeFacts, after: NodeFacts,
+                      requests: list[DriverRequest]) -> bool:
+    """Whether a rebooted host is back: it answers, no reboot is pending any more, every
+    GPU it had is seen again and every driver is in its desired state."""
+    from deploys.drivers import driver_commands
+
+    if not after.reachable or after.error or after.reboot_required:
+        return False
+    if len(after.gpus) < len(before.gpus):
+        return False
+    return all(driver_commands(after, request) == [] for request in requests)
+
+
+def _wait_down(host: Host, limit: float) -> bool:
+    """Whether the host's SSH connection dropped (it is going down) within `limit` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            with gevent.Timeout(10):
+                ok, _, _ = _run(host, "true")
+        except (Exception, gevent.Timeout):
+            return True
+        if not ok:
+            return True
+        gevent.sleep(0.5)
+    return False
+
+
+def _reconnect(host: Any) -> None:
+    """A new SSH connection for a pyinfra host whose old one died with a reboot."""
+    from pyinfra.context import ctx_host, ctx_state
+
+    client = getattr(host.connector, "client", None)
+    with contextlib.suppress(Exception):
+        host.disconnect()  # drops the SFTP client bound to the dead connection
+        if client is not None:
+            client.close()
+    host.connected = False
+    with ctx_state.use(host.state), ctx_host.use(host):
+        host.connect(show_errors=False, raise_exceptions=True)
+
+
 def _reboot(node: _Node, spec: StackSpec, stack_dir: Path, report: HostReport,
-            progress: Callable[[str], None], timeout: float = 900) -> None:
-    """Reboot one host and wait until SSH and the driver answer again."""
+            requests: list[DriverRequest], progress: Callable[[str], None],
+            timeout: float = 900) -> bool:
+    """Reboot one host, wait until it went down and came back (SSH answers, no reboot
+    pending, the driver working), reconnect it and keep its fresh facts. False: failed."""
     from stack.observe import connect, disconnect, read_node
 
-    progress(f"{node.name}: rebooting for the new driver")
-    _run(node.host, "(sleep 2; reboot) >/dev/null 2>&1 &")
-    gevent.sleep(10)
+    progress(f"{node.name}: rebooting")
+    try:
+        _run(node.host, REBOOT_COMMAND)
+    except Exception as exc:  # the connection died already: it is going down
+        progress(f"{node.name}: {exc}")
+    if not _wait_down(node.host, min(timeout, REBOOT_DOWN_TIMEOUT)):
+        report.fail(f"`{node.name}` was still up {int(min(timeout, REBOOT_DOWN_TIMEOUT))} s "
+                    "after `reboot`",
+                    "check that the SSH user may run `reboot` (or set `sudo = true` under "
+                    "`[nodes.\"...\"]`), then run `stack apply --allow-reboot` again.")
+        return False
+    progress(f"{node.name}: down, waiting for it to come back")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        gevent.sleep(REBOOT_POLL)
         connected = connect(spec, stack_dir, hosts=[node.name])
         try:
-            if node.name not in connected.errors:
-                facts = read_node(spec, connected, node.name)
-                if facts.reachable and facts.gpus and not facts.reboot_required:
-                    report.changed.append("rebooted")
-                    return
+            if node.name in connected.errors:
+                continue
+            facts = read_node(spec, connected, node.name)
         finally:
             disconnect(connected)
-        gevent.sleep(5)
+        if back_after_reboot(node.facts, facts, requests):
+            try:
+                _reconnect(node.host)
+            except Exception as exc:
+                report.fail(f"`{node.name}` came back from its reboot but apply could not "
+                            f"reconnect: {exc}", "run `stack apply` again.")
+                return False
+            node.facts = facts
+            report.changed.append("rebooted")
+            progress(f"{node.name}: back after the reboot")
+            return True
     report.fail(f"`{node.name}` did not come back with a working driver within "
                 f"{int(timeout)} s after the reboot",
                 "check the host's console; `stack apply` continues from here once it is up.")
+    return False
+
+
+def _restart_agent(spec: StackSpec, node: _Node, report: HostReport) -> None:
+    """Start the agent again after a reboot where no service manager does it (the
+    supervised background process); systemd and launchd start it at boot."""
+    service = agent_service(spec, node.prefix, node.manager)
+    if service.manager != "supervise":
+        return
+    alive = bool(node.files.get("alive", {}).get(service.supervisor_pid_file))
+    for command in start_commands(service, running=alive, restart=False):
+        ok, _, err = _run(node.host, command)
+        if not ok:
+            report.fail(f"`{node.name}`: the agent did not start after the reboot: "
+                        f"{err.strip()}", f"read {service.log} on the host.")
+            return
+
+
+def _reboots(spec: StackSpec, stack_dir: Path, live: list[_Node], plans: dict[str, list[Step]],
+             result: ApplyResult, options: ApplyOptions, probe: Callable[[_Node], None],
+             progress: Callable[[str], None],
+             check: Callable[[], None] = lambda: None) -> None:
+    """Reboot the hosts that need it, one at a time, each back before the next goes down;
+    without `--allow-reboot` (or once one did not come back) they are reported instead."""
+    stopped_by = ""
+    for node in live:
+        steps = plans.get(node.name, [])
+        report = result.hosts[node.name]
+        if report.error is not None or not any(s.reboot for s in steps):
+            continue
+        check()  # an interrupt stops apply between reboots, never during one
+        driver = any(s.key == "driver" and s.commands for s in steps)
+        why = " to load its new driver" if driver else ": the host reports that one is pending"
+        if not options.allow_reboot:
+            report.fail(f"`{node.name}` needs a reboot{why}",
+                        "run `stack apply --allow-reboot` (hosts reboot one at a time).")
+        elif stopped_by:
+            report.fail(f"`{node.name}` needs a reboot{why}, which was not started because "
+                        f"`{stopped_by}` did not come back from its own",
+                        f"bring `{stopped_by}` back, then run `stack apply --allow-reboot`.")
+        elif _reboot(node, spec, stack_dir, report, _driver_requests(spec, node), progress):
+            probe(node)  # what is running now (the reboot stopped what apply started)
+            if report.error is None:
+                _restart_agent(spec, node, report)
+        else:
+            stopped_by = node.name
+
+
+def _driver_requests(spec: StackSpec, node: _Node) -> list[DriverRequest]:
+    from stack.config import node_settings
+
+    user = str((node.facts.model_extra or {}).get("user") or "") or None
+    return [DriverRequest(node.name, vendor, d.mode, d.version, user)
+            for vendor, d in sorted(node_settings(spec, node.name).drivers.items())]
+
+
+class Interrupt:
+    """Ctrl-C while apply changes hosts: the first stops apply once the steps in progress
+    are done on every host (no step is left half done, no command keeps running on a host
+    after apply exits), the second stops it at once. `check()` raises KeyboardInterrupt
+    once one was asked for; apply calls it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one: at once
+        os.write(2, b"interrupted: stopping once the steps in progress are done "
+                    b"(Ctrl-C again stops at once)\n")
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def _stop_between_operations(state: Any, interrupt: Interrupt) -> None:
+    """Make pyinfra check `interrupt` before each operation (after the previous one has
+    finished on every host)."""
+    from pyinfra.api.state import BaseStateCallback
+
+    class Check(BaseStateCallback):
+        def operation_start(self, state: Any, op_hash: Any) -> None:  # type: ignore[override]
+            interrupt.check()
+
+    state.add_callback_handler(Check())
 
 
 def unmanageable(name: str, facts: NodeFacts) -> tuple[str, str] | None:
@@ -821,17 +986,13 @@ def apply_fleet(
         live = [n for n in nodes if result.hosts[n.name].error is None]
         targets, runtime_keys, model_keys = _targets(spec, stack_dir, live, desired,
                                                       result.hosts)
-        plans = run_deploys(connected.state, live, targets, runtime_keys, model_keys,
-                            result.hosts)
-        for node in live:
-            steps = plans.get(node.name, [])
-            if result.hosts[node.name].error is None and any(s.reboot for s in steps):
-                if options.allow_reboot:
-                    _reboot(node, spec, stack_dir, result.hosts[node.name], progress)
-                else:
-                    result.hosts[node.name].fail(
-                        f"`{node.name}` needs a reboot to load its new driver",
-                        "run `stack apply --allow-reboot` (hosts reboot one at a time).")
+        with Interrupt() as interrupt:
+            _stop_between_operations(connected.state, interrupt)
+            plans = run_deploys(connected.state, live, targets, runtime_keys, model_keys,
+                                result.hosts)
+            interrupt.check()
+            _reboots(spec, stack_dir, live, plans, result, options, probe, progress,
+                     interrupt.check)
         live = [n for n in live if result.hosts[n.name].error is None]
         rollout(live, desired, result.hosts, options, progress)
         result.router_changed = update_routers(spec, live, desired, result.hosts)

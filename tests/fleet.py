@@ -18,6 +18,14 @@ vendor's id under their sysfs root, so the GPUs also show on the PCI bus.
         spec_text = fleet.inventory_toml()      # [hosts."gpu-01"] ... for a stack.toml
         fleet.stop_host("gpu-01")               # node failure: sshd and everything it started
         fleet.start_host("gpu-01")
+        fleet.require_reboot("gpu-01")          # facts say `reboot_required` until it reboots
+        fleet.install_reboot("gpu-01")          # `reboot` on the host = stop, wait, start
+
+A fake reboot (`install_reboot`) is this module run as a script (`fleet.py --dir ROOT reboot
+NAME`) by the host's own `reboot`/`shutdown -r`/`systemctl reboot`, detached from the host
+and without its session token, so it survives `stop_host`: it logs `down`, stops the host
+like `stop_host`, waits, clears the pending-reboot marker, starts it like `start_host` and
+logs `up` (`fleet.reboots(name)` reads that log).
 
 Tests import it as `from fleet import Fleet` (tests/ is on sys.path through
 tests/conftest.py); the `make_fleet` fixture below stops every fleet at teardown (import it
@@ -34,6 +42,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -55,6 +64,35 @@ STACK_CLI = ROOT / ".venv" / "bin" / "stack"
 LLAMA_SDIST_VERSION = "0.3.36"
 FAKE_TOOL = ROOT / "tests" / "fleet_tools" / "fake-tool"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# what a host runs to reboot; on a fleet host each is the fake below (never the real one)
+REBOOT_TOOLS = ("reboot", "shutdown", "systemctl")
+FAKE_REBOOT = """#!/bin/sh
+# A loopback fleet host's `reboot`, `shutdown -r` and `systemctl reboot` (tests/fleet.py):
+# the fleet harness stops this host, waits, clears its pending reboot and starts it again,
+# from a process outside the host (no session token, its own session) so it survives.
+tool=$(basename "$0")
+case "$tool $*" in
+  "reboot"* | "shutdown "*-r* | "systemctl reboot"*) ;;
+  *) echo "$tool: a loopback fleet host fakes only reboots, not: $*" >&2; exit 1 ;;
+esac
+env -u STACK_FLEET_HOST setsid {python} {script} --dir {root} reboot {name} --down {down} \\
+  >>{hostdir}/reboot.log 2>&1 </dev/null &
+exit 0
+"""
+# RHEL's `needs-restarting -r` (dnf-utils), which deploys/facts.sh asks: exit 1 = reboot due
+FAKE_NEEDS_RESTARTING = """#!/bin/sh
+# A loopback fleet host's `needs-restarting` (tests/fleet.py): a reboot is due while the
+# host's marker file exists (a fake reboot removes it). Messages as dnf-utils prints them.
+case "$*" in *-r*) ;; *) exit 0 ;; esac
+if [ -f {marker} ]; then
+  printf '%s\\n' "Core libraries or services have been updated since boot-up:" "  * kernel" "" \\
+    "Reboot is required to fully utilize these updates." \\
+    "More information: https://access.redhat.com/solutions/27943"
+  exit 1
+fi
+printf '%s\\n' "No core libraries or services have been updated since boot-up." \\
+  "Reboot should not be necessary."
+"""
 
 # PCI vendor ids per fixture folder (REFERENCE.md); Apple GPUs are not on a PCI bus.
 PCI_VENDOR_IDS: dict[str, str] = {
@@ -133,6 +171,11 @@ class FleetHost:
     @property
     def sysfs(self) -> Path:
         return self.path / "sysfs"
+
+    @property
+    def reboot_marker(self) -> Path:
+        """While this file exists the host reports a pending reboot (`require_reboot`)."""
+        return self.path / "reboot-required"
 
 
 def _sshd_binary() -> str:
@@ -388,6 +431,55 @@ class Fleet:
             shutil.copy(FAKE_TOOL, tool_path)
             tool_path.chmod(0o755)
 
+    def require_reboot(self, name: str) -> None:
+        """Make the host report `reboot_required` (through a fake `needs-restarting`, which
+        deploys/facts.sh asks) until it is rebooted."""
+        host = self.hosts[name]
+        host.reboot_marker.write_text("kernel\n")
+        self._write_script(host.bin / "needs-restarting",
+                           FAKE_NEEDS_RESTARTING.format(marker=shlex.quote(str(host.reboot_marker))))
+
+    def install_reboot(self, name: str, down_seconds: float = 2.0) -> None:
+        """Give the host a fake `reboot` (also `shutdown -r` and `systemctl reboot`): the host
+        goes down (sshd and every process started over its SSH are killed, like
+        `stop_host`), stays down `down_seconds`, and comes back (like `start_host`) with its
+        pending reboot cleared. Needs the fleet's state file (written by `start`)."""
+        host = self.hosts[name]
+        q = shlex.quote
+        script = FAKE_REBOOT.format(python=q(sys.executable), script=q(str(Path(__file__))),
+                                    root=q(str(self.root)), name=q(name), down=down_seconds,
+                                    hostdir=q(str(host.path)))
+        for tool in REBOOT_TOOLS:
+            self._write_script(host.bin / tool, script)
+
+    def reboot_host(self, name: str, down_seconds: float = 2.0) -> None:
+        """What a fake reboot does: log `down`, stop the host, wait, clear its pending
+        reboot, start it, log `up`."""
+        host = self.hosts[name]
+        self._log_reboot(host, "down")
+        self.stop_host(name)
+        time.sleep(down_seconds)
+        host.reboot_marker.unlink(missing_ok=True)
+        self.start_host(name)
+        self._log_reboot(host, "up")
+
+    def reboots(self, name: str) -> list[tuple[str, float]]:
+        """The host's fake reboots so far: (`down` or `up`, time.time()) in order."""
+        text = _read(self.hosts[name].path / "reboots.log").decode()
+        return [(event, float(when)) for event, when in
+                (line.split() for line in text.splitlines() if line.strip())]
+
+    @staticmethod
+    def _log_reboot(host: FleetHost, event: str) -> None:
+        with open(host.path / "reboots.log", "a") as log:
+            log.write(f"{event} {time.time():.6f}\n")
+
+    @staticmethod
+    def _write_script(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+
     # -- state file (scripts/fleet) ------------------------------------------------------
 
     def save(self) -> None:
@@ -567,6 +659,40 @@ targets = ["llama-server", "ggml-rpc-server"]
 '''
 
 
+def gemma_stack_toml(fleet: Fleet, name: str, model: Path, sdist: Path, key_hash: str,
+                     router: str | None = None) -> tuple[str, str]:
+    """A stack.toml serving `model` (the test GGUF) on llama.cpp (one replica, CPU) with a
+    router on `router` (default: the first host), and the router's OpenAI base URL."""
+    router = router or next(iter(fleet.hosts))
+    address = fleet.hosts[router].address
+    port = fleet.free_port(router)
+    low = random.randint(41000, 59000)
+    text = f'''[stack]
+name = "{name}"
+port_range = [{low}, {low + 40}]
+
+{fleet.inventory_toml()}
+[nodes."*"]
+cpu_inference = true
+
+{llama_runtime_toml(sdist)}
+[models.gemma]
+source = "local://{model}"
+backend = "llama.cpp"
+context = 1024
+args = ["-t", "1"]
+
+[router]
+hosts = ["{router}"]
+listen = "{address}:{port}"
+
+[[keys]]
+name = "test"
+hash = "{key_hash}"
+'''
+    return text, f"http://{address}:{port}/v1"
+
+
 @pytest.fixture
 def make_fleet() -> Iterator[Any]:
     """A factory `make_fleet(n=..., gpu_tools=...) -> Fleet` (started); all stop at teardown."""
@@ -584,7 +710,8 @@ def make_fleet() -> Iterator[Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`scripts/fleet up N [--gpu NAME=FIXTURE ...]` and `scripts/fleet down`."""
+    """`scripts/fleet up N [--gpu NAME=FIXTURE ...]`, `scripts/fleet down` (and `reboot
+    NAME`, run by a host's fake `reboot`)."""
     parser = argparse.ArgumentParser(prog="scripts/fleet", description=main.__doc__)
     parser.add_argument("--dir", default=os.environ.get("STACK_FLEET_DIR", "/tmp/modelstack-fleet"),
                         help="folder for the fleet's files (default: /tmp/modelstack-fleet)")
@@ -595,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="give host NAME a fake vendor tool, e.g. gpu-01=nvidia/<file>")
     sub.add_parser("down", help="stop every host and remove the folder")
     sub.add_parser("toml", help="print the stack.toml tables of the running fleet")
+    reboot = sub.add_parser("reboot", help="reboot one host (what its fake `reboot` runs)")
+    reboot.add_argument("name")
+    reboot.add_argument("--down", type=float, default=2.0, metavar="SECONDS",
+                        help="how long the host stays down (default 2)")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     if args.action == "up":
@@ -616,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     fleet = Fleet.load(root)
     if args.action == "toml":
         print(fleet.inventory_toml())
+        return 0
+    if args.action == "reboot":
+        fleet.reboot_host(args.name, args.down)
         return 0
     for name in fleet.hosts:
         fleet.stop_host(name)
