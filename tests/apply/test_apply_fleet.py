@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from fleet import (  # tests/ is on sys.path (tests/conftest.py)
     LLAMA_SDIST_VERSION,
     Fleet,
-    llama_runtime_toml,
+    gemma_stack_toml,
     llama_sdist,
     run_stack,
 )
@@ -45,39 +44,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
     fleet = Fleet(2, root=work / "fleet")
     fleet.start()
     key = generate_key()
-    router = fleet.hosts["node-01"]
-    port = fleet.free_port("node-01")
-    low = random.randint(41000, 59000)
-    (work / "stack.toml").write_text(f'''
-[stack]
-name = "applytest"
-port_range = [{low}, {low + 40}]
-
-{fleet.inventory_toml()}
-[nodes."*"]
-cpu_inference = true
-
-{llama_runtime_toml(sdist)}
-[models.gemma]
-source = "local://{gguf_model}"
-backend = "llama.cpp"
-context = 1024
-args = ["-t", "1"]
-
-[router]
-hosts = ["node-01"]
-listen = "{router.address}:{port}"
-
-[[keys]]
-name = "test"
-hash = "{hash_key(key)}"
-''')
+    text, url = gemma_stack_toml(fleet, "applytest", gguf_model, sdist, hash_key(key),
+                                 router="node-01")
+    (work / "stack.toml").write_text(text)
     env = {"STACK_SECRET": "apply-test-secret-0123456789abcdef"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield {"fleet": fleet, "dir": work, "key": key,
-               "url": f"http://{router.address}:{port}/v1"}
+        yield {"fleet": fleet, "dir": work, "key": key, "url": url}
     finally:
         run_stack("destroy", "--auto-approve", cwd=work, timeout=120)
         fleet.stop()
