@@ -204,6 +204,8 @@ def _placement_details(p: Placement) -> tuple[tuple[str, str], ...]:
     if p.gpus:
         claim = f"{gib(p.claim.vram_bytes_per_gpu)} per GPU, " + claim
     out.append(("claim", claim))
+    if p.split:
+        out.append(("layers", " / ".join(map(str, p.split)) + " (per device, by free memory)"))
     for k, w in enumerate(p.workers, start=1):
         wg = ", ".join(map(str, w.gpus)) if w.gpus else "CPU"
         out.append((f"worker {k}", f"{w.node} gpus {wg} port {w.port}"))
