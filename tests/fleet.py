@@ -625,6 +625,20 @@ class Fleet:
         return found
 
 
+@contextlib.contextmanager
+def stack_session(fleet: Fleet, work: Path, secret: str) -> Iterator[None]:
+    """`STACK_SECRET` set for the `stack` runs inside; on the way out the stack in `work` is
+    destroyed, the fleet stopped and `work` removed (the teardown of the fleet tests)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STACK_SECRET", secret)
+        try:
+            yield
+        finally:
+            run_stack("destroy", "--auto-approve", cwd=work, timeout=120)
+            fleet.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def run_stack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """The `stack` CLI of this checkout, run in `cwd` (plain output, wide lines)."""
     return subprocess.run([str(STACK_CLI), *args], cwd=cwd, capture_output=True, text=True,

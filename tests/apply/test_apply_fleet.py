@@ -14,8 +14,6 @@ About 60-90 s on 2 cores (mostly the agent venv install on two hosts and the mod
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from fleet import (  # tests/ is on sys.path (tests/conftest.py)
     gemma_stack_toml,
     llama_sdist,
     run_stack,
+    stack_session,
 )
 
 from stack.secrets import generate_key, hash_key
@@ -47,20 +46,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
     text, url = gemma_stack_toml(fleet, "applytest", gguf_model, sdist, hash_key(key),
                                  router="node-01")
     (work / "stack.toml").write_text(text)
-    env = {"STACK_SECRET": "apply-test-secret-0123456789abcdef"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with stack_session(fleet, work, "apply-test-secret-0123456789abcdef"):
         yield {"fleet": fleet, "dir": work, "key": key, "url": url}
-    finally:
-        run_stack("destroy", "--auto-approve", cwd=work, timeout=120)
-        fleet.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_1_apply_installs_everything_and_serves_through_the_router(world: dict[str, Any]) -> None:

@@ -22,15 +22,13 @@ itself is tested first without hosts (`unused_versions`, `remove_unused_runtimes
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import Fleet, run_stack  # tests/ is on sys.path (tests/conftest.py)
+from fleet import Fleet, run_stack, stack_session  # tests/ is on sys.path (tests/conftest.py)
 
 from agent.assignment import Assignment, Instance
 from deploys.runtimes import unused_versions
@@ -96,20 +94,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
              "system": system, "model": gguf_model, "low": random.randint(41000, 59000),
              "listen": f"{router.address}:{port}", "url": f"http://{router.address}:{port}/v1",
              "prefix": router.prefix}
-    env = {"STACK_SECRET": "rtversions-test-secret-0123456789abcdef"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with stack_session(fleet, work, "rtversions-test-secret-0123456789abcdef"):
         yield world
-    finally:
-        run_stack("destroy", "--auto-approve", cwd=work, timeout=120)
-        fleet.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def write(world: dict[str, Any], versions: list[str], pinned: str) -> None:
