@@ -83,11 +83,8 @@ def _when(proc: subprocess.Popen[str], seen: Callable[[], bool], what: str,
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _assert_nothing_half_installed(world: World) -> None:
