@@ -33,6 +33,7 @@ from pyinfra.api.state import State
 from pyinfra.context import ctx_host, ctx_state
 
 from deploys.facts import HostFacts, facts_command, node_facts_from
+from stack import sshtcp
 from stack.config import node_settings
 from stack.errors import ConfigError
 from stack.observed import NodeFacts, Observed
@@ -119,6 +120,11 @@ def build_inventory(spec: StackSpec, stack_dir: Path,
                 setattr(host.data, theirs, value)
         if settings.sudo:
             host.data._sudo = True
+        # no Nagle / delayed-ACK stalls (stack.sshtcp); a user's own paramiko kwargs win
+        host.data.ssh_paramiko_connect_kwargs = {
+            "transport_factory": sshtcp.transport,
+            **(host.data.get("ssh_paramiko_connect_kwargs") or {}),
+        }
         address = host.data.get("ssh_hostname") or host.name
         addresses[node] = "127.0.0.1" if address == "@local" else str(address)
     return inventory, addresses
