@@ -292,7 +292,24 @@ done
 read_first "$PREFIX/agent/.installed"
 J="$J], \"agent_version\": "
 jput "$REPLY"
-if [ -x "$PREFIX/agent/venv/bin/stack-agent" ]; then
+# a running agent keeps its status in state/status.json: read it as it is (no Python start);
+# `stack-agent status --json` (which also checks what is left of a stopped agent's instances)
+# only when the agent's pid file names no live `stack-agent` process, or there is no /proc
+agent_pid=""
+read_first "$PREFIX/state/agent.pid" # {"pid": N, "cmdline": [...]}
+case $REPLY in
+  *'"pid": '[0-9]*) agent_pid=${REPLY#*'"pid": '} && agent_pid=${agent_pid%%[!0-9]*} ;;
+esac
+agent_comm=""
+if [ -n "$agent_pid" ]; then
+  read_first "/proc/$agent_pid/stat" # PID (COMM) STATE ...
+  agent_comm=${REPLY#*\(}
+  agent_comm=${agent_comm%%\)*}
+fi
+if [ "$agent_comm" = stack-agent ] && [ -r "$PREFIX/state/status.json" ]; then
+  J="$J, "
+  captured agent_status cat "$PREFIX/state/status.json"
+elif [ -x "$PREFIX/agent/venv/bin/stack-agent" ]; then
   J="$J, "
   captured agent_status "$PREFIX/agent/venv/bin/stack-agent" status --json --config "$PREFIX/etc/agent.toml"
 fi

@@ -6,6 +6,7 @@
   as the script file.
 - `gather` closes its SSH connections: no session of a fleet host outlives it.
 - Fleet hosts do not source this machine's ~/.bashrc in their sessions.
+- A running agent's status is read from its status file: no Python starts on the host.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from fleet import FIXTURES, Fleet
 
-from deploys.facts import SCRIPT, facts_command
+from deploys.facts import SCRIPT, facts_command, node_facts_from
 from stack.config import load_text
 from stack.observe import gather
 
@@ -90,6 +92,56 @@ def test_only_a_value_that_needs_escaping_costs_tr_and_sed(tmp_path: Path) -> No
                           check=True)
     assert json.loads(done.stdout)["runtimes"] == ["plain/1", 'we"ird/1\\2']
     assert sorted(_calls(log)) == ["df", "id", "nproc", "sed", "tr", "uname"]
+
+
+def _agent(prefix: Path, status: dict[str, object], live: bool) -> subprocess.Popen[bytes]:
+    """A `stack-agent` on the host: a status file, a pid file naming a process whose name is
+    `stack-agent` (alive or gone), and an executable that logs its own runs."""
+    venv_bin = prefix / "agent" / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    log = prefix.parent / "calls.log"
+    fallback = {"node": "n", "version": "0.1.0", "running": False, "instances": []}
+    (venv_bin / "stack-agent").write_text(
+        f"#!/bin/sh\necho stack-agent >>'{log}'\n"
+        f"[ \"$1\" = status ] && echo '{json.dumps(fallback)}' && exit 0\nsleep 60\n")
+    (venv_bin / "stack-agent").chmod(0o755)
+    (prefix / "state").mkdir()
+    (prefix / "state" / "status.json").write_text(json.dumps(status))
+    proc = subprocess.Popen([str(venv_bin / "stack-agent"), "run"])
+    deadline = time.monotonic() + 10
+    while "stack-agent" not in _calls(log) and time.monotonic() < deadline:
+        time.sleep(0.01)  # it has started (and logged its run)
+    if not live:
+        proc.kill()
+        proc.wait()
+    (prefix / "state" / "agent.pid").write_text(json.dumps({"pid": proc.pid, "cmdline": []}))
+    return proc
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_running_agents_status_is_its_status_file_and_a_stopped_one_is_asked(
+        tmp_path: Path, live: bool) -> None:
+    env, log = _host(tmp_path, [], nvidia=False)
+    status = {"node": "n", "version": "0.1.0", "running": True, "pid": 1,
+              "instances": [{"id": "m-0", "model": "m", "state": "ready", "port": 9000,
+                             "backend": "llama.cpp"}]}
+    proc = _agent(Path(env["STACK_PREFIX"]), status, live)
+    try:
+        done = subprocess.run(["/bin/sh", str(SCRIPT)], env=env, capture_output=True,
+                              text=True, check=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    agent = node_facts_from(json.loads(done.stdout)).agent
+    calls = _calls(log)
+    if live:  # cat and the encoder instead of a Python start
+        assert agent.running and [i.id for i in agent.instances] == ["m-0"]
+        assert calls.count("stack-agent") == 1  # the one `run` started above
+        assert sorted(calls) == ["base64", "cat", "df", "id", "nproc", "stack-agent",
+                                 "timeout", "tr", "uname"]
+    else:  # the pid is gone: `stack-agent status --json` says what is left
+        assert not agent.running and agent.instances == []
+        assert calls.count("stack-agent") == 2
 
 
 def test_the_command_sent_prints_what_the_script_file_prints(tmp_path: Path) -> None:
