@@ -57,11 +57,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `stack` console script."""
+    """Entry point of the `stack` console script: gevent patched first thing, then `run`."""
     # pyinfra's SSH connections only run in parallel with gevent patched, first thing.
     from gevent import monkey
 
     monkey.patch_all()
+    return run(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one `stack` command line (tests call this: it patches nothing)."""
     from stack.errors import StackError
 
     args_list = sys.argv[1:] if argv is None else argv

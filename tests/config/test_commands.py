@@ -1,4 +1,4 @@
-"""`stack validate`, `stack schema` and `stack init`, through `stack.cli.main`."""
+"""`stack validate`, `stack schema` and `stack init`, through `stack.cli.run`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stack.cli import main
+from stack.cli import run
 from stack.commands.init import starter_files
 from stack.commands.schema import render_markdown
 from stack.config import load, node_settings
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_root_stack_toml_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", "-f", str(ROOT / "stack.toml")]) == 0
+    assert run(["validate", "-f", str(ROOT / "stack.toml")]) == 0
     assert capsys.readouterr().out == "stack.toml is valid: 1 model, 1 host\n"
     spec = load(ROOT / "stack.toml")
     assert spec.router.listen == "127.0.0.1:8080" and not spec.keys
@@ -34,14 +34,14 @@ def test_validate_reports_every_problem(
 ) -> None:
     path = tmp_path / "stack.toml"
     path.write_text('[models.q]\nsource = "/m"\nreplicas = 0\n\n[router]\nlisten = ":80"\n')
-    assert main(["validate", "-f", str(path)]) == 1
+    assert run(["validate", "-f", str(path)]) == 1
     assert capsys.readouterr().err == (
         "error: `models.q.replicas` must be at least 1, got 0 (stack.toml:3:12)\n"
         "hint: remove the model to stop it, or set `replicas = 1`.\n"
     )
     path.write_text('[models.q]\nsource = "/m"\n\n[router]\nlisten = ":80"\n'
                     'hosts = ["x"]\n\n[hosts.a]\naddress = "a"\n')
-    assert main(["validate", "-f", str(path)]) == 1
+    assert run(["validate", "-f", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.count("error: ") == 2
     assert err.index("`router.listen`") < err.index("`router.hosts[0]`")
@@ -50,7 +50,7 @@ def test_validate_reports_every_problem(
 def test_validate_names_a_missing_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["validate", "-f", str(tmp_path / "nope.toml")]) == 1
+    assert run(["validate", "-f", str(tmp_path / "nope.toml")]) == 1
     assert capsys.readouterr().err == (
         f"error: `{tmp_path / 'nope.toml'}` does not exist\n"
         "hint: run `stack init` to write a starter stack.toml, or pass `-f FILE`.\n"
@@ -62,12 +62,12 @@ def test_validate_checks_the_inventory_file_exists(
 ) -> None:
     path = tmp_path / "stack.toml"
     path.write_text('[stack]\ninventory = "inventories/lab.py"\n')
-    assert main(["validate", "-f", str(path)]) == 1
+    assert run(["validate", "-f", str(path)]) == 1
     assert "`stack.inventory` names `inventories/lab.py`, which does not exist " \
         "(stack.toml:2:13)" in capsys.readouterr().err
     (tmp_path / "inventories").mkdir()
     (tmp_path / "inventories" / "lab.py").write_text('hosts = ["@local"]\n')
-    assert main(["validate", "-f", str(path)]) == 0
+    assert run(["validate", "-f", str(path)]) == 0
     assert capsys.readouterr().out == \
         "stack.toml is valid: 0 models, hosts from `inventories/lab.py`\n"
 
@@ -76,9 +76,9 @@ def test_init_writes_a_starter_that_validates(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = tmp_path / "My Lab"
-    assert main(["init", str(target)]) == 0
+    assert run(["init", str(target)]) == 0
     assert (target / "inventories" / "example.py").is_file()
-    assert main(["validate", "-f", str(target / "stack.toml")]) == 0
+    assert run(["validate", "-f", str(target / "stack.toml")]) == 0
     assert capsys.readouterr().out.endswith(
         "stack.toml is valid: 1 model, hosts from `inventories/local.py`\n")
     assert load(target / "stack.toml").stack.name == "my-lab"
@@ -90,7 +90,7 @@ def test_init_writes_a_starter_that_validates(
 def test_init_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "inventories").mkdir()
     (tmp_path / "inventories" / "local.py").write_text("# mine\n")
-    assert main(["init", str(tmp_path)]) == 1
+    assert run(["init", str(tmp_path)]) == 1
     assert capsys.readouterr().err == (
         f"error: `{tmp_path / 'inventories' / 'local.py'}` already exists; `stack init` "
         "never overwrites\nhint: run it in an empty folder, or move the existing files away.\n"
@@ -105,7 +105,7 @@ def test_root_local_inventory_is_the_starter_one() -> None:
 
 
 def test_schema_prints_a_json_schema_editors_can_use(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["schema"]) == 0
+    assert run(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["title"] == "stack.toml"

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from stack.cli import build_parser
-from stack.errors import StackError
+from stack.cli import run as main
 
 CONFIGS = Path(__file__).parent / "configs"
-
-
-def main(argv: list[str]) -> int:
-    """`stack ARGV` as stack.cli.main runs it, minus gevent's monkey-patching (which would
-    patch the whole test process)."""
-    args = build_parser("estimate").parse_args(argv)
-    try:
-        return int(args._module.run(args))
-    except StackError as err:
-        print(err.render(), file=sys.stderr)
-        return 1
 
 
 def test_json_has_the_design_contract_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -1,4 +1,4 @@
-"""`stack keys create|list|revoke` on a copy of the root stack.toml, through `stack.cli.main`."""
+"""`stack keys create|list|revoke` on a copy of the root stack.toml, through `stack.cli.run`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stack.cli import main
+from stack.cli import run
 from stack.config import load
 from stack.secrets import hash_key
 
@@ -61,7 +61,7 @@ def test_create_prints_the_key_once_and_stores_only_its_hash(
     stack_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = stack_file.read_text()
-    code = main(["keys", "create", "alice", "-f", str(stack_file), "--models", "gemma",
+    code = run(["keys", "create", "alice", "-f", str(stack_file), "--models", "gemma",
                  "--owner", "alice@example.com", "--rpm", "60", "--tpm", "10000",
                  "--expires", "2099-12-31"])
     assert code == 0
@@ -87,7 +87,7 @@ def test_create_prints_the_key_once_and_stores_only_its_hash(
 def test_create_keeps_comments_and_adds_after_the_last_key(tmp_path: Path) -> None:
     path = tmp_path / "stack.toml"
     path.write_text(COMMENTED)
-    assert main(["keys", "create", "ci", "-f", str(path), "--models", "chat,llama"]) == 0
+    assert run(["keys", "create", "ci", "-f", str(path), "--models", "chat,llama"]) == 0
     after = path.read_text()
     added = _only_insertions(COMMENTED, after)
     assert added.strip().startswith('[[keys]]\nname = "ci"\nhash = "sha256:')
@@ -99,10 +99,10 @@ def test_create_keeps_comments_and_adds_after_the_last_key(tmp_path: Path) -> No
 def test_create_refuses_a_duplicate_name(
     stack_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["keys", "create", "bob", "-f", str(stack_file)]) == 0
+    assert run(["keys", "create", "bob", "-f", str(stack_file)]) == 0
     before = stack_file.read_text()
     capsys.readouterr()
-    assert main(["keys", "create", "bob", "-f", str(stack_file)]) == 1
+    assert run(["keys", "create", "bob", "-f", str(stack_file)]) == 1
     err = capsys.readouterr().err
     assert err == ("error: a key named `bob` already exists in stack.toml\n"
                    "hint: choose another name, or `stack keys revoke bob` first.\n")
@@ -123,7 +123,7 @@ def test_create_rejects_bad_flags_and_leaves_the_file(
     stack_file: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     before = stack_file.read_text()
-    assert main(["keys", "create", "x", "-f", str(stack_file), *argv]) == 1
+    assert run(["keys", "create", "x", "-f", str(stack_file), *argv]) == 1
     assert capsys.readouterr().err == message
     assert stack_file.read_text() == before
 
@@ -136,13 +136,13 @@ def test_list_shows_limits_and_expiry(
                     "rpm = 5\nexpires = 2001-01-01\n"
                     'hash = "sha256:fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8'
                     'fb9"\n')
-    assert main(["keys", "list", "-f", str(path)]) == 0
+    assert run(["keys", "list", "-f", str(path)]) == 0
     assert capsys.readouterr().out == (
         "name  owner  models  rpm  tpm  expires     expired\n"
         "ops   -      all     -    -    -           no\n"
         "old   bo     qwen    5    -    2001-01-01  yes\n"
     )
-    assert main(["keys", "list", "--json", "-f", str(path)]) == 0
+    assert run(["keys", "list", "--json", "-f", str(path)]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[1] == {"name": "old", "owner": "bo", "models": ["qwen"], "rpm": 5,
                        "tpm": None, "expires": "2001-01-01", "expired": True}
@@ -153,21 +153,21 @@ def test_revoke_removes_only_that_key(
     stack_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     original = stack_file.read_text()
-    assert main(["keys", "create", "a", "-f", str(stack_file)]) == 0
+    assert run(["keys", "create", "a", "-f", str(stack_file)]) == 0
     with_a = stack_file.read_text()
-    assert main(["keys", "create", "b", "-f", str(stack_file)]) == 0
-    assert main(["keys", "revoke", "b", "-f", str(stack_file)]) == 0
+    assert run(["keys", "create", "b", "-f", str(stack_file)]) == 0
+    assert run(["keys", "revoke", "b", "-f", str(stack_file)]) == 0
     assert stack_file.read_text() == with_a
-    assert main(["keys", "revoke", "a", "-f", str(stack_file)]) == 0
+    assert run(["keys", "revoke", "a", "-f", str(stack_file)]) == 0
     assert stack_file.read_text() == original
 
 
 def test_revoke_in_the_middle_keeps_the_rest_byte_identical(tmp_path: Path) -> None:
     path = tmp_path / "stack.toml"
     path.write_text(COMMENTED)
-    assert main(["keys", "create", "ci", "-f", str(path)]) == 0
+    assert run(["keys", "create", "ci", "-f", str(path)]) == 0
     with_ci = path.read_text()
-    assert main(["keys", "revoke", "ops", "-f", str(path)]) == 0
+    assert run(["keys", "revoke", "ops", "-f", str(path)]) == 0
     ops_table = (
         '[[keys]]\nname = "ops"\n'
         'hash = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"\n'
@@ -182,7 +182,7 @@ def test_revoke_refuses_to_leave_a_public_router_without_keys(
 ) -> None:
     path = tmp_path / "stack.toml"
     path.write_text(COMMENTED)
-    assert main(["keys", "revoke", "ops", "-f", str(path)]) == 1
+    assert run(["keys", "revoke", "ops", "-f", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: revoking `ops` would leave stack.toml invalid: "
                           "`router.listen` is `0.0.0.0:8080`, not a loopback address")
@@ -190,7 +190,7 @@ def test_revoke_refuses_to_leave_a_public_router_without_keys(
 
 
 def test_revoke_an_unknown_key(stack_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["keys", "revoke", "zed", "-f", str(stack_file)]) == 1
+    assert run(["keys", "revoke", "zed", "-f", str(stack_file)]) == 1
     assert capsys.readouterr().err == ("error: no key named `zed` in stack.toml\n"
                                        "hint: `stack keys list` shows the keys: there are "
                                        "none.\n")
