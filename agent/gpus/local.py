@@ -5,19 +5,23 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from agent.gpus.types import GpuInfo, GpuToolError, ToolStatus
 
 
-def run_tools(timeout: float = 20.0) -> dict[str, tuple[int, str]]:
-    """tool name -> (exit status, stdout + stderr) for each tool found on PATH."""
+def run_tools(timeout: float = 20.0,
+              skip_vendors: Collection[str] = ()) -> dict[str, tuple[int, str]]:
+    """tool name -> (exit status, stdout + stderr) for each tool found on PATH (except the
+    tools of `skip_vendors`)."""
     from agent.gpus import TOOLS
 
     results: dict[str, tuple[int, str]] = {}
     done_groups: set[str] = set()
     for tool in TOOLS:
-        if tool.group in done_groups or shutil.which(tool.command[0]) is None:
+        if tool.vendor in skip_vendors or tool.group in done_groups \
+                or shutil.which(tool.command[0]) is None:
             continue
         done_groups.add(tool.group)
         with tempfile.TemporaryDirectory() as folder:  # cnmon -j writes into the cwd
@@ -35,16 +39,16 @@ def run_tools(timeout: float = 20.0) -> dict[str, tuple[int, str]]:
     return results
 
 
-def read_gpus(timeout: float = 20.0,
-              errors: list[GpuToolError] | None = None) -> list[GpuInfo]:
-    """Every GPU the vendor tools on this machine report.
+def read_gpus(timeout: float = 20.0, errors: list[GpuToolError] | None = None,
+              skip_vendors: Collection[str] = ()) -> list[GpuInfo]:
+    """Every GPU the vendor tools on this machine report (but those of `skip_vendors`).
 
     Tools that fail are skipped; their errors (driver not loaded, ...) go to `errors`.
     """
     from agent.gpus import TOOLS_BY_NAME
 
     gpus: list[GpuInfo] = []
-    for name, (_status, output) in run_tools(timeout).items():
+    for name, (_status, output) in run_tools(timeout, skip_vendors).items():
         try:
             gpus.extend(TOOLS_BY_NAME[name].parse(output))
         except GpuToolError as exc:

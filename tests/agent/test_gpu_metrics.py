@@ -23,6 +23,7 @@ import httpx
 import pytest
 from agent_harness import ROOT, Agent, wait_for
 
+from agent import gpu as gpu_module
 from agent.gpu import GpuReader
 from agent.metrics import render_metrics
 
@@ -236,3 +237,21 @@ def test_gpu_reader_through_nvml_reads_each_field_on_its_own(
     status = {"gpu_source": reading.source, "gpus": reading.gpus, "gpu_error": reading.error}
     check_reading(case, status, render_metrics({"node": "n1", "instances": []},
                                                reading.source, reading.gpus))
+
+
+def test_nvml_that_did_not_load_is_tried_again_after_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    case = json.loads((HERE / "nvml" / "two_gpus_power_not_supported.json").read_text())
+    case["init_error"] = "DRIVER_NOT_LOADED"  # the driver is loaded after the agent started
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(case))
+    monkeypatch.setenv("PATH", tool_path(tmp_path, {}))
+    monkeypatch.setattr(gpu_module, "CACHE_SECONDS", 0.0)
+    clock = [1000.0]
+    reader = GpuReader(clock=lambda: clock[0])
+    assert reader.read().source == "unavailable"
+    case["init_error"] = None
+    clock[0] += gpu_module.NVML_RETRY_SECONDS - 1
+    assert reader.read().source == "unavailable"  # not before the retry time
+    clock[0] += 1
+    reading = reader.read()
+    assert reading.source == "nvml" and len(reading.gpus) == 2 and reading.error is None
