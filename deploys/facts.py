@@ -38,13 +38,15 @@ def _script_body() -> str:
     return "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
-def facts_command(prefix: str) -> str:
+def facts_command(prefix: str, *, agent_only: bool = False) -> str:
     """The shell command that prints a host's facts JSON (the prefix is quoted).
 
     The script runs in the `sh -c` that pyinfra wraps every command in (under `sudo` when
-    asked), with `STACK_PREFIX` set first: no second shell is started for it.
+    asked), with `STACK_PREFIX` set first: no second shell is started for it. With
+    `agent_only`, it prints only `agent_status` (read it with `agent_status_body`).
     """
-    return f"STACK_PREFIX={shlex.quote(prefix)}\n{_script_body()}\n"
+    mode = "STACK_FACTS=agent\n" if agent_only else ""
+    return f"{mode}STACK_PREFIX={shlex.quote(prefix)}\n{_script_body()}\n"
 
 
 class HostFacts(FactBase[dict[str, Any]]):
@@ -119,16 +121,23 @@ def _pci_accelerators(raw: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
-def _agent(raw: dict[str, Any]) -> AgentFacts:
-    version = raw.get("agent_version") or None
+def agent_status_body(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The agent's status JSON (its status file, or `stack-agent status --json`) from the
+    script's output; None without an agent or when it could not be read."""
     status = raw.get("agent_status")
-    if not isinstance(status, dict):
-        return AgentFacts(version=version, running=False)
+    if not isinstance(status, dict) or status.get("rc") != 0:
+        return None
     try:
         data = json.loads(decode_output(status))
     except json.JSONDecodeError:
-        data = None
-    if status.get("rc") != 0 or not isinstance(data, dict):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _agent(raw: dict[str, Any]) -> AgentFacts:
+    version = raw.get("agent_version") or None
+    data = agent_status_body(raw)
+    if data is None:
         return AgentFacts(version=version, running=False)
     instances = []
     for item in data.get("instances") or []:

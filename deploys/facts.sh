@@ -97,6 +97,40 @@ unquote() {
   done
 }
 
+# -- the agent's status ------------------------------------------------------------------
+# append $1 and "agent_status": {...} (captured) when an agent is installed. A running agent
+# keeps its status in state/status.json: read as it is (no Python start). Otherwise
+# `stack-agent status --json`, which also says which of a stopped agent's instances still
+# run; also where there is no /proc (macOS).
+agent_status() {
+  agent_pid=""
+  read_first "$PREFIX/state/agent.pid" # {"pid": N, "cmdline": [...]}
+  case $REPLY in
+    *'"pid": '[0-9]*) agent_pid=${REPLY#*'"pid": '} && agent_pid=${agent_pid%%[!0-9]*} ;;
+  esac
+  agent_comm=""
+  if [ -n "$agent_pid" ]; then
+    read_first "/proc/$agent_pid/stat" # PID (COMM) STATE ...
+    agent_comm=${REPLY#*\(}
+    agent_comm=${agent_comm%%\)*}
+  fi
+  if [ "$agent_comm" = stack-agent ] && [ -r "$PREFIX/state/status.json" ]; then
+    J="$J$1"
+    captured agent_status cat "$PREFIX/state/status.json"
+  elif [ -x "$PREFIX/agent/venv/bin/stack-agent" ]; then
+    J="$J$1"
+    captured agent_status "$PREFIX/agent/venv/bin/stack-agent" status --json --config "$PREFIX/etc/agent.toml"
+  fi
+}
+
+# STACK_FACTS=agent: only the agent's status (what `stack apply` polls while instances start)
+if [ "${STACK_FACTS:-}" = agent ]; then
+  J="{"
+  agent_status ""
+  printf '%s}\n' "$J"
+  exit 0
+fi
+
 # -- the machine ------------------------------------------------------------------------
 set -f # word splitting below, no globbing
 # shellcheck disable=SC2046 # split on purpose: "sysname nodename release machine"
@@ -292,27 +326,7 @@ done
 read_first "$PREFIX/agent/.installed"
 J="$J], \"agent_version\": "
 jput "$REPLY"
-# a running agent keeps its status in state/status.json: read it as it is (no Python start);
-# `stack-agent status --json` (which also checks what is left of a stopped agent's instances)
-# only when the agent's pid file names no live `stack-agent` process, or there is no /proc
-agent_pid=""
-read_first "$PREFIX/state/agent.pid" # {"pid": N, "cmdline": [...]}
-case $REPLY in
-  *'"pid": '[0-9]*) agent_pid=${REPLY#*'"pid": '} && agent_pid=${agent_pid%%[!0-9]*} ;;
-esac
-agent_comm=""
-if [ -n "$agent_pid" ]; then
-  read_first "/proc/$agent_pid/stat" # PID (COMM) STATE ...
-  agent_comm=${REPLY#*\(}
-  agent_comm=${agent_comm%%\)*}
-fi
-if [ "$agent_comm" = stack-agent ] && [ -r "$PREFIX/state/status.json" ]; then
-  J="$J, "
-  captured agent_status cat "$PREFIX/state/status.json"
-elif [ -x "$PREFIX/agent/venv/bin/stack-agent" ]; then
-  J="$J, "
-  captured agent_status "$PREFIX/agent/venv/bin/stack-agent" status --json --config "$PREFIX/etc/agent.toml"
-fi
+agent_status ", "
 
 # user and uid from one `id` (POSIX format: uid=N(name) gid=N(name) [euid=N(name)] ...)
 id_out=$(id 2>/dev/null)

@@ -34,6 +34,7 @@ import gevent
 
 from agent.assignment import Assignment, Instance
 from deploys.drivers import DriverRequest
+from deploys.facts import agent_status_body, facts_command
 from deploys.runtimes import RuntimeInstall, removal_script, runtime_path, unused_versions
 from deploys.services import Service, reload_commands, start_commands
 from deploys.state import dumps, host_files_script, parse_host_files
@@ -472,20 +473,14 @@ def _last_error(state: Any, host: Any) -> str:
 
 
 def _agent_status(node: _Node) -> dict[str, Any]:
-    """`stack-agent status --json` on the host (what the agent last wrote, checked)."""
-    q = shlex.quote
-    p = node.prefix
-    ok, out, err = _run(node.host, f"{q(p + '/agent/venv/bin/stack-agent')} status --json "
-                                   f"--config {q(p + '/etc/agent.toml')}")
+    """The agent's status on the host ({} when it cannot be read now): its status file
+    while it runs, else `stack-agent status --json` (deploys/facts.sh, agent part only)."""
+    ok, out, _ = _run(node.host, facts_command(node.prefix, agent_only=True))
     try:
-        body = json.loads(out[out.find("{"):]) if "{" in out else {}
+        raw = json.loads(out) if ok else {}
     except json.JSONDecodeError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    if not ok and not body:
-        body = {"error": err.strip()[:300]}
-    return body
+        raw = {}
+    return (agent_status_body(raw) if isinstance(raw, dict) else None) or {}
 
 
 def _surge(current: Assignment | None, desired: Assignment, hold: set[str]) -> Assignment:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from fleet import FIXTURES, Fleet
 
-from deploys.facts import SCRIPT, facts_command, node_facts_from
+from deploys.facts import SCRIPT, agent_status_body, facts_command, node_facts_from
 from stack.config import load_text
 from stack.observe import gather
 
@@ -142,6 +142,24 @@ def test_a_running_agents_status_is_its_status_file_and_a_stopped_one_is_asked(
     else:  # the pid is gone: `stack-agent status --json` says what is left
         assert not agent.running and agent.instances == []
         assert calls.count("stack-agent") == 2
+
+
+def test_the_agent_only_mode_prints_the_status_alone_and_starts_no_probe(
+        tmp_path: Path) -> None:
+    """What `stack apply` polls while instances start: no uname, df, id or vendor tool."""
+    env, log = _host(tmp_path, [], nvidia=True)
+    status = {"node": "n", "version": "0.1.0", "running": True, "pid": 1, "instances": []}
+    proc = _agent(Path(env["STACK_PREFIX"]), status, live=True)
+    try:
+        done = subprocess.run(["/bin/sh", "-c", facts_command(env["STACK_PREFIX"],
+                                                              agent_only=True)],
+                              env=env, capture_output=True, text=True, check=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    raw = json.loads(done.stdout)
+    assert list(raw) == ["agent_status"] and agent_status_body(raw) == status
+    assert sorted(_calls(log)) == ["base64", "cat", "stack-agent", "timeout", "tr"]
 
 
 def test_the_command_sent_prints_what_the_script_file_prints(tmp_path: Path) -> None:
