@@ -556,6 +556,19 @@ def _check_pin(spec: StackSpec, base: Loc, node: str, gpus: list[int],
                    "distinct GPU indices", "e.g. `gpus = [0, 1]`.")
 
 
+def check_pins_against(spec: StackSpec, hosts: list[str]) -> None:
+    """Pins name hosts of the inventory file (only known once it is loaded: `stack plan`)."""
+    for name, model in spec.models.items():
+        if model.pin is None or model.pin.node in hosts:
+            continue
+        guess = _suggest(model.pin.node, hosts)
+        raise ConfigError(
+            f"`models.{name}.pin.node` names `{model.pin.node}`, which is not a host of the "
+            f"inventory file `{spec.stack.inventory}`",
+            hint=f"did you mean `{guess}`?" if guess else
+            "pin to one of: " + ", ".join(f"`{h}`" for h in hosts) + ".")
+
+
 def _check_api_names(spec: StackSpec, report: _Report) -> None:
     """Each name a client may send (model names and aliases) leads to one model."""
     owner: dict[str, str] = {name: name for name in spec.models}

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from stack.config import check_pins_against
 from stack.errors import ConfigError, StackError
 from stack.estimate.types import Evaluation
 from stack.observed import Observed
@@ -100,6 +101,8 @@ def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir
     from stack.plan import plan
     from stack.schedule import schedule
 
+    if spec.stack.inventory:  # inline hosts are checked when stack.toml is loaded
+        check_pins_against(spec, list(observed.nodes))
     evaluations, failed = evaluate_models(spec, stack_dir)
     placements = schedule(spec, evaluations, observed, failed=failed)
     assignments = build_assignments(spec, placements, observed, stack_dir, secret=None)

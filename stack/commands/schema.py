@@ -76,11 +76,12 @@ Conventions:
   create`), backend keys are derived from the stack secret (`.stack/secret` or
   `$STACK_SECRET`).
 
-References between sections are checked too: `pin.node` must be a listed host (when
-hosts are inline), aliases are unique and no alias is another model's name, `router.hosts`
-match hosts, `keys.models` name models or aliases, selectors parse, a runtime table is
-named after a backend (or sets `backend`) and has the field its `source` needs, and a
-router listening off loopback needs at least one `[[keys]]` table.
+References between sections are checked too: `pin.node` must be a listed host (inline
+hosts when stack.toml is loaded, an inventory file's hosts at `stack plan`), aliases are
+unique and no alias is another model's name, `router.hosts` match hosts, `keys.models`
+name models or aliases, selectors parse, a runtime table is named after a backend (or sets
+`backend`) and has the field its `source` needs, and a router listening off loopback needs
+at least one `[[keys]]` table.
 """
 
 

@@ -116,3 +116,17 @@ def test_agent_built_from_other_sources_is_an_update_in_the_plan(tmp_path: Path)
     assert changes["node.gpu-01.agent"]["reason"] == (
         f"agent 0.1.0+0000000000000000 -> {bundle_version()}")
     assert "node.gpu-02.agent" not in changes
+
+
+def test_a_pin_to_a_host_the_inventory_file_does_not_have_is_named_with_a_hint(
+        tmp_path: Path) -> None:
+    (tmp_path / "inventory.py").write_text('hosts = ["gpu-01", "gpu-02"]\n')
+    (tmp_path / "stack.toml").write_text(
+        '[stack]\nname = "lab"\ninventory = "inventory.py"\n\n'
+        '[models.qwen]\nsource = "local://models/qwen"\npin = { node = "gpu-03" }\n')
+    done = _stack(tmp_path, "--facts", str(_facts(tmp_path)))
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.splitlines() == [
+        "error: `models.qwen.pin.node` names `gpu-03`, which is not a host of the inventory "
+        "file `inventory.py`",
+        "hint: did you mean `gpu-02`?"]
