@@ -77,17 +77,41 @@ def hash_key(key: str) -> str:
 class ReplicaState:
     """A replica and what this process knows about it."""
 
-    __slots__ = ("api_key", "config", "health", "latency", "model", "outstanding", "pool")
+    __slots__ = ("api_key", "config", "health", "latency", "load", "model", "outstanding",
+                 "pool", "slot")
 
     def __init__(self, model: str, config: Replica, config_all: RouterConfig,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, shared: SharedState | None = None,
+                 slot: int = 0) -> None:
         self.model = model
         self.config = config
         self.api_key = config.api_key.encode() if config.api_key else None
         self.pool = Pool(config.url, loop)
         self.health = ReplicaHealth(config_all.health.eject_after, config_all.health.backoff_max)
         self.outstanding = 0
+        """Requests this process has in flight on the replica."""
         self.latency = 0.0
+        self.slot = slot
+        self.load: memoryview | None = None
+        """With several workers: every worker's requests in flight on it (shared memory)."""
+        if shared is not None:
+            ident = hashlib.blake2b(f"{model}\0{config.id}\0{config.url}\0{config.api_key}"
+                                    .encode(), digest_size=16).digest()
+            self.load = shared.replica_load(ident, slot)
+
+    def started(self) -> None:
+        self.outstanding += 1
+        if self.load is not None:
+            self.load[self.slot] = self.outstanding
+
+    def ended(self) -> None:
+        self.outstanding -= 1
+        if self.load is not None:
+            self.load[self.slot] = self.outstanding
+
+    def in_flight(self) -> int:
+        """Requests in flight on the replica: of every worker when they share the count."""
+        return self.outstanding if self.load is None else sum(self.load)
 
     def same(self, other: Replica) -> bool:
         return (self.config.url, self.config.api_key) == (other.url, other.api_key)
@@ -116,11 +140,12 @@ class Tables:
 
 
 def build_tables(config: RouterConfig, old: Tables | None, loop: asyncio.AbstractEventLoop,
-                 shared: SharedState | None = None) -> Tables:
+                 shared: SharedState | None = None, slot: int = 0) -> Tables:
     """Tables for `config`, carrying over unchanged replicas and limiters from `old`.
 
-    With `shared` (several workers) limiters count in shared memory by key hash, so their
-    windows survive reloads and restarts of a worker whatever the limits are.
+    With `shared` (several workers; this one is `slot`) limiters count in shared memory by
+    key hash, so their windows survive reloads and restarts of a worker whatever the limits
+    are, and each replica's requests in flight are counted over all workers.
     """
     old_replicas = {(r.model, r.config.id): r for rs in (old.replicas.values() if old else [])
                     for r in rs}
@@ -136,7 +161,7 @@ def build_tables(config: RouterConfig, old: Tables | None, loop: asyncio.Abstrac
                 prev.config = rep
                 states.append(prev)
             else:
-                states.append(ReplicaState(model.name, rep, config, loop))
+                states.append(ReplicaState(model.name, rep, config, loop, shared, slot))
         replicas[model.name] = states
     for gone in old_replicas.values():
         gone.pool.retire()
@@ -175,12 +200,12 @@ class Router:
         self.shared = shared
         self.slot = slot
         """This worker's number when `shared` (several workers)."""
-        self.tables = build_tables(config, None, loop, shared)
+        self.tables = build_tables(config, None, loop, shared, slot)
         self.key_cache: dict[bytes, KeyEntry | None] = {}
         self.inflight = 0
 
     def reload(self, config: RouterConfig) -> None:
-        self.tables = build_tables(config, self.tables, self.loop, self.shared)
+        self.tables = build_tables(config, self.tables, self.loop, self.shared, self.slot)
         self.key_cache.clear()
 
     def gauges(self) -> list[ReplicaGauge]:
@@ -411,7 +436,7 @@ class Router:
                       if r not in tried and r.health.available(now)]
         if len(candidates) == 1:
             return candidates[0]
-        index = choose([Load(r.config.id, r.outstanding, r.config.weight, r.latency)
+        index = choose([Load(r.config.id, r.in_flight(), r.config.weight, r.latency)
                         for r in candidates], self.rng, affinity)
         return None if index is None else candidates[index]
 
@@ -430,7 +455,7 @@ class Router:
                     break
             tried.append(replica)
             replica.health.picked()
-            replica.outstanding += 1
+            replica.started()
             sent = time.monotonic()
             try:
                 ex = await self._exchange(replica, req, body, config)
@@ -459,7 +484,7 @@ class Router:
                 self._failed(replica)
                 log.debug("router: %s replica %s failed: %s", model, replica.config.id, exc)
             finally:
-                replica.outstanding -= 1
+                replica.ended()
         if last is not None:
             ctx.overhead_base = 0.0
             extra = b"Retry-After: %s\r\n" % last.retry_after if last.retry_after else b""

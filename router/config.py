@@ -67,7 +67,7 @@ class RouterConfig(_Strict):
 
     format_version: Literal[1] = 1
     listen: str = "127.0.0.1:8080"
-    workers: int = Field(default=1, ge=1)
+    workers: int = Field(default=1, ge=1, le=64)
     tls_cert: str | None = None
     tls_key: str | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)

@@ -5,6 +5,11 @@
   slot's byte range with `fcntl.lockf` (the kernel drops the lock of a worker that dies),
   so `rpm`/`tpm` hold across workers. Cost on the hot path: two lock syscalls, only for
   keys that have limits.
+- Load: one row per replica (claimed by a hash of its model, id, URL and key) with a cell
+  per worker holding that worker's requests in flight on it. Each worker writes only its
+  own cell; the balancer sums the row, so least-outstanding sees every worker's requests.
+  Cost on the hot path: a store per request start and end, and a sum of `workers` cells
+  per candidate replica. A restarted worker zeroes its cells (its requests died with it).
 - Metrics: each worker answers a snapshot of its counters on an abstract unix socket
   named after the router's token and the worker's slot; the worker that serves
   `/metrics` merges its siblings' snapshots into its own. Nothing on the hot path.
@@ -36,9 +41,16 @@ CELLS = 4 * WINDOW + 4
 """int64 cells per slot: request buckets and stamps, token buckets and stamps, and each
 window's cached (second, total)."""
 SLOT_BYTES = 2048
-TABLE_BYTES = SLOTS * SLOT_BYTES
+LIMITS_BYTES = SLOTS * SLOT_BYTES
+REPLICA_ROWS = 1024
+"""Distinct replicas the load table holds (rows are never freed; a changed replica takes a
+new one)."""
+REPLICA_ID_BYTES = 16
+MAX_WORKERS = 64
+REPLICA_ROW_BYTES = REPLICA_ID_BYTES + MAX_WORKERS * 8
+TABLE_BYTES = LIMITS_BYTES + REPLICA_ROWS * REPLICA_ROW_BYTES
 CLAIM_LOCK = TABLE_BYTES
-"""The byte (past the table) locked while a slot is claimed."""
+"""The byte (past the tables) locked while a slot or a row is claimed."""
 PEER_TIMEOUT = 1.0
 
 assert ID_BYTES + CELLS * 8 <= SLOT_BYTES
@@ -48,6 +60,8 @@ class SharedState:
     """Created by the parent before forking; every worker inherits the mapping."""
 
     def __init__(self, workers: int) -> None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1 to {MAX_WORKERS}, got {workers}")
         self.workers = workers
         self.token = secrets.token_hex(8)
         try:
@@ -61,6 +75,8 @@ class SharedState:
         self.view = memoryview(self.map)
         self.slots: dict[bytes, int] = {}
         """Slot of each key id this process has looked up."""
+        self.rows: dict[bytes, int] = {}
+        """Row of each replica id this process has looked up."""
 
     # limits
 
@@ -72,26 +88,50 @@ class SharedState:
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, start)
 
+    def _claim(self, ident: bytes, base: int, rows: int, row_bytes: int,
+               known: dict[bytes, int]) -> tuple[int, bool] | None:
+        """(row of `ident` in the table at `base`, whether it was just claimed); None when
+        the table is full. Open addressing from the id's first bytes."""
+        found = known.get(ident)
+        if found is not None:
+            return found, False
+        empty = bytes(len(ident))
+        start = int.from_bytes(ident[:8], "little") % rows
+        with self.locked(CLAIM_LOCK):
+            for step in range(rows):
+                index = (start + step) % rows
+                at = base + index * row_bytes
+                held = bytes(self.view[at:at + len(ident)])
+                if held in (ident, empty):
+                    if held == empty:
+                        self.view[at:at + len(ident)] = ident
+                    known[ident] = index
+                    return index, held == empty
+        return None
+
     def slot(self, key_id: bytes) -> int | None:
         """The slot of `key_id` (32 bytes), claimed if new; None when the table is full."""
-        found = self.slots.get(key_id)
-        if found is not None:
-            return found
-        empty = bytes(ID_BYTES)
-        start = int.from_bytes(key_id[:8], "little") % SLOTS
-        with self.locked(CLAIM_LOCK):
-            for step in range(SLOTS):
-                index = (start + step) % SLOTS
-                base = index * SLOT_BYTES
-                held = bytes(self.view[base:base + ID_BYTES])
-                if held in (key_id, empty):
-                    if held == empty:
-                        self.view[base:base + ID_BYTES] = key_id
-                        _init_cache(self.view[base + ID_BYTES:base + ID_BYTES + CELLS * 8]
-                                    .cast("q"))
-                    self.slots[key_id] = index
-                    return index
-        return None
+        claimed = self._claim(key_id, 0, SLOTS, SLOT_BYTES, self.slots)
+        if claimed is None:
+            return None
+        index, new = claimed
+        if new:
+            base = index * SLOT_BYTES + ID_BYTES
+            _init_cache(self.view[base:base + CELLS * 8].cast("q"))
+        return index
+
+    def replica_load(self, ident: bytes, slot: int) -> memoryview | None:
+        """The in-flight cells (one per worker) of the replica `ident` (16 bytes), with this
+        worker's (`slot`) set to 0; None when the table is full."""
+        claimed = self._claim(ident, LIMITS_BYTES, REPLICA_ROWS, REPLICA_ROW_BYTES, self.rows)
+        if claimed is None:
+            log.warning("router: the shared load table is full; a replica's load is counted "
+                        "per worker")
+            return None
+        at = LIMITS_BYTES + claimed[0] * REPLICA_ROW_BYTES + REPLICA_ID_BYTES
+        cells = self.view[at:at + self.workers * 8].cast("q")
+        cells[slot] = 0
+        return cells
 
     def limiter(self, key_hash: str, rpm: int | None, tpm: int | None) -> SharedKeyLimiter | None:
         """A limiter over the key's shared windows; None when the table is full."""

@@ -7,6 +7,9 @@ per-process metrics would fail these tests.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 from router_harness import Harness, key_hash, metric, replica, stats
 
@@ -50,3 +53,29 @@ def test_metrics_count_requests_of_every_worker(harness: Harness) -> None:
                       type="completion") == 30 * 5
         assert metric(r.port, "modelstack_router_replica_up", replica="a") == 1
         assert metric(r.port, "modelstack_router_replica_in_flight", replica="a") == 0
+
+
+def test_least_outstanding_sees_the_requests_of_every_worker(harness: Harness) -> None:
+    """Two slow replicas, one request in flight, then a second on a new connection: it goes
+    to the idle replica whichever worker takes it. Counting per worker, a second request
+    landing on the other worker would see both replicas idle and pick either (a round fails
+    with probability 1/4; all 16 pass by chance with probability 0.01)."""
+    a, b = harness.upstream(), harness.upstream()
+    r = harness.router({"workers": 2,
+                        "models": [{"name": "m", "replicas": [replica("a", a), replica("b", b)]}]})
+    slow = {**BODY, "canned_delay": 0.4}
+
+    def slow_post() -> int:
+        with httpx.Client(headers={"Connection": "close"}) as c:
+            return c.post(f"http://127.0.0.1:{r.port}/v1/chat/completions", json=slow,
+                          timeout=10).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        for round_ in range(16):
+            first = pool.submit(slow_post)
+            time.sleep(0.1)  # the first is in flight on one replica
+            second = pool.submit(slow_post)
+            assert first.result() == second.result() == 200
+            served = (stats(a).get("/v1/chat/completions", 0),
+                      stats(b).get("/v1/chat/completions", 0))
+            assert served == (round_ + 1, round_ + 1), f"round {round_}: {served}"

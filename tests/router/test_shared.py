@@ -1,10 +1,14 @@
-"""The shared limit table under real contention: forked processes hammer one key."""
+"""The shared tables: limits under real contention (forked processes hammer one key), and
+each replica's requests in flight summed over the workers."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
+from router.app import ReplicaState
+from router.config import Replica, RouterConfig
 from router.shared import SharedState
 
 
@@ -39,3 +43,31 @@ def test_forked_workers_together_admit_exactly_the_rpm_limit() -> None:
     assert mine is not None and other is not None
     assert not mine.admit(time.time(), 0).ok
     assert other.admit(time.time(), 0).ok
+
+
+def test_a_replicas_requests_in_flight_are_counted_over_every_worker() -> None:
+    state = SharedState(2)
+    config = RouterConfig.model_validate({"models": []})
+    loop = asyncio.new_event_loop()
+    try:
+        def replica(slot: int, url: str = "http://10.0.0.1:9000") -> ReplicaState:
+            return ReplicaState("m", Replica(id="m-0", url=url), config, loop, state, slot)
+
+        first, second = replica(0), replica(1)  # the same replica in two workers
+        first.started()
+        assert (first.outstanding, second.outstanding) == (1, 0)
+        assert first.in_flight() == second.in_flight() == 1
+        second.started()
+        second.started()
+        assert first.in_flight() == 3
+        first.ended()
+        assert second.in_flight() == 2
+        # worker 0 restarted: its cell starts again from zero, worker 1's stays
+        first.started()
+        restarted = replica(0)
+        assert restarted.in_flight() == 2 and restarted.outstanding == 0
+        # another replica (a new URL) has a row of its own
+        moved = replica(1, "http://10.0.0.2:9000")
+        assert moved.in_flight() == 0 and second.in_flight() == 2
+    finally:
+        loop.close()
