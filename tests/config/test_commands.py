@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from gevent import monkey
 
 from stack.cli import run
 from stack.commands.init import starter_files
@@ -19,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_root_stack_toml_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["validate", "-f", str(ROOT / "stack.toml")]) == 0
     assert capsys.readouterr().out == "stack.toml is valid: 1 model, 1 host\n"
+    # `run` leaves the process as it was: only the console script's `main` patches gevent
+    assert not monkey.is_module_patched("socket")
     spec = load(ROOT / "stack.toml")
     assert spec.router.listen == "127.0.0.1:8080" and not spec.keys
     assert spec.hosts["local"].address == "@local"
