@@ -64,16 +64,19 @@ class Instance(_Strict):
     # node's GPUs (in `devices.indices` order; one entry for its CPU when it has none)
     # first, then each peer's devices in `peers` order. None: llama.cpp decides.
     layer_split: list[int] | None = None
+    # the sha256 of an uploaded (`local://`) model's content: new content, new instance
+    source_sha256: str | None = None
 
     def spec_hash(self) -> str:
         """Fingerprint of everything whose change needs the process replaced.
 
         The API key is left out: the controller computes this at plan time, where the
         stack's secret (from which keys are derived) may be absent, as in CI on a PR.
-        An unset `layer_split` is left out too, so instances from before the field keep
-        their fingerprint.
+        An unset `layer_split` or `source_sha256` is left out too, so instances from before
+        those fields keep their fingerprint.
         """
-        exclude = {"api_key"} | ({"layer_split"} if self.layer_split is None else set())
+        exclude = {"api_key"} | {name for name in ("layer_split", "source_sha256")
+                                 if getattr(self, name) is None}
         body = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
         return hashlib.sha256(body).hexdigest()[:16]

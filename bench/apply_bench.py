@@ -34,8 +34,8 @@ import gevent  # noqa: E402
 from fleet import Fleet  # noqa: E402
 
 from stack.apply import ApplyOptions, apply_fleet  # noqa: E402
-from stack.commands.apply import make_plan  # noqa: E402
 from stack.config import load  # noqa: E402
+from stack.pipeline import make_plan  # noqa: E402
 
 
 def baseline(spec_path: Path) -> float:
@@ -80,7 +80,7 @@ def no_change_apply(spec_path: Path) -> float:
     data = spec_path.read_bytes()
     start = time.perf_counter()
     result = apply_fleet(spec, stack_dir,
-                         lambda observed: make_plan(spec, stack_dir, data, observed).placements,
+                         lambda observed: make_plan(spec, data, observed, stack_dir),
                          ApplyOptions(), lambda o, d: True, lambda line: None)
     elapsed = time.perf_counter() - start
     assert result.ok and not result.changed, result.to_json()
@@ -106,7 +106,7 @@ def main() -> int:
         spec = load(spec_path)
         started = time.perf_counter()
         first = apply_fleet(spec, work, lambda o: make_plan(
-            spec, work, spec_path.read_bytes(), o).placements, ApplyOptions(),
+            spec, spec_path.read_bytes(), o, work), ApplyOptions(),
             lambda o, d: True, lambda line: None)
         assert first.ok, first.to_json()
         converge = time.perf_counter() - started

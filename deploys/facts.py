@@ -161,6 +161,35 @@ def _runtimes(raw: dict[str, Any]) -> dict[str, list[str]]:
     return {name: sorted(versions) for name, versions in sorted(runtimes.items())}
 
 
+def _managed(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`state/managed` as the script printed it, with the hashes of what is there now."""
+    entry = raw.get("managed")
+    if not isinstance(entry, dict):
+        return {}
+    recorded, _, rest = decode_output(entry).partition("--\n")
+    now: dict[str, str | None] = {}
+    missing: set[str] = set()
+    out: dict[str, dict[str, Any]] = {}
+    for line in rest.splitlines():
+        digest, sep, path = line.partition("  ")
+        if sep and len(digest) == 64:
+            now[path] = digest
+    for line in recorded.splitlines():
+        if line.startswith("missing "):
+            missing.add(line[len("missing "):])
+            continue
+        parts = line.split(" ", 3)
+        if len(parts) != 4 or parts[0] not in ("file", "upload"):
+            continue
+        kind, fingerprint, written, path = parts
+        out[path] = {"kind": kind, "fingerprint": fingerprint, "written": written,
+                     "sha256": now.get(path) if kind == "file" else None}
+    for path, item in out.items():
+        if item["kind"] == "upload":
+            item["sha256"] = None if path in missing else item["written"]
+    return out
+
+
 def node_facts_from(raw: dict[str, Any], *, address: str = "",
                     labels: dict[str, str] | None = None) -> NodeFacts:
     """A host's `NodeFacts` from the facts script's JSON (pure)."""
@@ -206,6 +235,10 @@ def node_facts_from(raw: dict[str, Any], *, address: str = "",
         "agent": _agent(raw),
         "reboot_required": reboot,
         "secure_boot": secure,
+        "managed": _managed(raw),
+        "service_manager": raw.get("service_manager") or None,
+        "services_alive": {str(k): bool(v) for k, v in
+                           (raw.get("services_alive") or {}).items()},
         # beyond the snapshot contract (kept: unknown fields are allowed)
         "pci_accelerators": pci,
         "gpu_problems": problems,

@@ -328,6 +328,55 @@ J="$J], \"agent_version\": "
 jput "$REPLY"
 agent_status ", "
 
+# -- what apply wrote (state/managed: "KIND FINGERPRINT SHA256 PATH" per file) -------------
+# printed as it is, then one `sha256sum` over the files that exist (what is there now) and
+# `missing PATH` for an upload that is gone; parsed by deploys/facts.py
+managed() {
+  while IFS= read -r line; do
+    printf '%s\n' "$line"
+    set -f
+    # shellcheck disable=SC2086 # split on purpose: kind, fingerprint, sha256
+    set -- $line
+    set +f
+    kind=$1
+    path=${line#* * * }
+    case $kind in
+      file) [ -f "$path" ] && files="$files$path$NL" ;;
+      upload) [ -e "$path" ] || printf 'missing %s\n' "$path" ;;
+    esac
+  done <"$PREFIX/state/managed"
+  echo "--"
+  [ -n "$files" ] || return 0
+  set -f
+  old_ifs=$IFS
+  IFS=$NL
+  # shellcheck disable=SC2086 # one argument per line
+  set -- $files
+  IFS=$old_ifs
+  set +f
+  if has sha256sum; then sha256sum -- "$@"; else shasum -a 256 -- "$@"; fi
+}
+if [ -r "$PREFIX/state/managed" ]; then
+  files=""
+  out=$(managed 2>&1)
+  J="$J,$NL \"managed\": {\"rc\": 0, \"enc\": \"$ENC\", \"out\": \"$(printf '%s' "$out" | encode)\"}"
+fi
+
+# -- how services run here, and which of stack's run --------------------------------------
+if [ -d /run/systemd/system ]; then manager=systemd
+elif [ "$os" = darwin ]; then manager=launchd
+else manager=supervise; fi
+J="$J,$NL \"service_manager\": \"$manager\", \"services_alive\": {"
+sep=""
+for service in agent router; do
+  read_first "$PREFIX/run/$service.supervisor.pid"
+  case $REPLY in "" | *[!0-9]*) continue ;; esac
+  if kill -0 "$REPLY" 2>/dev/null; then alive=true; else alive=false; fi
+  J="$J$sep\"$service\": $alive"
+  sep=", "
+done
+J="$J}"
+
 # user and uid from one `id` (POSIX format: uid=N(name) gid=N(name) [euid=N(name)] ...)
 id_out=$(id 2>/dev/null)
 case $id_out in

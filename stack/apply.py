@@ -36,13 +36,24 @@ from agent.assignment import Assignment, Instance
 from deploys.drivers import DriverRequest
 from deploys.facts import agent_status_body, facts_command
 from deploys.runtimes import RuntimeInstall, removal_script, runtime_path, unused_versions
-from deploys.services import Service, reload_commands, start_commands
+from deploys.services import reload_commands, start_commands
 from deploys.state import dumps, host_files_script, parse_host_files
 from deploys.steps import HostTarget, ModelUpload, Step, agent_paths, host_steps, sha256_text
 from router.config import RouterConfig
 from stack import lock as locks
 from stack.errors import ApplyError, StackError
+from stack.hostfiles import (
+    MANIFEST,
+    agent_listen,
+    agent_service,
+    manifest_text,
+    node_prefix,
+    render_agent_toml,
+    router_body,
+    router_service,
+)
 from stack.observed import NodeFacts, Observed
+from stack.plan import Plan
 from stack.spec import StackSpec
 from stack.wheelhouse import (
     agent_bundle,
@@ -51,8 +62,6 @@ from stack.wheelhouse import (
     prebuilt_tarball,
     sha256_file,
 )
-
-AGENT_PORT = 7070
 
 
 class Host(Protocol):
@@ -121,12 +130,6 @@ class Desired:
 # -- small helpers -----------------------------------------------------------------------
 
 
-def node_prefix(spec: StackSpec, node: str) -> str:
-    from stack.config import node_settings
-
-    return (node_settings(spec, node).prefix or spec.stack.prefix).rstrip("/")
-
-
 def _sudo(host: Host) -> dict[str, Any]:
     """`[nodes."..."] sudo = true` (set on the host data by stack.observe)."""
     data = getattr(host, "data", None)
@@ -171,32 +174,6 @@ def _write(host: Host, dest: str, content: bytes, mode: str = "600") -> None:
 
 
 # -- desired state --------------------------------------------------------------------
-
-
-def agent_service(spec: StackSpec, prefix: str, manager: str) -> Service:
-    return Service("agent", spec.stack.name, prefix,
-                   (f"{prefix}/agent/venv/bin/stack-agent", "--config", f"{prefix}/etc/agent.toml"),
-                   manager)
-
-
-def router_service(spec: StackSpec, prefix: str, manager: str) -> Service:
-    return Service("router", spec.stack.name, prefix,
-                   (f"{prefix}/agent/venv/bin/stack-router", "--config",
-                    f"{prefix}/etc/router.json"), manager)
-
-
-def agent_listen(spec: StackSpec, node: str, facts: NodeFacts) -> str:
-    from stack.config import node_settings
-
-    address = node_settings(spec, node).address or facts.address or "127.0.0.1"
-    return f"{address}:{AGENT_PORT}"
-
-
-def render_agent_toml(node: str, listen: str, prefix: str) -> str:
-    from deploys.services import render
-
-    return render("agent.toml.j2", node=node, listen=listen,
-                  token_file=f"{prefix}/etc/agent.token", prefix=prefix)
 
 
 def _runtime_of(spec: StackSpec, inst: Instance, prefix: str) -> tuple[str, str] | None:
@@ -654,7 +631,7 @@ def update_routers(spec: StackSpec, nodes: list[_Node], desired: Desired,
     """Write router.json where it differs and start or reload the router (SIGHUP)."""
     if desired.router is None:
         return False
-    body = dumps(desired.router.model_dump(mode="json")).encode()
+    body = router_body(desired.router)
     changed = False
     for node in nodes:
         if node.name not in desired.router_nodes or reports[node.name].error is not None:
@@ -715,14 +692,62 @@ def remove_unused_runtimes(spec: StackSpec, nodes: list[_Node], desired: Desired
 # -- the whole apply -----------------------------------------------------------------------
 
 
-def _desired(spec: StackSpec, stack_dir: Path, observed: Observed, placements: Any) -> Desired:
+def _desired(spec: StackSpec, stack_dir: Path, observed: Observed, plan: Plan) -> Desired:
+    """The plan's assignments and router config with the secrets filled in."""
     from stack.assign import build_assignments, build_router_config
     from stack.secrets import stack_secret
 
+    placements = plan.placements
     assignments = build_assignments(spec, placements, observed, stack_dir,
                                     stack_secret(stack_dir))
     router = build_router_config(spec, placements, assignments)
     return Desired(assignments, router, list(placements.routers))
+
+
+def keep_unknown(desired: Desired, plan: Plan, nodes: list[_Node]) -> None:
+    """Replicas kept because their model's metadata is unknown run exactly as they do now:
+    their instances come from the host's current assignment, never rebuilt (and are left
+    out where the host's assignment cannot be read)."""
+    kept = {p.id for p in plan.placements.kept} | {
+        p.worker_id(k) for p in plan.placements.kept for k in range(1, len(p.workers) + 1)}
+    if not kept:
+        return
+    for node in nodes:
+        want = desired.assignments.get(node.name)
+        if want is None:
+            continue
+        current = {i.id: i for i in (node.current.instances if node.current else [])}
+        instances = [current[i.id] if i.id in kept else i for i in want.instances
+                     if i.id not in kept or i.id in current]
+        desired.assignments[node.name] = Assignment(node=node.name, instances=instances)
+
+
+def write_manifests(plan: Plan, nodes: list[_Node], targets: dict[str, HostTarget],
+                    desired: Desired, reports: dict[str, HostReport]) -> None:
+    """Record what apply wrote on each host that converged (`state/managed`): the plan's
+    fingerprints and the sha256 of the bytes written. The next plan compares against it."""
+    from deploys.services import unit_file
+
+    body = router_body(desired.router) if desired.router is not None else b""
+    for node in nodes:
+        target = targets.get(node.name)
+        if reports[node.name].error is not None or target is None:
+            continue
+        paths = agent_paths(node.prefix)
+        written = {paths["agent_toml"]: sha256_text(target.agent_toml.encode()),
+                   paths["agent_token"]: sha256_text(target.agent_token.encode()),
+                   paths["router_json"]: sha256_text(body)}
+        for service in (target.agent_service, target.router_service):
+            if service is not None:
+                written[service.unit_path] = sha256_text(unit_file(service).encode())
+        text = manifest_text(list(plan.files.get(node.name, ())), written)
+        path = f"{node.prefix}/{MANIFEST}"
+        if node.files.get("files", {}).get(path) == sha256_text(text.encode()):
+            continue
+        try:
+            _write(node.host, path, text.encode(), "600")
+        except StackError as err:
+            reports[node.name].fail(err.message, err.hint)
 
 
 REBOOT_COMMAND = "(sleep 2; reboot) >/dev/null 2>&1 &"  # returns before the host goes down
@@ -930,12 +955,12 @@ def unmanageable(name: str, facts: NodeFacts) -> tuple[str, str] | None:
 
 
 def apply_fleet(
-    spec: StackSpec, stack_dir: Path, placements_for: Callable[[Observed], Any],
+    spec: StackSpec, stack_dir: Path, plan_for: Callable[[Observed], Plan],
     options: ApplyOptions, confirm: Callable[[Observed, Desired], bool],
     progress: Callable[[str], None],
 ) -> ApplyResult:
-    """Lock, read the fleet, converge it, unlock. `placements_for(observed)` gives the
-    placements to apply (a fresh schedule or a saved plan's, checked against the facts)."""
+    """Lock, read the fleet, converge it, unlock. `plan_for(observed)` gives the plan to
+    apply (a fresh one, or a saved one checked against the facts)."""
     from stack.observe import connect, disconnect, read_node
 
     info = locks.new_lock()
@@ -960,8 +985,8 @@ def apply_fleet(
                 report.fail(*problem)
                 continue
             nodes.append(_Node(name, connected.nodes[name], node_prefix(spec, name), node_facts))
-        placements = placements_for(observed)
-        desired = _desired(spec, stack_dir, observed, placements)
+        plan = plan_for(observed)
+        desired = _desired(spec, stack_dir, observed, plan)
         if not confirm(observed, desired):
             raise ApplyError("apply cancelled; nothing was changed", hint="")
 
@@ -973,11 +998,12 @@ def apply_fleet(
                 models = [f"{i.model_path}.sha256"
                           for i in desired.assignments.get(node.name, Assignment(
                               node=node.name)).instances if i.model_path]
-                _host_probe(node, info, extra, models)
+                _host_probe(node, info, [*extra, f"{node.prefix}/{MANIFEST}"], models)
             except StackError as err:
                 result.hosts[node.name].fail(err.message, err.hint)
 
         gevent.joinall([gevent.spawn(probe, n) for n in nodes])
+        keep_unknown(desired, plan, nodes)
         live = [n for n in nodes if result.hosts[n.name].error is None]
         targets, runtime_keys, model_keys = _targets(spec, stack_dir, live, desired,
                                                       result.hosts)
@@ -993,6 +1019,7 @@ def apply_fleet(
         result.router_changed = update_routers(spec, live, desired, result.hosts)
         finish_assignments(live, desired, result.hosts, options, progress)
         remove_unused_runtimes(spec, live, desired, result.hosts)
+        write_manifests(plan, live, targets, desired, result.hosts)
         return result
     finally:
         if nodes:

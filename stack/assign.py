@@ -68,6 +68,24 @@ def model_path(name: str, source: str, prefix: str, stack_dir: Path) -> str | No
     return None
 
 
+def local_checksum(source: str, stack_dir: Path) -> str | None:
+    """The sha256 of a `local://` model's content (a folder: of its files' names and
+    hashes), part of its instances' identity; None for other sources."""
+    if not source.startswith("local://"):
+        return None
+    from stack.wheelhouse import sha256_file
+
+    rest = source[len("local://"):]
+    local = Path(rest) if rest.startswith("/") else stack_dir / rest
+    if local.is_file():
+        return sha256_file(local)
+    if not local.is_dir():
+        return None
+    lines = [f"{p.relative_to(local).as_posix()}\0{sha256_file(p)}\n"
+             for p in sorted(local.rglob("*")) if p.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def gpu_memory_utilization(model: ModelSpec, placement: Placement) -> float | None:
     """The model's setting, else (vLLM, SGLang) the claim as a fraction of the GPU."""
     if model.gpu_memory_utilization is not None:
@@ -101,6 +119,8 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
                         if p.runtime and p.backend_version else "")
         if (p.model, prefix) not in paths:
             paths[(p.model, prefix)] = model_path(p.model, model.source, prefix, stack_dir)
+        if (p.model, "") not in paths:
+            paths[(p.model, "")] = local_checksum(model.source, stack_dir)
         runtime = spec.runtimes.get(p.runtime)
         iid = p.id if k == 0 else p.worker_id(k)
         role: Literal["single", "main", "worker"] = (
@@ -121,6 +141,7 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             gpu_memory_utilization=gpu_memory_utilization(model, p) if part.gpus else None,
             # the main runs llama-server, which places the layers (`--tensor-split`)
             layer_split=list(p.split) if k == 0 and p.split else None,
+            source_sha256=paths[(p.model, "")],
         )))
     return out
 
@@ -145,7 +166,9 @@ def build_assignments(spec: StackSpec, placements: Placements, observed: Observe
     per_node: dict[str, list[Instance]] = {name: [] for name in sorted(observed.nodes)}
     nodes = _Nodes(spec, observed)
     paths: dict[tuple[str, str], str | None] = {}
-    for p in placements.placements:
+    # kept replicas (metadata unknown) too: their instances stand for the running ones in
+    # the router config; apply swaps them for the host's own (stack.apply.keep_unknown)
+    for p in (*placements.placements, *placements.kept):
         if p.model not in spec.models:
             continue
         for node, inst in _instances(spec, nodes, paths, p, stack_dir, secret):
@@ -161,7 +184,7 @@ def build_router_config(spec: StackSpec, placements: Placements,
     mains = {inst.id: inst for a in assignments.values() for inst in a.instances
              if inst.role != "worker"}
     by_model: dict[str, list[Placement]] = {}
-    for p in placements.placements:
+    for p in (*placements.placements, *placements.kept):
         by_model.setdefault(p.model, []).append(p)
     routes: list[RouteModel] = []
     for name in sorted(spec.models):

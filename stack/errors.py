@@ -3,6 +3,7 @@
     StackError                 any error the CLI reports as `error: ...` + `hint: ...`
     ├── ConfigError            stack.toml (syntax or schema), plan files, facts files
     ├── SourceError            a model source that cannot be read or understood
+    │   └── MetadataUnavailable  ... right now (hub unreachable, gated, timeout)
     ├── EstimateError          a model the estimator cannot size
     ├── ConnectionError_       a host that does not answer or refuses us
     ├── ApplyError             apply failed on one or more hosts
@@ -37,6 +38,11 @@ class ConfigError(StackError):
 
 class SourceError(StackError):
     """A model source cannot be resolved or read."""
+
+
+class MetadataUnavailable(SourceError):
+    """A model's metadata cannot be read right now (the hub does not answer, the model is
+    gated and no token is set, a timeout): unknown, not wrong. Its running replicas stay."""
 
 
 class EstimateError(StackError):

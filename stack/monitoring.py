@@ -60,8 +60,8 @@ def _hostport(host: str, port: int) -> str:
 
 def scrape_targets(spec: StackSpec, observed: Observed) -> Targets:
     """The router and agent endpoints of every node in `observed`, by node name."""
-    from stack.apply import agent_listen
     from stack.assign import node_host
+    from stack.hostfiles import agent_listen
 
     host, port = split_listen(spec.router.listen)
     routers = []

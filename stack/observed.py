@@ -51,6 +51,9 @@ class InstanceFacts(_Open):
     state: str = "unknown"
     # a fingerprint of everything that would restart the instance (args, env, source)
     spec_hash: str | None = None
+    role: Literal["single", "main", "worker"] = "single"
+    kind: str | None = None  # llm, embedding, rerank, image, ... (older agents: unknown)
+    layer_split: list[int] | None = None  # llama.cpp layers per device, when split
 
 
 class AgentFacts(_Open):
@@ -59,6 +62,22 @@ class AgentFacts(_Open):
     version: str | None = None
     running: bool = False
     instances: list[InstanceFacts] = Field(default_factory=list)
+
+
+class ManagedFile(_Open):
+    """A file `stack apply` wrote on a node, as the node's facts read it: what apply
+    recorded (`fingerprint` of the desired content without secrets, `written`: the sha256 of
+    the bytes it wrote) and what is there now (`sha256`; None: the file is gone)."""
+
+    kind: Literal["file", "upload"] = "file"
+    fingerprint: str
+    written: str = ""
+    sha256: str | None = None  # uploads are not hashed on every read: `written` if present
+
+    @property
+    def drifted(self) -> bool:
+        """Whether the file is gone or changed on the host since apply wrote it."""
+        return self.sha256 is None or (self.kind == "file" and self.sha256 != self.written)
 
 
 class NodeFacts(_Open):
@@ -80,6 +99,10 @@ class NodeFacts(_Open):
     error: str | None = None  # why the node could not be read (unreachable, refused key)
     reboot_required: bool = False
     secure_boot: bool | None = None
+    # the files apply wrote, by path (None: these facts do not say, e.g. an older snapshot)
+    managed: dict[str, ManagedFile] | None = None
+    service_manager: Literal["supervise", "systemd", "launchd"] | None = None
+    services_alive: dict[str, bool] = Field(default_factory=dict)  # supervised only
 
 
 class Observed(_Open):

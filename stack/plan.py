@@ -22,7 +22,8 @@ from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboo
 from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.errors import ConfigError
-from stack.observed import InstanceFacts, NodeFacts, Observed
+from stack.hostfiles import HostFile, desired_files
+from stack.observed import InstanceFacts, ManagedFile, NodeFacts, Observed
 from stack.schedule import Placement, Placements, Unschedulable, gib, instance_id, node_settings
 from stack.spec import StackSpec
 
@@ -110,6 +111,9 @@ class Plan:
     summary: Summary = field(default_factory=Summary)
     format_version: int = FORMAT_VERSION
     unreachable: tuple[Unreachable, ...] = ()
+    # the desired state apply writes: per node, its files (fingerprints, no secrets)
+    files: Mapping[str, tuple[HostFile, ...]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @property
     def unschedulable(self) -> tuple[Unschedulable, ...]:
@@ -125,6 +129,11 @@ class Plan:
             "facts_sha256": self.facts_sha256,
             "changes": [c.to_json() for c in self.changes],
             "placements": [p.to_json() for p in self.placements.placements],
+            "kept": [p.to_json() for p in self.placements.kept],
+            "unknown": [{"model": m, "reason": r} for m, r in self.placements.unknown],
+            "warnings": list(self.warnings),
+            "files": {node: [f.to_json() for f in files]
+                      for node, files in sorted(self.files.items())},
             "unschedulable": [u.to_json() for u in self.placements.unschedulable],
             "summary": {"add": self.summary.add, "change": self.summary.change,
                         "destroy": self.summary.destroy},
@@ -145,14 +154,21 @@ class Plan:
             placements = Placements(
                 tuple(Placement.from_json(p) for p in data["placements"]),
                 tuple(Unschedulable.from_json(u) for u in data.get("unschedulable", [])),
-                tuple(data.get("routers", [])))
+                tuple(data.get("routers", [])),
+                tuple(Placement.from_json(p) for p in data.get("kept", [])),
+                tuple((str(u["model"]), str(u["reason"])) for u in data.get("unknown", [])))
             changes = tuple(Change.from_json(c) for c in data["changes"])
+            files = {str(node): tuple(HostFile(str(f["address"]), str(f["path"]),
+                                               str(f["fingerprint"]), f.get("kind", "file"))
+                                      for f in items)
+                     for node, items in data.get("files", {}).items()}
             return Plan(stack_sha256=data["stack_sha256"], facts_sha256=data["facts_sha256"],
                         changes=changes, placements=placements,
                         router_config_sha256=data.get("router_config_sha256", ""),
                         summary=Summary.of(changes),
                         unreachable=tuple(Unreachable(str(u["node"]), str(u["error"]))
-                                          for u in data.get("unreachable", [])))
+                                          for u in data.get("unreachable", [])),
+                        files=files, warnings=tuple(str(w) for w in data.get("warnings", [])))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"`{where}` is not a plan written by `stack plan --out`: "
                               f"missing or bad {exc}",
@@ -218,7 +234,7 @@ def _placement_details(p: Placement) -> tuple[tuple[str, str], ...]:
 def _host_changes(spec: StackSpec, observed: Observed, placements: Placements,
                   agent_version: str) -> list[Change]:
     needed: dict[str, dict[tuple[str, str], list[str]]] = {}
-    for p in placements.placements:
+    for p in (*placements.placements, *placements.kept):
         if not p.runtime or not p.backend_version:
             continue
         for node in p.nodes():
@@ -357,7 +373,7 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
         inst.id: (node, inst) for node, a in assignments.items() for inst in a.instances}
     current, loose = _current(observed)
     out: list[Change] = []
-    placed = {(p.model, p.replica) for p in placements.placements}
+    placed = {(p.model, p.replica) for p in (*placements.placements, *placements.kept)}
     # an unreachable host reports nothing: a replica that ran there looks new
     down = sorted(name for name, facts in observed.nodes.items() if not facts.reachable)
     new = (f"not running on a reachable node; {', '.join(down)} "
@@ -443,14 +459,89 @@ def plan(spec: StackSpec, observed: Observed, placements: Placements,
     instances = _instance_changes(spec, observed, placements, assignments)
     config = build_router_config(spec, placements, dict(assignments))
     config_sha = router_config_sha256(config)
-    router = _router_change(observed, placements, config_sha, bool(instances))
-    changes = tuple(sorted(hosts, key=_order) + sorted(instances, key=_order)
-                    + ([router] if router else []))
+    files = {name: tuple(desired_files(spec, name, facts,
+                                       assignments.get(name, Assignment(node=name)),
+                                       config if name in placements.routers else None))
+             for name, facts in sorted(observed.nodes.items()) if facts.reachable}
+    node_files, router_files = _file_changes(observed, files)
+    router = (router_files if any(observed.nodes[n].managed is not None for n in files
+                                  if n in placements.routers)
+              else [c for c in [_router_change(observed, placements, config_sha,
+                                               bool(instances))] if c])
+    changes = tuple(sorted(hosts + node_files, key=_order) + sorted(instances, key=_order)
+                    + sorted(router, key=_order))
     unreachable = tuple(Unreachable(name, facts.error or f"`{name}` did not answer")
                         for name, facts in sorted(observed.nodes.items()) if not facts.reachable)
+    warnings = tuple(f"model.{model}: metadata unknown ({why}); running replicas kept"
+                     for model, why in placements.unknown)
     return Plan(stack_sha256=sha256_bytes(stack_bytes), facts_sha256=facts_sha256(observed),
                 changes=changes, placements=placements, router_config_sha256=config_sha,
-                summary=Summary.of(changes), unreachable=unreachable)
+                summary=Summary.of(changes), unreachable=unreachable, files=files,
+                warnings=warnings)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _file_changes(observed: Observed, files: Mapping[str, tuple[HostFile, ...]]
+                  ) -> tuple[list[Change], list[Change]]:
+    """Desired file fingerprints against what the facts report: node-level changes, and
+    the fleet-wide ones (`router...`, `model.M.files`) merged over their nodes. A node
+    whose agent is not installed yet gets its files with the agent (`node.N.agent`);
+    facts that do not report files (an older snapshot) are unknown, not changed."""
+    node_level: list[Change] = []
+    merged: dict[tuple[str, str], list[str]] = {}  # (address, reason) -> nodes
+    for name, wanted in files.items():
+        facts = observed.nodes[name]
+        fresh = facts.managed is None or facts.agent.version is None
+        for f in wanted:
+            if fresh:
+                if f.address == "router":
+                    merged.setdefault(("router", "install"), []).append(name)
+                continue
+            assert facts.managed is not None
+            drift = _file_drift(f, facts.managed.get(f.path))
+            if f.address == "router" and not drift and facts.service_manager == "supervise" \
+                    and not facts.services_alive.get("router", False):
+                drift = [("router", "start")]
+            for address, reason in drift:
+                if address.startswith("node."):
+                    node_level.append(Change(address, Action.UPDATE, reason, "none", name,
+                                             (("path", f.path),)))
+                else:
+                    merged.setdefault((address, reason), []).append(name)
+    fleet: list[Change] = []
+    for (address, reason), nodes in sorted(merged.items()):
+        where = ", ".join(sorted(nodes))
+        if address == "router" and reason == "install":
+            fleet.append(Change("router", Action.CREATE, f"install on {where}", "none", None,
+                                (("hosts", where),)))
+        elif address == "router" and reason == "start":
+            fleet.append(Change("router", Action.UPDATE, f"not running on {where}", "none",
+                                None, (("hosts", where),)))
+        else:
+            fleet.append(Change(address, Action.UPDATE, f"{reason} on {where}", "none", None,
+                                (("hosts" if address.startswith("router") else "nodes",
+                                  where),)))
+    return node_level, fleet
+
+
+def _file_drift(want: HostFile, have: ManagedFile | None) -> list[tuple[str, str]]:
+    """(address, reason) for each way the file on the host differs from `want`."""
+    if have is None:
+        return [(want.address, "not written by this version of stack yet")]
+    if have.sha256 is None:
+        return [(want.address, "missing")]
+    if have.drifted:
+        return [(want.address, "changed on the host since the last apply")]
+    old = dict(p.split(":", 1) for p in have.fingerprint.split(",")) \
+        if ":" in have.fingerprint else {"": have.fingerprint}
+    out: list[tuple[str, str]] = []
+    for part, value in want.parts().items():
+        if old.get(part) != value:
+            address = f"{want.address}.{part}" if part else want.address
+            out.append((address, "changed"))
+    return out
 
 
 def _order(change: Change) -> tuple[Any, ...]:

@@ -49,6 +49,12 @@ def _unschedulable(plan: Plan) -> list[str]:
     return lines
 
 
+def _warnings(plan: Plan) -> list[str]:
+    if not plan.warnings:
+        return []
+    return ["", *(f"  ! warning: {w}" for w in plan.warnings)]
+
+
 def _unreachable(plan: Plan) -> list[str]:
     if not plan.unreachable:
         return []
@@ -78,6 +84,7 @@ def render_lines(plan: Plan) -> list[tuple[str, Action | None]]:
             out.append(("", None))
             out.extend((line, change.action) for line in _block(change))
     out.extend((line, None) for line in _unschedulable(plan))
+    out.extend((line, None) for line in _warnings(plan))
     out.extend((line, None) for line in _unreachable(plan))
     if plan.changes:
         out += [("", None), (summary_line(plan), None)]

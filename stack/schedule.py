@@ -177,6 +177,10 @@ class Placements:
     placements: tuple[Placement, ...]
     unschedulable: tuple[Unschedulable, ...] = ()
     routers: tuple[str, ...] = ()
+    # replicas that run where they are because their model's metadata cannot be read now
+    # (unknown is not gone): apply leaves their instances as they are
+    kept: tuple[Placement, ...] = ()
+    unknown: tuple[tuple[str, str], ...] = ()  # (model, why its metadata is unknown)
 
     def get(self, model: str, replica: int) -> Placement | None:
         for p in self.placements:
@@ -354,12 +358,10 @@ def previous_placements(observed: Observed) -> dict[tuple[str, int], PreviousPla
                 workers.setdefault(key, []).append((k, node_name, tuple(inst.gpus), inst.port))
     out: dict[tuple[str, int], PreviousPlacement] = {}
     for key, (node_name, inst) in sorted(mains.items()):
-        split = (inst.model_extra or {}).get("layer_split") or ()
         out[key] = PreviousPlacement(
             inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port, inst.backend,
             inst.backend_version, tuple(sorted(workers.get(key, []))),
-            tuple(int(n) for n in split if isinstance(n, int)) if isinstance(split, list)
-            else ())
+            tuple(inst.layer_split or ()))
     return out
 
 
@@ -1212,9 +1214,40 @@ class _Scheduler:
 
     # ---- the whole pass
 
+    def keep(self, prev: PreviousPlacement, kind: str) -> Placement:
+        """A replica of a model whose metadata is unknown, where it runs: its GPUs and
+        ports stay taken (what it needs is unknown, so no other replica goes there)."""
+        parts = [(prev.node, prev.gpus, prev.port),
+                 *((n, g, port) for _, n, g, port in prev.workers)]
+        vendors: list[str] = []
+        for name, gpus, port in parts:
+            node = self.fleet.nodes.get(name)
+            vendors.append(node.gpus[gpus[0]].vendor if node and gpus and gpus[0] in node.gpus
+                           else "cpu")
+            if node is None:
+                continue
+            held = [g for g in gpus if g in node.free]
+            self.fleet.take(node, prev.model, held,
+                            _Need(len(held), 0, 0, 0, tuple(node.free[g] for g in held)), port)
+        runtime = choose_runtime(self.spec, prev.backend, prev.backend_version)
+        return Placement(
+            model=prev.model, replica=prev.replica, node=prev.node, gpus=prev.gpus,
+            backend=prev.backend, backend_version=prev.backend_version, port=prev.port,
+            claim=ClaimedResources(0, 0), runtime="" if isinstance(runtime, str) else runtime[0],
+            vendor=vendors[0], kind=kind,
+            workers=tuple(Worker(n, g, port, vendors[k])
+                          for k, (n, g, port) in enumerate(parts[1:], start=1)),
+            split=prev.split)
+
     def run(self, previous: Mapping[tuple[str, int], PreviousPlacement],
-            failed: Mapping[str, str]) -> Placements:
+            failed: Mapping[str, str], unknown: Mapping[str, str],
+            kinds: Mapping[tuple[str, int], str]) -> Placements:
         placed: dict[tuple[str, int], Placement] = {}
+        kept: dict[tuple[str, int], Placement] = {}
+        for key in sorted(previous):  # first: their resources are not known, only held
+            spec = self.spec.models.get(key[0])
+            if key[0] in unknown and spec is not None and key[1] < spec.replicas:
+                kept[key] = self.keep(previous[key], kinds.get(key, spec.kind or "llm"))
         for key in sorted(previous):
             m = self.models.get(key[0])
             if m is None or key[1] >= m.spec.replicas:
@@ -1234,13 +1267,17 @@ class _Scheduler:
                 else:
                     unschedulable.append(Unschedulable(name, replica, self.reasons(m)))
         for name in sorted(self.spec.models):
-            if name not in self.models:
-                why = failed.get(name, "the model was not evaluated")
-                unschedulable.extend(Unschedulable(name, r, (why,))
-                                     for r in range(self.spec.models[name].replicas))
+            if name in self.models:
+                continue
+            why = (f"metadata unknown: {unknown[name]}" if name in unknown
+                   else failed.get(name, "the model was not evaluated"))
+            unschedulable.extend(Unschedulable(name, r, (why,))
+                                 for r in range(self.spec.models[name].replicas)
+                                 if (name, r) not in kept)
         unschedulable.sort(key=lambda u: (u.model, u.replica))
         return Placements(tuple(placed[k] for k in sorted(placed)), tuple(unschedulable),
-                          self._routers())
+                          self._routers(), tuple(kept[k] for k in sorted(kept)),
+                          tuple(sorted(unknown.items())))
 
     def _fresh_order(self) -> list[str]:
         """Pinned models first, then the largest, then by name: big pieces before small."""
@@ -1258,15 +1295,22 @@ class _Scheduler:
 
 def schedule(spec: StackSpec, evaluations: Mapping[str, Evaluation], observed: Observed,
              previous: Mapping[tuple[str, int], PreviousPlacement] | None = None,
-             failed: Mapping[str, str] | None = None) -> Placements:
+             failed: Mapping[str, str] | None = None,
+             unknown: Mapping[str, str] | None = None) -> Placements:
     """Place every replica of every model in `spec` on the nodes of `observed`.
 
     `previous` defaults to what the agents report in `observed`. `failed` gives, per model
-    without an evaluation, the reason (its metadata could not be read): its replicas are
-    reported unschedulable with that reason instead of failing the whole plan.
+    without an evaluation, the reason (its source is wrong): its replicas are reported
+    unschedulable with that reason instead of failing the whole plan. `unknown` gives, per
+    model, why its metadata cannot be read right now (hub unreachable, gated, timeout): its
+    running replicas are kept where they are (`Placements.kept`), new ones are
+    unschedulable.
     """
     prev = previous_placements(observed) if previous is None else previous
-    return _Scheduler(spec, evaluations, observed).run(prev, failed or {})
+    kinds = {(i.model, i.replica): i.kind for facts in observed.nodes.values()
+             for i in facts.agent.instances if i.kind and i.role != "worker"}
+    return _Scheduler(spec, evaluations, observed).run(prev, failed or {}, unknown or {},
+                                                       kinds)
 
 
 def with_instances(observed: Observed, placements: Placements,
@@ -1282,11 +1326,12 @@ def with_instances(observed: Observed, placements: Placements,
                    for k, w in enumerate(p.workers, start=1))]
         for node, gpus, port, iid in parts:
             # a main split by layers reports its split (the agent's `layer_split`)
-            extra = {"layer_split": list(p.split)} if p.split and iid == p.id else {}
             per_node[node].append(InstanceFacts(
                 id=iid, model=p.model, replica=p.replica, gpus=list(gpus), port=port,
                 backend=p.backend, backend_version=p.backend_version, state="ready",
-                spec_hash=hashes.get(iid), **extra))
+                spec_hash=hashes.get(iid), kind=p.kind,
+                role="single" if not p.workers else "main" if iid == p.id else "worker",
+                layer_split=list(p.split) if p.split and iid == p.id else None))
     nodes: dict[str, NodeFacts] = {}
     for name, facts in observed.nodes.items():
         if not facts.reachable:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stack.errors import SourceError
+from stack.errors import MetadataUnavailable, SourceError
 
 Scheme = Literal["hf", "modelscope", "path", "local"]
 
@@ -175,15 +175,16 @@ def _fetch_hf(source: Source) -> Path:
             repo_id=source.repo, revision=source.revision, allow_patterns=patterns,
         ))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise SourceError(
+        raise MetadataUnavailable(
             f"`{source.text}` is not in the Hugging Face cache and the hub cannot be reached",
             hint="download it once with network (`hf download "
                  f"{source.repo}`), or unset `HF_HUB_OFFLINE`; set `HF_ENDPOINT` for a mirror.",
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise SourceError(f"cannot read `{source.text}` from Hugging Face: {exc}",
-                          hint="check the repository name and revision, and `HF_TOKEN` "
-                               "for gated models.") from exc
+        error = MetadataUnavailable if _transient(exc) else SourceError
+        raise error(f"cannot read `{source.text}` from Hugging Face: {exc}",
+                    hint="check the repository name and revision, and `HF_TOKEN` "
+                         "for gated models.") from exc
     if source.file:
         return _fetch_hf_file(source, folder)
     return folder
@@ -203,8 +204,19 @@ def _fetch_hf_file(source: Source, folder: Path) -> Path:
     try:
         return hf_header_copy(source.repo, source.file, source.revision)
     except (HfHubHTTPError, httpx.HTTPError, OSError) as exc:
-        raise SourceError(f"cannot read `{source.text}` from Hugging Face: {exc}",
-                          hint="check the file name and `HF_TOKEN` for gated models.") from exc
+        error = MetadataUnavailable if _transient(exc) else SourceError
+        raise error(f"cannot read `{source.text}` from Hugging Face: {exc}",
+                    hint="check the file name and `HF_TOKEN` for gated models.") from exc
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether a hub error says "not now" (no answer, timeout, gated, server error) rather
+    than "no such thing" (404, a bad name): the model's running replicas are kept then."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        return status in (401, 403, 408, 429) or status >= 500
+    return not isinstance(exc, ValueError)  # connection errors and timeouts are OSErrors
 
 
 def modelscope_cache_dirs(repo: str) -> list[Path]:
@@ -233,7 +245,7 @@ def _fetch_modelscope(source: Source) -> Path:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError as exc:
         where = modelscope_cache_dirs(source.repo)[0]
-        raise SourceError(
+        raise MetadataUnavailable(
             f"`{source.text}` is not in the ModelScope cache ({where})",
             hint="download it with `modelscope download` (or `pip install modelscope` on the "
                  "controller), or set `MODELSCOPE_CACHE`.",
@@ -242,6 +254,7 @@ def _fetch_modelscope(source: Source) -> Path:
         folder = Path(snapshot_download(source.repo, revision=source.revision or "master",
                                         allow_patterns=[*METADATA_FILES, "*.index.json"]))
     except Exception as exc:  # the library raises many unrelated types
-        raise SourceError(f"cannot read `{source.text}` from ModelScope: {exc}",
-                          hint="check the repository name and `MODELSCOPE_API_TOKEN`.") from exc
+        error = MetadataUnavailable if _transient(exc) else SourceError
+        raise error(f"cannot read `{source.text}` from ModelScope: {exc}",
+                    hint="check the repository name and `MODELSCOPE_API_TOKEN`.") from exc
     return folder / source.file if source.file else folder

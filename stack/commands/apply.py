@@ -13,14 +13,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from stack.apply import ApplyOptions, ApplyResult, Desired, apply_fleet
+from stack.commands.plan import unschedulable_error
 from stack.errors import ConfigError
 from stack.observed import Observed
-from stack.spec import StackSpec
+from stack.pipeline import make_plan
+from stack.plan import Plan
 
 HELP = "converge the fleet on stack.toml (or on a saved plan)"
 
@@ -37,18 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-timeout", type=float, default=900.0, metavar="SECONDS",
                         help="how long new instances may take to become ready (default 900)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--allow-unschedulable", action="store_true",
+                        help="exit 0 although some replicas cannot be placed")
 
 
-def make_plan(spec: StackSpec, stack_dir: Path, stack_bytes: bytes, observed: Observed) -> Any:
-    """The plan `stack plan` would show for these facts."""
-    from stack.commands.plan import make_plan as plan_for
-
-    return plan_for(spec, stack_bytes, observed, stack_dir)
-
-
-def load_saved_plan(path: Path) -> Any:
-    from stack.plan import Plan
-
+def load_saved_plan(path: Path) -> Plan:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
@@ -60,7 +54,7 @@ def load_saved_plan(path: Path) -> Any:
     return Plan.from_json(data, where=str(path))
 
 
-def check_not_stale(saved: Any, stack_bytes: bytes, observed: Observed, path: Path) -> None:
+def check_not_stale(saved: Plan, stack_bytes: bytes, observed: Observed, path: Path) -> None:
     """Refuse a saved plan made from another stack.toml or another state of the fleet."""
     from stack.plan import facts_sha256, sha256_bytes
 
@@ -72,7 +66,7 @@ def check_not_stale(saved: Any, stack_bytes: bytes, observed: Observed, path: Pa
                           hint="make a new plan: `stack plan --out PLAN`, then apply it.")
 
 
-def render_changes(plan: Any) -> str:
+def render_changes(plan: Plan) -> str:
     """The plan as `stack plan` prints it."""
     import io
 
@@ -123,15 +117,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"`--max-unavailable` must be at least 1, got {args.max_unavailable}",
                           hint="use `--max-unavailable 1` to replace one replica at a time.")
     saved = load_saved_plan(plan_path) if plan_path else None
-    shown: dict[str, Any] = {}
+    shown: dict[str, Plan] = {}
 
-    def placements_for(observed: Observed) -> Any:
+    def plan_for(observed: Observed) -> Plan:
         if saved is not None and plan_path is not None:
             check_not_stale(saved, stack_bytes, observed, plan_path)
             shown["plan"] = saved
         else:
-            shown["plan"] = make_plan(spec, stack_dir, stack_bytes, observed)
-        return shown["plan"].placements
+            shown["plan"] = make_plan(spec, stack_bytes, observed, stack_dir)
+        return shown["plan"]
 
     def confirm(observed: Observed, desired: Desired) -> bool:
         plan = shown["plan"]
@@ -144,10 +138,14 @@ def run(args: argparse.Namespace) -> int:
 
     options = ApplyOptions(allow_reboot=args.allow_reboot, max_unavailable=args.max_unavailable,
                            ready_timeout=args.ready_timeout)
-    result = apply_fleet(spec, stack_dir, placements_for, options, confirm,
+    result = apply_fleet(spec, stack_dir, plan_for, options, confirm,
                          lambda line: console.print(line, style="dim", highlight=False))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print_result(console, result)
+    plan = shown.get("plan")
+    if plan is not None and plan.unschedulable and not args.allow_unschedulable:
+        console.print(unschedulable_error(plan).render(), highlight=False)
+        return 1
     return 0 if result.ok else 1

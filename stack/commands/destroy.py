@@ -43,7 +43,8 @@ def _destroy_host(spec: StackSpec, name: str, host: Any, prefix: str, manager: s
     from agent.assignment import Assignment
     from deploys.services import stop_commands
     from deploys.state import dumps
-    from stack.apply import _run, _write, agent_service, router_service
+    from stack.apply import _run, _write
+    from stack.hostfiles import agent_service, router_service
 
     empty = dumps(Assignment(node=name).model_dump(mode="json")).encode()
     assignment = f"{prefix}/state/assignment.json"
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     import gevent
 
     from stack import lock
-    from stack.apply import node_prefix
     from stack.config import load
+    from stack.hostfiles import node_prefix
     from stack.observe import connect, disconnect, read_node
 
     path = Path(args.file)

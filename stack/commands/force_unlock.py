@@ -22,8 +22,9 @@ def run(args: argparse.Namespace) -> int:
     import gevent
 
     from stack import lock
-    from stack.apply import _run, node_prefix
+    from stack.apply import _run
     from stack.config import load
+    from stack.hostfiles import node_prefix
     from stack.observe import connect, disconnect
 
     path = Path(args.file)

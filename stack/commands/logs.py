@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import gevent
 
-    from stack.apply import _run, node_prefix
+    from stack.apply import _run
     from stack.config import load
+    from stack.hostfiles import node_prefix
     from stack.observe import connect, disconnect, read_node
     from stack.schedule import instance_id
 

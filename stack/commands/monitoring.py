@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _observed(spec: StackSpec, stack_dir: Path, facts: str | None) -> Observed:
     """The nodes and their addresses: a facts snapshot, else stack.toml's hosts (no SSH)."""
-    from stack.commands.plan import read_facts
     from stack.observe import build_inventory
     from stack.observed import NodeFacts
+    from stack.pipeline import read_facts
 
     if facts:
         return read_facts(Path(facts))

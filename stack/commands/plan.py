@@ -18,14 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from stack.config import check_pins_against
-from stack.errors import ConfigError, StackError
-from stack.estimate.types import Evaluation
-from stack.observed import Observed
+from stack.errors import ConfigError
+from stack.pipeline import gather_facts, make_plan, read_facts
 from stack.plan import Plan
-from stack.spec import StackSpec
 
 HELP = "show what apply would change (exit 2 with --detailed-exitcode when it would)"
 
@@ -38,75 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--detailed-exitcode", action="store_true",
                         help="exit 0 when nothing changes, 2 when something does (1: error)")
-
-
-def agent_version() -> str:
-    """The agent version every host should run: the bundle apply would install."""
-    from stack.wheelhouse import bundle_version
-
-    return bundle_version()
-
-
-def read_facts(path: Path) -> Observed:
-    """A facts snapshot file; ConfigError naming the file when it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"`--facts {path}` does not exist",
-                          hint="write one with `stack facts --out FILE`.") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"`--facts {path}` is not a JSON facts snapshot: {exc}",
-                          hint="write one with `stack facts --out FILE`.") from exc
-    try:
-        return Observed.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"`--facts {path}`: `{where}` {first['msg'].lower()}",
-                          hint="the snapshot format is in DESIGN.md; re-write it with "
-                          "`stack facts --out FILE`.") from exc
-
-
-def gather_facts(spec: StackSpec, stack_dir: Path) -> Observed:
-    """The fleet's facts over SSH (the provisioning module)."""
-    try:
-        from stack.observe import gather
-    except ImportError as exc:
-        raise StackError("gathering facts over SSH is not available yet",
-                         hint="pass a snapshot with `stack plan --facts FILE`.") from exc
-    return gather(spec, stack_dir)
-
-
-def evaluate_models(spec: StackSpec,
-                    stack_dir: Path) -> tuple[dict[str, Evaluation], dict[str, str]]:
-    """Each model's evaluation, or the reason it has none (it becomes unschedulable)."""
-    from stack.estimate import evaluate, read_metadata
-
-    evaluations: dict[str, Evaluation] = {}
-    failed: dict[str, str] = {}
-    for name in sorted(spec.models):
-        model = spec.models[name]
-        try:
-            meta = read_metadata(model.source, stack_dir)
-            # ModelEvaluation is frozen; the protocol declares plain attributes
-            evaluations[name] = evaluate(name, model, meta)
-        except StackError as err:
-            failed[name] = err.message + (f" (hint: {err.hint})" if err.hint else "")
-    return evaluations, failed
-
-
-def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir: Path) -> Plan:
-    """Evaluate, schedule and compare: the plan for `spec` on `observed`."""
-    from stack.assign import build_assignments
-    from stack.plan import plan
-    from stack.schedule import schedule
-
-    if spec.stack.inventory:  # inline hosts are checked when stack.toml is loaded
-        check_pins_against(spec, list(observed.nodes))
-    evaluations, failed = evaluate_models(spec, stack_dir)
-    placements = schedule(spec, evaluations, observed, failed=failed)
-    assignments = build_assignments(spec, placements, observed, stack_dir, secret=None)
-    return plan(spec, observed, placements, assignments, stack_bytes, agent_version())
+    parser.add_argument("--allow-unschedulable", action="store_true",
+                        help="a replica that cannot be placed is a warning, not exit 1")
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
@@ -135,6 +63,20 @@ def run(args: argparse.Namespace) -> int:
         print_plan(result, sys.stdout)
         if args.out:
             print(f"\nSaved the plan to {args.out}; `stack apply {args.out}` carries it out.")
+    if result.unschedulable and not args.allow_unschedulable:
+        print(unschedulable_error(result).render(), file=sys.stderr)
+        return 1
     if args.detailed_exitcode and result.has_changes():
         return 2
     return 0
+
+
+def unschedulable_error(result: Plan) -> ConfigError:
+    """The error for a plan with replicas that cannot be placed (exit 1)."""
+    names = [f"`{u.model}` replica {u.replica}" for u in result.unschedulable]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ConfigError(
+        f"{len(names)} replica(s) cannot be placed: {', '.join(names[:3])}{more} (reasons "
+        "above)",
+        hint="free or add capacity, fix the model, or pass `--allow-unschedulable` to apply "
+             "the rest.")

@@ -69,7 +69,7 @@ def read_status(spec: StackSpec, stack_dir: Path) -> dict[str, Any]:
     """The whole status as a JSON-able dict."""
     import gevent
 
-    from stack.apply import node_prefix
+    from stack.hostfiles import node_prefix
     from stack.observe import connect, disconnect, read_node
 
     connected = connect(spec, stack_dir)

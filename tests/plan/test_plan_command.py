@@ -57,13 +57,30 @@ def _facts(tmp: Path) -> Path:
     return path
 
 
-def test_plan_with_facts_saves_a_plan_and_exits_2_then_0_after_apply(tmp_path: Path) -> None:
+def test_plan_exits_1_naming_replicas_that_cannot_be_placed(tmp_path: Path) -> None:
     (tmp_path / "models" / "qwen").mkdir(parents=True)
     shutil.copy(QWEN_CONFIG, tmp_path / "models" / "qwen" / "config.json")
     (tmp_path / "stack.toml").write_text(STACK)
     facts = _facts(tmp_path)
 
     run = _stack(tmp_path, "--facts", str(facts), "--out", "plan.json", "--detailed-exitcode")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "! model.broken.replica[0]" in run.stdout  # the plan is still shown and saved
+    assert (tmp_path / "plan.json").exists()
+    assert run.stderr.splitlines() == [
+        "error: 1 replica(s) cannot be placed: `broken` replica 0 (reasons above)",
+        "hint: free or add capacity, fix the model, or pass `--allow-unschedulable` to "
+        "apply the rest."]
+
+
+def test_plan_with_facts_saves_a_plan_and_exits_2_then_0_after_apply(tmp_path: Path) -> None:
+    (tmp_path / "models" / "qwen").mkdir(parents=True)
+    shutil.copy(QWEN_CONFIG, tmp_path / "models" / "qwen" / "config.json")
+    (tmp_path / "stack.toml").write_text(STACK)
+    facts = _facts(tmp_path)
+
+    run = _stack(tmp_path, "--facts", str(facts), "--out", "plan.json", "--detailed-exitcode",
+                 "--allow-unschedulable")
     assert run.returncode == 2, run.stderr
     assert "+ model.qwen.replica[0]" in run.stdout
     assert "! model.broken.replica[0]" in run.stdout
@@ -85,11 +102,12 @@ def test_plan_with_facts_saves_a_plan_and_exits_2_then_0_after_apply(tmp_path: P
     hashes = {i.id: i.spec_hash() for a in assignments.values() for i in a.instances}
     after = with_instances(observed, placements, hashes)
     facts.write_text(after.model_dump_json())
-    again = _stack(tmp_path, "--facts", str(facts), "--detailed-exitcode")
+    again = _stack(tmp_path, "--facts", str(facts), "--detailed-exitcode",
+                   "--allow-unschedulable")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "No changes to make, but some replicas cannot be placed." in again.stdout
 
-    as_json = _stack(tmp_path, "--facts", str(facts), "--json")
+    as_json = _stack(tmp_path, "--facts", str(facts), "--json", "--allow-unschedulable")
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout)["summary"] == {"add": 0, "change": 0, "destroy": 0}
 
@@ -130,3 +148,65 @@ def test_a_pin_to_a_host_the_inventory_file_does_not_have_is_named_with_a_hint(
         "error: `models.qwen.pin.node` names `gpu-03`, which is not a host of the inventory "
         "file `inventory.py`",
         "hint: did you mean `gpu-02`?"]
+
+
+HF_STACK = """\
+[stack]
+name = "lab"
+
+[runtimes.vllm]
+versions = ["0.11.0"]
+source = "pip"
+package = "vllm=={version}"
+
+[models.qwen]
+source = "hf://Qwen/Qwen2.5-7B-Instruct"
+replicas = 2
+context = 8192
+"""
+
+
+def test_a_model_whose_metadata_cannot_be_read_keeps_its_running_replica(
+        tmp_path: Path) -> None:
+    """Hub unreachable, nothing cached: the ready replica stays where it runs (no delete,
+    no replace), the plan says why as a warning, and the replica that does not run yet
+    cannot be placed (exit 1)."""
+    (tmp_path / "stack.toml").write_text(HF_STACK)
+    data = json.loads(_facts(tmp_path).read_text())
+    data["nodes"]["gpu-01"]["agent"]["instances"] = [{
+        "id": "qwen-0", "model": "qwen", "replica": 0, "gpus": [0], "port": 40001,
+        "backend": "vllm", "backend_version": "0.11.0", "state": "ready", "kind": "llm",
+        "spec_hash": "0123456789abcdef"}]
+    (tmp_path / "facts.json").write_text(json.dumps(data))
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([sys.executable, "-m", "stack.cli", "plan", "-f",
+                          str(tmp_path / "stack.toml"), "--facts", "facts.json", "--json"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**_env(), **env})
+    assert run.returncode == 1, run.stdout + run.stderr
+    plan = json.loads(run.stdout)
+    addresses = [c["address"] for c in plan["changes"]]
+    assert not [a for a in addresses if a.startswith("model.qwen")], addresses
+    assert [(p["model"], p["replica"], p["node"], p["gpus"]) for p in plan["kept"]] == [
+        ("qwen", 0, "gpu-01", [0])]
+    assert plan["warnings"] == [
+        "model.qwen: metadata unknown (`hf://Qwen/Qwen2.5-7B-Instruct` is not in the Hugging "
+        "Face cache and the hub cannot be reached); running replicas kept"]
+    assert [(u["model"], u["replica"]) for u in plan["unschedulable"]] == [("qwen", 1)]
+    assert plan["unschedulable"][0]["reasons"][0].startswith("metadata unknown: ")
+    # the kept replica's GPU stays taken: nothing else is placed on gpu-01 GPU 0
+    assert all(not (p["node"] == "gpu-01" and 0 in p["gpus"]) for p in plan["placements"])
+
+    text = subprocess.run([sys.executable, "-m", "stack.cli", "plan", "-f",
+                           str(tmp_path / "stack.toml"), "--facts", "facts.json",
+                           "--allow-unschedulable", "--detailed-exitcode"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**_env(), **env})
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "  ! warning: model.qwen: metadata unknown (" in text.stdout
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)

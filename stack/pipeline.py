@@ -1,0 +1,97 @@
+"""The one pipeline every command runs: load -> observe -> evaluate -> schedule -> assign
+-> plan. `stack plan`, `stack apply`, monitoring, the benchmarks and the tests call
+`make_plan` (or its stages), so the plan a user reviews is the plan apply carries out.
+
+Each arrow is a value: `StackSpec`, `Observed`, evaluations (with the models whose
+metadata is wrong or unknown right now), `Placements`, assignments, `Plan`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from stack.errors import ConfigError, MetadataUnavailable, StackError
+from stack.estimate.types import Evaluation
+from stack.observed import Observed
+from stack.plan import Plan
+from stack.spec import StackSpec
+
+
+def agent_version() -> str:
+    """The agent version every host should run: the bundle apply would install."""
+    from stack.wheelhouse import bundle_version
+
+    return bundle_version()
+
+
+def read_facts(path: Path) -> Observed:
+    """A facts snapshot file; ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"`--facts {path}` does not exist",
+                          hint="write one with `stack facts --out FILE`.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"`--facts {path}` is not a JSON facts snapshot: {exc}",
+                          hint="write one with `stack facts --out FILE`.") from exc
+    try:
+        return Observed.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"`--facts {path}`: `{where}` {first['msg'].lower()}",
+                          hint="the snapshot format is in docs/facts.md; re-write it with "
+                          "`stack facts --out FILE`.") from exc
+
+
+def gather_facts(spec: StackSpec, stack_dir: Path) -> Observed:
+    """The fleet's facts over SSH."""
+    from stack.observe import gather
+
+    return gather(spec, stack_dir)
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """Every model's evaluation, or why it has none: `failed` (its source is wrong) or
+    `unknown` (its metadata cannot be read right now; running replicas are kept)."""
+
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    unknown: dict[str, str] = field(default_factory=dict)
+
+
+def evaluate_models(spec: StackSpec, stack_dir: Path) -> Evaluations:
+    """Read each model's metadata and size it."""
+    from stack.estimate import evaluate, read_metadata
+
+    out = Evaluations()
+    for name in sorted(spec.models):
+        model = spec.models[name]
+        try:
+            out.evaluations[name] = evaluate(name, model, read_metadata(model.source, stack_dir))
+        except MetadataUnavailable as err:
+            out.unknown[name] = err.message
+        except StackError as err:
+            out.failed[name] = err.message + (f" (hint: {err.hint})" if err.hint else "")
+    return out
+
+
+def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir: Path) -> Plan:
+    """Evaluate, schedule, assign and compare: the plan for `spec` on `observed`."""
+    from stack.assign import build_assignments
+    from stack.config import check_pins_against
+    from stack.plan import plan
+    from stack.schedule import schedule
+
+    if spec.stack.inventory:  # inline hosts are checked when stack.toml is loaded
+        check_pins_against(spec, list(observed.nodes))
+    evaluated = evaluate_models(spec, stack_dir)
+    placements = schedule(spec, evaluated.evaluations, observed, failed=evaluated.failed,
+                          unknown=evaluated.unknown)
+    assignments = build_assignments(spec, placements, observed, stack_dir, secret=None)
+    return plan(spec, observed, placements, assignments, stack_bytes, agent_version())
