@@ -82,9 +82,11 @@ def agent_listen(spec: StackSpec, node: str, facts: NodeFacts) -> str:
     return f"{address}:{AGENT_PORT}"
 
 
-def render_agent_toml(node: str, listen: str, prefix: str) -> str:
+def render_agent_toml(spec: StackSpec, node: str, listen: str, prefix: str) -> str:
+    """agent.toml; `[agent]` settings that differ from the defaults go to `[tuning]`."""
+    tuning = spec.agent.model_dump(exclude_defaults=True)
     return render("agent.toml.j2", node=node, listen=listen,
-                  token_file=f"{prefix}/etc/agent.token", prefix=prefix)
+                  token_file=f"{prefix}/etc/agent.token", prefix=prefix, tuning=tuning)
 
 
 def router_body(config: RouterConfig) -> bytes:
@@ -120,7 +122,7 @@ def desired_files(spec: StackSpec, node: str, facts: NodeFacts, assignment: Assi
     prefix = node_prefix(spec, node)
     manager = facts.service_manager or "supervise"
     paths = agent_paths(prefix)
-    toml = render_agent_toml(node, agent_listen(spec, node, facts), prefix)
+    toml = render_agent_toml(spec, node, agent_listen(spec, node, facts), prefix)
     agent = agent_service(spec, prefix, manager)
     out = [
         HostFile(f"node.{node}.agent.config", paths["agent_toml"], sha256_hex(toml.encode())),

@@ -490,58 +490,47 @@ def _file_changes(observed: Observed, files: Mapping[str, tuple[HostFile, ...]]
     whose agent is not installed yet gets its files with the agent (`node.N.agent`);
     facts that do not report files (an older snapshot) are unknown, not changed."""
     node_level: list[Change] = []
-    merged: dict[tuple[str, str], list[str]] = {}  # (address, reason) -> nodes
+    merged: dict[tuple[str, Action, str], list[str]] = {}  # (address, action, why) -> nodes
     for name, wanted in files.items():
         facts = observed.nodes[name]
         fresh = facts.managed is None or facts.agent.version is None
         for f in wanted:
             if fresh:
                 if f.address == "router":
-                    merged.setdefault(("router", "install"), []).append(name)
+                    merged.setdefault(("router", Action.CREATE, "install"), []).append(name)
                 continue
             assert facts.managed is not None
             drift = _file_drift(f, facts.managed.get(f.path))
             if f.address == "router" and not drift and facts.service_manager == "supervise" \
                     and not facts.services_alive.get("router", False):
-                drift = [("router", "start")]
-            for address, reason in drift:
+                drift = [("router", Action.UPDATE, "not running")]
+            for address, action, reason in drift:
                 if address.startswith("node."):
-                    node_level.append(Change(address, Action.UPDATE, reason, "none", name,
+                    node_level.append(Change(address, action, reason, "none", name,
                                              (("path", f.path),)))
                 else:
-                    merged.setdefault((address, reason), []).append(name)
-    fleet: list[Change] = []
-    for (address, reason), nodes in sorted(merged.items()):
+                    merged.setdefault((address, action, reason), []).append(name)
+    fleet = []
+    for (address, action, reason), nodes in sorted(merged.items()):
         where = ", ".join(sorted(nodes))
-        if address == "router" and reason == "install":
-            fleet.append(Change("router", Action.CREATE, f"install on {where}", "none", None,
-                                (("hosts", where),)))
-        elif address == "router" and reason == "start":
-            fleet.append(Change("router", Action.UPDATE, f"not running on {where}", "none",
-                                None, (("hosts", where),)))
-        else:
-            fleet.append(Change(address, Action.UPDATE, f"{reason} on {where}", "none", None,
-                                (("hosts" if address.startswith("router") else "nodes",
-                                  where),)))
+        label = "hosts" if address.startswith("router") else "nodes"
+        fleet.append(Change(address, action, f"{reason} on {where}", "none", None,
+                            ((label, where),)))
     return node_level, fleet
 
 
-def _file_drift(want: HostFile, have: ManagedFile | None) -> list[tuple[str, str]]:
-    """(address, reason) for each way the file on the host differs from `want`."""
+def _file_drift(want: HostFile, have: ManagedFile | None) -> list[tuple[str, Action, str]]:
+    """(address, action, reason) for each way the file on the host differs from `want`."""
     if have is None:
-        return [(want.address, "not written by this version of stack yet")]
+        return [(want.address, Action.CREATE, "upload" if want.kind == "upload" else "write")]
     if have.sha256 is None:
-        return [(want.address, "missing")]
+        return [(want.address, Action.CREATE, "missing")]
     if have.drifted:
-        return [(want.address, "changed on the host since the last apply")]
+        return [(want.address, Action.UPDATE, "changed by hand")]
     old = dict(p.split(":", 1) for p in have.fingerprint.split(",")) \
         if ":" in have.fingerprint else {"": have.fingerprint}
-    out: list[tuple[str, str]] = []
-    for part, value in want.parts().items():
-        if old.get(part) != value:
-            address = f"{want.address}.{part}" if part else want.address
-            out.append((address, "changed"))
-    return out
+    return [(f"{want.address}.{part}" if part else want.address, Action.UPDATE, "changed")
+            for part, value in want.parts().items() if old.get(part) != value]
 
 
 def _order(change: Change) -> tuple[Any, ...]:

@@ -239,6 +239,22 @@ class Timeouts(_Strict):
     idle: float = Field(120.0, gt=0, description="Between two chunks of a response.")
 
 
+class AgentSpec(_Strict):
+    """`[agent]`: how the agent on every host runs its instances (agent.toml `[tuning]`)."""
+
+    probe_interval_seconds: float = Field(
+        5.0, gt=0, le=3600, description="Seconds between health probes of a ready instance.")
+    startup_timeout_seconds: float = Field(
+        900.0, gt=0, description="How long an instance may take to become ready.")
+    stop_grace_seconds: float = Field(
+        10.0, ge=0, le=3600, description="Seconds between SIGTERM and SIGKILL on stop.")
+    restart_unhealthy_after_seconds: float = Field(
+        120.0, ge=0, description="Restart a backend unhealthy this long (0: only report).")
+    log_max_bytes: int = Field(50 * 1024 * 1024, ge=1024,
+                               description="Rotate an instance's log at this size.")
+    log_keep: int = Field(3, ge=1, le=100, description="Rotated logs kept per instance.")
+
+
 class RouterSpec(_Strict):
     """`[router]`: the OpenAI-compatible endpoint."""
 
@@ -293,5 +309,9 @@ class StackSpec(_Strict):
     models: dict[str, ModelSpec] = Field(default_factory=dict, description="Models.")
     router: RouterSpec = Field(
         default_factory=lambda: RouterSpec.model_validate({}), description="The router."
+    )
+    agent: AgentSpec = Field(
+        default_factory=lambda: AgentSpec.model_validate({}),
+        description="The agent on every host.",
     )
     keys: list[KeySpec] = Field(default_factory=list, description="API keys.")

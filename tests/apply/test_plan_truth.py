@@ -1,0 +1,157 @@
+"""The plan is the truth: apply-then-change cases over a loopback fleet (one runner).
+
+A stack (two hosts, Gemma on llama.cpp from a `local://` file, a router on node-01) is
+applied once. Then each case in tests/apply/changes/ (in name order, each on the state the
+previous one left) changes it, either through a `stack` command (`"stack": [...]`) or by
+setting a parameter of the stack.toml below (`"set": {...}`), and proves:
+
+- `stack plan --detailed-exitcode` exits 2 and shows exactly the `expect` addresses;
+- `stack apply --auto-approve` makes the change (and the router still answers);
+- the next `stack plan --detailed-exitcode` exits 0.
+
+The runtime is `source = "system"` (each version a link to the `llama_bin` fixture), so
+installing a version is cheap. About 2-3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleet import Fleet, run_stack, stack_session  # tests/ is on sys.path (tests/conftest.py)
+
+from stack.secrets import generate_key, hash_key
+
+pytestmark = pytest.mark.integration
+
+CASES = sorted((Path(__file__).parent / "changes").glob("*.json"))
+VERSIONS = ("b6500", "b6700")
+DEFAULTS: dict[str, Any] = {"retries": None, "agent": "", "args": ["-t", "1"],
+                            "version": "b6500", "append": 0,
+                            "zones": {"node-01": "a", "node-02": "b"}}
+
+
+def stack_toml(world: dict[str, Any], params: dict[str, Any]) -> str:
+    inventory = world["fleet"].inventory_toml()
+    for node, zone in params["zones"].items():
+        inventory = inventory.replace(f'[hosts."{node}"]\n',
+                                      f'[hosts."{node}"]\nlabels = {{ zone = "{zone}" }}\n')
+    retries = f"retries = {params['retries']}\n" if params["retries"] is not None else ""
+    agent = f"\n[agent]\n{params['agent']}\n" if params["agent"] else ""
+    return f'''[stack]
+name = "truth"
+port_range = [{world["low"]}, {world["low"] + 40}]
+
+{inventory}
+[nodes."*"]
+cpu_inference = true
+
+[runtimes."llama.cpp"]
+source = "system"
+path = "{world["system"]}/{{version}}"
+versions = {json.dumps(list(VERSIONS))}
+
+[models.gemma]
+source = "local://model/gemma.gguf"
+backend = "llama.cpp"
+backend_version = "{params["version"]}"
+context = 1024
+args = {json.dumps(params["args"])}
+selector = ["zone=a"]
+
+[router]
+hosts = ["node-01"]
+listen = "{world["listen"]}"
+{retries}{agent}
+[[keys]]
+name = "test"
+hash = "{world["key_hash"]}"
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
+          gguf_model: Path) -> Iterator[dict[str, Any]]:
+    work = tmp_path_factory.mktemp("truth")
+    system = work / "system"
+    system.mkdir()
+    for version in VERSIONS:
+        (system / version).symlink_to(llama_bin, target_is_directory=True)
+    (work / "model").mkdir()
+    shutil.copy(gguf_model, work / "model" / "gemma.gguf")  # a copy: case 07 appends to it
+    fleet = Fleet(2, root=work / "fleet")
+    fleet.start()
+    key = generate_key()
+    router = fleet.hosts["node-01"]
+    port = fleet.free_port("node-01")
+    world = {"fleet": fleet, "dir": work, "key": key, "key_hash": hash_key(key),
+             "system": system, "low": random.randint(41000, 59000),
+             "listen": f"{router.address}:{port}", "url": f"http://{router.address}:{port}/v1",
+             "params": dict(DEFAULTS)}
+    (work / "stack.toml").write_text(stack_toml(world, world["params"]))
+    with stack_session(fleet, work, "truth-test-secret-0123456789abcdef"):
+        done = run_stack("apply", "--auto-approve", cwd=work)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert_clean(world)
+        yield world
+
+
+def changes(world: dict[str, Any]) -> tuple[int, list[str], str]:
+    """`stack plan --detailed-exitcode --json`: its exit code and change addresses, but an
+    agent update (the agent's version hashes this checkout, which may change meanwhile)."""
+    done = run_stack("plan", "--detailed-exitcode", "--json", cwd=world["dir"])
+    assert done.returncode in (0, 2), done.stdout + done.stderr
+    plan = json.loads(done.stdout)
+    addresses = sorted(c["address"] for c in plan["changes"]
+                       if not (c["address"].startswith("node.")
+                               and c["address"].endswith(".agent")))
+    return done.returncode, addresses, done.stdout
+
+
+def assert_clean(world: dict[str, Any]) -> None:
+    code, addresses, text = changes(world)
+    assert addresses == [], text
+    if code == 2:  # only an agent update (see `changes`)
+        return
+
+
+def ask(world: dict[str, Any]) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=world["url"], api_key=world["key"], timeout=60)
+    reply = client.chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def make_change(world: dict[str, Any], case: dict[str, Any]) -> None:
+    if "stack" in case:
+        done = run_stack(*case["stack"], cwd=world["dir"])
+        assert done.returncode == 0, done.stdout + done.stderr
+        return
+    params = world["params"]
+    before = params["append"]
+    params.update(case["set"])
+    if params["append"] != before:  # new content in the local:// model file
+        with (world["dir"] / "model" / "gemma.gguf").open("ab") as handle:
+            handle.write(b"\0" * (params["append"] - before))
+    (world["dir"] / "stack.toml").write_text(stack_toml(world, params))
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_change_shows_in_the_plan_and_apply_makes_exactly_it(
+        world: dict[str, Any], path: Path) -> None:
+    case = json.loads(path.read_text())
+    make_change(world, case)
+    code, addresses, text = changes(world)
+    assert code == 2, text
+    assert addresses == sorted(case["expect"]), text
+    done = run_stack("apply", "--auto-approve", cwd=world["dir"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_clean(world)
+    ask(world)
