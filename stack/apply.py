@@ -25,10 +25,10 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import gevent
 
@@ -41,6 +41,7 @@ from deploys.state import dumps, host_files_script, parse_host_files
 from deploys.steps import HostTarget, ModelUpload, Step, agent_paths, host_steps, sha256_text
 from router.config import RouterConfig
 from stack import lock as locks
+from stack import remote
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import (
     MANIFEST,
@@ -62,15 +63,6 @@ from stack.wheelhouse import (
     prebuilt_tarball,
     sha256_file,
 )
-
-
-class Host(Protocol):
-    """The slice of `pyinfra.api.Host` apply uses (so tests can pass fakes)."""
-
-    name: str
-
-    def run_shell_command(self, *args: Any, **kwargs: Any) -> Any: ...
-    def put_file(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass
@@ -125,52 +117,6 @@ class Desired:
     assignments: dict[str, Assignment]
     router: RouterConfig | None
     router_nodes: list[str]
-
-
-# -- small helpers -----------------------------------------------------------------------
-
-
-def _sudo(host: Host) -> dict[str, Any]:
-    """`[nodes."..."] sudo = true` (set on the host data by stack.observe)."""
-    data = getattr(host, "data", None)
-    return {"_sudo": True} if data is not None and data.get("_sudo") else {}
-
-
-def _run(host: Host, command: str) -> tuple[bool, str, str]:
-    """One shell command on a host (with sudo where the node says so): (ok, out, err)."""
-    from pyinfra.api.command import StringCommand
-
-    kwargs = _sudo(host)
-    ok, output = host.run_shell_command(
-        StringCommand("sh", "-c", shlex.quote(command)), **kwargs
-    )
-    return bool(ok), output.stdout, output.stderr
-
-
-def _parallel(hosts: Iterable[Host], fn: Callable[[Host], None]) -> None:
-    """Run `fn` for every host in its own greenlet and wait for all."""
-    jobs = [gevent.spawn(fn, host) for host in hosts]
-    gevent.joinall(jobs)
-    for job in jobs:
-        if job.exception is not None and not isinstance(job.exception, StackError):
-            raise job.exception
-
-
-def _write(host: Host, dest: str, content: bytes, mode: str = "600") -> None:
-    """Write a file atomically over SFTP (`dest.tmp` then rename)."""
-    import io
-
-    q = shlex.quote
-    parent = str(Path(dest).parent)
-    ok, _, err = _run(host, f"mkdir -p {q(parent)}")
-    if ok:
-        ok = bool(host.put_file(io.BytesIO(content), dest + ".tmp", **_sudo(host)))
-    if ok:
-        tmp = q(dest + ".tmp")
-        ok, _, err = _run(host, f"chmod {mode} {tmp} && mv {tmp} {q(dest)}")
-    if not ok:
-        raise ApplyError(f"could not write `{dest}` on `{host.name}`: {err.strip()}",
-                         hint="check the disk and the permissions of the prefix.")
 
 
 # -- desired state --------------------------------------------------------------------
@@ -282,7 +228,7 @@ def _host_probe(node: _Node, lock: locks.LockInfo, extra_files: list[str],
               + host_files_script(node.prefix, files, [paths["bundle"], *sidecars], services)
               + f"\necho assignment-json; cat {shlex.quote(paths['assignment'])} 2>/dev/null "
               "| tr -d '\\n'; echo")
-    ok, out, err = _run(node.host, script)
+    ok, out, err = remote.run(node.host, script)
     if not ok:
         raise ApplyError(f"`{node.name}`: could not read the host's state: {err.strip()[:300]}",
                          hint="check the prefix's permissions and free disk space.")
@@ -301,7 +247,7 @@ def _host_probe(node: _Node, lock: locks.LockInfo, extra_files: list[str],
 def _release_host_locks(nodes: list[_Node], lock_id: str) -> None:
     def one(node: _Node) -> None:
         try:
-            _run(node.host, locks.host_release_script(node.prefix, lock_id))
+            remote.run(node.host, locks.host_release_script(node.prefix, lock_id))
         except Exception:  # a host that died mid-apply keeps its lock: force-unlock
             return
 
@@ -453,7 +399,7 @@ def _last_error(state: Any, host: Any) -> str:
 def _agent_status(node: _Node) -> dict[str, Any]:
     """The agent's status on the host ({} when it cannot be read now): its status file
     while it runs, else `stack-agent status --json` (deploys/facts.sh, agent part only)."""
-    ok, out, _ = _run(node.host, facts_command(node.prefix, agent_only=True))
+    ok, out, _ = remote.run(node.host, facts_command(node.prefix, agent_only=True))
     try:
         raw = json.loads(out) if ok else {}
     except json.JSONDecodeError:
@@ -482,7 +428,7 @@ def _write_assignment(node: _Node, assignment: Assignment) -> bool:
     path = agent_paths(node.prefix)["assignment"]
     if node.files.get("files", {}).get(path) == sha256_text(body):
         return False
-    _write(node.host, path, body, "600")
+    remote.write(node.host, path, body, "600")
     node.files.setdefault("files", {})[path] = sha256_text(body)
     node.current = assignment
     return True
@@ -647,12 +593,12 @@ def update_routers(spec: StackSpec, nodes: list[_Node], desired: Desired,
         agent_changed = "agent-install" in reports[node.name].changed
         try:
             if fresh:
-                _write(node.host, path, body, "600")
+                remote.write(node.host, path, body, "600")
             commands = start_commands(service, running=alive, restart=unit_changed or agent_changed)
             if alive and fresh and not commands:
                 commands = reload_commands(service)
             for command in commands:
-                ok, _, err = _run(node.host, command)
+                ok, _, err = remote.run(node.host, command)
                 if not ok:
                     raise ApplyError(f"`{node.name}`: the router did not start: {err.strip()}",
                                      hint=f"read {service.log} on the host.")
@@ -680,7 +626,7 @@ def remove_unused_runtimes(spec: StackSpec, nodes: list[_Node], desired: Desired
         in_use = {(name, v) for name, versions in node.facts.runtimes.items()
                   for v in versions if runtime_path(node.prefix, name, v) in paths}
         for name, stale in unused_versions(node.facts.runtimes, listed, in_use).items():
-            ok, _, err = _run(node.host, removal_script(node.prefix, name, stale))
+            ok, _, err = remote.run(node.host, removal_script(node.prefix, name, stale))
             if not ok:
                 reports[node.name].fail(
                     f"`{node.name}`: could not remove {name} {', '.join(stale)}: "
@@ -746,7 +692,7 @@ def write_manifests(plan: Plan, nodes: list[_Node], targets: dict[str, HostTarge
         if node.files.get("files", {}).get(path) == sha256_text(text.encode()):
             continue
         try:
-            _write(node.host, path, text.encode(), "600")
+            remote.write(node.host, path, text.encode(), "600")
         except StackError as err:
             reports[node.name].fail(err.message, err.hint)
 
@@ -769,13 +715,13 @@ def back_after_reboot(before: NodeFacts, after: NodeFacts,
     return all(driver_commands(after, request) == [] for request in requests)
 
 
-def _wait_down(host: Host, limit: float) -> bool:
+def _wait_down(host: remote.Host, limit: float) -> bool:
     """Whether the host's SSH connection dropped (it is going down) within `limit` s."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
             with gevent.Timeout(10):
-                ok, _, _ = _run(host, "true")
+                ok, _, _ = remote.run(host, "true")
         except (Exception, gevent.Timeout):
             return True
         if not ok:
@@ -803,11 +749,11 @@ def _reboot(node: _Node, spec: StackSpec, stack_dir: Path, report: HostReport,
             timeout: float = 900) -> bool:
     """Reboot one host, wait until it went down and came back (SSH answers, no reboot
     pending, the driver working), reconnect it and keep its fresh facts. False: failed."""
-    from stack.observe import connect, disconnect, read_node
+    from stack.observe import read_node
 
     progress(f"{node.name}: rebooting")
     try:
-        _run(node.host, REBOOT_COMMAND)
+        remote.run(node.host, REBOOT_COMMAND)
     except Exception as exc:  # the connection died already: it is going down
         progress(f"{node.name}: {exc}")
     if not _wait_down(node.host, min(timeout, REBOOT_DOWN_TIMEOUT)):
@@ -820,13 +766,10 @@ def _reboot(node: _Node, spec: StackSpec, stack_dir: Path, report: HostReport,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         gevent.sleep(REBOOT_POLL)
-        connected = connect(spec, stack_dir, hosts=[node.name])
-        try:
+        with remote.session(spec, stack_dir, hosts=[node.name]) as connected:
             if node.name in connected.errors:
                 continue
             facts = read_node(spec, connected, node.name)
-        finally:
-            disconnect(connected)
         if back_after_reboot(node.facts, facts, requests):
             try:
                 _reconnect(node.host)
@@ -852,7 +795,7 @@ def _restart_agent(spec: StackSpec, node: _Node, report: HostReport) -> None:
         return
     alive = bool(node.files.get("alive", {}).get(service.supervisor_pid_file))
     for command in start_commands(service, running=alive, restart=False):
-        ok, _, err = _run(node.host, command)
+        ok, _, err = remote.run(node.host, command)
         if not ok:
             report.fail(f"`{node.name}`: the agent did not start after the reboot: "
                         f"{err.strip()}", f"read {service.log} on the host.")

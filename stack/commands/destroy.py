@@ -43,25 +43,26 @@ def _destroy_host(spec: StackSpec, name: str, host: Any, prefix: str, manager: s
     from agent.assignment import Assignment
     from deploys.services import stop_commands
     from deploys.state import dumps
-    from stack.apply import _run, _write
     from stack.hostfiles import agent_service, router_service
+    from stack.remote import run as run_on
+    from stack.remote import write
 
     empty = dumps(Assignment(node=name).model_dump(mode="json")).encode()
     assignment = f"{prefix}/state/assignment.json"
     try:
-        ok, out, _ = _run(host, f"test -d {shlex.quote(prefix + '/state')} && echo present")
+        ok, out, _ = run_on(host, f"test -d {shlex.quote(prefix + '/state')} && echo present")
         if "present" in out:
-            _write(host, assignment, empty, "600")
+            write(host, assignment, empty, "600")
             status = shlex.quote(f"{prefix}/state/status.json")
             # the agent stops its backends (TERM, grace, KILL) and reports none left
-            _run(host, f"i=0; while [ $i -lt 300 ] && grep -q '\"id\"' {status} 2>/dev/null; "
+            run_on(host, f"i=0; while [ $i -lt 300 ] && grep -q '\"id\"' {status} 2>/dev/null; "
                        "do sleep 0.2; i=$((i+1)); done")
         for service in (router_service(spec, prefix, manager),
                         agent_service(spec, prefix, manager)):
             for command in stop_commands(service):
-                _run(host, command)
+                run_on(host, command)
         if purge:
-            ok, _, err = _run(host, purge_script(prefix))
+            ok, _, err = run_on(host, purge_script(prefix))
             if not ok:
                 return f"`{name}`: could not remove {prefix}: {err.strip()}"
     except StackError as err:
@@ -75,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from stack import lock
     from stack.config import load
     from stack.hostfiles import node_prefix
-    from stack.observe import connect, disconnect, read_node
+    from stack.observe import read_node
+    from stack.remote import run as run_on
+    from stack.remote import session
 
     path = Path(args.file)
     spec = load(path)
@@ -92,27 +95,33 @@ def run(args: argparse.Namespace) -> int:
             raise ApplyError("destroy cancelled; nothing was changed")
     info = lock.new_lock()
     lock.acquire_local(stack_dir, info)
-    connected = connect(spec, stack_dir)
-    errors: dict[str, str] = {n: e.split("\nhint:")[0] for n, e in connected.errors.items()}
+    errors: dict[str, str] = {}
+    started = time.monotonic()
     try:
-        def one(name: str) -> None:
-            facts = read_node(spec, connected, name)
-            manager = "supervise"
-            if facts.os == "darwin":
-                manager = "launchd"
-            ok_systemd, _, _ = _run_probe(connected.nodes[name])
-            if ok_systemd:
-                manager = "systemd"
-            error = _destroy_host(spec, name, connected.nodes[name], node_prefix(spec, name),
-                                  manager, args.purge)
-            if error:
-                errors[name] = error
+        with session(spec, stack_dir) as connected:
+            errors.update({n: e.split("\nhint:")[0] for n, e in connected.errors.items()})
 
-        started = time.monotonic()
-        gevent.joinall([gevent.spawn(one, n) for n in connected.nodes
-                        if n not in connected.errors])
+            def one(name: str) -> None:
+                facts = read_node(spec, connected, name)
+                host, prefix = connected.nodes[name], node_prefix(spec, name)
+                try:  # the same host lock as apply: never destroy under a running apply
+                    _, out, _ = run_on(host, f"if [ -d {shlex.quote(prefix)} ]; then "
+                                             f"{lock.host_acquire_script(prefix, info)}; fi")
+                    lock.check_host_lock(out, name)
+                except StackError as err:
+                    errors[name] = err.message
+                    return
+                try:
+                    error = _destroy_host(spec, name, host, prefix,
+                                          facts.service_manager or "supervise", args.purge)
+                finally:
+                    run_on(host, lock.host_release_script(prefix, info.id))
+                if error:
+                    errors[name] = error
+
+            gevent.joinall([gevent.spawn(one, n) for n in connected.nodes
+                            if n not in connected.errors])
     finally:
-        disconnect(connected)
         lock.release_local(stack_dir, info.id)
     for name in sorted(connected.nodes):
         if name in errors:
@@ -123,8 +132,3 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"Destroy finished in {time.monotonic() - started:.1f} s.")
     return 1 if errors else 0
 
-
-def _run_probe(host: Any) -> tuple[bool, str, str]:
-    from stack.apply import _run
-
-    return _run(host, "test -d /run/systemd/system")

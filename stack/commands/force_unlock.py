@@ -22,10 +22,10 @@ def run(args: argparse.Namespace) -> int:
     import gevent
 
     from stack import lock
-    from stack.apply import _run
     from stack.config import load
     from stack.hostfiles import node_prefix
-    from stack.observe import connect, disconnect
+    from stack.remote import run as run_on
+    from stack.remote import session
 
     path = Path(args.file)
     spec = load(path)
@@ -36,16 +36,13 @@ def run(args: argparse.Namespace) -> int:
         raise LockError(f"the lock in `{stack_dir / lock.LOCAL_LOCK}` is `{local.id}`, "
                         f"not `{args.lock_id}`",
                         hint=f"check the ID; the current holder: {local.describe()}.")
-    connected = connect(spec, stack_dir)
-    try:
+    with session(spec, stack_dir) as connected:
         def one(name: str) -> None:
-            _run(connected.nodes[name],
-                 lock.host_release_script(node_prefix(spec, name), args.lock_id))
+            run_on(connected.nodes[name],
+                   lock.host_release_script(node_prefix(spec, name), args.lock_id))
 
         gevent.joinall([gevent.spawn(one, n) for n in connected.nodes
                         if n not in connected.errors])
-    finally:
-        disconnect(connected)
     for error in connected.errors.values():
         print(f"warning: {error.splitlines()[0]} (its lock, if any, stays)")
     print(f"Lock `{args.lock_id}` removed.")

@@ -25,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import gevent
 
-    from stack.apply import _run
     from stack.config import load
     from stack.hostfiles import node_prefix
-    from stack.observe import connect, disconnect, read_node
+    from stack.observe import read_node
+    from stack.remote import run as run_on
+    from stack.remote import session
     from stack.schedule import instance_id
 
     path = Path(args.file)
@@ -38,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no model `{args.model}` in `{path}` (models: {names})",
                           hint="pass a name from `[models]`.")
     wanted = instance_id(args.model, args.replica)
-    connected = connect(spec, path.resolve().parent)
-    try:
+    with session(spec, path.resolve().parent) as connected:
         found: list[str] = []
 
         def look(name: str) -> None:
@@ -56,12 +56,10 @@ def run(args: argparse.Namespace) -> int:
                                   "`stack apply` to start them.")
         node = found[0]
         log = f"{node_prefix(spec, node)}/logs/{wanted}.log"
-        ok, out, err = _run(connected.nodes[node],
-                            f"tail -n {int(args.tail)} {shlex.quote(log)}")
+        ok, out, err = run_on(connected.nodes[node],
+                              f"tail -n {int(args.tail)} {shlex.quote(log)}")
         if not ok:
             raise StackError(f"cannot read `{log}` on `{node}`: {err.strip()}",
                              hint="the instance may not have started yet; see `stack status`.")
         sys.stdout.write(out if out.endswith("\n") or not out else out + "\n")
         return 0
-    finally:
-        disconnect(connected)

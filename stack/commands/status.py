@@ -55,13 +55,13 @@ def rates(first: dict[str, float], second: dict[str, float], seconds: float) -> 
 
 
 def _router_sample(host: Any, prefix: str, listen: str) -> dict[str, float] | None:
-    from stack.apply import _run
+    from stack.remote import run
 
     python = shlex.quote(f"{prefix}/agent/venv/bin/python")
     url = shlex.quote(f"http://{listen}/metrics")
     code = shlex.quote("import sys,urllib.request as u;"
                        "print(u.urlopen(sys.argv[1],timeout=5).read().decode())")
-    ok, out, _ = _run(host, f"{python} -c {code} {url}")
+    ok, out, _ = run(host, f"{python} -c {code} {url}")
     return parse_router_metrics(out) if ok else None
 
 
@@ -70,10 +70,10 @@ def read_status(spec: StackSpec, stack_dir: Path) -> dict[str, Any]:
     import gevent
 
     from stack.hostfiles import node_prefix
-    from stack.observe import connect, disconnect, read_node
+    from stack.observe import read_node
+    from stack.remote import session
 
-    connected = connect(spec, stack_dir)
-    try:
+    with session(spec, stack_dir) as connected:
         facts = {}
 
         def read(name: str) -> None:
@@ -104,8 +104,6 @@ def read_status(spec: StackSpec, stack_dir: Path) -> dict[str, Any]:
             routers[name] = ({"listen": spec.router.listen, "up": True, **rates(a, b, span)}
                              if a is not None and b is not None
                              else {"listen": spec.router.listen, "up": False})
-    finally:
-        disconnect(connected)
     return _status_json(observed, routers)
 
 

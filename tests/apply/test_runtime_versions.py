@@ -32,7 +32,7 @@ from fleet import Fleet, run_stack, stack_session  # tests/ is on sys.path (test
 
 from agent.assignment import Assignment, Instance
 from deploys.runtimes import unused_versions
-from stack import apply as apply_module
+from stack import remote
 from stack.apply import Desired, HostReport, _Node, remove_unused_runtimes
 from stack.config import load_text
 from stack.observed import NodeFacts
@@ -261,7 +261,7 @@ def _removals(monkeypatch: pytest.MonkeyPatch, nodes: list[_Node], desired: Desi
         ran.append((host, command))
         return ok, "", "" if ok else "rm: cannot remove: Permission denied"
 
-    monkeypatch.setattr(apply_module, "_run", run)
+    monkeypatch.setattr(remote, "run", run)
     remove_unused_runtimes(SPEC, nodes, desired, reports)
     return ran
 
