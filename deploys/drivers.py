@@ -109,7 +109,7 @@ def _field(facts: NodeFacts, name: str, default: Any) -> Any:
 
 def pci_vendors(facts: NodeFacts) -> set[str]:
     """Accelerator vendors on the PCI bus (the `pci_accelerators` fact: vendor -> count)."""
-    counts = _field(facts, "pci_accelerators", {}) or {}
+    counts = facts.pci_accelerators
     return {str(vendor) for vendor, count in counts.items() if count}
 
 
@@ -290,7 +290,7 @@ def _rocm(facts: NodeFacts, request: DriverRequest) -> list[str] | Blocked:
             "dnf install -y kernel-devel-"
             + (shlex.quote(facts.kernel) if facts.kernel else "$(uname -r)"),
         ]
-    user = request.user or str(_field(facts, "user", "") or "root")
+    user = request.user or facts.user or "root"
     return [*install, "amdgpu-install -y --usecase=rocm",
             f"usermod -a -G render,video {shlex.quote(user)}"]
 

@@ -239,6 +239,8 @@ def node_facts_from(raw: dict[str, Any], *, address: str = "",
         "service_manager": raw.get("service_manager") or None,
         "services_alive": {str(k): bool(v) for k, v in
                            (raw.get("services_alive") or {}).items()},
+        "ports_in_use": sorted(int(p) for p in raw.get("ports_in_use") or []
+                               if isinstance(p, int)),
         # beyond the snapshot contract (kept: unknown fields are allowed)
         "pci_accelerators": pci,
         "gpu_problems": problems,

@@ -377,6 +377,24 @@ for service in agent router; do
 done
 J="$J}"
 
+# -- TCP ports listening on this host (any owner: the scheduler gives none of them out) --
+ports=""
+for table in /proc/net/tcp /proc/net/tcp6; do
+  [ -r "$table" ] || continue
+  while read -r _ local _ state _; do
+    [ "$state" = 0A ] || continue # LISTEN
+    port=$((0x${local##*:}))
+    case " $ports " in *" $port "*) ;; *) ports="$ports $port" ;; esac
+  done <"$table"
+done
+sep=""
+J="$J, \"ports_in_use\": ["
+for port in $ports; do
+  J="$J$sep$port"
+  sep=", "
+done
+J="$J]"
+
 # user and uid from one `id` (POSIX format: uid=N(name) gid=N(name) [euid=N(name)] ...)
 id_out=$(id 2>/dev/null)
 case $id_out in

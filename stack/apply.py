@@ -835,7 +835,7 @@ def _reboots(spec: StackSpec, stack_dir: Path, live: list[_Node], plans: dict[st
 def _driver_requests(spec: StackSpec, node: _Node) -> list[DriverRequest]:
     from stack.config import node_settings
 
-    user = str((node.facts.model_extra or {}).get("user") or "") or None
+    user = node.facts.user or None
     return [DriverRequest(node.name, vendor, d.mode, d.version, user)
             for vendor, d in sorted(node_settings(spec, node.name).drivers.items())]
 

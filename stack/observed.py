@@ -52,6 +52,9 @@ class InstanceFacts(_Open):
     # a fingerprint of everything that would restart the instance (args, env, source)
     spec_hash: str | None = None
     role: Literal["single", "main", "worker"] = "single"
+    host: str | None = None  # the address the backend listens on
+    restarts: int = 0
+    last_error: str | None = None
     kind: str | None = None  # llm, embedding, rerank, image, ... (older agents: unknown)
     layer_split: list[int] | None = None  # llama.cpp layers per device, when split
 
@@ -103,6 +106,12 @@ class NodeFacts(_Open):
     managed: dict[str, ManagedFile] | None = None
     service_manager: Literal["supervise", "systemd", "launchd"] | None = None
     services_alive: dict[str, bool] = Field(default_factory=dict)  # supervised only
+    ports_in_use: list[int] = Field(default_factory=list)  # TCP ports listening (any owner)
+    # beyond the snapshot's documented fields: what provisioning needs
+    user: str = ""  # the SSH user
+    sudo_ok: bool = True
+    pci_accelerators: dict[str, int] = Field(default_factory=dict)  # vendor -> devices
+    gpu_problems: list[dict[str, str]] = Field(default_factory=list)  # tool, status, message
 
 
 class Observed(_Open):

@@ -29,7 +29,8 @@ from stack.spec import StackSpec
 
 FORMAT_VERSION = 1
 # facts that change from one reading to the next without anything to converge
-VOLATILE_NODE = ("collected_at",)
+VOLATILE_OBSERVED = ("collected_at",)
+VOLATILE_NODE = ("ports_in_use",)  # other programs open and close ports all the time
 VOLATILE_GPU = ("utilization_percent", "temperature_c", "power_w", "memory_used_bytes")
 VOLATILE_INSTANCE = ("state", "restarts", "last_error", "pid", "progress")
 
@@ -186,9 +187,11 @@ def canonical_facts(observed: Observed) -> dict[str, Any]:
     """The facts without what changes between two readings (clock, utilization,
     temperatures, memory in use, instance states): a re-read fleet hashes the same."""
     data = observed.model_dump(mode="json")
-    for key in VOLATILE_NODE:
+    for key in VOLATILE_OBSERVED:
         data.pop(key, None)
     for node in data.get("nodes", {}).values():
+        for key in VOLATILE_NODE:
+            node.pop(key, None)
         for gpu in node.get("gpus", []):
             for key in VOLATILE_GPU:
                 gpu.pop(key, None)
@@ -267,7 +270,7 @@ def _driver_changes(spec: StackSpec, name: str, facts: NodeFacts) -> list[Change
     """The driver work apply would do on this node: the same decision apply runs
     (`deploys.drivers.driver_commands`), so plan and apply never disagree."""
     out: list[Change] = []
-    user = str((facts.model_extra or {}).get("user") or "") or None
+    user = facts.user or None
     for vendor, driver in sorted(node_settings(spec, name).drivers.items()):
         request = DriverRequest(name, vendor, driver.mode, driver.version, user)
         result = driver_commands(facts, request)
@@ -415,33 +418,16 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
 # --------------------------------------------------------------------------- router
 
 
-def _router_change(observed: Observed, placements: Placements, config_sha: str,
-                   instances_changed: bool) -> Change | None:
-    """One `router` change when the config differs where routers report their config's
-    hash (`router.config_sha256` in a node's facts); facts without it: whenever a
-    replica changes."""
-    reported: dict[str, str | None] = {}
-    for name in placements.routers:
-        facts = observed.nodes.get(name)
-        if facts is None or not facts.reachable:
-            continue
-        info = (facts.model_extra or {}).get("router")
-        reported[name] = info.get("config_sha256") if isinstance(info, dict) else None
+def _router_change_unknown(observed: Observed, placements: Placements,
+                           instances_changed: bool) -> Change | None:
+    """The `router` change for facts that do not report what apply wrote (snapshots from
+    before `managed`): created on a fleet with no agent yet, else updated whenever a
+    replica changes (its routes do)."""
+    reachable = [n for n in placements.routers
+                 if n in observed.nodes and observed.nodes[n].reachable]
     hosts = ", ".join(placements.routers) or "no host"
     details = (("hosts", hosts),)
-    if any(v is not None for v in reported.values()):
-        missing = sorted(n for n, v in reported.items() if v is None)
-        stale = sorted(n for n, v in reported.items() if v is not None and v != config_sha)
-        if missing and len(missing) == len(reported):
-            return Change("router", Action.CREATE, f"install on {', '.join(missing)}",
-                          "none", None, details)
-        if missing or stale:
-            parts = ([f"install on {', '.join(missing)}"] if missing else []) + (
-                [f"config changed on {', '.join(stale)}"] if stale else [])
-            return Change("router", Action.UPDATE, "; ".join(parts), "none", None, details)
-        return None
-    fresh = all(observed.nodes[n].agent.version is None for n in reported)
-    if reported and fresh:
+    if reachable and all(observed.nodes[n].agent.version is None for n in reachable):
         return Change("router", Action.CREATE, f"install on {hosts}", "none", None, details)
     if instances_changed:
         return Change("router", Action.UPDATE, "replicas changed", "none", None, details)
@@ -464,10 +450,9 @@ def plan(spec: StackSpec, observed: Observed, placements: Placements,
                                        config if name in placements.routers else None))
              for name, facts in sorted(observed.nodes.items()) if facts.reachable}
     node_files, router_files = _file_changes(observed, files)
-    router = (router_files if any(observed.nodes[n].managed is not None for n in files
-                                  if n in placements.routers)
-              else [c for c in [_router_change(observed, placements, config_sha,
-                                               bool(instances))] if c])
+    known = any(observed.nodes[n].managed is not None for n in files if n in placements.routers)
+    legacy = None if known else _router_change_unknown(observed, placements, bool(instances))
+    router = router_files if known else [legacy] if legacy else []
     changes = tuple(sorted(hosts + node_files, key=_order) + sorted(instances, key=_order)
                     + sorted(router, key=_order))
     unreachable = tuple(Unreachable(name, facts.error or f"`{name}` did not answer")

@@ -498,10 +498,8 @@ class _Fleet:
             ours_on_gpu.update(inst.gpus)
             ports[inst.port] = inst.id
             files.add(inst.model)
-        extra = facts.model_extra or {}
-        for port in extra.get("ports_in_use", []) or []:
-            if isinstance(port, int):
-                ports.setdefault(port, "")
+        for port in facts.ports_in_use:
+            ports.setdefault(port, "")
         gpus = {g.index: g for g in facts.gpus}
         free: dict[int, int] = {}
         for g in facts.gpus:

@@ -68,7 +68,7 @@ def problems(observed: Observed) -> list[str]:
     for name, node in observed.nodes.items():
         if node.error:
             lines.append(f"error: {node.error}")
-        for problem in getattr(node, "gpu_problems", None) or []:
+        for problem in node.gpu_problems:
             lines.append(f"warning: host `{name}`: {problem.get('message')}\n"
                          f"hint: {problem.get('hint')}")
     return lines

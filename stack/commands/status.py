@@ -122,8 +122,8 @@ def _status_json(observed: Observed, routers: dict[str, Any]) -> dict[str, Any]:
                      for g in node.gpus],
             "instances": [{"id": i.id, "model": i.model, "replica": i.replica,
                            "state": i.state,
-                           "restarts": (i.model_extra or {}).get("restarts", 0),
-                           "endpoint": f"http://{(i.model_extra or {}).get('host') or node.address}"
+                           "restarts": i.restarts,
+                           "endpoint": f"http://{i.host or node.address}"
                                        f":{i.port}",
                            "backend": i.backend, "backend_version": i.backend_version}
                           for i in node.agent.instances],

@@ -140,3 +140,56 @@ def test_script_output_is_valid_json_even_with_hex_encoding_when_base64_is_missi
     assert raw["tools"]["nvidia-smi"]["enc"] == "hex"
     assert node_facts_from(raw).gpus[0].name == "NVIDIA H100 80GB HBM3"
     assert json.loads(out.stdout)["os"] == "linux"
+
+
+def _script_facts(prefix: Path) -> dict[str, object]:
+    done = subprocess.run(["/bin/sh", str(SCRIPT)], env={"STACK_PREFIX": str(prefix),
+                                                        "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30, check=True)
+    return parse_facts_output(done.stdout)
+
+
+def test_facts_report_what_apply_wrote_and_what_is_there_now(tmp_path: Path) -> None:
+    """`state/managed` (what apply wrote) comes back with the sha256 of each file as it is
+    now: unchanged, changed by hand, gone; an upload only has to exist (not re-hashed)."""
+    import hashlib
+
+    prefix = tmp_path / "prefix"
+    (prefix / "etc").mkdir(parents=True)
+    (prefix / "state").mkdir()
+    (prefix / "models" / "m").mkdir(parents=True)
+    same, edited, gone = (prefix / "etc" / name for name in ("a.toml", "b token", "c.json"))
+    same.write_text("a\n")
+    edited.write_text("b\n")
+    (prefix / "models" / "m" / "w.gguf").write_text("weights")
+    sha = {p: hashlib.sha256(t.encode()).hexdigest()
+           for p, t in ((same, "a\n"), (edited, "b-as-written\n"), (gone, "c\n"))}
+    upload = prefix / "models" / "m" / "w.gguf"
+    lost = prefix / "models" / "lost.gguf"
+    (prefix / "state" / "managed").write_text(
+        f"file fp-a {sha[same]} {same}\nfile fp-b {sha[edited]} {edited}\n"
+        f"file keys:1,models:2 {sha[gone]} {gone}\n"
+        f"upload {'f' * 64} {'f' * 64} {upload}\nupload {'e' * 64} {'e' * 64} {lost}\n")
+    node = node_facts_from(_script_facts(prefix))
+    assert node.managed is not None
+    files = {path: (f.kind, f.fingerprint, f.drifted) for path, f in node.managed.items()}
+    assert files == {str(same): ("file", "fp-a", False), str(edited): ("file", "fp-b", True),
+                     str(gone): ("file", "keys:1,models:2", True),
+                     str(upload): ("upload", "f" * 64, False),
+                     str(lost): ("upload", "e" * 64, True)}
+    assert node.managed[str(same)].sha256 == sha[same]
+    assert node.managed[str(gone)].sha256 is None
+
+
+def test_facts_without_a_manifest_report_no_files_and_the_listening_ports(
+        tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        node = node_facts_from(_script_facts(tmp_path / "none"))
+    assert node.managed == {}
+    assert port in node.ports_in_use
+    assert node.service_manager in ("supervise", "systemd")
