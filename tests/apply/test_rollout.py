@@ -83,3 +83,27 @@ def test_an_instance_that_does_not_stop_in_time_fails_its_host_by_name() -> None
     assert reports["gpu-02"].error == (
         "`gpu-02`: m-1 still running 0.1 s after it was removed from the assignment")
     assert "stack status" in reports["gpu-02"].hint
+
+
+def test_a_replica_kept_for_unknown_metadata_runs_exactly_as_the_host_has_it() -> None:
+    """Its instance comes from the host's current assignment (never rebuilt from the
+    placement, which lacks what the metadata would say); on a host whose assignment cannot
+    be read it is left out rather than written half-known."""
+    from stack.apply import Desired, keep_unknown
+    from stack.plan import Plan
+    from stack.schedule import ClaimedResources, Placement, Placements
+
+    running = inst("qwen-0", 40000, ["--max-model-len", "8192"])
+    kept = Placement("qwen", 0, "gpu-01", (0,), "vllm", "0.11.0", 40000,
+                     ClaimedResources(0, 0))
+    plan = Plan("", "", (), Placements((), (), (), (kept,)))
+    rebuilt = inst("qwen-0", 40000)  # what the placement alone gives: no args
+    other = inst("gemma-0", 40001)
+    desired = Desired({"gpu-01": Assignment(node="gpu-01", instances=[other, rebuilt]),
+                       "gpu-02": Assignment(node="gpu-02", instances=[rebuilt])}, None, [])
+    nodes = [_Node("gpu-01", None, "/p", NodeFacts(),
+                   current=Assignment(node="gpu-01", instances=[running])),
+             _Node("gpu-02", None, "/p", NodeFacts(), current=None)]
+    keep_unknown(desired, plan, nodes)
+    assert desired.assignments["gpu-01"].instances == [other, running]
+    assert desired.assignments["gpu-02"].instances == []
