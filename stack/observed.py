@@ -10,9 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Vendor = Literal[
-    "nvidia", "amd", "apple", "ascend", "hygon", "mthreads", "iluvatar", "cambricon", "cpu"
-]
+from agent.gpus.types import GpuInfo
+
 GPU_VENDORS: tuple[str, ...] = (
     "nvidia", "amd", "apple", "ascend", "hygon", "mthreads", "iluvatar", "cambricon",
 )
@@ -22,20 +21,7 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class GpuFacts(_Open):
-    """One accelerator as its vendor tool reports it."""
-
-    index: int
-    uuid: str = ""
-    vendor: Vendor
-    name: str = ""
-    memory_bytes: int = 0
-    memory_used_bytes: int = 0
-    compute_capability: str | None = None
-    driver: str | None = None
-    utilization_percent: float | None = None
-    temperature_c: float | None = None
-    power_w: float | None = None
+GpuFacts = GpuInfo  # one accelerator: the agent's record, also in the facts
 
 
 class InstanceFacts(_Open):

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from agent.gpus.types import MIB, GpuInfo, GpuToolError, ToolStatus, number, text
+from agent.gpus.types import MIB, GpuInfo, GpuToolError, ToolStatus, Vendor, number, text
 
 ROCM_SMI_FLAGS = ("--showid", "--showmeminfo", "vram", "--showpower", "--showuse", "--showtemp",
                   "--showproductname", "--showuniqueid", "--json")
@@ -52,7 +52,7 @@ def _load(output: str, tool: str) -> Any:
                            "check that the ROCm/DTK tools work: run the tool by hand.") from exc
 
 
-def parse_rocm_smi_json(output: str, *, vendor: str = "amd",
+def parse_rocm_smi_json(output: str, *, vendor: Vendor = "amd",
                         tool: str = "rocm-smi") -> list[GpuInfo]:
     """GPUs from `rocm-smi ... --json` (vendor `hygon` for DTK's rocm-smi and hy-smi)."""
     data = _load(output, tool)

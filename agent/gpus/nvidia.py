@@ -12,7 +12,16 @@ import csv
 import io
 import re
 
-from agent.gpus.types import MIB, GpuInfo, GpuToolError, ToolStatus, missing, number, text
+from agent.gpus.types import (
+    MIB,
+    GpuInfo,
+    GpuToolError,
+    ToolStatus,
+    Vendor,
+    missing,
+    number,
+    text,
+)
 
 QUERY_FIELDS = (
     "index", "uuid", "name", "pci.bus_id", "memory.total", "memory.used", "utilization.gpu",
@@ -59,7 +68,7 @@ def _mib(value: str | None) -> int:
 
 
 def parse_nvidia_csv(output: str, *, fields: tuple[str, ...] | None = None,
-                     vendor: str = "nvidia", tool: str = "nvidia-smi") -> list[GpuInfo]:
+                     vendor: Vendor = "nvidia", tool: str = "nvidia-smi") -> list[GpuInfo]:
     """GPUs from `nvidia-smi --query-gpu=... --format=csv[,noheader][,nounits]` output."""
     rows = [[c.strip() for c in row] for row in csv.reader(io.StringIO(output)) if row]
     names: list[str] | None = list(fields) if fields is not None else None

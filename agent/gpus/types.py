@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
 
 MIB = 1024**2
 
@@ -14,16 +15,23 @@ _MISSING = re.compile(r"^\[?(n/a|not supported|unknown error|insufficient permis
                       r"requested functionality has been deprecated|-+)\]?$", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class GpuInfo:
-    """One accelerator as its vendor tool reports it (the fields of `stack.observed.GpuFacts`).
+Vendor = Literal[
+    "nvidia", "amd", "apple", "ascend", "hygon", "mthreads", "iluvatar", "cambricon", "cpu"
+]
+
+
+class GpuInfo(BaseModel):
+    """One accelerator as its vendor tool (or NVML) reports it: the one GPU record of the
+    agent's metrics and of the controller's facts (`stack.observed.GpuFacts` is this type).
 
     `unified_memory` marks devices that share the host's RAM (Apple silicon, GB10, Jetson):
     the tool reports no memory of their own, and `memory_bytes` stays 0 here.
     """
 
+    model_config = ConfigDict(extra="allow")
+
     index: int
-    vendor: str
+    vendor: Vendor
     uuid: str = ""
     name: str = ""
     memory_bytes: int = 0
@@ -37,7 +45,7 @@ class GpuInfo:
     unified_memory: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
 class ToolStatus(StrEnum):
