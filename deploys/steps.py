@@ -166,7 +166,8 @@ def agent_service_step(target: HostTarget, restart: bool) -> Step:
     service = target.agent_service
     alive = target.files["alive"].get(service.supervisor_pid_file, False)
     if service.manager != "supervise":
-        alive = target.files["files"].get(service.unit_path) is not None and not restart
+        # running means restart when asked: `systemctl start` leaves a running agent as is
+        alive = target.files["files"].get(service.unit_path) is not None
     commands = start_commands(service, running=bool(alive), restart=restart)
     return Step("agent-service", "the agent is running", commands=commands)
 
