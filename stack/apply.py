@@ -45,6 +45,7 @@ from stack import remote
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import (
     MANIFEST,
+    HostFile,
     agent_listen,
     agent_service,
     manifest_text,
@@ -215,6 +216,11 @@ class _Node:
     files: dict[str, Any] = field(default_factory=dict)
     current: Assignment | None = None
     manager: str = "supervise"
+    # what this apply knows is in place on the host (state/managed records only that):
+    # the files it wrote or found up to date (path -> sha256), and whether its deploy
+    # steps (agent files, units, uploads) all succeeded
+    written: dict[str, str] = field(default_factory=dict)
+    deployed: bool = False
 
 
 def _host_probe(node: _Node, lock: locks.LockInfo, extra_files: list[str],
@@ -377,6 +383,8 @@ def run_deploys(
                             "finished steps are not repeated.")
             continue
         report.changed += [s.key for s in steps if s.changes]
+        by_name[name].deployed = True
+        by_name[name].written.update(_deployed_files(targets[name]))
     return plans
 
 
@@ -605,6 +613,7 @@ def update_routers(spec: StackSpec, nodes: list[_Node], desired: Desired,
         except StackError as err:
             reports[node.name].fail(err.message, err.hint)
             continue
+        node.written[path] = sha256_text(body)
         if fresh or commands:
             reports[node.name].changed.append("router")
             changed = True
@@ -669,25 +678,37 @@ def keep_unknown(desired: Desired, plan: Plan, nodes: list[_Node]) -> None:
         desired.assignments[node.name] = Assignment(node=node.name, instances=instances)
 
 
-def write_manifests(plan: Plan, nodes: list[_Node], targets: dict[str, HostTarget],
-                    desired: Desired, reports: dict[str, HostReport]) -> None:
-    """Record what apply wrote on each host that converged (`state/managed`): the plan's
-    fingerprints and the sha256 of the bytes written. The next plan compares against it."""
+def _deployed_files(target: HostTarget) -> dict[str, str]:
+    """The files the deploy steps keep on a host (path -> sha256 of their content)."""
     from deploys.services import unit_file
 
-    body = router_body(desired.router) if desired.router is not None else b""
+    paths = agent_paths(target.prefix)
+    out = {paths["agent_toml"]: sha256_text(target.agent_toml.encode()),
+           paths["agent_token"]: sha256_text(target.agent_token.encode())}
+    for service in (target.agent_service, target.router_service):
+        if service is not None:
+            out[service.unit_path] = sha256_text(unit_file(service).encode())
+    return out
+
+
+def write_manifests(plan: Plan, nodes: list[_Node], reports: dict[str, HostReport]) -> None:
+    """Record on each host what this apply put in place (`state/managed`): the plan's
+    fingerprint and the sha256 of the bytes written, for each file it wrote or found up to
+    date; a file it did not get to (the host failed first) keeps its old line, or gets
+    none, so the next plan shows it again."""
     for node in nodes:
-        target = targets.get(node.name)
-        if reports[node.name].error is not None or target is None:
-            continue
-        paths = agent_paths(node.prefix)
-        written = {paths["agent_toml"]: sha256_text(target.agent_toml.encode()),
-                   paths["agent_token"]: sha256_text(target.agent_token.encode()),
-                   paths["router_json"]: sha256_text(body)}
-        for service in (target.agent_service, target.router_service):
-            if service is not None:
-                written[service.unit_path] = sha256_text(unit_file(service).encode())
-        text = manifest_text(list(plan.files.get(node.name, ())), written)
+        managed = node.facts.managed or {}
+        lines: list[HostFile] = []
+        written: dict[str, str] = {}
+        for f in plan.files.get(node.name, ()):
+            if f.path in node.written or (f.kind == "upload" and node.deployed):
+                lines.append(f)
+                written[f.path] = node.written.get(f.path, f.fingerprint)
+            elif f.path in managed:
+                old = managed[f.path]
+                lines.append(HostFile(f.address, f.path, old.fingerprint, old.kind))
+                written[f.path] = old.written
+        text = manifest_text(lines, written)
         path = f"{node.prefix}/{MANIFEST}"
         if node.files.get("files", {}).get(path) == sha256_text(text.encode()):
             continue
@@ -939,16 +960,16 @@ def apply_fleet(
                 extra = [make(spec, node.prefix, manager).unit_path
                          for make in (agent_service, router_service)
                          for manager in ("supervise", "systemd", "launchd")]
-                models = [f"{i.model_path}.sha256"
-                          for i in desired.assignments.get(node.name, Assignment(
-                              node=node.name)).instances if i.model_path]
+                # one sidecar per uploaded file (a folder model has one per file in it)
+                want = desired.assignments.get(node.name, Assignment(node=node.name))
+                models = [f"{m.dest}.sha256" for m in _model_uploads(want, stack_dir)]
                 _host_probe(node, info, [*extra, f"{node.prefix}/{MANIFEST}"], models)
             except StackError as err:
                 result.hosts[node.name].fail(err.message, err.hint)
 
         gevent.joinall([gevent.spawn(probe, n) for n in nodes])
         keep_unknown(desired, plan, nodes)
-        live = [n for n in nodes if result.hosts[n.name].error is None]
+        live = probed = [n for n in nodes if result.hosts[n.name].error is None]
         targets, runtime_keys, model_keys = _targets(spec, stack_dir, live, desired,
                                                       result.hosts)
         with Interrupt() as interrupt:
@@ -963,7 +984,7 @@ def apply_fleet(
         result.router_changed = update_routers(spec, live, desired, result.hosts)
         finish_assignments(live, desired, result.hosts, options, progress)
         remove_unused_runtimes(spec, live, desired, result.hosts)
-        write_manifests(plan, live, targets, desired, result.hosts)
+        write_manifests(plan, probed, result.hosts)
         return result
     finally:
         if nodes:

@@ -146,8 +146,4 @@ def desired_files(spec: StackSpec, node: str, facts: NodeFacts, assignment: Assi
 def manifest_text(files: list[HostFile], written: dict[str, str]) -> str:
     """`state/managed`: one line per file, with the sha256 of the bytes apply wrote
     (`written`, by path; an upload's is its content sha256)."""
-    lines = []
-    for f in files:
-        sha = f.fingerprint if f.kind == "upload" else written.get(f.path, "-")
-        lines.append(f"{f.kind} {f.fingerprint} {sha} {f.path}\n")
-    return "".join(lines)
+    return "".join(f"{f.kind} {f.fingerprint} {written[f.path]} {f.path}\n" for f in files)
