@@ -648,16 +648,15 @@ def remove_unused_runtimes(spec: StackSpec, nodes: list[_Node], desired: Desired
 # -- the whole apply -----------------------------------------------------------------------
 
 
-def _desired(spec: StackSpec, stack_dir: Path, observed: Observed, plan: Plan) -> Desired:
-    """The plan's assignments and router config with the secrets filled in."""
-    from stack.assign import build_assignments, build_router_config
+def _desired(spec: StackSpec, stack_dir: Path, plan: Plan) -> Desired:
+    """The plan's assignments, and the router config made from them, with the secrets
+    filled in: exactly what the plan shows, nothing rebuilt."""
+    from stack.assign import build_router_config, with_api_keys
     from stack.secrets import stack_secret
 
-    placements = plan.placements
-    assignments = build_assignments(spec, placements, observed, stack_dir,
-                                    stack_secret(stack_dir))
-    router = build_router_config(spec, placements, assignments)
-    return Desired(assignments, router, list(placements.routers))
+    assignments = with_api_keys(dict(plan.assignments), stack_secret(stack_dir))
+    router = build_router_config(spec, plan.placements, assignments)
+    return Desired(assignments, router, list(plan.placements.routers))
 
 
 def keep_unknown(desired: Desired, plan: Plan, nodes: list[_Node]) -> None:
@@ -951,7 +950,7 @@ def apply_fleet(
                 continue
             nodes.append(_Node(name, connected.nodes[name], node_prefix(spec, name), node_facts))
         plan = plan_for(observed)
-        desired = _desired(spec, stack_dir, observed, plan)
+        desired = _desired(spec, stack_dir, plan)
         if not confirm(observed, desired):
             raise ApplyError("apply cancelled; nothing was changed", hint="")
 

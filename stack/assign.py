@@ -104,6 +104,14 @@ def _api_key(secret: bytes | None, instance: str) -> str | None:
     return derive_key(secret, f"instance:{instance}")
 
 
+def with_api_keys(assignments: dict[str, Assignment], secret: bytes) -> dict[str, Assignment]:
+    """The plan's assignments (no secrets) with every backend's API key filled in: what
+    apply writes. A worker has none (only the main part faces the router)."""
+    return {node: a.model_copy(update={"instances": [
+        i.model_copy(update={"api_key": _api_key(secret, i.id)}) if i.role != "worker" else i
+        for i in a.instances]}) for node, a in assignments.items()}
+
+
 def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str | None],
                p: Placement, stack_dir: Path,
                secret: bytes | None) -> list[tuple[str, Instance]]:

@@ -114,6 +114,8 @@ class Plan:
     unreachable: tuple[Unreachable, ...] = ()
     # the desired state apply writes: per node, its files (fingerprints, no secrets)
     files: Mapping[str, tuple[HostFile, ...]] = field(default_factory=dict)
+    # per node, the instances it must run (API keys left out: apply fills them in)
+    assignments: Mapping[str, Assignment] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -135,6 +137,8 @@ class Plan:
             "warnings": list(self.warnings),
             "files": {node: [f.to_json() for f in files]
                       for node, files in sorted(self.files.items())},
+            "assignments": {node: a.model_dump(mode="json", exclude={"format_version"})
+                            for node, a in sorted(self.assignments.items())},
             "unschedulable": [u.to_json() for u in self.placements.unschedulable],
             "summary": {"add": self.summary.add, "change": self.summary.change,
                         "destroy": self.summary.destroy},
@@ -169,7 +173,9 @@ class Plan:
                         summary=Summary.of(changes),
                         unreachable=tuple(Unreachable(str(u["node"]), str(u["error"]))
                                           for u in data.get("unreachable", [])),
-                        files=files, warnings=tuple(str(w) for w in data.get("warnings", [])))
+                        files=files, warnings=tuple(str(w) for w in data.get("warnings", [])),
+                        assignments={str(node): Assignment.model_validate(a)
+                                     for node, a in data.get("assignments", {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"`{where}` is not a plan written by `stack plan --out`: "
                               f"missing or bad {exc}",
@@ -462,7 +468,7 @@ def plan(spec: StackSpec, observed: Observed, placements: Placements,
     return Plan(stack_sha256=sha256_bytes(stack_bytes), facts_sha256=facts_sha256(observed),
                 changes=changes, placements=placements, router_config_sha256=config_sha,
                 summary=Summary.of(changes), unreachable=unreachable, files=files,
-                warnings=warnings)
+                assignments=dict(assignments), warnings=warnings)
 
 
 # --------------------------------------------------------------------------- files

@@ -146,3 +146,17 @@ def test_an_instance_without_a_split_keeps_its_fingerprint() -> None:
         json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     split = inst.model_copy(update={"layer_split": [10, 22]})
     assert split.spec_hash() != inst.spec_hash()
+
+
+def test_apply_fills_the_plans_keyless_assignments_with_the_keys_a_secret_gives() -> None:
+    """Apply writes the plan's assignments (no keys) with the keys filled in; that is the
+    same as building them with the secret, so the plan shows exactly what apply writes."""
+    from stack.assign import with_api_keys
+
+    secret = b"s" * 32
+    _, _, keyless = _build(None)
+    _, _, keyed = _build(secret)
+    assert all(i.api_key is None for a in keyless.values() for i in a.instances)
+    assert with_api_keys(keyless, secret) == keyed
+    assert [i.id for a in keyed.values() for i in a.instances if i.api_key is None] == [
+        "big-0-w1"]
