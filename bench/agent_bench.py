@@ -1,6 +1,7 @@
 """Agent footprint and healing speed, measured on real processes.
 
     .venv/bin/python bench/agent_bench.py [--idle-seconds 30] [--kills 5]
+        [--failed-seconds 10] [--failed-runs 3] [--failed-only] [--agent-src DIR]
 
 Starts a real `stack-agent` with two llama.cpp instances of Gemma 3 270M, then reports:
 - the idle agent's RSS (from /proc/PID/status, the agent process only) and CPU over
@@ -8,7 +9,13 @@ Starts a real `stack-agent` with two llama.cpp instances of Gemma 3 270M, then r
 - for `--kills` SIGKILLs of a backend: the time until the agent has started the
   replacement (its new pid is recorded), and separately the backend's own load time
   (until /health answers 200), beside the load time of llama-server started by hand.
-Targets (issue 3): RSS <= 80 MB, CPU < 1% of a core, replacement started within 1 s.
+Then (alone with `--failed-only`, which needs no llama.cpp build) two more agents side
+by side over the same `--failed-seconds` window, `--failed-runs` times: one with an
+instance that failed (its runtime binary is missing), one with no instances, the
+baseline. `--agent-src` runs these two from another source tree (an older commit's
+`git archive`), to show the busy loop the failed instance caused before.
+Targets (issue 3): RSS <= 80 MB, CPU < 1% of a core, replacement started within 1 s;
+a failed instance keeps the idle agent under 1% of a core.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "agent")]
 
-from agent_harness import Agent, free_port, make_runtime  # noqa: E402
+from agent_harness import AGENT, Agent, free_port, make_runtime  # noqa: E402
 
 
 def _setup(script: str, env_name: str) -> Path:
@@ -93,11 +100,66 @@ def direct_load_time(runtime: Path, model: Path) -> float:
         proc.wait()
 
 
+def cpu_percent(pids: list[int], seconds: float) -> list[float]:
+    """CPU of each process over the same window, in percent of one core."""
+    before, t0 = [cpu_seconds(p) for p in pids], time.monotonic()
+    time.sleep(seconds)
+    spent, wall = [cpu_seconds(p) for p in pids], time.monotonic() - t0
+    return [100 * (s - b) / wall for b, s in zip(before, spent, strict=True)]
+
+
+def failed_beside_empty(seconds: float, src: Path) -> tuple[float, float]:
+    """Idle CPU of an agent with one failed instance and of one with none, same window."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # -P: the agent package comes from `src` (PYTHONPATH), not from the current folder
+        env, cmd = {"PYTHONPATH": str(src)}, [sys.executable, "-P", *AGENT[1:]]
+        failed, empty = (Agent(Path(tmp) / name, env=env, command=cmd)
+                         for name in ("failed", "empty"))
+        model = Path(tmp) / "model.gguf"
+        model.write_bytes(b"GGUF")
+        try:
+            failed.start()
+            empty.start()
+            failed.assign([{"id": "broken-0", "model": "broken", "source": str(model),
+                            "backend": "llama.cpp", "port": free_port(),
+                            "runtime_path": str(Path(tmp) / "runtimes" / "missing")}])
+            failed.wait_state("broken-0", "failed", 30)
+            time.sleep(1)  # past the start-up work of both
+            assert failed.proc is not None and empty.proc is not None
+            with_failed, baseline = cpu_percent([failed.proc.pid, empty.proc.pid], seconds)
+        finally:
+            failed.cleanup()
+            empty.cleanup()
+    return with_failed, baseline
+
+
+def report_failed(seconds: float, runs: int, src: Path) -> bool:
+    """Print the failed-instance CPU beside the baseline; True when under 1% of a core."""
+    pairs = [failed_beside_empty(seconds, src) for _ in range(runs)]
+    failed, empty = [p[0] for p in pairs], [p[1] for p in pairs]
+    print(f"idle agent CPU over {seconds:g} s, median of {runs} runs (agents from {src}):")
+    print(f"  one failed instance (runtime binary missing): {statistics.median(failed):.2f}% "
+          f"of a core; no instances (baseline): {statistics.median(empty):.2f}%")
+    print("  runs, failed | baseline (%):", " ".join(f"{x:.2f}" for x in failed), "|",
+          " ".join(f"{x:.2f}" for x in empty))
+    return statistics.median(failed) < 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--failed-seconds", type=float, default=10)
+    parser.add_argument("--failed-runs", type=int, default=3)
+    parser.add_argument("--failed-only", action="store_true",
+                        help="only the failed-instance CPU beside the baseline")
+    parser.add_argument("--agent-src", type=Path, default=ROOT,
+                        help="source tree the failed-instance agents run from")
     args = parser.parse_args()
+    if args.failed_only:
+        ok = report_failed(args.failed_seconds, args.failed_runs, args.agent_src)
+        print("targets met" if ok else "TARGETS MISSED")
+        return 0 if ok else 1
     llama_bin = _setup("setup-llama-cpp", "STACK_LLAMA_BIN")
     model = _setup("setup-model", "STACK_TEST_MODEL")
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +216,7 @@ def main() -> int:
     print("replacement started (ms):", " ".join(f"{n * 1000:.0f}" for n in notice))
     print("load after restart (s):", " ".join(f"{x:.2f}" for x in loads),
           "| by hand (s):", " ".join(f"{x:.2f}" for x in direct))
+    ok = report_failed(args.failed_seconds, args.failed_runs, args.agent_src) and ok
     print("targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1
 

@@ -115,11 +115,11 @@ def main() -> int:
         for _ in range(args.runs):
             base.append(baseline(spec_path))
             noop.append(no_change_apply(spec_path))
-        from stack.commands.destroy import _destroy_host  # stop what the bench started
+        from stack.commands.destroy import destroy_host  # stop what the bench started
         from stack.observe import connect, disconnect
 
         connected = connect(spec, work)
-        gevent.joinall([gevent.spawn(_destroy_host, spec, n, h, spec.nodes[n].prefix or "",
+        gevent.joinall([gevent.spawn(destroy_host, spec, n, h, spec.nodes[n].prefix or "",
                                      "supervise", False)
                         for n, h in connected.nodes.items()])
         disconnect(connected)

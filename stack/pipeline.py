@@ -95,3 +95,14 @@ def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir
                           unknown=evaluated.unknown)
     assignments = build_assignments(spec, placements, observed, stack_dir, secret=None)
     return plan(spec, observed, placements, assignments, stack_bytes, agent_version())
+
+
+def unschedulable_error(plan: Plan) -> ConfigError:
+    """The error for a plan with replicas that cannot be placed (exit 1)."""
+    names = [f"`{u.model}` replica {u.replica}" for u in plan.unschedulable]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ConfigError(
+        f"{len(names)} replica(s) cannot be placed: {', '.join(names[:3])}{more} (reasons "
+        "above)",
+        hint="free or add capacity, fix the model, or pass `--allow-unschedulable` to apply "
+             "the rest.")

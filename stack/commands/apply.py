@@ -17,10 +17,9 @@ from pathlib import Path
 from rich.console import Console
 
 from stack.apply import ApplyOptions, ApplyResult, Desired, apply_fleet
-from stack.commands.plan import unschedulable_error
 from stack.errors import ConfigError
 from stack.observed import Observed
-from stack.pipeline import make_plan
+from stack.pipeline import make_plan, unschedulable_error
 from stack.plan import Plan
 
 HELP = "converge the fleet on stack.toml (or on a saved plan)"

@@ -37,7 +37,7 @@ def purge_script(prefix: str) -> str:
     return "rm -rf " + " ".join(q(f"{prefix}/{p}") for p in parts)
 
 
-def _destroy_host(spec: StackSpec, name: str, host: Any, prefix: str, manager: str,
+def destroy_host(spec: StackSpec, name: str, host: Any, prefix: str, manager: str,
                   purge: bool) -> str | None:
     """Stop one host's instances, router and agent; the error, if any."""
     from agent.assignment import Assignment
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                     errors[name] = err.message
                     return
                 try:
-                    error = _destroy_host(spec, name, host, prefix,
+                    error = destroy_host(spec, name, host, prefix,
                                           facts.service_manager or "supervise", args.purge)
                 finally:
                     run_on(host, lock.host_release_script(prefix, info.id))

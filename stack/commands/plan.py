@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stack.errors import ConfigError
-from stack.pipeline import gather_facts, make_plan, read_facts
-from stack.plan import Plan
+from stack.pipeline import gather_facts, make_plan, read_facts, unschedulable_error
 
 HELP = "show what apply would change (exit 2 with --detailed-exitcode when it would)"
 
@@ -70,13 +69,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     return 0
 
-
-def unschedulable_error(result: Plan) -> ConfigError:
-    """The error for a plan with replicas that cannot be placed (exit 1)."""
-    names = [f"`{u.model}` replica {u.replica}" for u in result.unschedulable]
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return ConfigError(
-        f"{len(names)} replica(s) cannot be placed: {', '.join(names[:3])}{more} (reasons "
-        "above)",
-        hint="free or add capacity, fix the model, or pass `--allow-unschedulable` to apply "
-             "the rest.")
