@@ -57,11 +57,16 @@ def parse_source(source: str) -> SourceRef:
 
 @dataclass(frozen=True)
 class ModelStatus:
-    """Where the model is (`path`), or how its download goes, or why it cannot be had."""
+    """Where the model is (`path`), or how its download goes, or why it cannot be had.
+
+    `terminal`: the error is in the instance itself (an invalid source), so asking again
+    gives the same answer; other errors (a file not there yet, a failed download) may pass.
+    """
 
     path: str | None = None
     progress: dict[str, Any] | None = None
     error: str | None = None
+    terminal: bool = False
 
 
 def _tree_sizes(path: Path) -> dict[str, int]:
@@ -182,7 +187,8 @@ class ModelStore:
         try:
             ref = parse_source(inst.source)
         except ValueError as exc:
-            return ModelStatus(error=f"{exc}. hint: fix `source` of model `{inst.model}`.")
+            return ModelStatus(error=f"{exc}. hint: fix `source` of model `{inst.model}`.",
+                               terminal=True)
         if ref.scheme == "path":
             if Path(ref.path).exists():
                 return ModelStatus(path=ref.path)

@@ -1,9 +1,10 @@
 """The agent's reconcile loop: desired instances (assignment.json) against running ones.
 
 Each pass re-reads the assignment file when it changed, stops what is no longer desired
-(or changed), and gives every desired instance one `Runner.step`. The loop sleeps until
-the next tick (1 s), an earlier deadline of a runner, or a wake-up (a backend exited,
-a probe finished, a new assignment arrived).
+(or changed), and gives every desired instance one `Runner.step`, which says when it next
+needs one. The loop sleeps until the earliest of those, at most a tick (1 s), or until a
+wake-up (a backend exited, a probe finished, a stop finished, a new assignment arrived).
+A terminally failed instance asks for nothing: it is only looked at on the tick.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +144,12 @@ class Reconciler:
                 self.runners[inst.id] = runner
                 log.info("node %s: adopted instance %s (pid %d)", self.cfg.node, rec.id, rec.pid)
             else:
-                self.stopping[rec.id] = asyncio.ensure_future(self._stop_record(rec))
+                self._stop(rec.id, self._stop_record(rec))
+
+    def _stop(self, rid: str, stopping: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(stopping)
+        task.add_done_callback(lambda _t: self.wake())  # its replacement may start now
+        self.stopping[rid] = task
 
     async def _stop_record(self, rec: procs.ProcRecord) -> None:
         log.info("node %s: stopping instance %s left by a previous agent", self.cfg.node, rec.id)
@@ -150,54 +157,71 @@ class Reconciler:
         procs.remove_record(self.cfg.instances_dir, rec.id)
 
     # ---- one pass -------------------------------------------------------------------
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> float | None:
+        """One reconcile pass; returns when the earliest instance next needs one (or None).
+
+        Only deadlines after `now` count: one at or before it was due in this pass, and
+        asking for it again would wake the loop at once, over and over.
+        """
         self._load_assignment()
         for rid, task in list(self.stopping.items()):
             if task.done():
                 del self.stopping[rid]
         if self.desired is None:
-            return
+            return None
         if not self._adopted:
             self.adopt()
-        wanted = {i.id: i for i in self.desired}
-        for rid, runner in list(self.runners.items()):
-            inst = wanted.get(rid)
-            if inst is None or instance_hash(inst) != runner.instance_hash:
-                reason = "no longer assigned" if inst is None else "changed; replacing"
-                del self.runners[rid]
-                self.stopping[rid] = asyncio.ensure_future(runner.stop(reason))
-        for inst in self.desired:
-            if inst.id in self.stopping:
-                continue  # the old one is still stopping: start after it is gone
-            runner = self.runners.get(inst.id) or Runner(inst, self.shared)
-            self.runners[inst.id] = runner
-            try:
-                runner.step(now)
-            except Exception as exc:  # one bad instance never stops the agent
-                log.exception("node %s: instance %s pass failed", self.cfg.node, inst.id)
-                runner._set("failed", f"internal error: {exc}. hint: report this with the log.")
+        self._stop_unwanted({i.id: i for i in self.desired})
+        deadlines = [at for inst in self.desired
+                     if (at := self._step(inst, now)) is not None and at > now]
         if now - self._last_rotate >= ROTATE_EVERY:
             self._last_rotate = now
             for rid in self.runners:
                 rotate_if_large(self.runners[rid].log_file, self.cfg.tuning.log_max_bytes,
                                 self.cfg.tuning.log_keep)
         self._write_status()
+        return min(deadlines, default=None)
 
-    def _sleep_time(self, now: float) -> float:
-        deadline = min((r.next_deadline() for r in self.runners.values()), default=float("inf"))
-        return max(0.02, min(self.cfg.tuning.tick_seconds, deadline - now))
+    def _stop_unwanted(self, wanted: dict[str, Instance]) -> None:
+        for rid, runner in list(self.runners.items()):
+            inst = wanted.get(rid)
+            if inst is None or instance_hash(inst) != runner.instance_hash:
+                reason = "no longer assigned" if inst is None else "changed; replacing"
+                del self.runners[rid]
+                self._stop(rid, runner.stop(reason))
+
+    def _step(self, inst: Instance, now: float) -> float | None:
+        """One instance's step; its requeue time (None: a terminal failure, or only an
+        event, needs another look)."""
+        if inst.id in self.stopping:
+            return None  # the old one is still stopping: its end wakes the loop
+        runner = self.runners.get(inst.id) or Runner(inst, self.shared)
+        self.runners[inst.id] = runner
+        try:
+            return runner.step(now).requeue_at
+        except Exception as exc:  # one bad instance never stops the agent
+            log.exception("node %s: instance %s pass failed", self.cfg.node, inst.id)
+            runner._set("failed", f"internal error: {exc}. hint: report this with the log.")
+            return None
+
+    def _sleep_time(self, next_at: float | None) -> float:
+        """Until the earliest requested look, at most a tick (events may be lost)."""
+        tick = self.cfg.tuning.tick_seconds
+        if next_at is None:
+            return tick
+        return min(tick, max(0.0, next_at - time.monotonic()))
 
     async def run(self, stop: asyncio.Event) -> None:
         """The loop; returns when `stop` is set, leaving the backends running."""
         self.adopt()
         while not stop.is_set():
-            now = time.monotonic()
+            next_at = None
             try:
-                self.tick(now)
+                next_at = self.tick(time.monotonic())
             except Exception:
                 log.exception("node %s: reconcile pass failed", self.cfg.node)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._sleep_time(time.monotonic()))
+                await asyncio.wait_for(self._wake.wait(), self._sleep_time(next_at))
             self._wake.clear()
         for runner in self.runners.values():
             runner.detach()

@@ -1,15 +1,20 @@
 """One instance's life on this host: fetch, start, probe, restart with backoff, stop.
 
 `Runner.step(now)` is one level-based pass for one instance: it re-reads reality (is the
-process alive? did the last probe answer?) and does the one next thing that closes the
-gap. It never raises for a bad instance: problems become `failed` with a message that
-says what to do, and the next pass tries again.
+process alive? did the last probe answer?), does the one next thing that closes the
+gap, and returns what happens next (`StepResult`: when to look again, or that the
+failure is terminal). It never raises for a bad instance: problems become `failed` with
+a message that says what to do. A failure a retry can fix (a busy port, a model not yet
+there, a crash) is looked at again later; a terminal one (a bad command, a missing or
+unrunnable binary, an invalid source) waits until the instance's spec changes, which
+brings a new `Runner`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -35,6 +40,12 @@ log = logging.getLogger("agent")
 BACKOFF_MAX = 300.0
 STARTING_PROBE_SECONDS = 0.25
 LOG_LINES_ON_CRASH = 20
+# errors of exec'ing the backend's own binary: the runtime is broken, a retry cannot help
+EXEC_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR,
+                         errno.ELOOP, errno.EISDIR})
+# a fixed runtime does not change the spec, so a terminal failure needs one of these
+RETRY_HINT = ("restart the agent (`systemctl restart stack-agent`; backends keep running) "
+              "or change the instance")
 
 
 def instance_hash(inst: Instance) -> str:
@@ -50,6 +61,20 @@ def backoff_delay(crashes: int) -> float:
     at once); further crashes in a row back off from 1 s doubling to 5 min.
     """
     return 0.0 if crashes <= 1 else min(2.0 ** (crashes - 2), BACKOFF_MAX)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a reconcile step asks for next, like controller-runtime's `Result`.
+
+    `requeue_at`: the monotonic time this instance next needs a step; None when only an
+    event does (a probe finishing or the backend exiting wake the loop themselves).
+    `terminal`: it failed in a way no retry fixes, so nothing is tried until its spec
+    changes.
+    """
+
+    requeue_at: float | None = None
+    terminal: bool = False
 
 
 @dataclass
@@ -84,6 +109,7 @@ class Runner:
         self.crashes = 0
         self.unhealthy_since: float | None = None
         self.next_start = 0.0
+        self.terminal = False
         self.next_probe = 0.0
         self.probe_failures = 0
         self.last_exit: int | None = None
@@ -121,24 +147,29 @@ class Runner:
             body["last_log_lines"] = self.last_lines
         return body
 
-    def next_deadline(self) -> float:
-        """When this runner next needs a pass (monotonic seconds)."""
-        if self.pid is None:
-            return self.next_start
-        if self.state == "starting" and self._probe is None:
-            return self.next_probe
-        return float("inf")
-
     # ---- the pass ----------------------------------------------------------------
-    def step(self, now: float) -> None:
-        if self.pid is not None:
-            if self._exited():
-                self._on_exit(now)
-            else:
-                self._check_health(now)
-                return
-        if now >= self.next_start:
+    def step(self, now: float) -> StepResult:
+        """One pass: notice an exit, start when due, probe; then say when to look again.
+
+        Whatever is due at `now` is done in this pass (a restart without backoff, the
+        first probe of a new backend), so the deadline returned is never `now` again.
+        """
+        if self.pid is not None and self._exited():
+            self._on_exit(now)
+        if self.pid is None and not self.terminal and now >= self.next_start:
             self._try_start(now)
+        if self.pid is not None:
+            self._check_health(now)
+        return self._next()
+
+    def _next(self) -> StepResult:
+        if self.terminal:
+            return StepResult(terminal=True)
+        if self.pid is None:
+            return StepResult(self.next_start)
+        if self._probe is not None:
+            return StepResult()  # its done callback wakes the loop
+        return StepResult(self.next_probe)
 
     def _exited(self) -> bool:
         if self.proc is not None:
@@ -164,41 +195,61 @@ class Runner:
         else:
             self._set("starting", f"{what}; restarting now")
 
+    # ---- starting ---------------------------------------------------------------
+    def _fail_terminal(self, message: str) -> None:
+        """A failure no retry fixes: nothing is tried again until the spec changes."""
+        self.terminal = True
+        self._set("failed", message)
+
+    def _look_again(self, now: float, state: str, message: str | None = None) -> None:
+        """A pre-start check that may pass later (a busy port, a download): next tick."""
+        self.next_start = now + self.shared.cfg.tuning.tick_seconds
+        self._set(state, message)
+
     def _try_start(self, now: float) -> None:
         inst, cfg = self.inst, self.shared.cfg
         model = self.shared.store.resolve(inst)
+        self.progress = model.progress
         if model.error:
-            self.progress = None
-            self._set("failed", model.error)
+            if model.terminal:
+                self._fail_terminal(model.error)
+            else:
+                self._look_again(now, "failed", model.error)
             return
         if model.path is None:
-            self.progress = model.progress
-            self._set("downloading")
+            self._look_again(now, "downloading")
             return
-        self.progress = None
         try:
             launch = build_launch(inst, Context(model.path, str(cfg.instances_dir)))
         except CommandError as exc:
-            self._set("failed", exc.text())
+            self._fail_terminal(exc.text())
             return
-        binary = launch.argv[0]
-        if not os.access(binary, os.X_OK):
-            self._set("failed", (
-                f"runtime binary {binary} is missing. hint: install {inst.backend} "
-                f"{inst.backend_version or ''} under {inst.runtime_path} "
-                "(`stack apply` installs runtimes)."))
+        problem = self._binary_problem(launch.argv[0])
+        if problem:
+            self._fail_terminal(problem)
             return
         for peer in inst.peers if inst.role == "main" and inst.backend == "llama.cpp" else []:
             if not procs.port_listening(peer.host, peer.port):
-                self._set("starting", f"waiting for worker {peer.node} at {peer.host}:{peer.port}")
-                self.next_start = now + 1.0
+                self._look_again(now, "starting",
+                                 f"waiting for worker {peer.node} at {peer.host}:{peer.port}")
                 return
         if not procs.port_free(inst.host, inst.port):
-            self._set("failed", (
+            self._look_again(now, "failed", (
                 f"port {inst.port} on {inst.host} is already in use by another process. "
                 "hint: stop that process, or let `stack apply` pick another port."))
             return
         self._spawn(launch, now)
+
+    def _binary_problem(self, binary: str) -> str | None:
+        """Why the runtime binary cannot be run, with what to do; None when it can."""
+        if os.access(binary, os.X_OK):
+            return None
+        inst = self.inst
+        what = "is not executable" if os.path.exists(binary) else "is missing"
+        version = f" {inst.backend_version}" if inst.backend_version else ""
+        return (f"runtime binary {binary} {what}. hint: install {inst.backend}{version} "
+                f"under {inst.runtime_path} (`stack apply` installs runtimes), then "
+                f"{RETRY_HINT}.")
 
     def _spawn(self, launch: Launch, now: float) -> None:
         cfg = self.shared.cfg
@@ -208,7 +259,7 @@ class Runner:
         try:
             proc = procs.spawn(launch.argv, env, self.log_file, cfg.instances_dir)
         except OSError as exc:
-            self._set("failed", f"cannot start {launch.argv[0]}: {exc}. hint: check the runtime.")
+            self._on_spawn_error(launch.argv[0], exc, now)
             return
         self.launch, self.proc, self.pid, self.pgid = launch, proc, proc.pid, proc.pid
         self.started_wall, self.started_mono = time.time(), now
@@ -221,6 +272,20 @@ class Runner:
         self._set("starting", None)
         log.info("node %s: instance %s started pid %d: %s", cfg.node, self.inst.id, proc.pid,
                  " ".join(launch.argv))
+
+    def _on_spawn_error(self, binary: str, exc: OSError, now: float) -> None:
+        """The binary itself cannot be exec'd: terminal; anything else (no memory, too
+        many processes) may pass, so it is retried with the crash backoff."""
+        cannot = f"cannot start {binary}: {exc.strerror or exc}"
+        if exc.filename == binary and exc.errno in EXEC_ERRNOS:
+            self._fail_terminal(f"{cannot}. hint: reinstall the runtime, then {RETRY_HINT}.")
+            return
+        self.crashes += 1
+        # never in this same pass, which just failed: at least the next tick
+        delay = max(backoff_delay(self.crashes), self.shared.cfg.tuning.tick_seconds)
+        self.next_start = now + delay
+        self._set("failed", f"{cannot}; retrying in {delay:g} s. hint: check the host's "
+                  "free memory and process limits.")
 
     def _after_start(self, now: float) -> None:
         self.ready_since = None

@@ -17,6 +17,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-c", "import sys; from agent.main import main; sys.exit(main())"]
+# the same agent, appending each start attempt to $STACK_TEST_START_ATTEMPTS
+COUNTING_AGENT = [sys.executable, str(Path(__file__).with_name("counting_agent.py"))]
 TOKEN = "agent-test-token"
 
 
@@ -50,8 +52,9 @@ class Agent:
     """One agent process plus an API client."""
 
     def __init__(self, prefix: Path, node: str = "test-node", env: dict[str, str] | None = None,
-                 tuning: str = "stop_grace_seconds = 3\n"):
+                 tuning: str = "stop_grace_seconds = 3\n", command: list[str] = AGENT):
         self.prefix = prefix
+        self.command = command
         self.node = node
         self.port = free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -70,7 +73,7 @@ class Agent:
 
     def start(self) -> None:
         self.log = open(self.prefix / "agent.out", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([*AGENT, "--config", str(self.config)], env=self.env,
+        self.proc = subprocess.Popen([*self.command, "--config", str(self.config)], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_for(lambda: self._healthz(), 20, "agent /healthz")
