@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -52,6 +53,14 @@ def instance_hash(inst: Instance) -> str:
     """Fingerprint of the whole instance, API key included (a new key needs a restart)."""
     body = json.dumps(inst.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def resolve_binary(name: str, env: dict[str, str]) -> str:
+    """The path a backend command's first word runs: itself when it names a path, else the
+    first match on the PATH it starts with (a custom `command` may say `python3`)."""
+    if "/" in name:
+        return name
+    return shutil.which(name, path=env.get("PATH")) or name
 
 
 def backoff_delay(crashes: int) -> float:
@@ -110,6 +119,9 @@ class Runner:
         self.unhealthy_since: float | None = None
         self.next_start = 0.0
         self.terminal = False
+        # a terminal failure for a runtime binary that is missing: it is looked for again
+        # every tick (a stat), so a runtime that `stack apply` reinstalls is used at once
+        self.missing_binary: str | None = None
         self.next_probe = 0.0
         self.probe_failures = 0
         self.last_exit: int | None = None
@@ -140,6 +152,7 @@ class Runner:
             "last_error": self.message, "restarts": self.restarts, "pid": self.pid,
             "spec_hash": self.spec_hash, "progress": self.progress, "adopted": self.adopted,
             "started_at": self.started_wall or None, "last_exit_code": self.last_exit,
+            "kind": inst.kind, "source_sha256": inst.source_sha256,
         }
         if inst.layer_split is not None:  # the scheduler keeps a replica's split (sticky)
             body["layer_split"] = list(inst.layer_split)
@@ -156,13 +169,17 @@ class Runner:
         """
         if self.pid is not None and self._exited():
             self._on_exit(now)
+        if self.terminal and self.missing_binary and os.access(self.missing_binary, os.X_OK):
+            self.terminal, self.missing_binary, self.next_start = False, None, now
         if self.pid is None and not self.terminal and now >= self.next_start:
             self._try_start(now)
         if self.pid is not None:
             self._check_health(now)
-        return self._next()
+        return self._next(now)
 
-    def _next(self) -> StepResult:
+    def _next(self, now: float) -> StepResult:
+        if self.terminal and self.missing_binary:
+            return StepResult(now + self.shared.cfg.tuning.tick_seconds, terminal=True)
         if self.terminal:
             return StepResult(terminal=True)
         if self.pid is None:
@@ -224,9 +241,11 @@ class Runner:
         except CommandError as exc:
             self._fail_terminal(exc.text())
             return
-        problem = self._binary_problem(launch.argv[0])
+        binary = resolve_binary(launch.argv[0], {**os.environ, **launch.env})
+        problem = self._binary_problem(binary)
         if problem:
             self._fail_terminal(problem)
+            self.missing_binary = binary
             return
         for peer in inst.peers if inst.role == "main" and inst.backend == "llama.cpp" else []:
             if not procs.port_listening(peer.host, peer.port):
@@ -247,9 +266,12 @@ class Runner:
         inst = self.inst
         what = "is not executable" if os.path.exists(binary) else "is missing"
         version = f" {inst.backend_version}" if inst.backend_version else ""
+        if "/" not in binary:  # a custom command's program, looked up on the PATH
+            return (f"`{binary}` is not on the agent's PATH. hint: install it on the host or "
+                    "name it by its full path in `command`.")
         return (f"runtime binary {binary} {what}. hint: install {inst.backend}{version} "
-                f"under {inst.runtime_path} (`stack apply` installs runtimes), then "
-                f"{RETRY_HINT}.")
+                f"under {inst.runtime_path} (`stack apply` installs runtimes); the agent "
+                "starts the instance once it is there.")
 
     def _spawn(self, launch: Launch, now: float) -> None:
         cfg = self.shared.cfg

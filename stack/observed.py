@@ -43,6 +43,7 @@ class InstanceFacts(_Open):
     last_error: str | None = None
     kind: str | None = None  # llm, embedding, rerank, image, ... (older agents: unknown)
     layer_split: list[int] | None = None  # llama.cpp layers per device, when split
+    source_sha256: str | None = None  # an uploaded model's content
 
 
 class AgentFacts(_Open):

@@ -369,9 +369,11 @@ def _replace_reasons(p: Placement, want: dict[str, tuple[str, Instance]],
         reasons.append(f"port {main.facts.port} -> {p.port}")
     if not reasons:
         for iid, (_, inst) in sorted(want.items()):
-            reported = have[iid].facts.spec_hash
-            if reported is not None and reported != inst.spec_hash():
-                reasons.append("args changed")
+            facts = have[iid].facts
+            if facts.spec_hash is not None and facts.spec_hash != inst.spec_hash():
+                files = facts.source_sha256 is not None \
+                    and facts.source_sha256 != inst.source_sha256
+                reasons.append("model files changed" if files else "args changed")
                 break
     return reasons
 

@@ -111,16 +111,18 @@ def test_terminal_failures_are_tried_once_and_a_busy_port_once_a_tick(
 
 def test_terminal_failure_is_retried_once_the_spec_changes(
         agent: Agent, tmp_path: Path) -> None:
+    """A binary the kernel refuses (exec format error) is not tried again when it is
+    fixed on the host without a new spec; new args (a new spec) start it at once."""
     model = tmp_path / "model.bin"
     model.write_text("weights")
-    runtime = runtime_with(tmp_path, {})
+    runtime = runtime_with(tmp_path, {"server": ("not a program\n", 0o755)})
     agent.start()
     first = custom("srv", model, runtime, "server {port}")
     assert agent.assign([first]).status_code == 200
     failed = agent.wait_state("srv", "failed", timeout=10)
-    assert "runtime binary" in failed["last_error"]
+    assert "Exec format error" in failed["last_error"]
 
-    runtime_with(tmp_path, {"server": (SERVER, 0o755)})  # installed: not a new spec
+    runtime_with(tmp_path, {"server": (SERVER, 0o755)})  # fixed: not a new spec
     time.sleep(WINDOW)
     assert agent.instance("srv")["state"] == "failed"  # type: ignore[index]
     assert attempts(agent, "srv") <= 2
@@ -130,6 +132,25 @@ def test_terminal_failure_is_retried_once_the_spec_changes(
     ready = agent.wait_state("srv", "ready", timeout=15)
     assert ready["spec_hash"] != failed["spec_hash"] and ready["last_error"] is None
     assert attempts(agent, "srv") == tried + 1
+
+
+def test_a_missing_runtime_binary_is_used_once_it_is_installed(
+        agent: Agent, tmp_path: Path) -> None:
+    """The one terminal failure looked at again: `stack apply` installs a missing runtime
+    without changing the assignment, and the instance starts (one start, no spin)."""
+    model = tmp_path / "model.bin"
+    model.write_text("weights")
+    runtime = runtime_with(tmp_path, {})
+    agent.start()
+    assert agent.assign([custom("srv", model, runtime, "server {port}")]).status_code == 200
+    failed = agent.wait_state("srv", "failed", timeout=10)
+    assert "runtime binary" in failed["last_error"]
+    time.sleep(WINDOW)
+    assert attempts(agent, "srv") == 1  # looked for once a tick, never started
+
+    runtime_with(tmp_path, {"server": (SERVER, 0o755)})
+    agent.wait_state("srv", "ready", timeout=15)
+    assert attempts(agent, "srv") == 2 and spawns(agent, "srv") == 1
 
 
 def backoff_starts(seconds: float) -> int:

@@ -58,10 +58,9 @@ def runner(cfg: AgentConfig, inst: Instance) -> Runner:
 
 
 @pytest.mark.parametrize("extra", [
-    {"runtime_path": "/nowhere"},  # binary missing
     {"command": "server {nope}"},  # command cannot be built
     {"source": "ftp://x/y"},  # invalid source
-], ids=["missing-binary", "bad-template", "invalid-source"])
+], ids=["bad-template", "invalid-source"])
 def test_a_terminal_failure_asks_for_no_time_and_is_not_tried_again(
         cfg: AgentConfig, tmp_path: Path, extra: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,6 +70,17 @@ def test_a_terminal_failure_asks_for_no_time_and_is_not_tried_again(
     tried: list[float] = []
     monkeypatch.setattr(r, "_try_start", tried.append)
     assert r.step(NOW + 3600) == StepResult(terminal=True)
+    assert tried == []
+
+
+def test_a_missing_binary_is_looked_for_once_a_tick_but_not_started(
+        cfg: AgentConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = runner(cfg, instance(tmp_path, runtime_path="/nowhere"))
+    assert r.step(NOW) == StepResult(requeue_at=NOW + 1, terminal=True)
+    assert r.state == "failed" and "runtime binary" in (r.message or "")
+    tried: list[float] = []
+    monkeypatch.setattr(r, "_try_start", tried.append)
+    assert r.step(NOW + 3600) == StepResult(requeue_at=NOW + 3601, terminal=True)
     assert tried == []
 
 
@@ -110,7 +120,7 @@ def test_a_reconcile_pass_requests_only_times_after_now(
     reconciler = Reconciler(cfg)
     broken = instance(tmp_path, id="broken-0", runtime_path="/nowhere", port=40002)
     write_assignment(cfg, Assignment(node="n", instances=[broken]))
-    assert reconciler.tick(NOW) is None  # terminal: only the tick looks again
+    assert reconciler.tick(NOW) == NOW + 1  # a missing binary is looked for once a tick
     assert reconciler.runners["broken-0"].state == "failed"
     busy = instance(tmp_path, id="busy-0", port=busy_port)
     write_assignment(cfg, Assignment(node="n", instances=[broken, busy]))

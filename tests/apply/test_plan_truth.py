@@ -5,7 +5,8 @@ applied once. Then each case in tests/apply/changes/ (in name order, each on the
 previous one left) changes it, either through a `stack` command (`"stack": [...]`) or by
 setting a parameter of the stack.toml below (`"set": {...}`), and proves:
 
-- `stack plan --detailed-exitcode` exits 2 and shows exactly the `expect` addresses;
+- `stack plan --detailed-exitcode` exits 2 and shows exactly the `expect` addresses (and,
+  where the case gives them, these `reasons`);
 - `stack apply --auto-approve` makes the change (and the router still answers);
 - the next `stack plan --detailed-exitcode` exits 0.
 
@@ -67,7 +68,7 @@ selector = ["zone=a"]
 [router]
 hosts = ["node-01"]
 listen = "{world["listen"]}"
-{retries}{agent}
+{retries}{agent}{params.get("extra", "")}
 [[keys]]
 name = "test"
 hash = "{world["key_hash"]}"
@@ -101,23 +102,21 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
         yield world
 
 
-def changes(world: dict[str, Any]) -> tuple[int, list[str], str]:
-    """`stack plan --detailed-exitcode --json`: its exit code and change addresses, but an
-    agent update (the agent's version hashes this checkout, which may change meanwhile)."""
+def changes(world: dict[str, Any]) -> tuple[int, dict[str, str], str]:
+    """`stack plan --detailed-exitcode --json`: its exit code and changes (address ->
+    reason), but an agent update (the agent's version hashes this checkout, which may
+    change while the tests run)."""
     done = run_stack("plan", "--detailed-exitcode", "--json", cwd=world["dir"])
     assert done.returncode in (0, 2), done.stdout + done.stderr
     plan = json.loads(done.stdout)
-    addresses = sorted(c["address"] for c in plan["changes"]
-                       if not (c["address"].startswith("node.")
-                               and c["address"].endswith(".agent")))
-    return done.returncode, addresses, done.stdout
+    found = {c["address"]: c["reason"] for c in plan["changes"]
+             if not (c["address"].startswith("node.") and c["address"].endswith(".agent"))}
+    return done.returncode, found, done.stdout
 
 
 def assert_clean(world: dict[str, Any]) -> None:
-    code, addresses, text = changes(world)
-    assert addresses == [], text
-    if code == 2:  # only an agent update (see `changes`)
-        return
+    _, found, text = changes(world)
+    assert found == {}, text
 
 
 def ask(world: dict[str, Any]) -> None:
@@ -148,10 +147,35 @@ def test_change_shows_in_the_plan_and_apply_makes_exactly_it(
         world: dict[str, Any], path: Path) -> None:
     case = json.loads(path.read_text())
     make_change(world, case)
-    code, addresses, text = changes(world)
+    code, found, text = changes(world)
     assert code == 2, text
-    assert addresses == sorted(case["expect"]), text
+    assert sorted(found) == sorted(case["expect"]), text
+    for address, reason in case.get("reasons", {}).items():
+        assert found[address] == reason, text
     done = run_stack("apply", "--auto-approve", cwd=world["dir"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert_clean(world)
+    ask(world)
+
+
+def test_a_replica_that_cannot_be_placed_fails_plan_and_apply_after_the_rest_converges(
+        world: dict[str, Any]) -> None:
+    params = world["params"]
+    params["retries"] = 1  # a change apply makes while the second model cannot be placed
+    params["extra"] = ('\n[models.nowhere]\nsource = "local://model/gemma.gguf"\n'
+                       'backend = "llama.cpp"\nselector = ["zone=z"]\n')
+    (world["dir"] / "stack.toml").write_text(stack_toml(world, params))
+    plan = run_stack("plan", "--detailed-exitcode", cwd=world["dir"])
+    assert plan.returncode == 1, plan.stdout + plan.stderr
+    assert "  ! model.nowhere.replica[0]" in plan.stdout
+    assert plan.stderr.startswith(
+        "error: 1 replica(s) cannot be placed: `nowhere` replica 0 (reasons above)\n")
+    done = run_stack("apply", "--auto-approve", cwd=world["dir"])
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "node-01: router" in done.stdout  # the rest converged first
+    assert "error: 1 replica(s) cannot be placed: `nowhere` replica 0" in done.stdout
+    again = run_stack("plan", "--detailed-exitcode", "--allow-unschedulable",
+                      cwd=world["dir"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "No changes to make, but some replicas cannot be placed." in again.stdout
     ask(world)
