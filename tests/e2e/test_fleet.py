@@ -407,7 +407,7 @@ def test_5_a_stopped_host_is_named_and_its_replica_moves_to_the_other_gpu_host(
     [moved] = [p for p in body["placements"] if (p["model"], p["replica"]) == ("gemma", 0)]
     assert (moved["node"], moved["gpus"]) == ("gpu-02", [0])
     changes = {c["address"]: c["action"] for c in body["changes"]}
-    assert changes == {"model.gemma.replica[0]": "create", "router": "update"}, changes
+    assert changes == {"model.gemma.replica[0]": "create", "router.models": "update"}, changes
     assert "Plan: 1 to add, 1 to change, 0 to destroy." in plan.stdout
 
     result = world.stack("apply", "--auto-approve")
@@ -436,7 +436,7 @@ def test_6_one_replica_less_deletes_one_backend(world: World) -> None:
     body = json.loads((world.dir / "plan.json").read_text())
     deletes = [c for c in body["changes"] if c["action"] == "delete"]
     assert [(c["address"], c["node"]) for c in deletes] == [("model.gemma.replica[1]", "gpu-02")]
-    assert {c["address"] for c in body["changes"]} == {"model.gemma.replica[1]", "router"}
+    assert {c["address"] for c in body["changes"]} == {"model.gemma.replica[1]", "router.models"}
     assert "# model.gemma.replica[1] will be destroyed (`models.gemma.replicas` is 1)" \
         in plan.stdout
     result = world.stack("apply", "--auto-approve")
