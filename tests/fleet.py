@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -644,6 +644,22 @@ def run_stack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Complet
     return subprocess.run([str(STACK_CLI), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, check=False,
                           env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
+
+
+def system_runtimes(folder: Path, llama_bin: Path, versions: Iterable[str]) -> Path:
+    """`folder/VERSION` -> the `llama_bin` build, one link per version: the folders of a
+    `source = "system"` llama.cpp runtime (`path = "FOLDER/{version}"`), cheap to install."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for version in versions:
+        (folder / version).symlink_to(llama_bin, target_is_directory=True)
+    return folder
+
+
+def router_endpoint(fleet: Fleet, node: str) -> tuple[str, str]:
+    """A free `[router] listen` address on `node` and the OpenAI base URL there."""
+    address = fleet.hosts[node].address
+    port = fleet.free_port(node)
+    return f"{address}:{port}", f"http://{address}:{port}/v1"
 
 
 def llama_sdist(cache: Path) -> Path:

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import Fleet, run_stack, stack_session  # tests/ is on sys.path (tests/conftest.py)
+from fleet import (  # tests/ is on sys.path (tests/conftest.py)
+    Fleet,
+    router_endpoint,
+    run_stack,
+    stack_session,
+    system_runtimes,
+)
 
 from stack.secrets import generate_key, hash_key
 
@@ -79,21 +85,16 @@ hash = "{world["key_hash"]}"
 def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
           gguf_model: Path) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("truth")
-    system = work / "system"
-    system.mkdir()
-    for version in VERSIONS:
-        (system / version).symlink_to(llama_bin, target_is_directory=True)
+    system = system_runtimes(work / "system", llama_bin, VERSIONS)
     (work / "model").mkdir()
     shutil.copy(gguf_model, work / "model" / "gemma.gguf")  # a copy: case 07 appends to it
     fleet = Fleet(2, root=work / "fleet")
     fleet.start()
     key = generate_key()
-    router = fleet.hosts["node-01"]
-    port = fleet.free_port("node-01")
+    listen, url = router_endpoint(fleet, "node-01")
     world = {"fleet": fleet, "dir": work, "key": key, "key_hash": hash_key(key),
-             "system": system, "low": random.randint(41000, 59000),
-             "listen": f"{router.address}:{port}", "url": f"http://{router.address}:{port}/v1",
-             "params": dict(DEFAULTS)}
+             "system": system, "low": random.randint(41000, 59000), "listen": listen,
+             "url": url, "params": dict(DEFAULTS)}
     (work / "stack.toml").write_text(stack_toml(world, world["params"]))
     with stack_session(fleet, work, "truth-test-secret-0123456789abcdef"):
         done = run_stack("apply", "--auto-approve", cwd=work)

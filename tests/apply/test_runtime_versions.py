@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import Fleet, run_stack, stack_session  # tests/ is on sys.path (tests/conftest.py)
+from fleet import (  # tests/ is on sys.path (tests/conftest.py)
+    Fleet,
+    router_endpoint,
+    run_stack,
+    stack_session,
+    system_runtimes,
+)
 
 from agent.assignment import Assignment, Instance
 from deploys.runtimes import unused_versions
@@ -77,10 +83,7 @@ hash = "{world["key_hash"]}"
 def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
           gguf_model: Path) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("rtversions")
-    system = work / "system"  # the hosts' "system" llama.cpp folders, one per version
-    system.mkdir()
-    for version in (A, B):
-        (system / version).symlink_to(llama_bin, target_is_directory=True)
+    system = system_runtimes(work / "system", llama_bin, (A, B))
     broken = system / C  # a server that exits at once: never ready
     broken.mkdir()
     (broken / "llama-server").write_text("#!/bin/sh\necho 'no such model' >&2\nexit 1\n")
@@ -88,12 +91,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
     fleet = Fleet(1, root=work / "fleet")
     fleet.start()
     key = generate_key()
-    router = fleet.hosts["node-01"]
-    port = fleet.free_port("node-01")
+    listen, url = router_endpoint(fleet, "node-01")
     world = {"fleet": fleet, "dir": work, "key": key, "key_hash": hash_key(key),
              "system": system, "model": gguf_model, "low": random.randint(41000, 59000),
-             "listen": f"{router.address}:{port}", "url": f"http://{router.address}:{port}/v1",
-             "prefix": router.prefix}
+             "listen": listen, "url": url, "prefix": fleet.hosts["node-01"].prefix}
     with stack_session(fleet, work, "rtversions-test-secret-0123456789abcdef"):
         yield world
 
