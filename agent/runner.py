@@ -35,6 +35,7 @@ from agent.errors import CommandError
 from agent.health import probe
 from agent.logs import log_path, tail
 from agent.models import ModelStore
+from agent.status import InstanceStatus
 
 log = logging.getLogger("agent")
 
@@ -144,21 +145,20 @@ class Runner:
 
     def status(self) -> dict[str, Any]:
         inst = self.inst
-        body: dict[str, Any] = {
-            "id": inst.id, "model": inst.model, "replica": inst.replica, "role": inst.role,
-            "backend": inst.backend, "backend_version": inst.backend_version,
-            "gpus": list(inst.devices.indices), "vendor": inst.devices.vendor,
-            "host": inst.host, "port": inst.port, "state": self.state,
-            "last_error": self.message, "restarts": self.restarts, "pid": self.pid,
-            "spec_hash": self.spec_hash, "progress": self.progress, "adopted": self.adopted,
-            "started_at": self.started_wall or None, "last_exit_code": self.last_exit,
-            "kind": inst.kind, "source_sha256": inst.source_sha256,
-        }
+        extra: dict[str, Any] = {}
         if inst.layer_split is not None:  # the scheduler keeps a replica's split (sticky)
-            body["layer_split"] = list(inst.layer_split)
+            extra["layer_split"] = list(inst.layer_split)
         if self.state in ("crash-looping", "failed") and self.last_lines:
-            body["last_log_lines"] = self.last_lines
-        return body
+            extra["last_log_lines"] = self.last_lines
+        return InstanceStatus(
+            id=inst.id, model=inst.model, replica=inst.replica, role=inst.role,
+            backend=inst.backend, backend_version=inst.backend_version,
+            gpus=list(inst.devices.indices), vendor=inst.devices.vendor, host=inst.host,
+            port=inst.port, state=self.state, last_error=self.message,
+            restarts=self.restarts, pid=self.pid, spec_hash=self.spec_hash,
+            progress=self.progress, adopted=self.adopted,
+            started_at=self.started_wall or None, last_exit_code=self.last_exit,
+            kind=inst.kind, source_sha256=inst.source_sha256, **extra).to_json()
 
     # ---- the pass ----------------------------------------------------------------
     def step(self, now: float) -> StepResult:

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.gpus.types import GpuInfo
+from agent.status import InstanceStatus
 
 GPU_VENDORS: tuple[str, ...] = (
     "nvidia", "amd", "apple", "ascend", "hygon", "mthreads", "iluvatar", "cambricon",
@@ -24,26 +25,7 @@ class _Open(BaseModel):
 GpuFacts = GpuInfo  # one accelerator: the agent's record, also in the facts
 
 
-class InstanceFacts(_Open):
-    """One model instance as the node's agent reports it (the previous placement)."""
-
-    id: str
-    model: str
-    replica: int = 0
-    gpus: list[int] = Field(default_factory=list)
-    port: int
-    backend: str
-    backend_version: str | None = None
-    state: str = "unknown"
-    # a fingerprint of everything that would restart the instance (args, env, source)
-    spec_hash: str | None = None
-    role: Literal["single", "main", "worker"] = "single"
-    host: str | None = None  # the address the backend listens on
-    restarts: int = 0
-    last_error: str | None = None
-    kind: str | None = None  # llm, embedding, rerank, image, ... (older agents: unknown)
-    layer_split: list[int] | None = None  # llama.cpp layers per device, when split
-    source_sha256: str | None = None  # an uploaded model's content
+InstanceFacts = InstanceStatus  # one instance as its agent reports it (the previous placement)
 
 
 class AgentFacts(_Open):

@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 VOLATILE_OBSERVED = ("collected_at",)
 VOLATILE_NODE = ("ports_in_use",)  # other programs open and close ports all the time
 VOLATILE_GPU = ("utilization_percent", "temperature_c", "power_w", "memory_used_bytes")
-VOLATILE_INSTANCE = ("state", "restarts", "last_error", "pid", "progress")
+VOLATILE_INSTANCE = ("state", "restarts", "last_error", "pid", "progress", "adopted",
+                     "started_at", "last_exit_code", "last_log_lines")
 
 
 class Action(StrEnum):
