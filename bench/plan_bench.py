@@ -30,12 +30,11 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stack.assign import build_assignments  # noqa: E402
 from stack.estimate import evaluate, meta_from_config  # noqa: E402
 from stack.estimate.types import Evaluation, ModelMeta  # noqa: E402
 from stack.observed import Observed  # noqa: E402
-from stack.plan import plan  # noqa: E402
-from stack.schedule import Placements, schedule, with_instances  # noqa: E402
+from stack.pipeline import Evaluations, plan_evaluated  # noqa: E402
+from stack.schedule import Placements, with_instances  # noqa: E402
 from stack.spec import StackSpec  # noqa: E402
 
 CONFIGS = ["qwen2.5-7b-instruct", "llama-3.1-8b", "mistral-7b-v0.1", "deepseek-v2-lite",
@@ -91,10 +90,9 @@ def planning(spec: StackSpec, observed: Observed,
         name: cast(Evaluation, evaluate(name, model, meta[model.source.split("/")[-1]
                                                           .rsplit("-", 1)[0]]))
         for name, model in spec.models.items()}
-    placements = schedule(spec, evaluations, observed)
-    assignments = build_assignments(spec, placements, observed, STACK_DIR, None)
-    result = plan(spec, observed, placements, assignments, b"bench", "0.1.0")
-    return placements, time.process_time() - start, len(result.changes)
+    result = plan_evaluated(spec, b"bench", observed, Evaluations(evaluations), STACK_DIR,
+                            "0.1.0")
+    return result.placements, time.process_time() - start, len(result.changes)
 
 
 def naive(spec: StackSpec, observed: Observed, meta: dict[str, ModelMeta]) -> float:

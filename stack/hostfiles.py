@@ -15,6 +15,7 @@ fingerprinted without it, so CI can plan with no secret at hand.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ def _digest(value: object) -> str:
     return sha256_hex(text.encode())[:16]
 
 
+@functools.lru_cache(maxsize=256)
+def unit_sha256(service: Service) -> str:
+    """The sha256 of a service's unit file (the same for every node with one prefix)."""
+    return sha256_hex(unit_file(service).encode())
+
+
 def token_fingerprint(node: str) -> str:
     """The agent token is derived from the stack secret for `agent:NODE`: its fingerprint
     is that purpose (a new secret is not seen by the plan; see docs/plan.md)."""
@@ -117,8 +124,9 @@ def token_fingerprint(node: str) -> str:
 
 
 def desired_files(spec: StackSpec, node: str, facts: NodeFacts, assignment: Assignment,
-                  router: RouterConfig | None) -> list[HostFile]:
-    """Every file apply keeps on `node` (router: this node serves the router)."""
+                  router: str | None) -> list[HostFile]:
+    """Every file apply keeps on `node`; `router`: the router config's fingerprint
+    (`router_fingerprint`, made once for the fleet) when this node serves the router."""
     prefix = node_prefix(spec, node)
     manager = facts.service_manager or "supervise"
     paths = agent_paths(prefix)
@@ -127,14 +135,13 @@ def desired_files(spec: StackSpec, node: str, facts: NodeFacts, assignment: Assi
     out = [
         HostFile(f"node.{node}.agent.config", paths["agent_toml"], sha256_hex(toml.encode())),
         HostFile(f"node.{node}.agent.token", paths["agent_token"], token_fingerprint(node)),
-        HostFile(f"node.{node}.agent.unit", agent.unit_path,
-                 sha256_hex(unit_file(agent).encode())),
+        HostFile(f"node.{node}.agent.unit", agent.unit_path, unit_sha256(agent)),
     ]
     if router is not None:
         service = router_service(spec, prefix, manager)
         out.append(HostFile(f"node.{node}.router.unit", service.unit_path,
-                            sha256_hex(unit_file(service).encode())))
-        out.append(HostFile("router", paths["router_json"], router_fingerprint(router)))
+                            unit_sha256(service)))
+        out.append(HostFile("router", paths["router_json"], router))
     uploads: dict[str, HostFile] = {}
     for inst in assignment.instances:
         if inst.source_sha256 and inst.model_path and inst.source.startswith("local://"):

@@ -83,18 +83,26 @@ def evaluate_models(spec: StackSpec, stack_dir: Path) -> Evaluations:
 
 def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir: Path) -> Plan:
     """Evaluate, schedule, assign and compare: the plan for `spec` on `observed`."""
-    from stack.assign import build_assignments
     from stack.config import check_pins_against
-    from stack.plan import plan
-    from stack.schedule import schedule
 
     if spec.stack.inventory:  # inline hosts are checked when stack.toml is loaded
         check_pins_against(spec, list(observed.nodes))
-    evaluated = evaluate_models(spec, stack_dir)
+    return plan_evaluated(spec, stack_bytes, observed, evaluate_models(spec, stack_dir),
+                          stack_dir, agent_version())
+
+
+def plan_evaluated(spec: StackSpec, stack_bytes: bytes, observed: Observed,
+                   evaluated: Evaluations, stack_dir: Path, agent: str) -> Plan:
+    """The pure rest of the pipeline (schedule -> assign -> plan), for evaluations made
+    here or given (the plan tests and the plan benchmark pass their own)."""
+    from stack.assign import build_assignments
+    from stack.plan import plan
+    from stack.schedule import schedule
+
     placements = schedule(spec, evaluated.evaluations, observed, failed=evaluated.failed,
                           unknown=evaluated.unknown)
     assignments = build_assignments(spec, placements, observed, stack_dir, secret=None)
-    return plan(spec, observed, placements, assignments, stack_bytes, agent_version())
+    return plan(spec, observed, placements, assignments, stack_bytes, agent)
 
 
 def unschedulable_error(plan: Plan) -> ConfigError:

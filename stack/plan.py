@@ -22,7 +22,7 @@ from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboo
 from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.errors import ConfigError
-from stack.hostfiles import HostFile, desired_files
+from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.observed import InstanceFacts, ManagedFile, NodeFacts, Observed
 from stack.schedule import Placement, Placements, Unschedulable, gib, instance_id, node_settings
 from stack.spec import StackSpec
@@ -454,9 +454,10 @@ def plan(spec: StackSpec, observed: Observed, placements: Placements,
     instances = _instance_changes(spec, observed, placements, assignments)
     config = build_router_config(spec, placements, dict(assignments))
     config_sha = router_config_sha256(config)
+    router_fp = router_fingerprint(config)
     files = {name: tuple(desired_files(spec, name, facts,
                                        assignments.get(name, Assignment(node=name)),
-                                       config if name in placements.routers else None))
+                                       router_fp if name in placements.routers else None))
              for name, facts in sorted(observed.nodes.items()) if facts.reachable}
     node_files, router_files = _file_changes(observed, files)
     known = any(observed.nodes[n].managed is not None for n in files if n in placements.routers)

@@ -19,7 +19,8 @@ import pytest
 
 from stack.assign import build_assignments
 from stack.observed import NodeFacts
-from stack.plan import Plan, plan
+from stack.pipeline import Evaluations, plan_evaluated
+from stack.plan import Plan
 from stack.render import render_plan
 from stack.schedule import schedule, with_instances
 from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack, read_case
@@ -47,9 +48,8 @@ def make(case: dict[str, Any]) -> Plan:
             # checked like a snapshot: `"agent": {}` is what an unreachable host reports
             facts.nodes[name] = NodeFacts.model_validate(
                 {**facts.nodes[name].model_dump(), **change})
-    placements = schedule(spec, evaluations, facts)
-    assignments = build_assignments(spec, placements, facts, Path("/nonexistent"), None)
-    return plan(spec, facts, placements, assignments, text, AGENT)
+    return plan_evaluated(spec, text, facts, Evaluations(evaluations), Path("/nonexistent"),
+                          AGENT)
 
 
 def _installed(placed: Any, node: str, have: dict[str, list[str]]) -> dict[str, list[str]]:
