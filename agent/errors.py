@@ -1,8 +1,10 @@
-"""The agent's errors: a `StackError` with a one-sentence message and a `hint:`.
+"""The agent's errors: a one-sentence message and a `hint:` that says what to do.
 
-    StackError (stack.errors)
-    └── AgentError          a bad agent.toml, token file or assignment
-        └── CommandError    an instance whose backend command cannot be built
+    AgentError              a bad agent.toml, token file or assignment
+    └── CommandError        an instance whose backend command cannot be built
+
+The agent stands alone (it imports nothing of the controller), so its root is its own;
+`render()` prints the same two lines as the controller's errors.
 
 Per-instance problems never raise out of the reconcile loop: they become the
 instance's `failed` state with the same message and hint.
@@ -10,11 +12,21 @@ instance's `failed` state with the same message and hint.
 
 from __future__ import annotations
 
-from stack.errors import StackError
 
-
-class AgentError(StackError):
+class AgentError(Exception):
     """The agent's configuration or input is wrong."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        """The two lines `stack-agent` prints: `error: ...` and, if there is one, `hint: ...`."""
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
 
 
 class CommandError(AgentError):
