@@ -22,6 +22,7 @@ import orjson
 from router import multipart
 from router.balance import Load, choose
 from router.config import Key, Replica, RouterConfig
+from router.errors import ApiError, bad_request
 from router.health import ReplicaHealth
 from router.limits import KeyLimiter, Limiter
 from router.metrics import Metrics, ReplicaGauge, combine
@@ -49,24 +50,6 @@ OVERHEAD_HEADER = b"x-modelstack-overhead-ms"
 DEFAULT_MAX_TOKENS = 256
 """Completion tokens reserved against `tpm` when the request does not say `max_tokens`."""
 EWMA = 0.2
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type_: str, code: str | None,
-                 param: str | None = None, retry_after: int = 0) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
-        self.param, self.retry_after = param, retry_after
-
-    def body(self) -> bytes:
-        return orjson.dumps({"error": {"message": self.message, "type": self.type,
-                                       "param": self.param, "code": self.code}})
-
-
-def _bad_request(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, "invalid_request_error", None, param)
 
 
 def hash_key(key: str) -> str:
@@ -319,7 +302,7 @@ class Router:
 
     def _resolve(self, ctx: _Context, entry: KeyEntry | None, model: Any) -> str:
         if not isinstance(model, str) or not model:
-            raise _bad_request("`model` is required and must be a string", "model")
+            raise bad_request("`model` is required and must be a string", "model")
         name = ctx.tables.routes.get(model)
         if name is None:
             raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error",
@@ -353,9 +336,9 @@ class Router:
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise _bad_request(f"the request body is not valid JSON: {exc}") from exc
+            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
-            raise _bad_request("the request body must be a JSON object")
+            raise bad_request("the request body must be a JSON object")
         model = self._resolve(ctx, entry, doc.get("model"))
         max_tokens = doc.get("max_completion_tokens") or doc.get("max_tokens")
         estimate = len(body) // 4 + (max_tokens if isinstance(max_tokens, int)
@@ -403,7 +386,7 @@ class Router:
         content_type = req.headers.get(b"content-type", b"")
         boundary = multipart.boundary(content_type)
         if boundary is None:
-            raise _bad_request("the upload must be multipart/form-data")
+            raise bad_request("the upload must be multipart/form-data")
         head: list[bytes] = []
         size, model = 0, None
         while model is None:

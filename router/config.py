@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from router.errors import ConfigError
+
 FORMAT_VERSION = 1
 
 
@@ -104,8 +106,6 @@ def load(path: str | Path) -> RouterConfig:
     import json
 
     from pydantic import ValidationError
-
-    from stack.errors import ConfigError
 
     path = Path(path)
     try:

@@ -23,9 +23,9 @@ from pathlib import Path
 from router import config as router_config
 from router.app import Router
 from router.config import RouterConfig
+from router.errors import ConfigError
 from router.server import ClientConnection
 from router.shared import SharedState
-from stack.errors import ConfigError
 
 log = logging.getLogger("stack-router")
 DRAIN_SECONDS = 30.0

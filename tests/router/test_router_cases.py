@@ -11,9 +11,9 @@ import pytest
 
 from router import config as router_config
 from router.balance import Load, choose
+from router.errors import ConfigError
 from router.health import ReplicaHealth
 from router.limits import KeyLimiter
-from stack.errors import ConfigError
 
 CASES = Path(__file__).parent / "cases"
 
