@@ -7,6 +7,10 @@
     procs        processes, records for adoption, stopping by group
     runner       one instance's reconcile step
     reconcile    the loop over all instances, assignment validation, status
-    api          the HTTP API; metrics: Prometheus text; gpu: GPU metrics
+    api          the HTTP API
+    metrics      Prometheus text of the status and GPU metrics
+    gpu_metrics  reading GPU metrics: NVML for NVIDIA, the vendor tools otherwise
+    gpus         the vendor tools' output parsers (shared with the controller's facts)
+    errors       `AgentError`, the agent's own error root (no controller imports)
     main         `stack-agent` (run, status)
 """

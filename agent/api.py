@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from agent.errors import AgentError
-from agent.gpu import GpuReader
+from agent.gpu_metrics import GpuReader
 from agent.logs import log_path, tail
 from agent.metrics import render_metrics
 from agent.reconcile import Reconciler, parse_assignment, write_assignment

@@ -61,7 +61,7 @@ def _agent_running(cfg: AgentConfig) -> bool:
 
 def local_status(cfg: AgentConfig) -> dict[str, Any]:
     """The agent's last written status, checked against the processes that exist now."""
-    from agent.gpu import GpuReader
+    from agent.gpu_metrics import GpuReader
 
     try:
         body: dict[str, Any] = json.loads(cfg.status_file.read_text())
@@ -119,7 +119,7 @@ async def _serve(cfg: AgentConfig, token: str) -> None:
     import uvicorn
 
     from agent.api import create_app
-    from agent.gpu import GpuReader
+    from agent.gpu_metrics import GpuReader
     from agent.reconcile import Reconciler
 
     class Server(uvicorn.Server):

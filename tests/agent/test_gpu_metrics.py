@@ -23,8 +23,8 @@ import httpx
 import pytest
 from agent_harness import ROOT, Agent, wait_for
 
-from agent import gpu as gpu_module
-from agent.gpu import GpuReader
+from agent import gpu_metrics
+from agent.gpu_metrics import GpuReader
 from agent.metrics import render_metrics
 
 HERE = Path(__file__).parent
@@ -245,12 +245,12 @@ def test_nvml_that_did_not_load_is_tried_again_after_a_while(
     case["init_error"] = "DRIVER_NOT_LOADED"  # the driver is loaded after the agent started
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(case))
     monkeypatch.setenv("PATH", tool_path(tmp_path, {}))
-    monkeypatch.setattr(gpu_module, "CACHE_SECONDS", 0.0)
+    monkeypatch.setattr(gpu_metrics, "CACHE_SECONDS", 0.0)
     clock = [1000.0]
     reader = GpuReader(clock=lambda: clock[0])
     assert reader.read().source == "unavailable"
     case["init_error"] = None
-    clock[0] += gpu_module.NVML_RETRY_SECONDS - 1
+    clock[0] += gpu_metrics.NVML_RETRY_SECONDS - 1
     assert reader.read().source == "unavailable"  # not before the retry time
     clock[0] += 1
     reading = reader.read()

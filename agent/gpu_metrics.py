@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-log = logging.getLogger("agent.gpu")
+log = logging.getLogger("agent.gpu_metrics")
 
 CACHE_SECONDS = 2.0
 NVML_RETRY_SECONDS = 60.0
