@@ -55,6 +55,34 @@ class Exchange:
             sink, self.sink = self.sink, None
             sink(None, exc)
 
+    async def wait(self, fut: asyncio.Future[None], timeout: float, idle: bool) -> None:
+        """Wait for `fut` (`first` or `done`); a deadline aborts the exchange with an
+        UpstreamError: `timeout` seconds from now, or with `idle`, since the last byte."""
+        if fut.done():
+            fut.result()
+            return
+        loop = fut.get_loop()
+        handles: list[asyncio.TimerHandle] = []
+
+        def check() -> None:
+            if fut.done():
+                return
+            if idle:
+                left = self.last_data + timeout - time.monotonic()
+                if left > 0:
+                    handles[0] = loop.call_later(left, check)
+                    return
+            self.abort()
+            self._fail(UpstreamError("upstream timed out"))
+
+        handles.append(loop.call_later(timeout, check))
+        try:
+            await fut
+        finally:
+            handles[0].cancel()
+            if not fut.done():  # cancelled by a client disconnect
+                self.abort()
+
     def abort(self) -> None:
         """Give up on this exchange (client gone, timeout): the connection is not reusable."""
         conn = self.conn

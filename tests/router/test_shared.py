@@ -7,8 +7,8 @@ import asyncio
 import os
 import time
 
-from router.app import ReplicaState
 from router.config import Replica, RouterConfig
+from router.replicas import ReplicaState
 from router.shared import SharedState
 
 

@@ -1,0 +1,46 @@
+"""What the router keeps about one request while handling it, and how it answers it."""
+
+from __future__ import annotations
+
+import time
+
+from router.limits import Limiter
+from router.server import ClientConnection, Request
+from router.tables import Tables
+from router.usage import Usage
+
+OVERHEAD_HEADER = b"x-modelstack-overhead-ms"
+
+
+class Context:
+    """Per-request bookkeeping: who asked for which model, what was answered, tokens used."""
+
+    __slots__ = ("key_name", "limiter", "model", "overhead_base", "req", "reservation", "sent",
+                 "status", "tables", "usage")
+
+    def __init__(self, req: Request, tables: Tables) -> None:
+        self.req = req
+        self.tables = tables
+        """The config as it was when the request came in."""
+        self.model: str | None = None
+        self.key_name = ""
+        self.status = 0
+        self.sent = False
+        """The status line went out: an error can no longer be answered."""
+        self.usage = Usage()
+        self.limiter: Limiter | None = None
+        self.reservation = (0, 0)
+        self.overhead_base = 0.0
+        """Seconds spent waiting on the upstream, subtracted from the overhead."""
+
+    def overhead_header(self, now: float) -> bytes:
+        ms = max(0.0, (now - self.req.started - self.overhead_base) * 1000)
+        return b"%s: %.3f\r\n" % (OVERHEAD_HEADER, ms)
+
+    def respond(self, conn: ClientConnection, status: int, body: bytes, content_type: bytes,
+                extra: bytes = b"") -> None:
+        """Answer the request whole; `extra` is more header lines."""
+        self.status = status
+        self.sent = True
+        conn.respond(status, body, content_type, extra + self.overhead_header(time.monotonic()),
+                     keep_alive=self.req.keep_alive)

@@ -1,0 +1,134 @@
+"""Token counts of a request: estimated before it is sent (for `tpm`), read from the
+replica's answer after (a JSON body's `usage`, or the usage chunk of an SSE stream).
+
+Pure: bytes and documents in, counts and the bytes to pass on out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DEFAULT_MAX_TOKENS = 256
+"""Completion tokens reserved against `tpm` when the request does not say `max_tokens`."""
+
+
+class Usage:
+    """The tokens one request used, as the replica reported them."""
+
+    __slots__ = ("completion_tokens", "drop", "prompt_tokens")
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.drop = False
+        """The router asked for the stream's usage chunk on the client's behalf: keep it
+        from the client (see `ask_for_usage`)."""
+
+    def add(self, usage: dict[str, Any]) -> None:
+        """Count one `usage` object (`completion_tokens` may be missing: total - prompt)."""
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            self.prompt_tokens += prompt
+        if isinstance(completion, int):
+            self.completion_tokens += completion
+        elif isinstance(usage.get("total_tokens"), int) and isinstance(prompt, int):
+            self.completion_tokens += usage["total_tokens"] - prompt
+
+    def count(self, body: bytes) -> None:
+        """Count the usage of a whole JSON response body, if it has one."""
+        usage = find_usage(body)
+        if usage is not None:
+            self.add(usage)
+
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def estimate_tokens(body_size: int, doc: dict[str, Any], generates: bool) -> int:
+    """Tokens to reserve against `tpm` at admission: about 4 bytes a prompt token, plus
+    the completion's `max_tokens` (DEFAULT_MAX_TOKENS when a `generates` endpoint
+    does not say)."""
+    max_tokens = doc.get("max_completion_tokens") or doc.get("max_tokens")
+    if isinstance(max_tokens, int):
+        return body_size // 4 + max_tokens
+    return body_size // 4 + (DEFAULT_MAX_TOKENS if generates else 0)
+
+
+def ask_for_usage(doc: dict[str, Any]) -> bool:
+    """Make a streamed request end with a usage chunk; True when the client had not asked
+    for it (so the router must drop it again)."""
+    options = doc.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return False
+    doc["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                             "include_usage": True}
+    return True
+
+
+def find_usage(body: bytes) -> dict[str, Any] | None:
+    """The last non-null `"usage": {...}` object in a JSON body, without parsing all of it."""
+    pos = len(body)
+    while True:
+        pos = body.rfind(b'"usage"', 0, pos)
+        if pos < 0:
+            return None
+        start = body.find(b"{", pos + 7, pos + 64)
+        if start >= 0 and body[pos + 7:start].strip(b" \t\r\n:") == b"":
+            return _object_at(body, start)
+
+
+def _object_at(body: bytes, start: int) -> dict[str, Any] | None:
+    """The JSON object starting at `body[start]` (at most 4 KiB), if it is one."""
+    depth = 0
+    for end in range(start, min(len(body), start + 4096)):
+        char = body[end]
+        if char == 123:  # {
+            depth += 1
+        elif char == 125:  # }
+            depth -= 1
+            if depth == 0:
+                try:
+                    usage = orjson.loads(body[start:end + 1])
+                except orjson.JSONDecodeError:
+                    return None
+                return usage if isinstance(usage, dict) else None
+    return None
+
+
+def has_usage(events: bytes) -> bool:
+    """Does this SSE text carry a non-null usage object?"""
+    pos = events.find(b'"usage"')
+    while pos >= 0:
+        rest = events[pos + 7:pos + 16].lstrip(b" :")
+        if rest.startswith(b"{"):
+            return True
+        pos = events.find(b'"usage"', pos + 7)
+    return False
+
+
+def take_usage(events: bytes, usage: Usage) -> bytes:
+    """Count the usage in whole SSE events; the events to pass on (with `usage.drop`,
+    without the usage-only chunk, and with `"usage": null` in the others)."""
+    kept = []
+    for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if not has_usage(event):
+            kept.append(event)
+            continue
+        payload = event.partition(b"data:")[2].strip()
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            kept.append(event)
+            continue
+        found = doc.get("usage") if isinstance(doc, dict) else None
+        if isinstance(found, dict):
+            usage.add(found)
+        if usage.drop and isinstance(doc, dict) and not doc.get("choices"):
+            continue
+        if usage.drop and isinstance(doc, dict):
+            doc["usage"] = None
+            event = b"data: " + orjson.dumps(doc)
+        kept.append(event)
+    return b"\n\n".join(kept)
