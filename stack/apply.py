@@ -910,8 +910,7 @@ def unmanageable(name: str, facts: NodeFacts) -> tuple[str, str] | None:
                 "remove it from the stack, or serve from a Linux VM (or WSL with an SSH "
                 "server) on it.")
     if not facts.reachable or facts.error:
-        message, _, hint = (facts.error or f"`{name}` is unreachable").partition("\nhint: ")
-        return message, hint
+        return facts.error or f"`{name}` is unreachable", facts.hint or ""
     if facts.os not in ("linux", "darwin"):
         return (f"`{name}` runs {facts.os}, which modelstack does not manage",
                 "use a Linux or macOS host.")

@@ -11,9 +11,26 @@
 
 Third-party errors (pyinfra, httpx, paramiko, pydantic) are translated into these at one
 boundary with `raise ... from exc`; the CLI prints `str(err)` and `hint: {err.hint}`.
+
+A problem that is reported rather than raised (a host that did not answer, a replica that
+cannot be placed) is a `Problem`: the same message and hint, kept apart until rendered.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One sentence naming the file, key, host or flag, and what to do about it."""
+
+    message: str
+    hint: str = ""
+
+    def render(self, prefix: str = "error: ") -> str:
+        """`error: MESSAGE` and, on the next line, `hint: HINT`."""
+        return f"{prefix}{self.message}" + (f"\nhint: {self.hint}" if self.hint else "")
 
 
 class StackError(Exception):
@@ -24,12 +41,13 @@ class StackError(Exception):
         self.message = message
         self.hint = hint
 
+    @property
+    def problem(self) -> Problem:
+        return Problem(self.message, self.hint)
+
     def render(self) -> str:
         """The two lines the CLI prints."""
-        text = f"error: {self.message}"
-        if self.hint:
-            text += f"\nhint: {self.hint}"
-        return text
+        return self.problem.render()
 
 
 class ConfigError(StackError):

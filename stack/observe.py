@@ -35,7 +35,7 @@ from pyinfra.context import ctx_host, ctx_state
 from deploys.facts import HostFacts, facts_command, node_facts_from
 from stack import sshtcp
 from stack.config import node_settings
-from stack.errors import ConfigError
+from stack.errors import ConfigError, Problem
 from stack.observed import NodeFacts, Observed
 from stack.spec import StackSpec
 
@@ -50,7 +50,7 @@ class Connected:
     state: State
     nodes: dict[str, Host] = field(default_factory=dict)  # node name -> pyinfra host
     addresses: dict[str, str] = field(default_factory=dict)  # node name -> SSH address
-    errors: dict[str, str] = field(default_factory=dict)  # node name -> message + hint
+    errors: dict[str, Problem] = field(default_factory=dict)  # node name -> why not
 
 
 def _inline_hosts(spec: StackSpec, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -134,20 +134,21 @@ def _prefix(spec: StackSpec, node: str) -> str:
     return node_settings(spec, node).prefix or spec.stack.prefix
 
 
-def _connect_error(node: str, address: str, exc: Exception) -> str:
+def _connect_error(node: str, address: str, exc: Exception) -> Problem:
     text = str(exc.args[0] if exc.args else exc)
     lowered = text.lower()
     if "authentication" in lowered or "no authentication" in lowered or "permission denied" \
             in lowered:
         hint = (f"check the SSH user and key for `{node}` (`[nodes.\"{node}\"] ssh_user` / "
                 "`ssh_key`) and that the key is in the host's authorized_keys.")
-        return f"host `{node}` ({address}) refused the SSH key: {text}\nhint: {hint}"
+        return Problem(f"host `{node}` ({address}) refused the SSH key: {text}", hint)
     if "host key" in lowered or "known_hosts" in lowered:
         hint = ("verify the host's key and add it to known_hosts (`ssh-keyscan`), or set "
                 f"`[hosts.{node}] known_hosts`.")
-        return f"host `{node}` ({address}) has an unknown or changed host key: {text}\nhint: {hint}"
+        return Problem(f"host `{node}` ({address}) has an unknown or changed host key: {text}",
+                       hint)
     hint = f"check that `{node}` is up and that SSH listens at {address}; other hosts go on."
-    return f"host `{node}` ({address}) is unreachable: {text}\nhint: {hint}"
+    return Problem(f"host `{node}` ({address}) is unreachable: {text}", hint)
 
 
 def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
@@ -201,22 +202,31 @@ def make_state(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = No
     return connect(spec, stack_dir, hosts=hosts).state
 
 
-def _facts_error(node: str, address: str, stderr: str, sudo: bool) -> tuple[str, str]:
-    """(os, message) for a host whose facts script failed."""
+def _facts_error(node: str, address: str, stderr: str, sudo: bool) -> tuple[str, Problem]:
+    """(os, problem) for a host whose facts script failed."""
     lowered = stderr.lower()
     if "not recognized as an internal or external command" in lowered or "'sh'" in lowered:
-        return "windows", (f"host `{node}` ({address}) has no POSIX sh (a Windows host?)\n"
-                           "hint: pyinfra 3 cannot manage Windows hosts; remove it from the "
-                           "stack or run a Linux VM (WSL) with SSH on it.")
+        return "windows", Problem(
+            f"host `{node}` ({address}) has no POSIX sh (a Windows host?)",
+            "pyinfra 3 cannot manage Windows hosts; remove it from the stack or run a Linux "
+            "VM (WSL) with SSH on it.")
     if sudo and ("password is required" in lowered or "not in the sudoers" in lowered
                  or "sudo:" in lowered):
-        return "unknown", (f"host `{node}` ({address}): the SSH user cannot use sudo without a "
-                           f"password ({stderr.strip()[:200]})\nhint: add a NOPASSWD sudoers "
-                           f"rule for it, or connect as root and set `[nodes.\"{node}\"] "
-                           "sudo = false`.")
-    return "unknown", (f"host `{node}` ({address}): the facts script failed: "
-                       f"{stderr.strip()[:300] or 'no output'}\nhint: run "
-                       f"`sh deploys/facts.sh` on the host by hand to see why.")
+        return "unknown", Problem(
+            f"host `{node}` ({address}): the SSH user cannot use sudo without a password "
+            f"({stderr.strip()[:200]})",
+            f"add a NOPASSWD sudoers rule for it, or connect as root and set "
+            f"`[nodes.\"{node}\"] sudo = false`.")
+    return "unknown", Problem(
+        f"host `{node}` ({address}): the facts script failed: "
+        f"{stderr.strip()[:300] or 'no output'}",
+        "run `sh deploys/facts.sh` on the host by hand to see why.")
+
+
+def _unreachable(address: str, labels: dict[str, str], problem: Problem,
+                 os_name: str = "linux", reachable: bool = False) -> NodeFacts:
+    return NodeFacts(address=address, os=os_name, labels=labels, reachable=reachable,
+                     error=problem.message, hint=problem.hint or None)
 
 
 def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
@@ -225,8 +235,7 @@ def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
     address = connected.addresses[node]
     settings = node_settings(spec, node)
     if node in connected.errors:
-        return NodeFacts(address=address, labels=dict(settings.labels), reachable=False,
-                         error=connected.errors[node])
+        return _unreachable(address, dict(settings.labels), connected.errors[node])
     sudo = bool(settings.sudo)
     with ctx_state.use(connected.state), ctx_host.use(host):
         try:
@@ -235,18 +244,18 @@ def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
                 _timeout=FACTS_TIMEOUT, _sudo=sudo,
             )
         except (PyinfraError, OSError, TimeoutError) as exc:
-            return NodeFacts(address=address, labels=dict(settings.labels), reachable=False,
-                             error=_connect_error(node, address, exc))
+            return _unreachable(address, dict(settings.labels),
+                                _connect_error(node, address, exc))
     if not status:
-        os_name, message = _facts_error(node, address, "\n".join(output.stderr_lines), sudo)
-        return NodeFacts(address=address, os=os_name, labels=dict(settings.labels),
-                         reachable=os_name == "windows", error=message)
+        os_name, problem = _facts_error(node, address, "\n".join(output.stderr_lines), sudo)
+        return _unreachable(address, dict(settings.labels), problem, os_name,
+                            reachable=os_name == "windows")
     try:
         raw = HostFacts().process(output.stdout_lines)
     except FactProcessError as exc:
-        return NodeFacts(address=address, labels=dict(settings.labels), reachable=False,
-                         error=f"host `{node}` ({address}): {exc}\nhint: run "
-                               "`sh deploys/facts.sh` on the host by hand to see its output.")
+        return _unreachable(address, dict(settings.labels), Problem(
+            f"host `{node}` ({address}): {exc}",
+            "run `sh deploys/facts.sh` on the host by hand to see its output."))
     return node_facts_from(raw, address=address, labels=dict(settings.labels))
 
 
@@ -267,11 +276,10 @@ def gather(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
         for node in connected.nodes:
             if node in connected.errors:
                 results[node] = read_node(spec, connected, node)  # the connect error
-            results.setdefault(node, NodeFacts(
-                address=connected.addresses[node], reachable=False,
-                labels=dict(node_settings(spec, node).labels),
-                error=f"host `{node}` did not answer within {FACTS_TIMEOUT} s\nhint: check "
-                      "the host's load and its vendor tools (a hung `nvidia-smi`?)."))
+            results.setdefault(node, _unreachable(
+                connected.addresses[node], dict(node_settings(spec, node).labels), Problem(
+                    f"host `{node}` did not answer within {FACTS_TIMEOUT} s",
+                    "check the host's load and its vendor tools (a hung `nvidia-smi`?).")))
     finally:
         disconnect(connected)
     stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -6,9 +6,9 @@ fields have defaults.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.gpus.types import GpuInfo
 from agent.status import InstanceStatus
@@ -55,6 +55,16 @@ class ManagedFile(_Open):
 class NodeFacts(_Open):
     """One host of the fleet."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hint_apart(cls, data: Any) -> Any:
+        """Snapshots from before `hint` carry it inside `error` after `\nhint: `."""
+        if isinstance(data, dict) and isinstance(data.get("error"), str) \
+                and "\nhint: " in data["error"] and not data.get("hint"):
+            message, _, hint = data["error"].partition("\nhint: ")
+            data = {**data, "error": message, "hint": hint}
+        return data
+
     address: str = ""
     os: str = "linux"
     distro: str = ""
@@ -69,6 +79,7 @@ class NodeFacts(_Open):
     agent: AgentFacts = Field(default_factory=AgentFacts)
     reachable: bool = True
     error: str | None = None  # why the node could not be read (unreachable, refused key)
+    hint: str | None = None  # what to do about `error`
     reboot_required: bool = False
     secure_boot: bool | None = None
     # the files apply wrote, by path (None: these facts do not say, e.g. an older snapshot)

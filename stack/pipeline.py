@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from stack.errors import ConfigError, MetadataUnavailable, StackError
+from stack.errors import ConfigError, MetadataUnavailable, Problem, StackError
 from stack.estimate.types import Evaluation
 from stack.observed import Observed
 from stack.plan import Plan
@@ -61,7 +61,7 @@ class Evaluations:
     `unknown` (its metadata cannot be read right now; running replicas are kept)."""
 
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, Problem] = field(default_factory=dict)
     unknown: dict[str, str] = field(default_factory=dict)
 
 
@@ -77,7 +77,7 @@ def evaluate_models(spec: StackSpec, stack_dir: Path) -> Evaluations:
         except MetadataUnavailable as err:
             out.unknown[name] = err.message
         except StackError as err:
-            out.failed[name] = err.message + (f" (hint: {err.hint})" if err.hint else "")
+            out.failed[name] = err.problem
     return out
 
 

@@ -59,18 +59,23 @@ class Change:
     disruption: str = "none"  # none | restart | reboot
     node: str | None = None
     details: tuple[tuple[str, str], ...] = ()
+    hint: str = ""  # what to do first, when apply cannot do it (a blocked driver)
 
     def to_json(self) -> dict[str, Any]:
-        return {"address": self.address, "action": self.action.value, "reason": self.reason,
+        data = {"address": self.address, "action": self.action.value, "reason": self.reason,
                 "disruption": self.disruption, "node": self.node,
                 "details": [list(d) for d in self.details]}
+        if self.hint:
+            data["hint"] = self.hint
+        return data
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Change:
         return Change(address=data["address"], action=Action(data["action"]),
                       reason=data.get("reason", ""), disruption=data.get("disruption", "none"),
                       node=data.get("node"),
-                      details=tuple((str(a), str(b)) for a, b in data.get("details", [])))
+                      details=tuple((str(a), str(b)) for a, b in data.get("details", [])),
+                      hint=str(data.get("hint", "")))
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,10 @@ class Unreachable:
 
     node: str
     error: str
+    hint: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {"node": self.node, "error": self.error}
+        return {"node": self.node, "error": self.error, "hint": self.hint}
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,8 @@ class Plan:
                         changes=changes, placements=placements,
                         router_config_sha256=data.get("router_config_sha256", ""),
                         summary=Summary.of(changes),
-                        unreachable=tuple(Unreachable(str(u["node"]), str(u["error"]))
+                        unreachable=tuple(Unreachable(str(u["node"]), str(u["error"]),
+                                                      str(u.get("hint", "")))
                                           for u in data.get("unreachable", [])),
                         files=files, warnings=tuple(str(w) for w in data.get("warnings", [])),
                         assignments={str(node): Assignment.model_validate(a)
@@ -283,8 +290,8 @@ def _driver_changes(spec: StackSpec, name: str, facts: NodeFacts) -> list[Change
         result = driver_commands(facts, request)
         address = f"node.{name}.driver.{vendor}"
         if isinstance(result, Blocked):
-            out.append(Change(address, Action.UPDATE,
-                              f"blocked: {result.reason}; hint: {result.hint}", "none", name))
+            out.append(Change(address, Action.UPDATE, f"blocked: {result.reason}", "none", name,
+                              hint=result.hint))
         elif result:
             have = sorted({g.driver for g in facts.gpus if g.vendor == vendor and g.driver})
             disruption = "reboot" if needs_reboot(facts, result) else "none"
@@ -465,7 +472,8 @@ def plan(spec: StackSpec, observed: Observed, placements: Placements,
     router = router_files if known else [legacy] if legacy else []
     changes = tuple(sorted(hosts + node_files, key=_order) + sorted(instances, key=_order)
                     + sorted(router, key=_order))
-    unreachable = tuple(Unreachable(name, facts.error or f"`{name}` did not answer")
+    unreachable = tuple(Unreachable(name, facts.error or f"`{name}` did not answer",
+                                    facts.hint or "")
                         for name, facts in sorted(observed.nodes.items()) if not facts.reachable)
     warnings = tuple(f"model.{model}: metadata unknown ({why}); running replicas kept"
                      for model, why in placements.unknown)

@@ -33,6 +33,8 @@ def _block(change: Change) -> list[str]:
     lines.append(f"{change.action.symbol:>3} {change.address}")
     width = max((len(label) for label, _ in change.details), default=0)
     lines.extend(f"      {label + ':':<{width + 1}} {value}" for label, value in change.details)
+    if change.hint:
+        lines.append(f"      hint: {change.hint}")
     return lines
 
 
@@ -46,6 +48,8 @@ def _unschedulable(plan: Plan) -> list[str]:
         lines.extend(f"      {reason}" for reason in shown)
         if len(u.reasons) > len(shown):
             lines.append(f"      ... and {len(u.reasons) - len(shown)} more")
+        if u.hint:
+            lines.append(f"      hint: {u.hint}")
     return lines
 
 
@@ -62,11 +66,10 @@ def _unreachable(plan: Plan) -> list[str]:
     lines = ["", f"{n} host(s) cannot be reached; apply leaves {'it' if n == 1 else 'them'} "
              "as is and exits 1:", ""]
     for u in plan.unreachable:
-        message, _, hint = u.error.partition("\nhint: ")
         # facts errors name their host already (`host `gpu-02` (10.0.0.12:22) is ...`)
-        lines.append(f"  ! {message}" if f"`{u.node}`" in message else f"  ! {u.node}: {message}")
-        if hint:
-            lines.append(f"      hint: {hint}")
+        lines.append(f"  ! {u.error}" if f"`{u.node}`" in u.error else f"  ! {u.node}: {u.error}")
+        if u.hint:
+            lines.append(f"      hint: {u.hint}")
     return lines
 
 

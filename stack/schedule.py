@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from stack.errors import Problem
 from stack.estimate.types import Claim, Evaluation
 from stack.observed import AgentFacts, GpuFacts, InstanceFacts, NodeFacts, Observed
 from stack.spec import ModelSpec, NodeSpec, StackSpec
@@ -160,14 +161,20 @@ class Unschedulable:
     model: str
     replica: int
     reasons: tuple[str, ...]
+    hint: str = ""  # what to do, when one thing is wrong everywhere (the model's source)
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "replica": self.replica, "reasons": list(self.reasons)}
+        data: dict[str, Any] = {"model": self.model, "replica": self.replica,
+                                "reasons": list(self.reasons)}
+        if self.hint:
+            data["hint"] = self.hint
+        return data
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Unschedulable:
         return Unschedulable(data["model"], int(data["replica"]),
-                             tuple(str(r) for r in data.get("reasons", [])))
+                             tuple(str(r) for r in data.get("reasons", [])),
+                             str(data.get("hint", "")))
 
 
 @dataclass(frozen=True)
@@ -1238,7 +1245,7 @@ class _Scheduler:
             split=prev.split)
 
     def run(self, previous: Mapping[tuple[str, int], PreviousPlacement],
-            failed: Mapping[str, str], unknown: Mapping[str, str],
+            failed: Mapping[str, Problem], unknown: Mapping[str, str],
             kinds: Mapping[tuple[str, int], str]) -> Placements:
         placed: dict[tuple[str, int], Placement] = {}
         kept: dict[tuple[str, int], Placement] = {}
@@ -1267,9 +1274,9 @@ class _Scheduler:
         for name in sorted(self.spec.models):
             if name in self.models:
                 continue
-            why = (f"metadata unknown: {unknown[name]}" if name in unknown
-                   else failed.get(name, "the model was not evaluated"))
-            unschedulable.extend(Unschedulable(name, r, (why,))
+            why = (Problem(f"metadata unknown: {unknown[name]}") if name in unknown
+                   else failed.get(name, Problem("the model was not evaluated")))
+            unschedulable.extend(Unschedulable(name, r, (why.message,), why.hint)
                                  for r in range(self.spec.models[name].replicas)
                                  if (name, r) not in kept)
         unschedulable.sort(key=lambda u: (u.model, u.replica))
@@ -1293,7 +1300,7 @@ class _Scheduler:
 
 def schedule(spec: StackSpec, evaluations: Mapping[str, Evaluation], observed: Observed,
              previous: Mapping[tuple[str, int], PreviousPlacement] | None = None,
-             failed: Mapping[str, str] | None = None,
+             failed: Mapping[str, Problem] | None = None,
              unknown: Mapping[str, str] | None = None) -> Placements:
     """Place every replica of every model in `spec` on the nodes of `observed`.
 

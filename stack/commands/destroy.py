@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         with session(spec, stack_dir) as connected:
-            errors.update({n: e.split("\nhint:")[0] for n, e in connected.errors.items()})
+            errors.update({n: p.message for n, p in connected.errors.items()})
 
             def one(name: str) -> None:
                 facts = read_node(spec, connected, name)

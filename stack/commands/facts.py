@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stack.config import load
+from stack.errors import Problem
 from stack.observed import NodeFacts, Observed
 
 HELP = "read every host and show (or save) the facts"
@@ -67,10 +68,10 @@ def problems(observed: Observed) -> list[str]:
     lines = []
     for name, node in observed.nodes.items():
         if node.error:
-            lines.append(f"error: {node.error}")
+            lines.append(Problem(node.error, node.hint or "").render())
         for problem in node.gpu_problems:
-            lines.append(f"warning: host `{name}`: {problem.get('message')}\n"
-                         f"hint: {problem.get('hint')}")
+            lines.append(Problem(f"host `{name}`: {problem.get('message')}",
+                                 problem.get("hint") or "").render("warning: "))
     return lines
 
 

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
         gevent.joinall([gevent.spawn(one, n) for n in connected.nodes
                         if n not in connected.errors])
-    for error in connected.errors.values():
-        print(f"warning: {error.splitlines()[0]} (its lock, if any, stays)")
+    for problem in connected.errors.values():
+        print(f"warning: {problem.message} (its lock, if any, stays)")
     print(f"Lock `{args.lock_id}` removed.")
     return 0

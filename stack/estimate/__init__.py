@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from stack.estimate.config import meta_from_config
-    from stack.estimate.evaluate import ModelEvaluation, default_context, evaluate
+    from stack.estimate.evaluation import ModelEvaluation, default_context, evaluate
     from stack.estimate.read import meta_from_gguf, read_metadata, read_path
     from stack.estimate.types import Claim, Evaluation, ModelMeta
 
 _WHERE = {
-    "meta_from_config": "config", "ModelEvaluation": "evaluate",
-    "default_context": "evaluate", "evaluate": "evaluate", "meta_from_gguf": "read",
+    "meta_from_config": "config", "ModelEvaluation": "evaluation",
+    "default_context": "evaluation", "evaluate": "evaluation", "meta_from_gguf": "read",
     "read_metadata": "read", "read_path": "read", "Claim": "types",
     "Evaluation": "types", "ModelMeta": "types",
 }

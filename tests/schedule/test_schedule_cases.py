@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from stack.errors import Problem
 from stack.observed import Observed
 from stack.schedule import Placements, schedule, with_instances
 from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack, read_case
@@ -36,7 +37,7 @@ def _check(result: Placements, expect: dict[str, Any]) -> None:
 def _run(case: dict[str, Any], facts: Observed, stack: Any) -> Placements:
     spec, _ = load_stack(stack)
     evaluations = load_evaluations(case["evaluations"])
-    failed = case.get("failed", {})
+    failed = {name: Problem(why) for name, why in case.get("failed", {}).items()}
     first = schedule(spec, evaluations, facts, failed=failed)
     again = schedule(spec, load_evaluations(case["evaluations"]), facts, failed=failed)
     assert first == again, "the same inputs gave different placements"
