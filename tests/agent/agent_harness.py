@@ -68,8 +68,11 @@ class Agent:
             f'node = "{node}"\nlisten = "127.0.0.1:{self.port}"\n'
             f'token_file = "{token}"\nprefix = "{prefix}"\n'
             "[tuning]\n" + tuning)
+        # no kept-alive connections: the agent's server closes idle ones after 5 s, and a
+        # request sent on one just then fails with "Server disconnected" (a test-only race)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}",
-                                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+                                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10,
+                                   limits=httpx.Limits(max_keepalive_connections=0))
 
     def start(self) -> None:
         self.log = open(self.prefix / "agent.out", "ab")  # noqa: SIM115
