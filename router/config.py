@@ -6,6 +6,8 @@ module free of heavy imports: the router loads it at start and on every reload.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import date
 from pathlib import Path
 from typing import Literal
@@ -85,20 +87,74 @@ class RouterConfig(_Strict):
 
 # --- loading and validation (additive: the schema above is the contract) -------------------
 
-LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+ALL_INTERFACES = "0.0.0.0"
+"""What an empty listen host binds: every IPv4 interface (`:8080` is `0.0.0.0:8080`)."""
+
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 as `[::1]:8080`) -> (host, port); ValueError when malformed."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(listen)
-    return host.strip("[]"), int(port_text)
+def parse_listen(text: str) -> tuple[str, int]:
+    """A `listen` address -> (host, port), the one grammar of router.json and stack.toml.
+
+    `HOST:PORT` with HOST a name or IPv4 address (`127.0.0.1:8080`), an IPv6 address in
+    brackets (`[::1]:8080`; without them the last colon starts the port), or empty for
+    every IPv4 interface (`:8080` -> ("0.0.0.0", 8080)). PORT is 0 to 65535; 0 lets the
+    system pick a free one. ValueError says what is wrong.
+    """
+    host, port = _split_address(text)
+    return host or ALL_INTERFACES, port
+
+
+split_listen = parse_listen
+"""The former name, still imported by `stack.monitoring`."""
+
+
+def _split_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` -> (host without brackets, possibly empty, port)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or text.endswith("]"):
+        raise ValueError("the port is missing")
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"the port `{port_text}` is not a number from 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ipv6(host):
+            raise ValueError(f"`{host}` in brackets is not an IPv6 address")
+    elif ":" in host:
+        if not _is_ipv6(host):
+            raise ValueError(f"`{host}` is not an IPv6 address; write one in brackets, "
+                             "e.g. `[::1]:8080`")
+    elif any(char in host for char in "[] \t\r\n"):
+        raise ValueError(f"`{host}` is not a host name or address")
+    return host, int(port_text)
+
+
+def _names_host_and_port(text: str) -> bool:
+    """Is `text` a `HOST:PORT` with a host (a replica's address)?"""
+    try:
+        host, _ = _split_address(text)
+    except ValueError:
+        return False
+    return bool(host)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and `localhost`."""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """True only when `host` accepts connections from this machine alone: `localhost`,
+    an address in 127.0.0.0/8, or ::1. A name such as `127.example.com` is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load(path: str | Path) -> RouterConfig:
@@ -140,18 +196,32 @@ def load(path: str | Path) -> RouterConfig:
 
 def check(config: RouterConfig) -> tuple[str, str, str] | None:
     """Rules the schema cannot express: (dotted key, message, hint) of the first broken one."""
+    names: dict[str, str] = {}  # filled by _check_models, which runs whole before _check_keys
+    return (_check_listen(config) or _check_tls(config) or _check_models(config, names)
+            or _check_keys(config, names))
+
+
+def _check_listen(config: RouterConfig) -> tuple[str, str, str] | None:
     try:
-        host, _ = split_listen(config.listen)
-    except ValueError:
-        return ("listen", f"must be HOST:PORT, got {config.listen!r}",
+        host, _ = parse_listen(config.listen)
+    except ValueError as exc:
+        return ("listen", f"must be HOST:PORT, got {config.listen!r}: {exc}",
                 "write e.g. `127.0.0.1:8080` or `0.0.0.0:8080`.")
     if not config.keys and not is_loopback(host):
         return ("keys", f"is empty but `listen` is {config.listen!r}, which is not loopback",
                 "create a key with `stack keys create NAME`, or listen on 127.0.0.1.")
+    return None
+
+
+def _check_tls(config: RouterConfig) -> tuple[str, str, str] | None:
     if (config.tls_cert is None) != (config.tls_key is None):
         return ("tls_cert", "and `tls_key` must be given together",
                 "set both paths, or neither to serve plain HTTP.")
-    names: dict[str, str] = {}
+    return None
+
+
+def _check_models(config: RouterConfig, names: dict[str, str]) -> tuple[str, str, str] | None:
+    """Unique names and aliases (filling `names`: name -> its key), replica URLs."""
     for i, model in enumerate(config.models):
         for j, name in enumerate([model.name, *model.aliases]):
             where = f"models.{i}.name" if j == 0 else f"models.{i}.aliases.{j - 1}"
@@ -164,11 +234,13 @@ def check(config: RouterConfig) -> tuple[str, str, str] | None:
                 return (f"models.{i}.replicas.{k}.url", f"must start with http://, got "
                         f"{replica.url!r}", "backends are reached over plain HTTP on the "
                         "private network, e.g. `http://10.0.0.11:40001`.")
-            try:
-                split_listen(replica.url.removeprefix("http://").rstrip("/"))
-            except ValueError:
+            if not _names_host_and_port(replica.url.removeprefix("http://").rstrip("/")):
                 return (f"models.{i}.replicas.{k}.url", f"must be http://HOST:PORT, got "
                         f"{replica.url!r}", "write the port explicitly.")
+    return None
+
+
+def _check_keys(config: RouterConfig, names: dict[str, str]) -> tuple[str, str, str] | None:
     key_names: set[str] = set()
     for i, key in enumerate(config.keys):
         if key.name in key_names:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err.render(), file=sys.stderr)
         return 1
-    host, port = router_config.split_listen(config.listen)
+    host, port = router_config.parse_listen(config.listen)
     try:
         reserve = _socket(host, port)
     except OSError as exc:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import ipaddress
 import json
 import re
 import tomllib
@@ -30,6 +29,7 @@ import tomlkit.exceptions
 from pydantic import BaseModel, ValidationError
 from pydantic.functional_validators import BeforeValidator
 
+from router.config import is_loopback, parse_listen
 from stack.errors import ConfigError
 from stack.selector import SelectorError, parse_selector
 from stack.spec import NodeSpec, StackSpec, parse_bytes
@@ -187,24 +187,6 @@ def node_settings(spec: StackSpec, node_name: str) -> NodeSpec:
     if drivers:
         merged["drivers"] = drivers
     return NodeSpec.model_validate(merged)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`"127.0.0.1:8080"`, `"[::1]:8080"`, `":8080"` (all addresses) -> (host, port)."""
-    match = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):([0-9]{1,5})$", listen)
-    if not match or not 1 <= int(match.group(3)) <= 65535:
-        raise ValueError(f"`{listen}` is not HOST:PORT")
-    return (match.group(1) or match.group(2) or ""), int(match.group(3))
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen host only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------------------- report
@@ -626,17 +608,7 @@ def _check_runtimes(spec: StackSpec, report: _Report) -> None:
 
 def _check_router(spec: StackSpec, report: _Report) -> None:
     router = spec.router
-    try:
-        host, port = parse_listen(router.listen)
-    except ValueError:
-        report.add(("router", "listen"), f"`router.listen` must be HOST:PORT, got "
-                   f"{show(router.listen)}", 'e.g. `listen = "127.0.0.1:8080"`.')
-    else:
-        if not spec.keys and not is_loopback(host):
-            report.add(("router", "listen"), f"`router.listen` is `{router.listen}`, not a "
-                       "loopback address, and stack.toml has no `[[keys]]`",
-                       "create a key with `stack keys create NAME` so that only key holders "
-                       f'can call the models, or listen on `"127.0.0.1:{port}"`.')
+    _check_listen(spec, report)
     if (router.tls_cert is None) != (router.tls_key is None):
         missing = "tls_key" if router.tls_key is None else "tls_cert"
         report.add(("router",), "`router` has only one of `tls_cert` and `tls_key`",
@@ -649,6 +621,25 @@ def _check_router(spec: StackSpec, report: _Report) -> None:
                 report.add(path, f"`{dotted(path)}` is `{pattern}`, which matches no host "
                            "in `[hosts]`", f"did you mean `{guess}`?" if guess else
                            "hosts are: " + ", ".join(f"`{h}`" for h in spec.hosts) + ".")
+
+
+def _check_listen(spec: StackSpec, report: _Report) -> None:
+    """`router.listen` in the router's own grammar (router.config), so the router.json
+    that `stack apply` writes from it is one the router accepts."""
+    listen = spec.router.listen
+    try:
+        host, port = parse_listen(listen)
+        if port == 0:  # any free port: fine for testing the router alone, not for a fleet
+            raise ValueError("port 0 means any free port, and clients need to know it")
+    except ValueError as exc:
+        report.add(("router", "listen"), f"`router.listen` must be HOST:PORT, got "
+                   f"{show(listen)}: {exc}", 'e.g. `listen = "127.0.0.1:8080"`.')
+        return
+    if not spec.keys and not is_loopback(host):
+        report.add(("router", "listen"), f"`router.listen` is `{listen}`, not a "
+                   "loopback address, and stack.toml has no `[[keys]]`",
+                   "create a key with `stack keys create NAME` so that only key holders "
+                   f'can call the models, or listen on `"127.0.0.1:{port}"`.')
 
 
 def _check_keys(spec: StackSpec, report: _Report) -> None:

@@ -38,6 +38,18 @@ def test_config_case(case: dict[str, Any], tmp_path: Path) -> None:
     assert "\nhint: " in rendered
 
 
+@pytest.mark.parametrize("case", _cases("listen"))
+def test_listen_case(case: dict[str, Any]) -> None:
+    if "error" in case:
+        with pytest.raises(ValueError) as info:
+            router_config.parse_listen(case["listen"])
+        assert str(info.value) == case["error"]
+        return
+    host, port = router_config.parse_listen(case["listen"])
+    assert (host, port) == (case["host"], case["port"])
+    assert router_config.is_loopback(host) == case["loopback"]
+
+
 @pytest.mark.parametrize("case", _cases("balance"))
 def test_balance_case(case: dict[str, Any]) -> None:
     loads = [Load(c["id"], c["outstanding"], c.get("weight", 1), c.get("latency", 0.0))
