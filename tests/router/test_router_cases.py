@@ -14,6 +14,7 @@ from router.balance import Load, choose
 from router.errors import ConfigError
 from router.health import ReplicaHealth
 from router.limits import KeyLimiter
+from router.usage import Usage, take_usage
 
 CASES = Path(__file__).parent / "cases"
 
@@ -94,3 +95,14 @@ def test_health_case(case: dict[str, Any]) -> None:
             assert health.available(at) == step["available"], step
         if "state" in step:
             assert health.state == step["state"], step
+
+
+@pytest.mark.parametrize("case", _cases("usage"))
+def test_usage_case(case: dict[str, Any]) -> None:
+    usage = Usage()
+    if "body" in case:
+        usage.count(case["body"].encode())
+    else:
+        usage.drop = case["drop"]
+        assert take_usage(case["events"].encode(), usage).decode() == case["passed_on"]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (case["prompt"], case["completion"])
