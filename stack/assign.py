@@ -19,19 +19,15 @@ from typing import Literal
 
 from agent.assignment import Assignment, Devices, Instance, Peer
 from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeouts
+from stack.nodes import node_prefix, node_settings
 from stack.observed import Observed
-from stack.schedule import Placement, Placements, Worker, node_settings
+from stack.placement import Placement, Placements, Worker
 from stack.spec import ModelSpec, StackSpec
 
 # health paths the router probes where a backend does not answer on /health
 HEALTH_PATHS = {"mindie": "/info"}
 # backends whose gpu_memory_utilization the scheduler's claim decides
 UTILIZATION_BACKENDS = ("vllm", "sglang")
-
-
-def node_prefix(spec: StackSpec, node: str) -> str:
-    """The install prefix on `node`."""
-    return node_settings(spec, node).prefix or spec.stack.prefix
 
 
 def node_host(spec: StackSpec, observed: Observed, node: str) -> str:

@@ -25,6 +25,8 @@ from agent.assignment import Assignment
 from deploys.services import Service, render, unit_file
 from deploys.steps import agent_paths
 from router.config import RouterConfig
+from stack.nodes import node_prefix as node_prefix  # re-exported for stack.apply
+from stack.nodes import node_settings
 from stack.observed import NodeFacts
 from stack.spec import StackSpec
 
@@ -57,13 +59,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def node_prefix(spec: StackSpec, node: str) -> str:
-    """The install prefix on `node`, without a trailing slash."""
-    from stack.config import node_settings
-
-    return (node_settings(spec, node).prefix or spec.stack.prefix).rstrip("/")
-
-
 def agent_service(spec: StackSpec, prefix: str, manager: str) -> Service:
     return Service("agent", spec.stack.name, prefix,
                    (f"{prefix}/agent/venv/bin/stack-agent", "--config", f"{prefix}/etc/agent.toml"),
@@ -77,8 +72,6 @@ def router_service(spec: StackSpec, prefix: str, manager: str) -> Service:
 
 
 def agent_listen(spec: StackSpec, node: str, facts: NodeFacts) -> str:
-    from stack.config import node_settings
-
     address = node_settings(spec, node).address or facts.address or "127.0.0.1"
     return f"{address}:{AGENT_PORT}"
 

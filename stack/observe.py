@@ -34,8 +34,8 @@ from pyinfra.context import ctx_host, ctx_state
 
 from deploys.facts import HostFacts, facts_command, node_facts_from
 from stack import sshtcp
-from stack.config import node_settings
 from stack.errors import ConfigError, Problem
+from stack.nodes import node_prefix, node_settings
 from stack.observed import NodeFacts, Observed
 from stack.spec import StackSpec
 
@@ -128,10 +128,6 @@ def build_inventory(spec: StackSpec, stack_dir: Path,
         address = host.data.get("ssh_hostname") or host.name
         addresses[node] = "127.0.0.1" if address == "@local" else str(address)
     return inventory, addresses
-
-
-def _prefix(spec: StackSpec, node: str) -> str:
-    return node_settings(spec, node).prefix or spec.stack.prefix
 
 
 def _connect_error(node: str, address: str, exc: Exception) -> Problem:
@@ -240,7 +236,7 @@ def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
     with ctx_state.use(connected.state), ctx_host.use(host):
         try:
             status, output = host.run_shell_command(
-                facts_command(_prefix(spec, node)), print_output=False, print_input=False,
+                facts_command(node_prefix(spec, node)), print_output=False, print_input=False,
                 _timeout=FACTS_TIMEOUT, _sudo=sudo,
             )
         except (PyinfraError, OSError, TimeoutError) as exc:

@@ -23,8 +23,9 @@ from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.errors import ConfigError
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
+from stack.nodes import node_settings
 from stack.observed import InstanceFacts, ManagedFile, NodeFacts, Observed
-from stack.schedule import Placement, Placements, Unschedulable, gib, instance_id, node_settings
+from stack.placement import Placement, Placements, Unschedulable, gib, instance_id
 from stack.spec import StackSpec
 
 FORMAT_VERSION = 1

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stack import lock
     from stack.config import load
-    from stack.hostfiles import node_prefix
+    from stack.nodes import node_prefix
     from stack.observe import read_node
     from stack.remote import run as run_on
     from stack.remote import session

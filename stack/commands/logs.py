@@ -26,11 +26,11 @@ def run(args: argparse.Namespace) -> int:
     import gevent
 
     from stack.config import load
-    from stack.hostfiles import node_prefix
+    from stack.nodes import node_prefix
     from stack.observe import read_node
+    from stack.placement import instance_id
     from stack.remote import run as run_on
     from stack.remote import session
-    from stack.schedule import instance_id
 
     path = Path(args.file)
     spec = load(path)

@@ -69,7 +69,7 @@ def read_status(spec: StackSpec, stack_dir: Path) -> dict[str, Any]:
     """The whole status as a JSON-able dict."""
     import gevent
 
-    from stack.hostfiles import node_prefix
+    from stack.nodes import node_prefix
     from stack.observe import read_node
     from stack.remote import session
 

@@ -90,8 +90,8 @@ def test_a_replica_kept_for_unknown_metadata_runs_exactly_as_the_host_has_it() -
     placement, which lacks what the metadata would say); on a host whose assignment cannot
     be read it is left out rather than written half-known."""
     from stack.apply import Desired, keep_unknown
+    from stack.placement import ClaimedResources, Placement, Placements
     from stack.plan import Plan
-    from stack.schedule import ClaimedResources, Placement, Placements
 
     running = inst("qwen-0", 40000, ["--max-model-len", "8192"])
     kept = Placement("qwen", 0, "gpu-01", (0,), "vllm", "0.11.0", 40000,

@@ -1,0 +1,249 @@
+"""Where replicas run: the scheduler's answer and the values around it.
+
+`Placement` (one replica placed: node, GPUs, backend, port, claim, workers, layer split),
+`Placements` (all of them, the replicas that cannot be placed, those kept because their
+model's metadata is unknown, and the router hosts), `PreviousPlacement` (where a replica
+runs now, from the agents' reports) and their JSON (the plan's `placements`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from stack.observed import AgentFacts, InstanceFacts, NodeFacts, Observed
+
+GiB = 1024**3
+
+
+
+@dataclass(frozen=True)
+class ClaimedResources:
+    """What one part of a replica takes on its node."""
+
+    vram_bytes_per_gpu: int  # the most any of its GPUs takes
+    ram_bytes: int
+    vram_bytes_by_gpu: tuple[int, ...] = ()  # per GPU (in `gpus` order) when split by layers
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"vram_bytes_per_gpu": self.vram_bytes_per_gpu,
+                                "ram_bytes": self.ram_bytes}
+        if self.vram_bytes_by_gpu:
+            data["vram_bytes_by_gpu"] = list(self.vram_bytes_by_gpu)
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ClaimedResources:
+        return ClaimedResources(int(data["vram_bytes_per_gpu"]), int(data["ram_bytes"]),
+                                tuple(int(v) for v in data.get("vram_bytes_by_gpu", ())))
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A further node of a distributed replica (RPC worker or Ray/pipeline stage)."""
+
+    node: str
+    gpus: tuple[int, ...]
+    port: int
+    vendor: str = "cpu"
+    claim: ClaimedResources | None = None  # set when it differs from the main's (layer split)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"node": self.node, "gpus": list(self.gpus), "port": self.port,
+                                "vendor": self.vendor}
+        if self.claim is not None:
+            data["claim"] = self.claim.to_json()
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Worker:
+        claim = data.get("claim")
+        return Worker(data["node"], tuple(int(g) for g in data["gpus"]), int(data["port"]),
+                      data.get("vendor", "cpu"),
+                      ClaimedResources.from_json(claim) if claim else None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One replica placed: where it runs, with what, and what it takes."""
+
+    model: str
+    replica: int
+    node: str
+    gpus: tuple[int, ...]
+    backend: str
+    backend_version: str | None
+    port: int
+    claim: ClaimedResources
+    runtime: str = ""
+    vendor: str = "cpu"
+    gpu_memory_bytes: int = 0  # memory of the smallest GPU used (0 on CPU)
+    kind: str = "llm"
+    context: int | None = None
+    workers: tuple[Worker, ...] = ()
+    # llama.cpp split by layers: layers per device, the main's GPUs (in `gpus` order, or
+    # one entry for its CPU) first, then each worker's the same way; empty: one device
+    split: tuple[int, ...] = ()
+
+    @property
+    def id(self) -> str:
+        """The instance id of the main part: `{model}-{replica}`."""
+        return instance_id(self.model, self.replica)
+
+    def worker_id(self, k: int) -> str:
+        """The instance id of worker `k` (1-based): `{model}-{replica}-w{k}`."""
+        return f"{self.id}-w{k}"
+
+    def nodes(self) -> tuple[str, ...]:
+        """Every node this replica runs on, the main one first."""
+        return (self.node, *(w.node for w in self.workers))
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "model": self.model, "replica": self.replica, "node": self.node,
+            "gpus": list(self.gpus), "backend": self.backend,
+            "backend_version": self.backend_version, "port": self.port,
+            "claim": self.claim.to_json(),
+            "runtime": self.runtime, "vendor": self.vendor,
+            "gpu_memory_bytes": self.gpu_memory_bytes, "kind": self.kind,
+            "context": self.context,
+            "workers": [w.to_json() for w in self.workers],
+        }
+        if self.split:
+            data["split"] = list(self.split)
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Placement:
+        return Placement(
+            model=data["model"], replica=int(data["replica"]), node=data["node"],
+            gpus=tuple(int(g) for g in data["gpus"]), backend=data["backend"],
+            backend_version=data.get("backend_version"), port=int(data["port"]),
+            claim=ClaimedResources.from_json(data["claim"]),
+            runtime=data.get("runtime", ""), vendor=data.get("vendor", "cpu"),
+            gpu_memory_bytes=int(data.get("gpu_memory_bytes", 0)),
+            kind=data.get("kind", "llm"), context=data.get("context"),
+            workers=tuple(Worker.from_json(w) for w in data.get("workers", [])),
+            split=tuple(int(n) for n in data.get("split", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Unschedulable:
+    """A replica that fits nowhere, with the reason per node."""
+
+    model: str
+    replica: int
+    reasons: tuple[str, ...]
+    hint: str = ""  # what to do, when one thing is wrong everywhere (the model's source)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"model": self.model, "replica": self.replica,
+                                "reasons": list(self.reasons)}
+        if self.hint:
+            data["hint"] = self.hint
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Unschedulable:
+        return Unschedulable(data["model"], int(data["replica"]),
+                             tuple(str(r) for r in data.get("reasons", [])),
+                             str(data.get("hint", "")))
+
+
+@dataclass(frozen=True)
+class Placements:
+    """The scheduler's answer: every replica placed or reported, and the router hosts."""
+
+    placements: tuple[Placement, ...]
+    unschedulable: tuple[Unschedulable, ...] = ()
+    routers: tuple[str, ...] = ()
+    # replicas that run where they are because their model's metadata cannot be read now
+    # (unknown is not gone): apply leaves their instances as they are
+    kept: tuple[Placement, ...] = ()
+    unknown: tuple[tuple[str, str], ...] = ()  # (model, why its metadata is unknown)
+
+    def get(self, model: str, replica: int) -> Placement | None:
+        for p in self.placements:
+            if p.model == model and p.replica == replica:
+                return p
+        return None
+
+
+def instance_id(model: str, replica: int) -> str:
+    """The instance id of a replica's main part."""
+    return f"{model}-{replica}"
+
+
+def gib(value: int) -> str:
+    """Bytes as `38.2 GiB`."""
+    return f"{value / GiB:.1f} GiB"
+
+
+
+@dataclass(frozen=True)
+class PreviousPlacement:
+    """Where a replica ran, from the agents' reports."""
+
+    model: str
+    replica: int
+    node: str
+    gpus: tuple[int, ...]
+    port: int
+    backend: str
+    backend_version: str | None
+    workers: tuple[tuple[int, str, tuple[int, ...], int], ...] = ()  # (k, node, gpus, port)
+    split: tuple[int, ...] = ()  # layers per device, as the main reports (`layer_split`)
+
+
+def previous_placements(observed: Observed) -> dict[tuple[str, int], PreviousPlacement]:
+    """The placements the agents report, by (model, replica); workers folded in."""
+    mains: dict[tuple[str, int], tuple[str, InstanceFacts]] = {}
+    workers: dict[tuple[str, int], list[tuple[int, str, tuple[int, ...], int]]] = {}
+    for node_name in sorted(observed.nodes):
+        for inst in observed.nodes[node_name].agent.instances:
+            key = (inst.model, inst.replica)
+            base = instance_id(inst.model, inst.replica)
+            if inst.id == base:
+                mains.setdefault(key, (node_name, inst))
+            elif inst.id.startswith(base + "-w") and inst.id[len(base) + 2:].isdigit():
+                k = int(inst.id[len(base) + 2:])
+                workers.setdefault(key, []).append((k, node_name, tuple(inst.gpus), inst.port))
+    out: dict[tuple[str, int], PreviousPlacement] = {}
+    for key, (node_name, inst) in sorted(mains.items()):
+        out[key] = PreviousPlacement(
+            inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port, inst.backend,
+            inst.backend_version, tuple(sorted(workers.get(key, []))),
+            tuple(inst.layer_split or ()))
+    return out
+
+
+def with_instances(observed: Observed, placements: Placements,
+                   spec_hashes: Mapping[str, str] | None = None,
+                   agent_version: str | None = None) -> Observed:
+    """The facts as they read after a successful apply of `placements`: every reachable
+    node's agent runs exactly the placed instances (ready). For tests and benchmarks."""
+    hashes = spec_hashes or {}
+    per_node: dict[str, list[InstanceFacts]] = {name: [] for name in observed.nodes}
+    for p in placements.placements:
+        parts = [(p.node, p.gpus, p.port, p.id),
+                 *((w.node, w.gpus, w.port, p.worker_id(k))
+                   for k, w in enumerate(p.workers, start=1))]
+        for node, gpus, port, iid in parts:
+            # a main split by layers reports its split (the agent's `layer_split`)
+            per_node[node].append(InstanceFacts(
+                id=iid, model=p.model, replica=p.replica, gpus=list(gpus), port=port,
+                backend=p.backend, backend_version=p.backend_version, state="ready",
+                spec_hash=hashes.get(iid), kind=p.kind,
+                role="single" if not p.workers else "main" if iid == p.id else "worker",
+                layer_split=list(p.split) if p.split and iid == p.id else None))
+    nodes: dict[str, NodeFacts] = {}
+    for name, facts in observed.nodes.items():
+        if not facts.reachable:
+            nodes[name] = facts
+            continue
+        agent = AgentFacts(version=agent_version or facts.agent.version, running=True,
+                           instances=per_node[name])
+        nodes[name] = facts.model_copy(update={"agent": agent})
+    return observed.model_copy(update={"nodes": nodes})

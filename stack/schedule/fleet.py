@@ -1,0 +1,279 @@
+"""The fleet while placing: nodes grouped into classes, lazy heaps, free memory and ports."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from stack.estimate.types import Claim, Evaluation
+from stack.nodes import node_settings
+from stack.observed import GpuFacts, NodeFacts, Observed
+from stack.placement import gib
+from stack.spec import ModelSpec, NodeSpec, StackSpec
+
+GiB = 1024**3
+TP_SIZES = (1, 2, 4, 8)
+MAX_NODES_PER_REPLICA = 16
+# backends that may run on the CPU only (cpu_inference) and over RPC workers
+CPU_BACKENDS = ("llama.cpp",)
+# backends whose multi-node mains start a Ray head on the port after their own
+RAY_BACKENDS = ("vllm", "sglang")
+
+
+def cc_key(value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(p) for p in value.split("."))
+    except ValueError:
+        return None
+
+
+def gpu_selected(model: ModelSpec, gpu: GpuFacts) -> str | None:
+    """Why `gpu` does not match the model's GPU selector, or None when it does."""
+    sel = model.gpu
+    if sel.vendor and gpu.vendor not in sel.vendor:
+        return f"vendor {gpu.vendor} is not one of {', '.join(sel.vendor)}"
+    if sel.name and not fnmatchcase(gpu.name.lower(), sel.name.lower()):
+        return f"{gpu.name or 'GPU'} does not match `{sel.name}`"
+    if sel.min_memory is not None and gpu.memory_bytes < sel.min_memory:
+        return f"{gpu.name or 'GPU'} has {gib(gpu.memory_bytes)}, needs {gib(sel.min_memory)}"
+    if sel.min_compute_capability is not None:
+        have, want = cc_key(gpu.compute_capability), cc_key(sel.min_compute_capability)
+        if have is None or (want is not None and have < want):
+            return (f"{gpu.name or 'GPU'} has compute capability "
+                    f"{gpu.compute_capability or 'unknown'}, needs {sel.min_compute_capability}")
+    return None
+
+
+@dataclass
+class NodeState:
+    """One reachable node while placing: what is still free on it."""
+
+    name: str
+    facts: NodeFacts
+    settings: NodeSpec
+    labels: dict[str, str]
+    gpus: dict[int, GpuFacts]
+    free: dict[int, int]  # GPU index -> free bytes
+    total_vram: int
+    ram_free: int
+    ram_total: int
+    disk_free: int
+    ports_taken: set[int]  # given to our replicas in this pass
+    ports_reported: dict[int, str]  # in use on the node per its facts -> instance id
+    port_cursor: int = 0  # no free port below this one
+    models: dict[str, int] = field(default_factory=dict)  # model -> parts placed here
+    files_here: set[str] = field(default_factory=set)  # models whose files are present
+    cls: int = 0
+    version: int = 0
+
+    def load(self) -> float:
+        """Fraction of the node taken (VRAM on GPU nodes, RAM otherwise)."""
+        if self.total_vram:
+            return 1.0 - sum(self.free.values()) / self.total_vram
+        return 1.0 - self.ram_free / self.ram_total if self.ram_total else 1.0
+
+
+@dataclass(frozen=True)
+class Pool:
+    """GPUs of one node class that a (model, backend) may use together."""
+
+    vendor: str
+    indices: tuple[int, ...]
+    memory: int  # total memory of one GPU (of the largest, when mixed)
+    mixed: bool = False  # unlike GPUs of one vendor, only for a split by layers
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """What a (model, backend) may use on a node class, or why nothing."""
+
+    pools: tuple[Pool, ...]
+    cpu: bool
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Need:
+    """One part of a replica to place on one node: k GPUs of a pool (or CPU)."""
+
+    gpus: int
+    vram: int  # per GPU (the most any takes, when split by layers)
+    ram: int
+    disk: int
+    vram_by_gpu: tuple[int, ...] = ()  # split by layers: per GPU, in the part's GPU order
+    layers: tuple[int, ...] = ()  # split by layers: per GPU, or one entry for the CPU
+
+
+# one part of a replica as placed: node, GPU pool (None: CPU), GPUs, what it takes, port
+Part = tuple[NodeState, Pool | None, tuple[int, ...], Need, int | None]
+
+
+@dataclass
+class ModelState:
+    """A model while placing: its spec, evaluation and caches."""
+
+    name: str
+    spec: ModelSpec
+    evaluation: Evaluation
+    policy: str
+    backends: tuple[str, ...]
+    runtimes: dict[str, tuple[str, str | None] | str]
+    selector: Any
+    claims: dict[tuple[str, int, int, int], Claim | str] = field(default_factory=dict)
+    failed_layouts: set[tuple[str, int, int, int]] = field(default_factory=set)
+    reasons: tuple[str, ...] | None = None
+
+    def claim(self, backend: str, gpus: int, memory: int, nodes: int) -> Claim | str:
+        key = (backend, gpus, memory, nodes)
+        if key not in self.claims:
+            self.claims[key] = self.evaluation.claim(
+                backend, gpus, memory if gpus else None, nodes)
+        return self.claims[key]
+
+
+class Fleet:
+    """The nodes while placing, grouped into classes, with per-class lazy heaps."""
+
+    def __init__(self, spec: StackSpec, observed: Observed) -> None:
+        self.spec = spec
+        self.port_lo, self.port_hi = spec.stack.port_range
+        self.nodes: dict[str, NodeState] = {}
+        self.excluded: dict[str, str] = {}  # node -> why no model goes there
+        self.class_members: list[list[str]] = []
+        self.heaps: list[dict[str, list[tuple[tuple[float, str], int, str]]]] = []
+        class_index: dict[tuple[Any, ...], int] = {}
+        for name in sorted(observed.nodes):
+            facts = observed.nodes[name]
+            if not facts.reachable:
+                self.excluded[name] = (
+                    f"unreachable: {facts.error or 'the node did not answer'}")
+                continue
+            if facts.os not in ("linux", "darwin"):
+                # pyinfra 3 manages POSIX hosts only; say so instead of "too little RAM"
+                self.excluded[name] = (
+                    f"runs {facts.os}, which pyinfra 3 cannot manage (no model is placed "
+                    "there)")
+                continue
+            node = self._node(name, facts)
+            key = self._class_key(node)
+            if key not in class_index:
+                class_index[key] = len(self.class_members)
+                self.class_members.append([])
+                self.heaps.append({"spread": [], "binpack": []})
+            node.cls = class_index[key]
+            self.class_members[node.cls].append(name)
+            self.nodes[name] = node
+        for node in self.nodes.values():
+            self._push(node)
+
+    def _node(self, name: str, facts: NodeFacts) -> NodeState:
+        settings = node_settings(self.spec, name)
+        host = self.spec.hosts.get(name)
+        labels = {**facts.labels, **(host.labels if host else {}), **settings.labels}
+        ours_on_gpu: set[int] = set()
+        ports: dict[int, str] = {}
+        files: set[str] = set()
+        for inst in facts.agent.instances:
+            ours_on_gpu.update(inst.gpus)
+            ports[inst.port] = inst.id
+            files.add(inst.model)
+        for port in facts.ports_in_use:
+            ports.setdefault(port, "")
+        gpus = {g.index: g for g in facts.gpus}
+        free: dict[int, int] = {}
+        for g in facts.gpus:
+            # memory in use on a GPU none of our instances runs on belongs to someone else;
+            # on our GPUs our own claims stand for the usage (stable from plan to plan)
+            external = 0 if g.index in ours_on_gpu else g.memory_used_bytes
+            free[g.index] = max(0, g.memory_bytes - settings.reserved_vram - external)
+        ram = max(0, facts.memory_bytes - settings.reserved_ram)
+        return NodeState(name=name, facts=facts, settings=settings, labels=labels, gpus=gpus,
+                     free=free, total_vram=sum(g.memory_bytes for g in facts.gpus),
+                     ram_free=ram, ram_total=ram, disk_free=facts.disk_free_bytes,
+                     ports_taken=set(), ports_reported=ports, files_here=files)
+
+    @staticmethod
+    def _class_key(node: NodeState) -> tuple[Any, ...]:
+        gpus = tuple((g.vendor, g.name, g.memory_bytes, g.compute_capability)
+                     for _, g in sorted(node.gpus.items()))
+        s = node.settings
+        return (tuple(sorted(node.labels.items())), node.facts.os, node.facts.arch, gpus,
+                s.cpu_inference, s.reserved_vram, s.reserved_ram)
+
+    def _push(self, node: NodeState) -> None:
+        load = round(node.load(), 9)
+        heaps = self.heaps[node.cls]
+        heapq.heappush(heaps["spread"], ((load, node.name), node.version, node.name))
+        heapq.heappush(heaps["binpack"], ((-load, node.name), node.version, node.name))
+
+    def take(self, node: NodeState, model: str, gpus: Iterable[int], need: Need, port: int) -> None:
+        """Claim resources on `node` for one part of a replica."""
+        for k, i in enumerate(gpus):
+            node.free[i] -= need.vram_by_gpu[k] if need.vram_by_gpu else need.vram
+        node.ram_free -= need.ram
+        if model not in node.files_here:
+            node.disk_free -= need.disk
+            node.files_here.add(model)
+        node.ports_taken.add(port)
+        node.models[model] = node.models.get(model, 0) + 1
+        node.version += 1
+        self._push(node)
+
+    def free_port(self, node: NodeState, owner: str = "", wanted: int | None = None,
+                  span: int = 1) -> int | None:
+        """`wanted` when it is free or already `owner`'s, else the lowest free port.
+
+        Ports reported in use by any instance (ours to be removed, or not ours) stay
+        untouched, so a replacement can start before the old instance stops.
+        """
+        def free(port: int, mine: bool) -> bool:
+            return all(self.port_lo <= q <= self.port_hi and q not in node.ports_taken
+                       and node.ports_reported.get(q, owner if mine else None) in
+                       ((owner,) if mine else (None,))
+                       for q in range(port, port + span))
+
+        if wanted is not None and free(wanted, True):
+            return wanted
+        # ports are only ever taken while placing, so the lowest free one only moves up
+        start = max(self.port_lo, node.port_cursor)
+        for port in range(start, self.port_hi - span + 2):
+            if free(port, False):
+                if span == 1:
+                    node.port_cursor = port
+                return port
+        return None
+
+    def candidates(self, classes: Iterable[int], policy: str,
+                   accept: Callable[[NodeState], bool]) -> list[NodeState]:
+        """Nodes of `classes` in policy order, stopping at the first one `accept` takes.
+
+        Returns the nodes looked at, in order (the accepted one last, if any). Popped heap
+        entries are pushed back, so the heaps stay intact.
+        """
+        heaps = [self.heaps[c][policy] for c in classes]
+        frontier = [(h[0][0], i) for i, h in enumerate(heaps) if h]
+        heapq.heapify(frontier)
+        seen: list[NodeState] = []
+        popped: list[tuple[int, tuple[tuple[float, str], int, str]]] = []
+        try:
+            while frontier:
+                _, i = heapq.heappop(frontier)
+                entry = heapq.heappop(heaps[i])
+                if heaps[i]:
+                    heapq.heappush(frontier, (heaps[i][0][0], i))
+                node = self.nodes[entry[2]]
+                if entry[1] != node.version:
+                    continue  # stale: the node changed since this entry was pushed
+                popped.append((i, entry))
+                seen.append(node)
+                if accept(node):
+                    break
+        finally:
+            for i, entry in popped:
+                heapq.heappush(heaps[i], entry)
+        return seen
