@@ -52,9 +52,14 @@ def test_download_reports_progress_then_records_sizes_and_refetches_a_changed_fi
     assert done.path and Path(done.path).stat().st_size == 1000
     assert store.resolve(inst).path == done.path and calls == ["org/m"]  # recorded: no refetch
 
+    release.clear()  # the refetch waits (else it could finish inside the next resolve)
     Path(done.path).write_bytes(b"short")  # a truncated file is fetched again
     assert store.resolve(inst).path is None
-    assert calls == ["org/m", "org/m"]
+    deadline = time.monotonic() + 5
+    while calls != ["org/m", "org/m"]:
+        assert time.monotonic() < deadline, calls
+        time.sleep(0.01)
+    release.set()
 
 
 def test_failed_download_fails_the_instance_with_a_hint_and_retries_later(
