@@ -106,7 +106,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 split_listen = parse_listen
-"""The former name, still imported by `stack.monitoring`."""
+"""The former name, still used by the controller's monitoring targets."""
 
 
 def _split_address(text: str) -> tuple[str, int]:
