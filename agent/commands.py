@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from agent.assignment import Instance
 from agent.errors import CommandError
 
-# DESIGN.md: device selection by environment, per vendor
+# device selection by environment, per vendor (docs/agent.md, "Backends")
 DEVICE_ENV: dict[str, tuple[str, ...]] = {
     "nvidia": ("CUDA_VISIBLE_DEVICES",),
     "amd": ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"),

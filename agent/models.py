@@ -1,6 +1,6 @@
 """Model files on this host: where an instance's model is, and fetching it when missing.
 
-Sources (DESIGN.md): `hf://ORG/NAME[/FILE][@REV]` and `modelscope://ORG/NAME[/FILE][@REV]`
+Sources (docs/agent.md): `hf://ORG/NAME[/FILE][@REV]` and `modelscope://ORG/NAME[/FILE][@REV]`
 are downloaded into the libraries' caches under `PREFIX/models/` (resumable: both keep
 partial files and continue them); an absolute path must exist on the host; `local://`
 files were uploaded by `stack apply` to the instance's `model_path`. A finished download

@@ -1,4 +1,4 @@
-"""The observed fleet: the facts snapshot format of DESIGN.md (`stack facts --out`).
+"""The observed fleet: the facts snapshot format (`stack facts --out`, docs/facts.md).
 
 This is a public contract: `format_version` 1. Unknown fields are kept, missing optional
 fields have defaults.

@@ -4,7 +4,7 @@ Compares the desired state (placements turned into assignments and a router conf
 with the observed one (the facts) and lists changes: hosts (drivers, reboots, the agent,
 runtimes), model replicas (create, replace with its reason, delete), the router. The plan
 decides nothing by itself; `render` shows it and `apply` carries it out. Its JSON form
-(`Plan.to_json`) is the public contract of DESIGN.md "Plan", plus what apply needs to
+(`Plan.to_json`) is a public contract (docs/plan.md, "JSON"), with what apply needs to
 rebuild the assignments (placements with runtime, vendor, context and workers).
 """
 

@@ -1,6 +1,6 @@
 """Model sources: parse the forms stack.toml accepts and find their metadata files.
 
-Forms (DESIGN.md): `hf://ORG/NAME[/FILE][@REV]`, `modelscope://ORG/NAME[/FILE][@REV]`,
+Forms (docs/stack-toml.md, `models.NAME.source`): `hf://ORG/NAME[/FILE][@REV]`, `modelscope://ORG/NAME[/FILE][@REV]`,
 an absolute path on the hosts (`/models/qwen`), and `local://PATH` (a controller file or
 folder relative to stack.toml, or absolute as `local:///abs/path`).
 

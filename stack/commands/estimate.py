@@ -69,7 +69,8 @@ def estimate(source: str, base_dir: Path, backend: str | None, ctx: int | None,
 
 
 def as_json(evaluation: ModelEvaluation, backend: str, claim: Claim | str) -> dict[str, Any]:
-    """The `stack estimate --json` contract of DESIGN.md (plus a few informative keys)."""
+    """The `stack estimate --json` contract of docs/estimate.md (plus a few informative
+    keys)."""
     meta = evaluation.meta
     out: dict[str, Any] = {
         "source": meta.source,

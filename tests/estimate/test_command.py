@@ -1,4 +1,4 @@
-"""`stack estimate`: the JSON contract of DESIGN.md, the human table, and its errors."""
+"""`stack estimate`: the JSON contract (docs/estimate.md), the human table, its errors."""
 
 from __future__ import annotations
 
