@@ -105,9 +105,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or ALL_INTERFACES, port
 
 
-split_listen = parse_listen
-"""The former name, still used by the controller's monitoring targets."""
-
 
 def _split_address(text: str) -> tuple[str, int]:
     """`HOST:PORT` -> (host without brackets, possibly empty, port)."""

@@ -18,7 +18,7 @@ import posixpath
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from router.config import is_loopback, split_listen
+from router.config import is_loopback, parse_listen
 from stack.observed import Observed
 from stack.spec import StackSpec
 
@@ -63,14 +63,14 @@ def scrape_targets(spec: StackSpec, observed: Observed) -> Targets:
     from stack.assign import node_host
     from stack.hostfiles import agent_listen
 
-    host, port = split_listen(spec.router.listen)
+    host, port = parse_listen(spec.router.listen)
     routers = []
     for node in router_nodes(spec, observed):
         address = node_host(spec, observed, node) if host in WILDCARD_HOSTS else host
         routers.append(Target(node, _hostport(address, port), is_loopback(address)))
     agents = []
     for node in sorted(observed.nodes):
-        agent_host, agent_port = split_listen(agent_listen(spec, node, observed.nodes[node]))
+        agent_host, agent_port = parse_listen(agent_listen(spec, node, observed.nodes[node]))
         agents.append(Target(node, _hostport(agent_host, agent_port), is_loopback(agent_host)))
     return Targets(spec.stack.name, tuple(routers), tuple(agents))
 
