@@ -1,0 +1,292 @@
+"""The scheduler's core: filters per (model, backend, class), fitting one node, splits by
+layers, and taking a placement's resources."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from stack.estimate.types import Claim, Evaluation
+from stack.observed import Observed
+from stack.placement import (
+    ClaimedResources,
+    Placement,
+    Worker,
+    gib,
+    instance_id,
+)
+from stack.schedule.fleet import (
+    CPU_BACKENDS,
+    RAY_BACKENDS,
+    Eligibility,
+    Fleet,
+    ModelState,
+    Need,
+    NodeState,
+    Part,
+    Pool,
+    gpu_selected,
+)
+from stack.schedule.layers import split_layers
+from stack.schedule.runtimes import choose_runtime
+from stack.spec import StackSpec
+
+
+class SchedulerBase:
+    """What every way of placing builds on."""
+
+    def __init__(self, spec: StackSpec, evaluations: Mapping[str, Evaluation],
+                 observed: Observed) -> None:
+        self.spec = spec
+        self.fleet = Fleet(spec, observed)
+        self.models: dict[str, ModelState] = {}
+        self.eligible: dict[tuple[str, str, int], Eligibility] = {}
+        self.usable: dict[tuple[str, str, int, int], list[int]] = {}
+        from stack.selector import parse_selector
+
+        for name in sorted(evaluations):
+            if name not in spec.models:
+                continue
+            mspec, ev = spec.models[name], evaluations[name]
+            backends = (mspec.backend,) if mspec.backend else tuple(ev.backends)
+            self.models[name] = ModelState(
+                name=name, spec=mspec, evaluation=ev,
+                policy=mspec.placement or spec.stack.placement, backends=backends,
+                runtimes={b: choose_runtime(spec, b, mspec.backend_version) for b in backends},
+                selector=parse_selector(mspec.selector),
+            )
+
+    # ---- filters per (model, backend, class)
+
+    def eligibility(self, m: ModelState, backend: str, cls: int) -> Eligibility:
+        key = (m.name, backend, cls)
+        if key not in self.eligible:
+            self.eligible[key] = self._eligibility(m, backend,
+                                                   self.fleet.nodes[self.fleet.class_members[cls][0]])
+        return self.eligible[key]
+
+    def _eligibility(self, m: ModelState, backend: str, node: NodeState) -> Eligibility:
+        runtime = m.runtimes[backend]
+        if isinstance(runtime, str):
+            return Eligibility((), False, runtime)
+        if m.spec.selector and not m.selector.matches(node.labels):
+            failing = ", ".join(r.describe() for r in m.selector.failing(node.labels))
+            return Eligibility((), False, f"labels do not match `{failing}`")
+        groups: dict[tuple[str, str, int], list[int]] = {}
+        gpu_reasons: list[str] = []
+        for index, gpu in sorted(node.gpus.items()):
+            why = gpu_selected(m.spec, gpu)
+            if why:
+                gpu_reasons.append(why)
+                continue
+            groups.setdefault((gpu.vendor, gpu.name, gpu.memory_bytes), []).append(index)
+        pools: list[Pool] = []
+        for (vendor, _, memory), indices in sorted(groups.items()):
+            why = m.evaluation.refuse(backend, node.facts, [node.gpus[i] for i in indices])
+            if why:
+                gpu_reasons.append(why)
+            else:
+                pools.append(Pool(vendor, tuple(indices), memory))
+        if backend in CPU_BACKENDS:
+            # llama.cpp splits by layers, so unlike GPUs of one vendor work together
+            # (an RTX 4090 beside an L40S); tried after the pools of alike GPUs
+            for vendor in sorted({p.vendor for p in pools}):
+                same = [p for p in pools if p.vendor == vendor]
+                if len(same) > 1:
+                    pools.append(Pool(vendor, tuple(sorted(i for p in same for i in p.indices)),
+                                       max(p.memory for p in same), mixed=True))
+        cpu = False
+        cpu_reason = ""
+        if (m.spec.gpu.vendor and "cpu" not in m.spec.gpu.vendor) or m.spec.gpu.name \
+                or m.spec.gpu.min_memory or m.spec.gpu.min_compute_capability:
+            cpu_reason = "the GPU selector rules out the CPU"
+        elif backend not in CPU_BACKENDS:
+            cpu_reason = f"{backend} does not run on the CPU"
+        elif not node.settings.cpu_inference:
+            cpu_reason = "CPU inference is off (`cpu_inference = false`)"
+        else:
+            why = m.evaluation.refuse(backend, node.facts, [])
+            cpu, cpu_reason = why is None, why or ""
+        if pools or cpu:
+            return Eligibility(tuple(pools), cpu, None)
+        if not node.gpus:
+            return Eligibility((), False, f"no GPU; {cpu_reason}" if cpu_reason else "no GPU")
+        return Eligibility((), False, "; ".join(dict.fromkeys(gpu_reasons)) or cpu_reason)
+
+    # ---- one node
+
+    def fit_gpus(self, node: NodeState, pool: Pool, need: Need,
+                 policy: str) -> tuple[int, ...] | None:
+        """`need.gpus` GPUs of `pool` on `node` with enough free memory, or None."""
+        ok = [i for i in pool.indices if node.free[i] >= need.vram]
+        if len(ok) < need.gpus:
+            return None
+        # spread: the emptiest GPUs; binpack: the fullest that still fit (best fit)
+        ok.sort(key=lambda i: (-node.free[i] if policy == "spread" else node.free[i], i))
+        return tuple(sorted(ok[:need.gpus]))
+
+    def fits_host(self, node: NodeState, model: str, need: Need) -> str | None:
+        """Why RAM, disk or ports on `node` cannot take this part, or None."""
+        if node.ram_free < need.ram:
+            return f"needs {gib(need.ram)} RAM, free {gib(node.ram_free)}"
+        if model not in node.files_here and node.disk_free < need.disk:
+            return f"needs {gib(need.disk)} disk for the model files, free {gib(node.disk_free)}"
+        if self.fleet.free_port(node) is None:
+            return f"no free port in {self.fleet.port_lo}-{self.fleet.port_hi}"
+        return None
+
+    def need(self, m: ModelState, backend: str, gpus: int, memory: int, nodes: int) -> Need | str:
+        claim = m.claim(backend, gpus, memory, nodes)
+        if isinstance(claim, str):
+            return claim
+        disk = claim.disk_bytes or m.evaluation.meta.files_bytes
+        return Need(gpus, claim.vram_bytes_per_gpu if gpus else 0, claim.ram_bytes, disk)
+
+    def try_node(self, m: ModelState, backend: str, node: NodeState, gpus: int, nodes: int,
+                 policy: str) -> tuple[Pool | None, tuple[int, ...], Need] | None:
+        """The first pool of `node` that can take one part with `gpus` GPUs, or None."""
+        el = self.eligibility(m, backend, node.cls)
+        if gpus == 0:
+            if not el.cpu:
+                return None
+            need = self.need(m, backend, 0, 0, nodes)
+            if isinstance(need, str) or self.fits_host(node, m.name, need):
+                return None
+            return None, (), need
+        for pool in el.pools:
+            if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
+                continue
+            claim = self.split_claim(m, backend, gpus, pool.memory, nodes) if nodes == 1 \
+                else None
+            if claim is not None:
+                got = self.fit_split(m, claim, node, pool, gpus, policy)
+                if got is not None:
+                    return got
+                continue
+            need = self.need(m, backend, gpus, pool.memory, nodes)
+            if isinstance(need, str) or self.fits_host(node, m.name, need):
+                continue
+            chosen = self.fit_gpus(node, pool, need, policy)
+            if chosen is not None:
+                return pool, chosen, need
+        return None
+
+    # ---- split by layers (llama.cpp over several GPUs or nodes)
+
+    def split_claim(self, m: ModelState, backend: str, gpus: int, memory: int,
+                    nodes: int) -> Claim | None:
+        """The claim when this layout spreads the model over several devices by whole
+        layers (llama.cpp), else None (one device, or an even split such as vLLM's)."""
+        if max(gpus, 1) * nodes < 2:
+            return None
+        claim = m.claim(backend, gpus, memory, nodes)
+        if isinstance(claim, str) or claim.layers < 1:
+            return None
+        return claim
+
+    def split_parts(self, m: ModelState, claim: Claim,
+                    parts: list[tuple[NodeState, Pool | None, tuple[int, ...], int | None]],
+                    previous: tuple[int, ...] = ()) -> list[Part] | None:
+        """Each part with its share of the layers and what that share takes, or None.
+
+        The devices are the parts' GPUs in order (a CPU part is one device: its RAM).
+        `previous` (the split the replica runs with) is kept while it still fits, so a
+        replica that stays is not restarted for a new split.
+        """
+        free: list[int] = []
+        for node, _, gpus, _ in parts:
+            free.extend([node.free[i] for i in gpus] if gpus else [node.ram_free])
+        n, per_layer, fixed = claim.layers, claim.layer_bytes, claim.device_bytes
+        split: tuple[int, ...] | None = None
+        if len(previous) == len(free) and sum(previous) == n and all(
+                layers >= 1 and layers * per_layer + fixed <= f
+                for layers, f in zip(previous, free, strict=True)):
+            split = previous
+        else:
+            split = split_layers(n, per_layer, fixed, free)
+        if split is None:
+            return None
+        disk = claim.disk_bytes or m.evaluation.meta.files_bytes
+        out: list[Part] = []
+        k = 0
+        for node, pool, gpus, port in parts:
+            share = split[k:k + max(len(gpus), 1)]
+            k += len(share)
+            if gpus:
+                vram = tuple(layers * per_layer + fixed for layers in share)
+                need = Need(len(gpus), max(vram), claim.ram_bytes, disk, vram, share)
+            else:
+                need = Need(0, 0, share[0] * per_layer + fixed, disk, (), share)
+            if self.fits_host(node, m.name, need):
+                return None
+            out.append((node, pool, gpus, need, port))
+        return out
+
+    def split_gpus(self, node: NodeState, pool: Pool, claim: Claim, k: int,
+                   policy: str) -> list[tuple[int, ...]]:
+        """Sets of `k` GPUs of `pool` to try for a split, each holding a layer or more:
+        spread, the emptiest; binpack, the fullest first, then ever emptier ones."""
+        least = claim.device_bytes + claim.layer_bytes
+        ok = [i for i in pool.indices if node.free[i] >= least]
+        if len(ok) < k:
+            return []
+        if policy == "spread":
+            return [tuple(sorted(sorted(ok, key=lambda i: (-node.free[i], i))[:k]))]
+        ok.sort(key=lambda i: (node.free[i], i))
+        return [tuple(sorted(ok[s:s + k])) for s in range(len(ok) - k + 1)]
+
+    def fit_split(self, m: ModelState, claim: Claim, node: NodeState, pool: Pool, k: int,
+                  policy: str) -> tuple[Pool | None, tuple[int, ...], Need] | None:
+        """`k` GPUs of `pool` on `node` that hold the model split by layers, or None."""
+        for gpus in self.split_gpus(node, pool, claim, k, policy):
+            parts = self.split_parts(m, claim, [(node, pool, gpus, None)])
+            if parts is not None:
+                return pool, gpus, parts[0][3]
+        return None
+
+    # ---- placing
+
+    def place(self, m: ModelState, replica: int, backend: str, parts: list[Part]) -> Placement:
+        """Take the parts' resources and ports; the main part first."""
+        runtime = m.runtimes[backend]
+        assert not isinstance(runtime, str)
+        split = tuple(n for part in parts for n in part[3].layers) if parts[0][3].layers else ()
+        placed: list[Worker] = []
+        claims: list[ClaimedResources] = []
+        for k, (node, pool, gpus, need, want) in enumerate(parts):
+            owner = instance_id(m.name, replica) + (f"-w{k}" if k else "")
+            # a distributed vLLM/SGLang main also runs the Ray head on port + 1 (agent)
+            span = 2 if k == 0 and len(parts) > 1 and backend in RAY_BACKENDS else 1
+            got = self.fleet.free_port(node, owner, want, span)
+            if got is None:
+                got = self.fleet.free_port(node, owner, None, 1)
+            assert got is not None  # fits_host checked a port is free
+            self.fleet.take(node, m.name, gpus, need, got)
+            if span == 2:
+                node.ports_taken.add(got + 1)
+            claims.append(ClaimedResources(need.vram, need.ram, need.vram_by_gpu))
+            placed.append(Worker(node.name, gpus, got, pool.vendor if pool else "cpu",
+                                 claims[-1] if split else None))
+        node, pool, gpus = parts[0][:3]
+        memory = 0 if pool is None else pool.memory if not pool.mixed else \
+            min(node.gpus[i].memory_bytes for i in gpus)
+        return Placement(
+            model=m.name, replica=replica, node=node.name, gpus=gpus, backend=backend,
+            backend_version=runtime[1], port=placed[0].port, claim=claims[0],
+            runtime=runtime[0], vendor=placed[0].vendor, gpu_memory_bytes=memory,
+            kind=m.evaluation.kind, context=m.evaluation.context, workers=tuple(placed[1:]),
+            split=split if len(split) > 1 else (),
+        )
+
+    @staticmethod
+    def _split_host_need(m: ModelState, claim: Claim) -> Need:
+        return Need(claim.gpus, 0, claim.ram_bytes,
+                     claim.disk_bytes or m.evaluation.meta.files_bytes)
+
+    @staticmethod
+    def _split_reason(claim: Claim, node: NodeState, pool: Pool, k: int) -> str:
+        free = sorted((node.free[i] for i in pool.indices), reverse=True)[:k]
+        room = sum(max(0, f - claim.device_bytes) // claim.layer_bytes if claim.layer_bytes
+                   else claim.layers for f in free)
+        return (f"needs {claim.layers} layers of {gib(claim.layer_bytes)} + "
+                f"{gib(claim.device_bytes)} per GPU over {k} GPUs, the {k} with the most free "
+                f"memory hold {min(room, claim.layers)} (largest free {gib(free[0])})")
