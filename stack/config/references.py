@@ -1,0 +1,226 @@
+"""References between sections of stack.toml: names, pins, aliases, runtimes, the router's
+listen address, keys."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from router.config import is_loopback, parse_listen
+from stack.config.messages import NAME_HINT
+from stack.config.report import Loc, Report, dotted, show, suggest
+from stack.errors import ConfigError
+from stack.selector import SelectorError, parse_selector
+from stack.spec import StackSpec
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SOURCE_SCHEMES = ("hf://", "modelscope://", "local://")
+
+
+
+def reference_problems(spec: StackSpec, report: Report) -> None:
+    _check_names(spec, report)
+    _check_models(spec, report)
+    _check_api_names(spec, report)
+    _check_runtimes(spec, report)
+    _check_router(spec, report)
+    _check_keys(spec, report)
+    low, high = spec.stack.port_range
+    if low > high:
+        report.add(("stack", "port_range"), f"`stack.port_range` starts at {low} but ends at "
+                   f"{high}", "write the lower port first, e.g. `port_range = [40000, 40999]`.")
+    prefix = spec.stack.prefix
+    # `~/...` would need expanding on each host; the installers take the path literally
+    if not prefix.startswith("/"):
+        report.add(("stack", "prefix"), f"`stack.prefix` must be an absolute path, got "
+                   f"{show(prefix)}", 'e.g. `prefix = "/opt/stack"`, or a folder the SSH '
+                   "user owns to install without root.")
+    for pattern, node in spec.nodes.items():
+        if node.prefix is not None and not node.prefix.startswith("/"):
+            path: Loc = ("nodes", pattern, "prefix")
+            report.add(path, f"`{dotted(path)}` must be an absolute path, got "
+                       f"{show(node.prefix)}", 'e.g. `prefix = "/opt/stack"`.')
+    if spec.stack.inventory is not None and spec.hosts:
+        report.add(("stack", "inventory"), "`stack.inventory` and `[hosts]` both list hosts",
+                   "keep one: the inventory file or the inline `[hosts.NAME]` tables.")
+
+
+def _check_names(spec: StackSpec, report: Report) -> None:
+    for section, names in (("hosts", spec.hosts), ("models", spec.models)):
+        for name in names:
+            if not NAME.match(name):
+                report.add((section, name), f"`{dotted((section, name))}` is not a valid "
+                           f"{section[:-1]} name", NAME_HINT, at_key=True)
+
+
+def _check_models(spec: StackSpec, report: Report) -> None:
+    for name, model in spec.models.items():
+        base: Loc = ("models", name)
+        if not _valid_source(model.source):
+            report.add((*base, "source"), f"`{dotted((*base, 'source'))}` is not a model "
+                       f"source: {show(model.source)}",
+                       'write `hf://ORG/NAME`, `modelscope://ORG/NAME`, `local://models/x.gguf` '
+                       '(beside stack.toml) or an absolute path on the hosts.')
+        try:
+            parse_selector(model.selector)
+        except SelectorError as exc:
+            report.add((*base, "selector", exc.index),
+                       f"`{dotted((*base, 'selector', exc.index))}`: {exc}", exc.hint)
+        if model.pin is not None:
+            _check_pin(spec, base, model.pin.node, model.pin.gpus, model.gpus_per_replica,
+                       report)
+
+
+def _valid_source(source: str) -> bool:
+    for scheme in ("hf://", "modelscope://"):
+        if source.startswith(scheme):
+            repo = source[len(scheme):].split("@", 1)[0].split("/")
+            return len(repo) >= 2 and all(repo[:2])
+    if source.startswith("local://"):
+        return len(source) > len("local://")
+    return source.startswith("/")
+
+
+def _check_pin(spec: StackSpec, base: Loc, node: str, gpus: list[int],
+               per_replica: int | str, report: Report) -> None:
+    if spec.hosts and node not in spec.hosts:
+        guess = suggest(node, list(spec.hosts))
+        report.add((*base, "pin", "node"), f"`{dotted((*base, 'pin', 'node'))}` names "
+                   f"`{node}`, which is not in `[hosts]`",
+                   f"did you mean `{guess}`?" if guess else
+                   "pin to one of: " + ", ".join(f"`{h}`" for h in spec.hosts) + ".")
+    if gpus and isinstance(per_replica, int) and len(gpus) != per_replica:
+        count = f"{len(gpus)} GPU" + ("s" if len(gpus) != 1 else "")
+        report.add((*base, "pin", "gpus"), f"`{dotted((*base, 'pin', 'gpus'))}` lists "
+                   f"{count} but `gpus_per_replica` is {per_replica}",
+                   "list as many GPUs as each replica uses, or drop `gpus_per_replica`.")
+    if len(set(gpus)) != len(gpus) or any(g < 0 for g in gpus):
+        report.add((*base, "pin", "gpus"), f"`{dotted((*base, 'pin', 'gpus'))}` must list "
+                   "distinct GPU indices", "e.g. `gpus = [0, 1]`.")
+
+
+def check_pins_against(spec: StackSpec, hosts: list[str]) -> None:
+    """Pins name hosts of the inventory file (only known once it is loaded: `stack plan`)."""
+    for name, model in spec.models.items():
+        if model.pin is None or model.pin.node in hosts:
+            continue
+        guess = suggest(model.pin.node, hosts)
+        raise ConfigError(
+            f"`models.{name}.pin.node` names `{model.pin.node}`, which is not a host of the "
+            f"inventory file `{spec.stack.inventory}`",
+            hint=f"did you mean `{guess}`?" if guess else
+            "pin to one of: " + ", ".join(f"`{h}`" for h in hosts) + ".")
+
+
+def _check_api_names(spec: StackSpec, report: Report) -> None:
+    """Each name a client may send (model names and aliases) leads to one model."""
+    owner: dict[str, str] = {name: name for name in spec.models}
+    for name, model in spec.models.items():
+        for index, alias in enumerate(model.aliases):
+            path: Loc = ("models", name, "aliases", index)
+            if not alias.strip() or any(c.isspace() for c in alias):
+                report.add(path, f"`{dotted(path)}` must be a name without spaces, got "
+                           f"{show(alias)}", "e.g. `aliases = [\"gpt-4o-mini\"]`.")
+                continue
+            if alias in owner and alias != name:
+                what = ("the name of a model" if alias in spec.models
+                        else f"an alias of `{owner[alias]}`")
+                report.add(path, f"`{dotted(path)}` is `{alias}`, already {what}",
+                           "each name in the API must lead to one model: rename or remove "
+                           "one of them.")
+                continue
+            owner[alias] = name
+
+
+def _check_runtimes(spec: StackSpec, report: Report) -> None:
+    from stack.spec import BACKENDS
+
+    for name, runtime in spec.runtimes.items():
+        if runtime.backend is None and name not in BACKENDS:
+            guess = suggest(name, list(BACKENDS))
+            report.add(("runtimes", name), f"`{dotted(('runtimes', name))}` is not a backend "
+                       "name and has no `backend`",
+                       (f'did you mean `[runtimes."{guess}"]`? Otherwise set ' if guess
+                        else "set ") + "`backend` to one of: "
+                       + ", ".join(f"`{b}`" for b in BACKENDS) + ".", at_key=True)
+        needs = {"pip": "package", "archive": "url", "build": "url", "system": "path"}
+        field = needs[runtime.source]
+        if field == "url" and runtime.package is not None:
+            field = "package"  # the archive is that package's sdist
+        if getattr(runtime, field) is None:
+            report.add(("runtimes", name, "source"), f"`{dotted(('runtimes', name))}` has "
+                       f"`source = \"{runtime.source}\"` but no `{field}`",
+                       f"add `{field} = ...`: "
+                       f"{type(runtime).model_fields[field].description}"
+                       + (" Or name the package whose sdist is the archive: "
+                          "`package = \"NAME=={version}\"`." if field == "url" else ""))
+    versions: dict[str, set[str]] = {}
+    for name, runtime in spec.runtimes.items():
+        versions.setdefault(runtime.backend or name, set()).update(runtime.versions)
+    for name, model in spec.models.items():
+        if model.backend and model.backend_version and model.backend in versions \
+                and model.backend_version not in versions[model.backend]:
+            path: Loc = ("models", name, "backend_version")
+            report.add(path, f"`{dotted(path)}` is `{model.backend_version}`, which no "
+                       f"`[runtimes]` table of `{model.backend}` installs",
+                       "add it to that runtime's `versions`, or use one of: "
+                       + ", ".join(f"`{v}`" for v in sorted(versions[model.backend])) + ".")
+
+
+def _check_router(spec: StackSpec, report: Report) -> None:
+    router = spec.router
+    _check_listen(spec, report)
+    if (router.tls_cert is None) != (router.tls_key is None):
+        missing = "tls_key" if router.tls_key is None else "tls_cert"
+        report.add(("router",), "`router` has only one of `tls_cert` and `tls_key`",
+                   f"add `{missing}`, or remove both to serve plain HTTP.", at_key=True)
+    if spec.hosts:
+        for index, pattern in enumerate(router.hosts):
+            if not any(fnmatch.fnmatchcase(h, pattern) for h in spec.hosts):
+                guess = suggest(pattern, list(spec.hosts))
+                path: Loc = ("router", "hosts", index)
+                report.add(path, f"`{dotted(path)}` is `{pattern}`, which matches no host "
+                           "in `[hosts]`", f"did you mean `{guess}`?" if guess else
+                           "hosts are: " + ", ".join(f"`{h}`" for h in spec.hosts) + ".")
+
+
+def _check_listen(spec: StackSpec, report: Report) -> None:
+    """`router.listen` in the router's own grammar (router.config), so the router.json
+    that `stack apply` writes from it is one the router accepts."""
+    listen = spec.router.listen
+    try:
+        host, port = parse_listen(listen)
+        if port == 0:  # any free port: fine for testing the router alone, not for a fleet
+            raise ValueError("port 0 means any free port, and clients need to know it")
+    except ValueError as exc:
+        report.add(("router", "listen"), f"`router.listen` must be HOST:PORT, got "
+                   f"{show(listen)}: {exc}", 'e.g. `listen = "127.0.0.1:8080"`.')
+        return
+    if not spec.keys and not is_loopback(host):
+        report.add(("router", "listen"), f"`router.listen` is `{listen}`, not a "
+                   "loopback address, and stack.toml has no `[[keys]]`",
+                   "create a key with `stack keys create NAME` so that only key holders "
+                   f'can call the models, or listen on `"127.0.0.1:{port}"`.')
+
+
+def _check_keys(spec: StackSpec, report: Report) -> None:
+    names: set[str] = set()
+    hashes: set[str] = set()
+    api_names = set(spec.models) | {a for m in spec.models.values() for a in m.aliases}
+    for index, key in enumerate(spec.keys):
+        if key.name in names:
+            report.add(("keys", index, "name"), f"`keys[{index}].name`: two keys are named "
+                       f"`{key.name}`", "key names must be unique: rename one, or "
+                       f"`stack keys revoke {key.name}`.")
+        if key.hash in hashes:
+            report.add(("keys", index, "hash"), f"`keys[{index}].hash` is the same as an "
+                       "earlier key's", "remove the copy; a key must have one name.")
+        names.add(key.name)
+        hashes.add(key.hash)
+        for m_index, model in enumerate(key.models):
+            if model not in api_names:
+                path: Loc = ("keys", index, "models", m_index)
+                guess = suggest(model, sorted(api_names))
+                report.add(path, f"`{dotted(path)}` is `{model}`, which is not a model",
+                           f"did you mean `{guess}`?" if guess else
+                           "list model names or aliases from `[models]`.")
