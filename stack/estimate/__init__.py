@@ -17,13 +17,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stack.estimate.config import meta_from_config
+    from stack.estimate.model_config import meta_from_config
     from stack.estimate.evaluation import ModelEvaluation, default_context, evaluate
     from stack.estimate.read import meta_from_gguf, read_metadata, read_path
     from stack.estimate.types import Claim, Evaluation, ModelMeta
 
 _WHERE = {
-    "meta_from_config": "config", "ModelEvaluation": "evaluation",
+    "meta_from_config": "model_config", "ModelEvaluation": "evaluation",
     "default_context": "evaluation", "evaluate": "evaluation", "meta_from_gguf": "read",
     "read_metadata": "read", "read_path": "read", "Claim": "types",
     "Evaluation": "types", "ModelMeta": "types",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stack.errors import SourceError
-from stack.estimate.config import meta_from_config
+from stack.estimate.model_config import meta_from_config
 from stack.estimate.gguf_header import GgufHeader, read_gguf_header
 from stack.estimate.safetensors import WeightTotals, read_safetensors
 from stack.estimate.types import ModelMeta
