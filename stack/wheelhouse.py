@@ -33,7 +33,7 @@ from stack.errors import ApplyError
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("stack", "agent", "router", "deploys", "templates")
 
-# the build `scripts/setup-llama-cpp` makes (REFERENCE.md): same args, same targets
+# the build `scripts/setup-llama-cpp` makes: same args, same targets
 SETUP_LLAMA_CPP_ARGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_CURL=OFF", "-DGGML_RPC=ON",

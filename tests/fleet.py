@@ -94,7 +94,7 @@ printf '%s\\n' "No core libraries or services have been updated since boot-up." 
   "Reboot should not be necessary."
 """
 
-# PCI vendor ids per fixture folder (REFERENCE.md); Apple GPUs are not on a PCI bus.
+# PCI vendor ids per fixture folder; Apple GPUs are not on a PCI bus.
 PCI_VENDOR_IDS: dict[str, str] = {
     "nvidia": "0x10de", "amd": "0x1002", "hygon": "0x1d94", "ascend": "0x19e5",
     "moorethreads": "0x1ed5", "iluvatar": "0x1e3e", "cambricon": "0xcabc",

@@ -26,7 +26,7 @@ STANDALONE: dict[str, tuple[str, ...]] = {
     "router": ("stack", "deploys", "agent"),
 }
 
-# The pure core reads no file, network, clock or environment (STYLE.md); a prefix also
+# The pure core reads no file, network, clock or environment; a prefix also
 # covers the package a module may become (`stack.config` -> `stack/config/`).
 PURE_CORE = ("stack.config", "stack.spec", "stack.selector", "stack.tomlpos", "stack.estimate",
              "stack.schedule", "stack.plan", "stack.render", "stack.placement")

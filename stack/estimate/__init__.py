@@ -17,8 +17,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stack.estimate.model_config import meta_from_config
     from stack.estimate.evaluation import ModelEvaluation, default_context, evaluate
+    from stack.estimate.model_config import meta_from_config
     from stack.estimate.read import meta_from_gguf, read_metadata, read_path
     from stack.estimate.types import Claim, Evaluation, ModelMeta
 

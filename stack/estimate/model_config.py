@@ -1,6 +1,6 @@
 """Model metadata from a Hugging Face `config.json`: parameters counted from the shapes.
 
-Dense decoder layer (REFERENCE.md): `2*H*nh*hd + 2*H*kv*hd` (q, o, k, v) `+ 3*H*I` (gated
+Dense decoder layer (docs/estimate.md): `2*H*nh*hd + 2*H*kv*hd` (q, o, k, v) `+ 3*H*I` (gated
 MLP) `+ 2*H` (norms), plus the biases and extra norms each architecture family has; MoE
 layers hold `E` experts, shared experts and a router `H*E`; MLA attention (DeepSeek V2/V3)
 has low-rank q and kv projections. Embeddings `V*H`, the output head another `V*H` unless

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from stack.errors import SourceError
-from stack.estimate.model_config import meta_from_config
 from stack.estimate.gguf_header import GgufHeader, read_gguf_header
+from stack.estimate.model_config import meta_from_config
 from stack.estimate.safetensors import WeightTotals, read_safetensors
 from stack.estimate.types import ModelMeta
 from stack.sources import Source, fetch_metadata, parse_source
