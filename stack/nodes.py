@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stack.spec import NodeSpec, StackSpec
+if TYPE_CHECKING:
+    from stack.spec import NodeSpec, StackSpec
+
 
 _SETTINGS: dict[int, tuple[StackSpec, dict[tuple[Any, ...], NodeSpec]]] = {}
 

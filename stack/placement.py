@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stack.observed import AgentFacts, InstanceFacts, NodeFacts, Observed
+if TYPE_CHECKING:
+    from stack.observed import InstanceFacts, NodeFacts, Observed
+
 
 GiB = 1024**3
 
@@ -224,6 +226,8 @@ def with_instances(observed: Observed, placements: Placements,
                    agent_version: str | None = None) -> Observed:
     """The facts as they read after a successful apply of `placements`: every reachable
     node's agent runs exactly the placed instances (ready). For tests and benchmarks."""
+    from stack.observed import AgentFacts, InstanceFacts  # the scheduler itself needs neither
+
     hashes = spec_hashes or {}
     per_node: dict[str, list[InstanceFacts]] = {name: [] for name in observed.nodes}
     for p in placements.placements:

@@ -17,48 +17,33 @@ present wins (`hy-smi` before `rocm-smi`, whose DTK build also runs on Hygon hos
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from agent.gpus import amd, apple, ascend, cambricon, mthreads, nvidia
-from agent.gpus.amd import parse_amd_smi_static_json, parse_hy_smi_json, parse_rocm_smi_json
-from agent.gpus.apple import parse_system_profiler
-from agent.gpus.ascend import parse_npu_smi_info
-from agent.gpus.cambricon import parse_cnmon_json
-from agent.gpus.local import read_gpus, run_tools
-from agent.gpus.mthreads import parse_mthreads_gmi
-from agent.gpus.nvidia import parse_ixsmi_csv, parse_nvidia_csv
-from agent.gpus.types import GpuInfo, GpuToolError, ToolStatus
+if TYPE_CHECKING:
+    from agent.gpus.amd import (
+        parse_amd_smi_static_json,
+        parse_hy_smi_json,
+        parse_rocm_smi_json,
+    )
+    from agent.gpus.apple import parse_system_profiler
+    from agent.gpus.ascend import parse_npu_smi_info
+    from agent.gpus.cambricon import parse_cnmon_json
+    from agent.gpus.local import read_gpus, run_tools
+    from agent.gpus.mthreads import parse_mthreads_gmi
+    from agent.gpus.nvidia import parse_ixsmi_csv, parse_nvidia_csv
+    from agent.gpus.tools import PCI_VENDORS, TOOLS, TOOLS_BY_NAME, Tool
+    from agent.gpus.types import GpuInfo, GpuToolError, ToolStatus
 
-
-@dataclass(frozen=True)
-class Tool:
-    """A vendor tool: the command that lists GPUs and the parser of its output."""
-
-    name: str
-    vendor: str  # the vendor whose GPUs it lists
-    group: str  # tools of one group answer the same question; the first present wins
-    command: tuple[str, ...]
-    parse: Callable[[str], list[GpuInfo]]
-
-
-TOOLS: tuple[Tool, ...] = (
-    Tool("nvidia-smi", "nvidia", "nvidia", nvidia.COMMAND, parse_nvidia_csv),
-    Tool("hy-smi", "hygon", "rocm", amd.HY_SMI_COMMAND, parse_hy_smi_json),
-    Tool("rocm-smi", "amd", "rocm", amd.ROCM_SMI_COMMAND, parse_rocm_smi_json),
-    Tool("amd-smi", "amd", "rocm", amd.AMD_SMI_COMMAND, parse_amd_smi_static_json),
-    Tool("npu-smi", "ascend", "ascend", ascend.COMMAND, parse_npu_smi_info),
-    Tool("mthreads-gmi", "mthreads", "mthreads", mthreads.COMMAND, parse_mthreads_gmi),
-    Tool("ixsmi", "iluvatar", "iluvatar", nvidia.IXSMI_COMMAND, parse_ixsmi_csv),
-    Tool("cnmon", "cambricon", "cambricon", cambricon.COMMAND, parse_cnmon_json),
-    Tool("system_profiler", "apple", "apple", apple.COMMAND, parse_system_profiler),
-)
-TOOLS_BY_NAME: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
-
-# PCI vendor ids of accelerators (class 0x03 display, 0x12 processing accelerator).
-PCI_VENDORS: dict[str, str] = {
-    "0x10de": "nvidia", "0x1002": "amd", "0x19e5": "ascend", "0x1d94": "hygon",
-    "0x1e3e": "iluvatar", "0x1ed5": "mthreads", "0xcabc": "cambricon",
+# loaded on first use: the controller's facts model needs only `agent.gpus.types`
+_WHERE = {
+    "PCI_VENDORS": "tools", "TOOLS": "tools", "TOOLS_BY_NAME": "tools", "Tool": "tools",
+    "GpuInfo": "types", "GpuToolError": "types", "ToolStatus": "types",
+    "parse_amd_smi_static_json": "amd", "parse_hy_smi_json": "amd",
+    "parse_rocm_smi_json": "amd", "parse_system_profiler": "apple",
+    "parse_npu_smi_info": "ascend", "parse_cnmon_json": "cambricon",
+    "parse_mthreads_gmi": "mthreads", "parse_ixsmi_csv": "nvidia",
+    "parse_nvidia_csv": "nvidia", "read_gpus": "local", "run_tools": "local",
 }
 
 __all__ = [
@@ -67,3 +52,9 @@ __all__ = [
     "parse_mthreads_gmi", "parse_npu_smi_info", "parse_nvidia_csv", "parse_rocm_smi_json",
     "parse_system_profiler", "read_gpus", "run_tools",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

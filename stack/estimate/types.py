@@ -7,9 +7,11 @@ This is the seam between `stack.estimate` (which fills these in) and `stack.sche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from stack.observed import GpuFacts, NodeFacts
+if TYPE_CHECKING:
+    from stack.observed import GpuFacts, NodeFacts
+
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ second, see docs/benchmarks/plan.md):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from stack.errors import Problem
 from stack.estimate.types import Evaluation
 from stack.nodes import node_settings
-from stack.observed import Observed
 from stack.placement import (
     ClaimedResources,
     Placement,
@@ -39,7 +39,10 @@ from stack.placement import (
 )
 from stack.schedule.runtimes import choose_runtime, version_key
 from stack.schedule.scheduler import Scheduler
-from stack.spec import StackSpec
+
+if TYPE_CHECKING:
+    from stack.observed import Observed
+    from stack.spec import StackSpec
 
 __all__ = [
     "ClaimedResources", "Placement", "Placements", "PreviousPlacement", "Unschedulable",

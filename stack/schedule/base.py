@@ -4,9 +4,9 @@ layers, and taking a placement's resources."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from stack.estimate.types import Claim, Evaluation
-from stack.observed import Observed
 from stack.placement import (
     ClaimedResources,
     Placement,
@@ -28,7 +28,10 @@ from stack.schedule.fleet import (
 )
 from stack.schedule.layers import split_layers
 from stack.schedule.runtimes import choose_runtime
-from stack.spec import StackSpec
+
+if TYPE_CHECKING:
+    from stack.observed import Observed
+    from stack.spec import StackSpec
 
 
 class SchedulerBase:

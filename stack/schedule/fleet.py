@@ -6,13 +6,15 @@ import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stack.estimate.types import Claim, Evaluation
 from stack.nodes import node_settings
-from stack.observed import GpuFacts, NodeFacts, Observed
 from stack.placement import gib
-from stack.spec import ModelSpec, NodeSpec, StackSpec
+
+if TYPE_CHECKING:
+    from stack.observed import GpuFacts, NodeFacts, Observed
+    from stack.spec import ModelSpec, NodeSpec, StackSpec
 
 GiB = 1024**3
 TP_SIZES = (1, 2, 4, 8)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from stack.spec import StackSpec
+if TYPE_CHECKING:
+    from stack.spec import StackSpec
+
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
