@@ -199,25 +199,58 @@ class PreviousPlacement:
     split: tuple[int, ...] = ()  # layers per device, as the main reports (`layer_split`)
 
 
+@dataclass(frozen=True)
+class RunningPart:
+    """One instance an agent reports for a replica: its node, its part (0: the main,
+    k: worker k) and what the agent says about it."""
+
+    node: str
+    part: int
+    facts: InstanceFacts
+
+
+def part_of(inst: InstanceFacts) -> int | None:
+    """Which part of its replica an instance is, from its id (`{model}-{replica}` is the
+    main, `...-w{k}` worker k); None for an id that is no replica's (another stack's)."""
+    base = instance_id(inst.model, inst.replica)
+    if inst.id == base:
+        return 0
+    tail = inst.id[len(base):]
+    if inst.id.startswith(base) and tail.startswith("-w") and tail[2:].isdigit():
+        return int(tail[2:])
+    return None
+
+
+def running_replicas(observed: Observed) -> tuple[
+        dict[tuple[str, int], dict[str, RunningPart]], list[tuple[str, InstanceFacts]]]:
+    """The instances the agents report, grouped by replica (by instance id), and those
+    that are no replica's, with their node."""
+    replicas: dict[tuple[str, int], dict[str, RunningPart]] = {}
+    loose: list[tuple[str, InstanceFacts]] = []
+    for name in sorted(observed.nodes):
+        for inst in observed.nodes[name].agent.instances:
+            part = part_of(inst)
+            if part is None:
+                loose.append((name, inst))
+            else:
+                replicas.setdefault((inst.model, inst.replica), {}).setdefault(
+                    inst.id, RunningPart(name, part, inst))
+    return replicas, loose
+
+
 def previous_placements(observed: Observed) -> dict[tuple[str, int], PreviousPlacement]:
     """The placements the agents report, by (model, replica); workers folded in."""
-    mains: dict[tuple[str, int], tuple[str, InstanceFacts]] = {}
-    workers: dict[tuple[str, int], list[tuple[int, str, tuple[int, ...], int]]] = {}
-    for node_name in sorted(observed.nodes):
-        for inst in observed.nodes[node_name].agent.instances:
-            key = (inst.model, inst.replica)
-            base = instance_id(inst.model, inst.replica)
-            if inst.id == base:
-                mains.setdefault(key, (node_name, inst))
-            elif inst.id.startswith(base + "-w") and inst.id[len(base) + 2:].isdigit():
-                k = int(inst.id[len(base) + 2:])
-                workers.setdefault(key, []).append((k, node_name, tuple(inst.gpus), inst.port))
     out: dict[tuple[str, int], PreviousPlacement] = {}
-    for key, (node_name, inst) in sorted(mains.items()):
+    for key, parts in sorted(running_replicas(observed)[0].items()):
+        main = next((p for p in parts.values() if p.part == 0), None)
+        if main is None:
+            continue
+        inst = main.facts
+        workers = tuple(sorted((p.part, p.node, tuple(p.facts.gpus), p.facts.port)
+                               for p in parts.values() if p.part))
         out[key] = PreviousPlacement(
-            inst.model, inst.replica, node_name, tuple(inst.gpus), inst.port, inst.backend,
-            inst.backend_version, tuple(sorted(workers.get(key, []))),
-            tuple(inst.layer_split or ()))
+            inst.model, inst.replica, main.node, tuple(inst.gpus), inst.port, inst.backend,
+            inst.backend_version, workers, tuple(inst.layer_split or ()))
     return out
 
 

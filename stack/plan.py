@@ -24,8 +24,16 @@ from stack.assign import build_router_config, router_config_sha256
 from stack.errors import ConfigError
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.nodes import node_settings
-from stack.observed import InstanceFacts, ManagedFile, NodeFacts, Observed
-from stack.placement import Placement, Placements, Unschedulable, gib, instance_id
+from stack.observed import ManagedFile, NodeFacts, Observed
+from stack.placement import (
+    Placement,
+    Placements,
+    RunningPart,
+    Unschedulable,
+    gib,
+    instance_id,
+    running_replicas,
+)
 from stack.spec import StackSpec
 
 FORMAT_VERSION = 1
@@ -330,31 +338,8 @@ def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
 # --------------------------------------------------------------------------- instances
 
 
-@dataclass(frozen=True)
-class _Part:
-    node: str
-    facts: InstanceFacts
-
-
-def _current(observed: Observed) -> tuple[dict[tuple[str, int], dict[str, _Part]],
-                                          list[tuple[str, InstanceFacts]]]:
-    """Reported instances grouped by replica (main and workers); others on their own."""
-    replicas: dict[tuple[str, int], dict[str, _Part]] = {}
-    loose: list[tuple[str, InstanceFacts]] = []
-    for name in sorted(observed.nodes):
-        for inst in observed.nodes[name].agent.instances:
-            base = instance_id(inst.model, inst.replica)
-            tail = inst.id[len(base):]
-            if inst.id == base or (tail.startswith("-w") and tail[2:].isdigit()
-                                   and inst.id.startswith(base)):
-                replicas.setdefault((inst.model, inst.replica), {})[inst.id] = _Part(name, inst)
-            else:
-                loose.append((name, inst))
-    return replicas, loose
-
-
 def _replace_reasons(p: Placement, want: dict[str, tuple[str, Instance]],
-                     have: dict[str, _Part], observed: Observed) -> list[str]:
+                     have: dict[str, RunningPart], observed: Observed) -> list[str]:
     reasons: list[str] = []
     main = have.get(p.id)
     if main is None:
@@ -391,7 +376,7 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
                       assignments: Mapping[str, Assignment]) -> list[Change]:
     desired: dict[str, tuple[str, Instance]] = {
         inst.id: (node, inst) for node, a in assignments.items() for inst in a.instances}
-    current, loose = _current(observed)
+    current, loose = running_replicas(observed)
     out: list[Change] = []
     placed = {(p.model, p.replica) for p in (*placements.placements, *placements.kept)}
     # an unreachable host reports nothing: a replica that ran there looks new
