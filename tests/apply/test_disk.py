@@ -8,7 +8,7 @@ import pytest
 
 from deploys.services import Service
 from deploys.steps import HostTarget, ModelUpload
-from stack.apply import check_disk, upload_bytes
+from stack.apply.targets import check_disk, upload_bytes
 from stack.errors import ApplyError
 from stack.observed import NodeFacts
 

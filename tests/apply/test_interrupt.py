@@ -34,7 +34,7 @@ from fleet import (
     run_stack,
 )
 
-from stack.apply import Interrupt
+from stack.apply.interrupt import Interrupt
 from stack.secrets import generate_key, hash_key
 
 

@@ -20,7 +20,7 @@ from fleet import Fleet, gemma_stack_toml, llama_sdist, run_stack
 from deploys.drivers import DriverRequest
 from deploys.services import Service
 from deploys.steps import HostTarget, driver_step
-from stack.apply import back_after_reboot
+from stack.apply.reboot import back_after_reboot
 from stack.observed import NodeFacts
 from stack.secrets import generate_key, hash_key
 

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from agent.assignment import Assignment, Instance
-from stack.apply import ApplyOptions, HostReport, _Node, _surge, _wait_gone
+from stack.apply import _surge, _wait_gone
+from stack.apply.hosts import Node as _Node
+from stack.apply.report import ApplyOptions, HostReport
 from stack.observed import NodeFacts
 
 
@@ -89,7 +91,7 @@ def test_a_replica_kept_for_unknown_metadata_runs_exactly_as_the_host_has_it() -
     """Its instance comes from the host's current assignment (never rebuilt from the
     placement, which lacks what the metadata would say); on a host whose assignment cannot
     be read it is left out rather than written half-known."""
-    from stack.apply import Desired, keep_unknown
+    from stack.apply.desired import Desired, keep_unknown
     from stack.placement import ClaimedResources, Placement, Placements
     from stack.plan import Plan
 

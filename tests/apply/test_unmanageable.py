@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stack.apply import unmanageable
+from stack.apply.hosts import unmanageable
 from stack.observed import NodeFacts
 
 

@@ -1,0 +1,207 @@
+"""What each host needs (`HostTarget`): runtime installs, model uploads, drivers, disk space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.assignment import Assignment, Instance
+from deploys.drivers import DriverRequest
+from deploys.runtimes import RuntimeInstall
+from deploys.steps import HostTarget, ModelUpload, agent_paths
+from stack.apply.desired import Desired
+from stack.apply.hosts import Node
+from stack.apply.report import HostReport
+from stack.errors import ApplyError, StackError
+from stack.hostfiles import agent_listen, agent_service, render_agent_toml, router_service
+from stack.observed import NodeFacts
+from stack.spec import StackSpec
+from stack.wheelhouse import (
+    AgentBundle,
+    agent_bundle,
+    fetch_sdist,
+    prebuilt_bin,
+    prebuilt_tarball,
+    sha256_file,
+)
+
+
+def runtime_of(spec: StackSpec, inst: Instance, prefix: str) -> tuple[str, str] | None:
+    """(runtime name, version) from an instance's runtime path under the prefix."""
+    base = f"{prefix}/runtimes/"
+    if not inst.runtime_path.startswith(base):
+        return None
+    name, _, version = inst.runtime_path[len(base):].partition("/")
+    if name not in spec.runtimes or not version:
+        return None
+    return name, version
+
+
+def resolve_local(spec_source: str, stack_dir: Path) -> Path:
+    """`local://PATH` -> the controller path (relative to stack.toml, or `local:///abs`)."""
+    rest = spec_source[len("local://"):]
+    path = Path(rest)
+    return path if path.is_absolute() else stack_dir / path
+
+
+def runtime_install(
+    spec: StackSpec, stack_dir: Path, name: str, version: str, prefix: str, facts: NodeFacts,
+) -> tuple[RuntimeInstall, Path | None]:
+    """A runtime version to install on one host, and the controller file it needs."""
+    rt = spec.runtimes[name]
+    expected = rt.sha256.get(version)
+    url = (rt.url or "").replace("{version}", version)
+    local: Path | None = None
+    if rt.source in ("archive", "build") and not rt.url and rt.package:
+        local = fetch_sdist(rt.package.replace("{version}", version),
+                            what=f"runtimes.{name}.package")
+    elif rt.source in ("archive", "build") and (url.startswith("local://") or url.startswith("/")):
+        local = resolve_local(url, stack_dir) if url.startswith("local://") else Path(url)
+        if not local.exists():
+            raise ApplyError(f"`runtimes.{name}.url` names `{local}`, which does not exist",
+                             hint="put the archive there or fix the URL.")
+    upload = f"{prefix}/runtimes/.uploads/{name}-{version}"
+    archive: tuple[Path, str] | None = None  # what a controller build is made from, its sha256
+    if rt.source == "build" and local is not None:
+        digest = sha256_file(local)
+        if expected and digest != expected:
+            raise ApplyError(
+                f"`runtimes.{name}.sha256.\"{version}\"` does not match `{local}` "
+                f"(its sha256 is {digest})",
+                hint="fix the sha256 in stack.toml or replace the archive.",
+            )
+        archive = local, digest
+    elif rt.source == "build" and expected:
+        # a URL source with a pinned sha256: a controller build of that archive counts too
+        archive = Path(url.rsplit("/", 1)[-1]), expected
+    if archive is not None:
+        prebuilt = prebuilt_bin(*archive, rt.cmake_args, rt.targets, rt.subdir,
+                                f"{facts.os}-{facts.arch}")
+        if prebuilt is not None:
+            install = RuntimeInstall(name, version, rt, prefix, upload=upload, prebuilt=True)
+            return install, prebuilt_tarball(prebuilt)
+    if local is not None:  # for a build, `expected` is unset or its checked digest
+        return RuntimeInstall(name, version, rt, prefix, upload=upload,
+                              sha256=expected or sha256_file(local)), local
+    return RuntimeInstall(name, version, rt, prefix, sha256=expected), None
+
+
+def _runtime_installs(spec: StackSpec, stack_dir: Path, node: Node, assignment: Assignment,
+                      ) -> tuple[list[RuntimeInstall], dict[str, Path]]:
+    """The runtime versions the host's instances use, and the controller files they need
+    (host path -> controller path)."""
+    installs: list[RuntimeInstall] = []
+    uploads: dict[str, Path] = {}
+    seen: set[tuple[str, str]] = set()
+    for inst in assignment.instances:
+        key = runtime_of(spec, inst, node.prefix)
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        install, local = runtime_install(spec, stack_dir, *key, node.prefix, node.facts)
+        installs.append(install)
+        if local is not None:
+            uploads[install.path] = local
+    return installs, uploads
+
+
+def model_uploads(assignment: Assignment, stack_dir: Path) -> list[ModelUpload]:
+    """The controller files (`local://` models) the assignment's instances need on the host."""
+    uploads: dict[str, ModelUpload] = {}
+    for inst in assignment.instances:
+        if not inst.source.startswith("local://") or not inst.model_path:
+            continue
+        source = resolve_local(inst.source, stack_dir)
+        files = ([source] if source.is_file()
+                 else sorted(p for p in source.rglob("*") if p.is_file()))
+        for path in files:
+            dest = inst.model_path if source.is_file() else (
+                f"{inst.model_path}/{path.relative_to(source).as_posix()}")
+            uploads[dest] = ModelUpload(path, dest, sha256_file(path))
+    return list(uploads.values())
+
+
+def driver_requests(spec: StackSpec, node: Node) -> list[DriverRequest]:
+    """The drivers stack.toml asks for on this host, one per vendor."""
+    from stack.config import node_settings
+
+    user = node.facts.user or None
+    return [DriverRequest(node.name, vendor, d.mode, d.version, user)
+            for vendor, d in sorted(node_settings(spec, node.name).drivers.items())]
+
+
+def _host_target(spec: StackSpec, stack_dir: Path, node: Node, desired: Desired,
+                 bundle: AgentBundle, secret: bytes) -> HostTarget:
+    """Everything one host should have once its deploy steps ran."""
+    from stack.secrets import derive_key
+
+    assignment = desired.assignments.get(node.name, Assignment(node=node.name))
+    installs, uploads = _runtime_installs(spec, stack_dir, node, assignment)
+    models = model_uploads(assignment, stack_dir)
+    drivers = driver_requests(spec, node)
+    router = (router_service(spec, node.prefix, node.manager)
+              if node.name in desired.router_nodes else None)
+    return HostTarget(
+        node=node.name, prefix=node.prefix, facts=node.facts, files=node.files,
+        drivers=drivers, runtimes=installs, runtime_uploads=uploads,
+        bundle=bundle.tarball, bundle_version=bundle.version,
+        wheel_name=bundle.wheel_name,
+        agent_toml=render_agent_toml(spec, node.name,
+                                     agent_listen(spec, node.name, node.facts),
+                                     node.prefix),
+        agent_token=derive_key(secret, f"agent:{node.name}") + "\n",
+        agent_service=agent_service(spec, node.prefix, node.manager),
+        router_service=router, models=models,
+    )
+
+
+def host_targets(
+    spec: StackSpec, stack_dir: Path, nodes: list[Node], desired: Desired,
+    reports: dict[str, HostReport],
+) -> tuple[dict[str, HostTarget], list[str], list[str]]:
+    """Per-host targets and the fleet-wide step keys (runtimes, models); a host whose
+    target cannot be made (or does not fit its disk) is reported and left out."""
+    from stack.secrets import stack_secret
+
+    bundle = agent_bundle()
+    secret = stack_secret(stack_dir)
+    targets: dict[str, HostTarget] = {}
+    for node in nodes:
+        try:
+            target = _host_target(spec, stack_dir, node, desired, bundle, secret)
+            check_disk(node.name, node.prefix, node.facts, target)
+        except StackError as err:
+            reports[node.name].fail(err.message, err.hint)
+            continue
+        targets[node.name] = target
+    runtime_keys = {f"runtime {i.name} {i.version}" for t in targets.values() for i in t.runtimes}
+    model_keys = {f"model {m.dest}" for t in targets.values() for m in t.models}
+    return targets, sorted(runtime_keys), sorted(model_keys)
+
+
+def upload_bytes(target: HostTarget) -> int:
+    """Bytes this host still has to receive (what is already there is not counted)."""
+    total = 0
+    if target.files.get("sidecars", {}).get(agent_paths(target.prefix)["bundle"]) \
+            != target.bundle_version:
+        total += 3 * target.bundle.stat().st_size  # the tarball, its wheels, the venv
+    for install in target.runtimes:
+        if install.version in target.facts.runtimes.get(install.name, []):
+            continue
+        local = target.runtime_uploads.get(install.path)
+        size = local.stat().st_size if local is not None else 0
+        total += (3 if install.prebuilt else 20) * size  # archive + extracted (+ build)
+    for model in target.models:
+        if target.files.get("sidecars", {}).get(model.dest + ".sha256") != model.sha256:
+            total += model.source.stat().st_size
+    return total
+
+
+def check_disk(node: str, prefix: str, facts: NodeFacts, target: HostTarget) -> None:
+    """Refuse a host whose disk cannot hold what apply would put there."""
+    needed = upload_bytes(target)
+    free = target.files.get("free") or facts.disk_free_bytes
+    if needed and free and free < needed:
+        raise ApplyError(
+            f"`{node}` has {free / 1024**3:.1f} GiB free at `{prefix}` but this apply "
+            f"needs about {needed / 1024**3:.1f} GiB there",
+            hint="free space on that disk or set `[nodes.\"...\"] prefix` to a larger one.")
