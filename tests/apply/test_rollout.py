@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from agent.assignment import Assignment, Instance
-from stack.apply import _surge, _wait_gone
 from stack.apply.hosts import Node as _Node
 from stack.apply.report import ApplyOptions, HostReport
+from stack.apply.rollout import _surge, _wait_gone
 from stack.observed import NodeFacts
 
 

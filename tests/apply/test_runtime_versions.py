@@ -39,10 +39,10 @@ from fleet import (  # tests/ is on sys.path (tests/conftest.py)
 from agent.assignment import Assignment, Instance
 from deploys.runtimes import unused_versions
 from stack import remote
-from stack.apply import remove_unused_runtimes
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node as _Node
 from stack.apply.report import HostReport
+from stack.apply.runtimes import remove_unused_runtimes
 from stack.config import load_text
 from stack.observed import NodeFacts
 from stack.secrets import generate_key, hash_key
