@@ -1,6 +1,6 @@
 """The agent's report of one instance: what `stack-agent` writes into `state/status.json`
 and `/v1/status`, and what the controller reads back as the instance's facts
-(`stack.observed.InstanceFacts` is this type). Documented in docs/agent.md.
+(`stack.snapshot.InstanceFacts` is this type). Documented in docs/agent.md.
 
 Keep this module free of heavy imports: the agent runs it.
 """

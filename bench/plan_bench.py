@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from stack.estimate import evaluate, meta_from_config  # noqa: E402
 from stack.estimate.types import Evaluation, ModelMeta  # noqa: E402
-from stack.observed import Observed  # noqa: E402
 from stack.pipeline import Evaluations, plan_evaluated  # noqa: E402
 from stack.placement import Placements, with_instances  # noqa: E402
+from stack.snapshot import Observed  # noqa: E402
 from stack.spec import StackSpec  # noqa: E402
 
 CONFIGS = ["qwen2.5-7b-instruct", "llama-3.1-8b", "mistral-7b-v0.1", "deepseek-v2-lite",

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 
 NVIDIA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos"
 AMD_REPO = "https://repo.radeon.com/amdgpu-install"

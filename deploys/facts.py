@@ -19,7 +19,7 @@ from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.facts import FactBase
 
 from agent.gpus import PCI_VENDORS, TOOLS, TOOLS_BY_NAME, GpuInfo, GpuToolError
-from stack.observed import AgentFacts, GpuFacts, InstanceFacts, NodeFacts
+from stack.snapshot import AgentFacts, GpuFacts, InstanceFacts, NodeFacts
 
 SCRIPT = Path(__file__).with_name("facts.sh")
 

@@ -17,7 +17,7 @@ from typing import Any
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
 from deploys.runtimes import RuntimeInstall, install_script
 from deploys.services import Service, start_commands, unit_file
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 
 
 @dataclass(frozen=True)

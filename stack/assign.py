@@ -20,8 +20,8 @@ from typing import Literal
 from agent.assignment import Assignment, Devices, Instance, Peer
 from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeouts
 from stack.nodes import node_prefix, node_settings
-from stack.observed import Observed
 from stack.placement import Placement, Placements, Worker
+from stack.snapshot import Observed
 from stack.spec import ModelSpec, StackSpec
 
 # health paths the router probes where a backend does not answer on /health

@@ -27,7 +27,7 @@ from deploys.steps import agent_paths
 from router.config import RouterConfig
 from stack.nodes import node_prefix as node_prefix  # re-exported for stack.apply
 from stack.nodes import node_settings
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
 
 AGENT_PORT = 7070

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from router.config import is_loopback, parse_listen
-from stack.observed import Observed
+from stack.snapshot import Observed
 from stack.spec import StackSpec
 
 ROUTER_JOB = "modelstack-router"

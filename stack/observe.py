@@ -36,7 +36,7 @@ from deploys.facts import HostFacts, facts_command, node_facts_from
 from stack import sshtcp
 from stack.errors import ConfigError, Problem
 from stack.nodes import node_prefix, node_settings
-from stack.observed import NodeFacts, Observed
+from stack.snapshot import NodeFacts, Observed
 from stack.spec import StackSpec
 
 CONNECT_TIMEOUT = 10

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from stack.errors import ConfigError, MetadataUnavailable, Problem, StackError
 from stack.estimate.types import Evaluation
-from stack.observed import Observed
 from stack.plan import Plan
+from stack.snapshot import Observed
 from stack.spec import StackSpec
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from stack.observed import InstanceFacts, NodeFacts, Observed
+    from stack.snapshot import InstanceFacts, NodeFacts, Observed
 
 
 GiB = 1024**3
@@ -259,7 +259,7 @@ def with_instances(observed: Observed, placements: Placements,
                    agent_version: str | None = None) -> Observed:
     """The facts as they read after a successful apply of `placements`: every reachable
     node's agent runs exactly the placed instances (ready). For tests and benchmarks."""
-    from stack.observed import AgentFacts, InstanceFacts  # the scheduler itself needs neither
+    from stack.snapshot import AgentFacts, InstanceFacts  # the scheduler itself needs neither
 
     hashes = spec_hashes or {}
     per_node: dict[str, list[InstanceFacts]] = {name: [] for name in observed.nodes}

@@ -24,7 +24,6 @@ from stack.assign import build_router_config, router_config_sha256
 from stack.errors import ConfigError
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.nodes import node_settings
-from stack.observed import ManagedFile, NodeFacts, Observed
 from stack.placement import (
     Placement,
     Placements,
@@ -34,6 +33,7 @@ from stack.placement import (
     instance_id,
     running_replicas,
 )
+from stack.snapshot import ManagedFile, NodeFacts, Observed
 from stack.spec import StackSpec
 
 FORMAT_VERSION = 1

@@ -22,7 +22,7 @@ Vendor = Literal[
 
 class GpuInfo(BaseModel):
     """One accelerator as its vendor tool (or NVML) reports it: the one GPU record of the
-    agent's metrics and of the controller's facts (`stack.observed.GpuFacts` is this type).
+    agent's metrics and of the controller's facts (`stack.snapshot.GpuFacts` is this type).
 
     `unified_memory` marks devices that share the host's RAM (Apple silicon, GB10, Jetson):
     the tool reports no memory of their own, and `memory_bytes` stays 0 here.

@@ -46,8 +46,8 @@ from stack.apply.runtimes import remove_unused_runtimes
 from stack.apply.targets import host_targets, model_uploads
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import MANIFEST, agent_service, router_service
-from stack.observed import Observed
 from stack.plan import Plan
+from stack.snapshot import Observed
 from stack.spec import StackSpec
 
 __all__ = ["ApplyOptions", "ApplyResult", "Desired", "HostReport", "apply_fleet"]

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from agent.assignment import Assignment
-from deploys.state import host_files_script, parse_host_files
+from deploys.probe import host_files_script, parse_host_files
 from deploys.steps import agent_paths
 from stack import lock as locks
 from stack import remote
 from stack.apply.report import HostReport
 from stack.errors import ApplyError
 from stack.nodes import node_prefix
-from stack.observed import NodeFacts, Observed
+from stack.snapshot import NodeFacts, Observed
 from stack.spec import StackSpec
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from stack.apply.hosts import Node
 from stack.apply.report import ApplyOptions, ApplyResult, HostReport
 from stack.apply.targets import driver_requests
 from stack.hostfiles import agent_service
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
 
 REBOOT_COMMAND = "(sleep 2; reboot) >/dev/null 2>&1 &"  # returns before the host goes down

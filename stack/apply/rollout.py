@@ -11,7 +11,7 @@ import gevent
 
 from agent.assignment import Assignment, Instance
 from deploys.facts import agent_status_body, facts_command
-from deploys.state import dumps
+from deploys.probe import dumps
 from deploys.steps import agent_paths, sha256_text
 from stack import remote
 from stack.apply.desired import Desired

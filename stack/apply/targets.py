@@ -13,7 +13,7 @@ from stack.apply.hosts import Node
 from stack.apply.report import HostReport
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import agent_listen, agent_service, render_agent_toml, router_service
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
 from stack.wheelhouse import (
     AgentBundle,

@@ -18,9 +18,9 @@ from rich.console import Console
 
 from stack.apply import ApplyOptions, ApplyResult, Desired, apply_fleet
 from stack.errors import ConfigError
-from stack.observed import Observed
 from stack.pipeline import make_plan, unschedulable_error
 from stack.plan import Plan
+from stack.snapshot import Observed
 
 HELP = "converge the fleet on stack.toml (or on a saved plan)"
 

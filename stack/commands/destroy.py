@@ -41,8 +41,8 @@ def destroy_host(spec: StackSpec, name: str, host: Any, prefix: str, manager: st
                   purge: bool) -> str | None:
     """Stop one host's instances, router and agent; the error, if any."""
     from agent.assignment import Assignment
+    from deploys.probe import dumps
     from deploys.services import stop_commands
-    from deploys.state import dumps
     from stack.hostfiles import agent_service, router_service
     from stack.remote import run as run_on
     from stack.remote import write

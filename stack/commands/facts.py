@@ -18,7 +18,7 @@ from rich.table import Table
 
 from stack.config import load
 from stack.errors import Problem
-from stack.observed import NodeFacts, Observed
+from stack.snapshot import NodeFacts, Observed
 
 HELP = "read every host and show (or save) the facts"
 

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from stack.errors import ConfigError
-from stack.observed import Observed
+from stack.snapshot import Observed
 from stack.spec import StackSpec
 
 HELP = "write a Prometheus scrape config and the Grafana dashboard for the fleet"
@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _observed(spec: StackSpec, stack_dir: Path, facts: str | None) -> Observed:
     """The nodes and their addresses: a facts snapshot, else stack.toml's hosts (no SSH)."""
     from stack.observe import build_inventory
-    from stack.observed import NodeFacts
     from stack.pipeline import read_facts
+    from stack.snapshot import NodeFacts
 
     if facts:
         return read_facts(Path(facts))

@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from stack.observed import Observed
+from stack.snapshot import Observed
 from stack.spec import StackSpec
 
 HELP = "show nodes, GPUs, instances and routers as the agents report them"

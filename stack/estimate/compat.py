@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stack.estimate.types import ModelMeta
-from stack.observed import GpuFacts, NodeFacts
+from stack.snapshot import GpuFacts, NodeFacts
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from stack.errors import EstimateError
 from stack.estimate import memory
 from stack.estimate.compat import compatible_backends, hardware_reason, model_reason
 from stack.estimate.types import Claim, ModelMeta
-from stack.observed import GpuFacts, NodeFacts
+from stack.snapshot import GpuFacts, NodeFacts
 from stack.spec import ModelSpec
 
 # llama.cpp default context when stack.toml sets none: the training context, capped, so a

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from stack.observed import GpuFacts, NodeFacts
+    from stack.snapshot import GpuFacts, NodeFacts
 
 
 

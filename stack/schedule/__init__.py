@@ -41,7 +41,7 @@ from stack.schedule.runtimes import choose_runtime, version_key
 from stack.schedule.scheduler import Scheduler
 
 if TYPE_CHECKING:
-    from stack.observed import Observed
+    from stack.snapshot import Observed
     from stack.spec import StackSpec
 
 __all__ = [

@@ -30,7 +30,7 @@ from stack.schedule.layers import split_layers
 from stack.schedule.runtimes import choose_runtime
 
 if TYPE_CHECKING:
-    from stack.observed import Observed
+    from stack.snapshot import Observed
     from stack.spec import StackSpec
 
 

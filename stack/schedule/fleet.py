@@ -13,7 +13,7 @@ from stack.nodes import node_settings
 from stack.placement import gib
 
 if TYPE_CHECKING:
-    from stack.observed import GpuFacts, NodeFacts, Observed
+    from stack.snapshot import GpuFacts, NodeFacts, Observed
     from stack.spec import ModelSpec, NodeSpec, StackSpec
 
 GiB = 1024**3

@@ -10,7 +10,7 @@ from deploys.services import Service
 from deploys.steps import HostTarget, ModelUpload
 from stack.apply.targets import check_disk, upload_bytes
 from stack.errors import ApplyError
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 
 
 def _target(tmp_path: Path, free: int, model_size: int) -> HostTarget:

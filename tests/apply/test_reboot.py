@@ -21,8 +21,8 @@ from deploys.drivers import DriverRequest
 from deploys.services import Service
 from deploys.steps import HostTarget, driver_step
 from stack.apply.reboot import back_after_reboot
-from stack.observed import NodeFacts
 from stack.secrets import generate_key, hash_key
+from stack.snapshot import NodeFacts
 
 CASES = sorted((Path(__file__).parent / "reboot").glob("*.json"))
 

@@ -11,7 +11,7 @@ from agent.assignment import Assignment, Instance
 from stack.apply.hosts import Node as _Node
 from stack.apply.report import ApplyOptions, HostReport
 from stack.apply.rollout import _surge, _wait_gone
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 
 
 def inst(iid: str, port: int, args: list[str] | None = None) -> Instance:

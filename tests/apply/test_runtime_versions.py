@@ -44,8 +44,8 @@ from stack.apply.hosts import Node as _Node
 from stack.apply.report import HostReport
 from stack.apply.runtimes import remove_unused_runtimes
 from stack.config import load_text
-from stack.observed import NodeFacts
 from stack.secrets import generate_key, hash_key
+from stack.snapshot import NodeFacts
 
 A, B, C = "b6500", "b6700", "b6800"
 RUNTIMES = "runtimes/llama.cpp"

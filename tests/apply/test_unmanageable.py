@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stack.apply.hosts import unmanageable
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 
 
 def test_a_windows_host_is_refused_because_pyinfra_cannot_manage_it() -> None:

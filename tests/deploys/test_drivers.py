@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 
 CASES = sorted((Path(__file__).parent / "drivers").glob("*.json"))
 

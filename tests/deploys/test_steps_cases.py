@@ -34,7 +34,7 @@ from deploys.drivers import DriverRequest
 from deploys.runtimes import MARKER, RuntimeInstall
 from deploys.steps import HostTarget, ModelUpload, Step, host_steps, sha256_text
 from stack.hostfiles import agent_service, router_service
-from stack.observed import NodeFacts
+from stack.snapshot import NodeFacts
 from stack.spec import RuntimeSpec, StackSpec
 
 CASES = sorted((Path(__file__).parent / "steps").glob("*.json"))

@@ -15,7 +15,7 @@ import yaml
 
 from stack.config import load_text
 from stack.monitoring import render_scrape_config, scrape_targets
-from stack.observed import Observed
+from stack.snapshot import Observed
 
 CASES = sorted((Path(__file__).parent / "monitoring").glob("*.json"))
 

@@ -12,7 +12,7 @@ import pytest
 from stack.estimate import ModelMeta, evaluate, meta_from_config, read_metadata
 from stack.estimate.memory import kv_tokens_bytes, vllm_kv_per_token
 from stack.estimate.types import Claim
-from stack.observed import GpuFacts, NodeFacts
+from stack.snapshot import GpuFacts, NodeFacts
 from stack.spec import ModelSpec, parse_bytes
 
 HERE = Path(__file__).parent

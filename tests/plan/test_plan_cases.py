@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from stack.assign import build_assignments
-from stack.observed import NodeFacts
 from stack.pipeline import Evaluations, plan_evaluated
 from stack.plan import Plan
 from stack.render import render_plan
 from stack.schedule import schedule, with_instances
+from stack.snapshot import NodeFacts
 from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack, read_case
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())

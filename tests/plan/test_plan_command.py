@@ -13,9 +13,9 @@ from pathlib import Path
 
 from stack.assign import build_assignments
 from stack.config import load
-from stack.observed import Observed
 from stack.placement import with_instances
 from stack.plan import Plan
+from stack.snapshot import Observed
 from stack.wheelhouse import bundle_version
 
 ROOT = Path(__file__).resolve().parents[2]

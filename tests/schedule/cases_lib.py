@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stack.config import load_text
-from stack.observed import Observed
+from stack.snapshot import Observed
 from stack.spec import StackSpec
 from tests.schedule.fake import FixedEvaluation, fixed_evaluation
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stack.estimate.types import Claim, ModelMeta
-from stack.observed import GpuFacts, NodeFacts
+from stack.snapshot import GpuFacts, NodeFacts
 from stack.spec import parse_bytes
 
 

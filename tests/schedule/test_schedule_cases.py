@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from stack.errors import Problem
-from stack.observed import Observed
 from stack.schedule import Placements, schedule, with_instances
+from stack.snapshot import Observed
 from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack, read_case
 
 CASES = sorted((Path(__file__).parent / "cases").glob("*.json"))

@@ -1,4 +1,5 @@
-"""What `stack apply` wrote on a host last time, read in one SSH round trip.
+"""The host probe of `stack apply`: what apply wrote on a host last time, read in one SSH
+round trip (the script and its parser).
 
 `host_files_script` prints, for the files apply manages, each file's sha256 (or null), whether
 each supervised service is alive, which service manager runs there, and the current
