@@ -171,7 +171,7 @@ def build_assignments(spec: StackSpec, placements: Placements, observed: Observe
     nodes = _Nodes(spec, observed)
     paths: dict[tuple[str, str], str | None] = {}
     # kept replicas (metadata unknown) too: their instances stand for the running ones in
-    # the router config; apply swaps them for the host's own (stack.apply.keep_unknown)
+    # the router config; apply swaps them for the host's own (stack.apply.desired.keep_unknown)
     for p in (*placements.placements, *placements.kept):
         if p.model not in spec.models:
             continue

@@ -25,8 +25,7 @@ from agent.assignment import Assignment
 from deploys.services import Service, render, unit_file
 from deploys.steps import agent_paths
 from router.config import RouterConfig
-from stack.nodes import node_prefix as node_prefix  # re-exported for stack.apply
-from stack.nodes import node_settings
+from stack.nodes import node_prefix, node_settings
 from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
 
