@@ -7,7 +7,9 @@
        `ready` before the router is pointed at them and the old ones are removed
        (replacements in place go at most `--max-unavailable` at a time)
     -> router config written and reloaded -> runtime versions nobody uses removed
-    -> locks released.
+    -> `state/managed` written (what the next plan compares against) -> locks released.
+
+What apply writes is the plan's: its assignments with the API keys filled in, its files.
 
 A host that fails is named with the reason; the others converge; the result says so and
 the command exits 1. Every step is idempotent, so an interrupted apply is finished by the
