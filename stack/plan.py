@@ -39,7 +39,9 @@ from stack.spec import StackSpec
 FORMAT_VERSION = 1
 # facts that change from one reading to the next without anything to converge
 VOLATILE_OBSERVED = ("collected_at",)
-VOLATILE_NODE = ("ports_in_use",)  # other programs open and close ports all the time
+# other programs open and close ports and write files all the time (apply checks the
+# disk again itself before it uploads anything)
+VOLATILE_NODE = ("ports_in_use", "disk_free_bytes")
 VOLATILE_GPU = ("utilization_percent", "temperature_c", "power_w", "memory_used_bytes")
 VOLATILE_INSTANCE = ("state", "restarts", "last_error", "pid", "progress", "adopted",
                      "started_at", "last_exit_code", "last_log_lines")

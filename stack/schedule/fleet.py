@@ -13,6 +13,7 @@ from stack.nodes import node_settings
 from stack.placement import gib
 
 if TYPE_CHECKING:
+    from stack.selector import Selector
     from stack.snapshot import GpuFacts, NodeFacts, Observed
     from stack.spec import ModelSpec, NodeSpec, StackSpec
 
@@ -125,7 +126,7 @@ class ModelState:
     policy: str
     backends: tuple[str, ...]
     runtimes: dict[str, tuple[str, str | None] | str]
-    selector: Any
+    selector: Selector
     claims: dict[tuple[str, int, int, int], Claim | str] = field(default_factory=dict)
     failed_layouts: set[tuple[str, int, int, int]] = field(default_factory=set)
     reasons: tuple[str, ...] | None = None

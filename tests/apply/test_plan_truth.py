@@ -7,7 +7,8 @@ setting a parameter of the stack.toml below (`"set": {...}`), and proves:
 
 - `stack plan --detailed-exitcode` exits 2 and shows exactly the `expect` addresses (and,
   where the case gives them, these `reasons`);
-- `stack apply --auto-approve` makes the change (and the router still answers);
+- `stack apply --auto-approve` (or, with `"saved": true`, `stack plan --out plan.json` then
+  `stack apply plan.json`) makes the change, and the router still answers;
 - the next `stack plan --detailed-exitcode` exits 0.
 
 The runtime is `source = "system"` (each version a link to the `llama_bin` fixture), so
@@ -153,7 +154,12 @@ def test_change_shows_in_the_plan_and_apply_makes_exactly_it(
     assert sorted(found) == sorted(case["expect"]), text
     for address, reason in case.get("reasons", {}).items():
         assert found[address] == reason, text
-    done = run_stack("apply", "--auto-approve", cwd=world["dir"])
+    if case.get("saved"):  # as CI does on merge: the reviewed plan, applied as it is
+        saved = run_stack("plan", "--out", "plan.json", cwd=world["dir"])
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        done = run_stack("apply", "plan.json", cwd=world["dir"])
+    else:
+        done = run_stack("apply", "--auto-approve", cwd=world["dir"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert_clean(world)
     ask(world)
