@@ -15,7 +15,7 @@ import json
 import math
 import posixpath
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from agent.assignment import Assignment, Devices, Instance, Peer
 from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeouts
@@ -223,12 +223,17 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def router_config_sha256(config: RouterConfig) -> str:
-    """Fingerprint of a router config without the replicas' API keys (which need the
-    stack secret, absent when planning in CI)."""
+def keyless_router_body(config: RouterConfig) -> dict[str, Any]:
+    """A router config as JSON without the replicas' API keys (which need the stack
+    secret, absent when planning in CI): what its fingerprints cover."""
     body = config.model_dump(mode="json")
     for route in body["models"]:
         for replica in route["replicas"]:
             replica.pop("api_key", None)
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return body
+
+
+def router_config_sha256(config: RouterConfig) -> str:
+    """Fingerprint of a router config without the replicas' API keys."""
+    text = json.dumps(keyless_router_body(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

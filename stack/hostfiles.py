@@ -16,15 +16,16 @@ fingerprinted without it, so CI can plan with no secret at hand.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Literal
 
 from agent.assignment import Assignment
+from deploys.probe import dumps
 from deploys.services import Service, render, unit_file
-from deploys.steps import agent_paths
+from deploys.steps import agent_paths, sha256_text
 from router.config import RouterConfig
+from stack.assign import keyless_router_body
 from stack.nodes import node_prefix, node_settings
 from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
@@ -54,10 +55,6 @@ class HostFile:
                 "kind": self.kind}
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def agent_service(spec: StackSpec, prefix: str, manager: str) -> Service:
     return Service("agent", spec.stack.name, prefix,
                    (f"{prefix}/agent/venv/bin/stack-agent", "--config", f"{prefix}/etc/agent.toml"),
@@ -84,35 +81,31 @@ def render_agent_toml(spec: StackSpec, node: str, listen: str, prefix: str) -> s
 
 def router_body(config: RouterConfig) -> bytes:
     """router.json as apply writes it (canonical JSON: stable bytes, stable hashes)."""
-    return (json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True)
-            + "\n").encode()
+    return dumps(config.model_dump(mode="json")).encode()
 
 
 def router_fingerprint(config: RouterConfig) -> str:
     """`keys:H,models:H,settings:H` of a router config, the backends' keys left out."""
-    body = config.model_dump(mode="json")
-    for route in body["models"]:
-        for replica in route["replicas"]:
-            replica.pop("api_key", None)
+    body = keyless_router_body(config)
     parts = {"keys": body.pop("keys"), "models": body.pop("models"), "settings": body}
     return ",".join(f"{name}:{_digest(value)}" for name, value in parts.items())
 
 
 def _digest(value: object) -> str:
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return sha256_hex(text.encode())[:16]
+    return sha256_text(text.encode())[:16]
 
 
 @functools.lru_cache(maxsize=256)
 def unit_sha256(service: Service) -> str:
     """The sha256 of a service's unit file (the same for every node with one prefix)."""
-    return sha256_hex(unit_file(service).encode())
+    return sha256_text(unit_file(service).encode())
 
 
 def token_fingerprint(node: str) -> str:
     """The agent token is derived from the stack secret for `agent:NODE`: its fingerprint
     is that purpose (a new secret is not seen by the plan; see docs/plan.md)."""
-    return sha256_hex(f"agent-token:agent:{node}".encode())[:16]
+    return sha256_text(f"agent-token:agent:{node}".encode())[:16]
 
 
 def desired_files(spec: StackSpec, node: str, facts: NodeFacts, assignment: Assignment,
@@ -125,7 +118,7 @@ def desired_files(spec: StackSpec, node: str, facts: NodeFacts, assignment: Assi
     toml = render_agent_toml(spec, node, agent_listen(spec, node, facts), prefix)
     agent = agent_service(spec, prefix, manager)
     out = [
-        HostFile(f"node.{node}.agent.config", paths["agent_toml"], sha256_hex(toml.encode())),
+        HostFile(f"node.{node}.agent.config", paths["agent_toml"], sha256_text(toml.encode())),
         HostFile(f"node.{node}.agent.token", paths["agent_token"], token_fingerprint(node)),
         HostFile(f"node.{node}.agent.unit", agent.unit_path, unit_sha256(agent)),
     ]
