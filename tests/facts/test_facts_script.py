@@ -193,3 +193,26 @@ def test_facts_without_a_manifest_report_no_files_and_the_listening_ports(
     assert node.managed == {}
     assert port in node.ports_in_use
     assert node.service_manager in ("supervise", "systemd")
+
+
+def test_hostile_paths_in_the_manifest_are_only_data(tmp_path: Path) -> None:
+    """A path in `state/managed` (it comes from stack.toml: prefix, model file names) that
+    holds shell syntax or globs is hashed as the file it names; nothing runs or expands."""
+    import hashlib
+
+    prefix = tmp_path / "prefix"
+    (prefix / "state").mkdir(parents=True)
+    hostile = prefix / "m $(touch PWNED) `touch PWNED2`; * ?.gguf"
+    hostile.write_text("w\n")
+    sha = hashlib.sha256(b"w\n").hexdigest()
+    (prefix / "state" / "managed").write_text(
+        f"file fp {sha} {hostile}\nfile fp2 {sha} {prefix}/*\n")
+    done = subprocess.run(["/bin/sh", str(SCRIPT)], env={"STACK_PREFIX": str(prefix),
+                                                        "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30, check=True,
+                          cwd=tmp_path)
+    node = node_facts_from(parse_facts_output(done.stdout))
+    assert node.managed is not None
+    assert node.managed[str(hostile)].sha256 == sha and not node.managed[str(hostile)].drifted
+    assert node.managed[f"{prefix}/*"].sha256 is None  # a glob is a name, not expanded
+    assert not list(tmp_path.rglob("PWNED*"))
