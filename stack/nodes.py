@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from stack.spec import NodeSpec, StackSpec
 
 
-_SETTINGS: dict[int, tuple[StackSpec, dict[tuple[Any, ...], NodeSpec]]] = {}
-
-
 def node_settings(spec: StackSpec, node: str) -> NodeSpec:
     """The `[nodes."PATTERN"]` settings of a node (merged by `stack.config`), computed once
-    per set of matching patterns: a fleet of thousands of nodes has a handful of them."""
+    per loaded stack.toml and set of matching patterns: a fleet of thousands of nodes has a
+    handful of them."""
     from stack.config import node_settings as merged
 
-    entry = _SETTINGS.get(id(spec))
-    if entry is None or entry[0] is not spec:
-        if len(_SETTINGS) > 8:
-            _SETTINGS.clear()
-        entry = _SETTINGS[id(spec)] = (spec, {})
     key = (tuple(p for p in spec.nodes if fnmatchcase(node, p)),
            node if node in spec.hosts else None)
-    cache = entry[1]
+    cache = spec._node_settings
     if key not in cache:
         cache[key] = merged(spec, node)
     return cache[key]

@@ -15,6 +15,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     WithJsonSchema,
     model_validator,
 )
@@ -315,3 +316,6 @@ class StackSpec(_Strict):
         description="The agent on every host.",
     )
     keys: list[KeySpec] = Field(default_factory=list, description="API keys.")
+    # Merged `[nodes."PATTERN"]` settings by set of matching patterns, filled by
+    # `stack.nodes.node_settings`: computed once per loaded stack.toml, not per call.
+    _node_settings: dict[tuple[object, ...], NodeSpec] = PrivateAttr(default_factory=dict)
