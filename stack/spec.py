@@ -219,6 +219,12 @@ class ModelSpec(_Strict):
         None, gt=0, le=1, description="vLLM/SGLang: fraction of each GPU's memory to claim."
     )
     mmproj: str | None = Field(None, description="llama.cpp vision: the multimodal projector.")
+    offload: Literal["auto", "full", "none"] = Field(
+        "auto",
+        description="llama.cpp: layers on accelerators. `auto`: all, else as many as fit (at "
+        "least half) with the rest on the main node's CPU; `full`: all or none of the "
+        "layouts; `none`: CPU only. `-ngl N` in `args` wins.",
+    )
     command: str | None = Field(
         None,
         description="custom: command template with {model_path} {port} {host} {name} {api_key}.",
