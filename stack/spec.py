@@ -222,8 +222,8 @@ class ModelSpec(_Strict):
     offload: Literal["auto", "full", "none"] = Field(
         "auto",
         description="llama.cpp: layers on accelerators. `auto`: all, else as many as fit (at "
-        "least half) with the rest on the main node's CPU; `full`: all or none of the "
-        "layouts; `none`: CPU only. `-ngl N` in `args` wins.",
+        "least half) with the rest on the main node's CPU; `full`: every layer on "
+        "accelerators, never partly on the CPU; `none`: CPU only. `-ngl N` in `args` wins.",
     )
     command: str | None = Field(
         None,
