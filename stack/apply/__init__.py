@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gevent
 
@@ -51,6 +51,9 @@ from stack.hostfiles import MANIFEST, agent_service, router_service
 from stack.plan import Plan
 from stack.snapshot import Observed
 from stack.spec import StackSpec
+
+if TYPE_CHECKING:
+    from pyinfra.api.state import State
 
 __all__ = ["ApplyOptions", "ApplyResult", "Desired", "HostReport", "apply_fleet"]
 
@@ -114,7 +117,7 @@ def _probe(spec: StackSpec, stack_dir: Path, lock: locks.LockInfo, desired: Desi
         reports[node.name].fail(err.message, err.hint)
 
 
-def _deploy(spec: StackSpec, stack_dir: Path, state: Any, nodes: list[Node], desired: Desired,
+def _deploy(spec: StackSpec, stack_dir: Path, state: State, nodes: list[Node], desired: Desired,
             result: ApplyResult, options: ApplyOptions, probe: Callable[[Node], None],
             progress: Callable[[str], None]) -> None:
     """The deploys, then the reboots; a Ctrl-C stops apply between steps, never in one."""

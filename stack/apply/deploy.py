@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING
 
 from deploys.steps import HostTarget, Step, agent_paths, host_steps, sha256_text
 from stack.apply.hosts import Node
 from stack.apply.interrupt import Interrupt
 from stack.apply.report import HostReport
 
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+    from pyinfra.api.state import State
+
 
 def run_deploys(
-    state: Any, nodes: list[Node], targets: dict[str, HostTarget], runtime_keys: list[str],
+    state: State, nodes: list[Node], targets: dict[str, HostTarget], runtime_keys: list[str],
     model_keys: list[str], reports: dict[str, HostReport],
 ) -> dict[str, list[Step]]:
     """One pyinfra run: the same operation sequence on every host, in parallel."""
@@ -29,7 +33,7 @@ def run_deploys(
     skipped = {n.name for n in nodes if n.name not in plans}
     if skipped:
         try:
-            state.fail_hosts({by_name[n].host for n in skipped})
+            state.fail_hosts({by_name[n].host for n in skipped})  # type: ignore[no-untyped-call]
         except PyinfraError:
             return {}  # no host left to deploy to; each is reported already
     width = 1 + len(runtime_keys) + 6 + len(model_keys)
@@ -44,7 +48,7 @@ def run_deploys(
     return plans
 
 
-def _report(state: Any, node: Node, steps: list[Step], target: HostTarget,
+def _report(state: State, node: Node, steps: list[Step], target: HostTarget,
             report: HostReport) -> None:
     """What the run did on one host: the steps that changed it, or why it failed."""
     if node.host in state.failed_hosts:
@@ -61,9 +65,9 @@ def _report(state: Any, node: Node, steps: list[Step], target: HostTarget,
     node.written.update(_deployed_files(target))
 
 
-def _last_error(state: Any, host: Any) -> str:
+def _last_error(state: State, host: Host) -> str:
     """The stderr of the operation that failed on `host`, for the report."""
-    for op_hash in reversed(state.get_op_order()):
+    for op_hash in reversed(state.get_op_order()):  # type: ignore[no-untyped-call]
         meta = state.ops[host].get(op_hash)
         if meta is None:
             continue
@@ -87,13 +91,13 @@ def _deployed_files(target: HostTarget) -> dict[str, str]:
     return out
 
 
-def stop_between_operations(state: Any, interrupt: Interrupt) -> None:
+def stop_between_operations(state: State, interrupt: Interrupt) -> None:
     """Make pyinfra check `interrupt` before each operation (after the previous one has
     finished on every host)."""
     from pyinfra.api.state import BaseStateCallback
 
     class Check(BaseStateCallback):
-        def operation_start(self, state: Any, op_hash: Any) -> None:  # type: ignore[override]
+        def operation_start(self, state: State, op_hash: str) -> None:  # type: ignore[override]
             interrupt.check()
 
-    state.add_callback_handler(Check())
+    state.add_callback_handler(Check())  # type: ignore[no-untyped-call]

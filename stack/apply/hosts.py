@@ -20,6 +20,8 @@ from stack.snapshot import NodeFacts, Observed
 from stack.spec import StackSpec
 
 if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+
     from stack.observe import Connected
 
 
@@ -28,7 +30,7 @@ class Node:
     """One reachable host during apply."""
 
     name: str
-    host: Any  # pyinfra Host
+    host: Host
     prefix: str
     facts: NodeFacts
     files: dict[str, Any] = field(default_factory=dict)

@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gevent
 
@@ -18,6 +18,9 @@ from stack.apply.hosts import Node
 from stack.apply.report import ApplyOptions, ApplyResult, HostReport
 from stack.apply.targets import driver_requests
 from stack.hostfiles import agent_service
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
 from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
 
@@ -54,7 +57,7 @@ def _wait_down(host: remote.Host, limit: float) -> bool:
     return False
 
 
-def _reconnect(host: Any) -> None:
+def _reconnect(host: Host) -> None:
     """A new SSH connection for a pyinfra host whose old one died with a reboot."""
     from pyinfra.context import ctx_host, ctx_state
 

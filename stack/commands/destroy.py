@@ -13,12 +13,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from stack.errors import ApplyError, ConfigError, StackError
 from stack.spec import StackSpec
+
+if TYPE_CHECKING:
+    from stack.remote import Host
 
 HELP = "stop the stack's instances, routers and agents (--purge: remove them too)"
 
@@ -37,7 +40,7 @@ def purge_script(prefix: str) -> str:
     return "rm -rf " + " ".join(q(f"{prefix}/{p}") for p in parts)
 
 
-def destroy_host(spec: StackSpec, name: str, host: Any, prefix: str, manager: str,
+def destroy_host(spec: StackSpec, name: str, host: Host, prefix: str, manager: str,
                   purge: bool) -> str | None:
     """Stop one host's instances, router and agent; the error, if any."""
     from agent.assignment import Assignment

@@ -12,13 +12,16 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from stack.snapshot import Observed
 from stack.spec import StackSpec
+
+if TYPE_CHECKING:
+    from stack.remote import Host
 
 HELP = "show nodes, GPUs, instances and routers as the agents report them"
 METRIC_PREFIX = "modelstack_router_"
@@ -54,7 +57,7 @@ def rates(first: dict[str, float], second: dict[str, float], seconds: float) -> 
             "tokens_per_second": round((second["tokens"] - first["tokens"]) / span, 2)}
 
 
-def _router_sample(host: Any, prefix: str, listen: str) -> dict[str, float] | None:
+def _router_sample(host: Host, prefix: str, listen: str) -> dict[str, float] | None:
     from stack.remote import run
 
     python = shlex.quote(f"{prefix}/agent/venv/bin/python")
