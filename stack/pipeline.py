@@ -96,13 +96,13 @@ def plan_evaluated(spec: StackSpec, stack_bytes: bytes, observed: Observed,
     """The pure rest of the pipeline (schedule -> assign -> plan), for evaluations made
     here or given (the plan tests and the plan benchmark pass their own)."""
     from stack.assign import build_assignments
-    from stack.plan import plan
+    from stack.changes import derive_plan
     from stack.schedule import schedule
 
     placements = schedule(spec, evaluated.evaluations, observed, failed=evaluated.failed,
                           unknown=evaluated.unknown)
     assignments = build_assignments(spec, placements, observed, stack_dir, secret=None)
-    return plan(spec, observed, placements, assignments, stack_bytes, agent)
+    return derive_plan(spec, observed, placements, assignments, stack_bytes, agent)
 
 
 def unschedulable_error(plan: Plan) -> ConfigError:

@@ -1,0 +1,331 @@
+"""How the plan is derived: the desired state against the observed one, change by change.
+
+Desired is the placements, turned into assignments, host files and a router config;
+observed is the facts. Changes are: hosts (drivers, reboots, the agent, runtimes, the
+files apply keeps there), model replicas (create, replace with its reason, delete) and the
+router. `derive_plan` is the only entry; `stack.pipeline` calls it for every command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from agent.assignment import Assignment, Instance
+from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
+from deploys.runtimes import unused_versions
+from stack.assign import build_router_config, router_config_sha256
+from stack.hostfiles import HostFile, desired_files, router_fingerprint
+from stack.nodes import node_settings
+from stack.placement import (
+    Placement,
+    Placements,
+    RunningPart,
+    gib,
+    instance_id,
+    running_replicas,
+)
+from stack.plan import (
+    Action,
+    Change,
+    Plan,
+    Summary,
+    Unreachable,
+    facts_sha256,
+    replica_address,
+    sha256_bytes,
+)
+from stack.snapshot import ManagedFile, NodeFacts, Observed
+from stack.spec import StackSpec
+
+
+def _placement_details(p: Placement) -> tuple[tuple[str, str], ...]:
+    gpus = ", ".join(map(str, p.gpus)) if p.gpus else "none (CPU)"
+    out = [("node", p.node), ("gpus", f"{p.vendor} {gpus}" if p.gpus else gpus),
+           ("backend", f"{p.backend} {p.backend_version or ''}".strip()),
+           ("port", str(p.port))]
+    claim = f"{gib(p.claim.ram_bytes)} RAM"
+    if p.gpus:
+        claim = f"{gib(p.claim.vram_bytes_per_gpu)} per GPU, " + claim
+    out.append(("claim", claim))
+    if p.split:
+        out.append(("layers", " / ".join(map(str, p.split)) + " (per device, by free memory)"))
+    for k, w in enumerate(p.workers, start=1):
+        wg = ", ".join(map(str, w.gpus)) if w.gpus else "CPU"
+        out.append((f"worker {k}", f"{w.node} gpus {wg} port {w.port}"))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- host changes
+
+
+def _host_changes(spec: StackSpec, observed: Observed, placements: Placements,
+                  agent_version: str) -> list[Change]:
+    needed: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for p in (*placements.placements, *placements.kept):
+        if not p.runtime or not p.backend_version:
+            continue
+        for node in p.nodes():
+            users = needed.setdefault(node, {}).setdefault((p.runtime, p.backend_version), [])
+            users.append(replica_address(p.model, p.replica))
+    out: list[Change] = []
+    for name in sorted(observed.nodes):
+        facts = observed.nodes[name]
+        if not facts.reachable:
+            continue
+        out.extend(_driver_changes(spec, name, facts))
+        if facts.reboot_required:
+            out.append(Change(f"node.{name}.reboot", Action.UPDATE,
+                              "the node reports that a reboot is required", "reboot", name))
+        agent = facts.agent
+        if agent.version is None:
+            out.append(Change(f"node.{name}.agent", Action.CREATE,
+                              f"install the agent {agent_version}", "none", name))
+        elif agent.version != agent_version:
+            out.append(Change(f"node.{name}.agent", Action.UPDATE,
+                              f"agent {agent.version} -> {agent_version}", "none", name))
+        elif not agent.running:
+            out.append(Change(f"node.{name}.agent", Action.UPDATE,
+                              "the agent is not running", "none", name))
+        out.extend(_runtime_changes(spec, name, facts, needed.get(name, {})))
+    return out
+
+
+def _driver_changes(spec: StackSpec, name: str, facts: NodeFacts) -> list[Change]:
+    """The driver work apply would do on this node: the same decision apply runs
+    (`deploys.drivers.driver_commands`), so plan and apply never disagree."""
+    out: list[Change] = []
+    user = facts.user or None
+    for vendor, driver in sorted(node_settings(spec, name).drivers.items()):
+        request = DriverRequest(name, vendor, driver.mode, driver.version, user)
+        result = driver_commands(facts, request)
+        address = f"node.{name}.driver.{vendor}"
+        if isinstance(result, Blocked):
+            out.append(Change(address, Action.UPDATE, f"blocked: {result.reason}", "none", name,
+                              hint=result.hint))
+        elif result:
+            have = sorted({g.driver for g in facts.gpus if g.vendor == vendor and g.driver})
+            disruption = "reboot" if needs_reboot(facts, result) else "none"
+            if have:
+                out.append(Change(address, Action.UPDATE,
+                                  f"{vendor} driver {', '.join(have)} -> "
+                                  f"{driver.version or 'the pinned branch'}", disruption, name))
+            else:
+                what = f"install the {vendor} driver {driver.version or ''}".rstrip()
+                out.append(Change(address, Action.CREATE, what, disruption, name))
+    return out
+
+
+def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
+                     needed: dict[tuple[str, str], list[str]]) -> list[Change]:
+    out: list[Change] = []
+    for (runtime, version), users in sorted(needed.items()):
+        if version in facts.runtimes.get(runtime, []):
+            continue
+        more = f" and {len(users) - 1} more" if len(users) > 1 else ""
+        out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.CREATE,
+                          f"needed by {users[0]}{more}", "none", name))
+    # what apply removes last: the same decision (`deploys.runtimes.unused_versions`)
+    listed = {n: rt.versions for n, rt in spec.runtimes.items()}
+    for runtime, versions in unused_versions(facts.runtimes, listed, needed).items():
+        for version in versions:
+            why = (f"`runtimes.{runtime}.versions` no longer lists {version}"
+                   if runtime in spec.runtimes
+                   else f"`runtimes.{runtime}` is no longer in stack.toml")
+            out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.DELETE, why,
+                              "none", name))
+    return out
+
+
+# --------------------------------------------------------------------------- instances
+
+
+def _replace_reasons(p: Placement, want: dict[str, tuple[str, Instance]],
+                     have: dict[str, RunningPart], observed: Observed) -> list[str]:
+    reasons: list[str] = []
+    main = have.get(p.id)
+    if main is None:
+        return ["its main instance is missing"]
+    if main.node != p.node:
+        down = observed.nodes.get(main.node)
+        why = " (unreachable)" if down is not None and not down.reachable else ""
+        reasons.append(f"moved from {main.node}{why} to {p.node}")
+    moved = set(want) != set(have) or any(have[i].node != want[i][0] for i in want if i in have)
+    if moved and not reasons:
+        reasons.append(f"spans {len(want)} node(s), ran on {len(have)}"
+                       if len(want) != len(have) else "a worker moved")
+    if main.facts.backend != p.backend:
+        reasons.append(f"backend {main.facts.backend} -> {p.backend}")
+    elif main.facts.backend_version != p.backend_version:
+        reasons.append(f"new version {main.facts.backend_version} -> {p.backend_version}")
+    if main.node == p.node and tuple(main.facts.gpus) != p.gpus:
+        old = ", ".join(map(str, main.facts.gpus)) or "CPU"
+        reasons.append(f"GPUs {old} -> {', '.join(map(str, p.gpus)) or 'CPU'}")
+    if main.node == p.node and main.facts.port != p.port:
+        reasons.append(f"port {main.facts.port} -> {p.port}")
+    if not reasons:
+        for iid, (_, inst) in sorted(want.items()):
+            facts = have[iid].facts
+            if facts.spec_hash is not None and facts.spec_hash != inst.spec_hash():
+                files = facts.source_sha256 is not None \
+                    and facts.source_sha256 != inst.source_sha256
+                reasons.append("model files changed" if files else "args changed")
+                break
+    return reasons
+
+
+def _instance_changes(spec: StackSpec, observed: Observed, placements: Placements,
+                      assignments: Mapping[str, Assignment]) -> list[Change]:
+    desired: dict[str, tuple[str, Instance]] = {
+        inst.id: (node, inst) for node, a in assignments.items() for inst in a.instances}
+    current, loose = running_replicas(observed)
+    out: list[Change] = []
+    placed = {(p.model, p.replica) for p in (*placements.placements, *placements.kept)}
+    # an unreachable host reports nothing: a replica that ran there looks new
+    down = sorted(name for name, facts in observed.nodes.items() if not facts.reachable)
+    new = (f"not running on a reachable node; {', '.join(down)} "
+           f"{'is' if len(down) == 1 else 'are'} unreachable" if down else "new replica")
+    for p in placements.placements:
+        ids = [p.id, *(p.worker_id(k) for k in range(1, len(p.workers) + 1))]
+        want = {i: desired[i] for i in ids if i in desired}
+        have = current.get((p.model, p.replica), {})
+        address = replica_address(p.model, p.replica)
+        details = _placement_details(p)
+        if not have:
+            out.append(Change(address, Action.CREATE, new, "none", p.node, details))
+            continue
+        reasons = _replace_reasons(p, want, have, observed)
+        if reasons:
+            out.append(Change(address, Action.REPLACE, "; ".join(reasons), "restart", p.node,
+                              details))
+    unschedulable = {(u.model, u.replica) for u in placements.unschedulable}
+    for key in sorted(set(current) - placed):
+        model, replica = key
+        parts = current[key]
+        main = parts.get(instance_id(model, replica)) or next(iter(parts.values()))
+        if model not in spec.models:
+            why = f"model `{model}` is no longer in stack.toml"
+        elif replica >= spec.models[model].replicas:
+            why = f"`models.{model}.replicas` is {spec.models[model].replicas}"
+        elif key in unschedulable:
+            why = "it no longer fits anywhere (see unschedulable)"
+        else:
+            why = "no longer placed"
+        out.append(Change(replica_address(model, replica), Action.DELETE, why, "restart",
+                          main.node, (("node", main.node), ("port", str(main.facts.port)))))
+    for node, inst in loose:
+        out.append(Change(f"node.{node}.instance.{inst.id}", Action.DELETE,
+                          "not an instance of this stack's replicas", "restart", node))
+    return out
+
+
+# --------------------------------------------------------------------------- router
+
+
+def _router_change_unknown(observed: Observed, placements: Placements,
+                           instances_changed: bool) -> Change | None:
+    """The `router` change for facts that do not report what apply wrote (snapshots from
+    before `managed`): created on a fleet with no agent yet, else updated whenever a
+    replica changes (its routes do)."""
+    reachable = [n for n in placements.routers
+                 if n in observed.nodes and observed.nodes[n].reachable]
+    hosts = ", ".join(placements.routers) or "no host"
+    details = (("hosts", hosts),)
+    if reachable and all(observed.nodes[n].agent.version is None for n in reachable):
+        return Change("router", Action.CREATE, f"install on {hosts}", "none", None, details)
+    if instances_changed:
+        return Change("router", Action.UPDATE, "replicas changed", "none", None, details)
+    return None
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def derive_plan(spec: StackSpec, observed: Observed, placements: Placements,
+         assignments: Mapping[str, Assignment], stack_bytes: bytes,
+         agent_version: str) -> Plan:
+    """Compare desired (placements, assignments) with observed (facts): the plan."""
+    hosts = _host_changes(spec, observed, placements, agent_version)
+    instances = _instance_changes(spec, observed, placements, assignments)
+    config = build_router_config(spec, placements, dict(assignments))
+    config_sha = router_config_sha256(config)
+    router_fp = router_fingerprint(config)
+    files = {name: tuple(desired_files(spec, name, facts,
+                                       assignments.get(name, Assignment(node=name)),
+                                       router_fp if name in placements.routers else None))
+             for name, facts in sorted(observed.nodes.items()) if facts.reachable}
+    node_files, router_files = _file_changes(observed, files)
+    known = any(observed.nodes[n].managed is not None for n in files if n in placements.routers)
+    legacy = None if known else _router_change_unknown(observed, placements, bool(instances))
+    router = router_files if known else [legacy] if legacy else []
+    changes = tuple(sorted(hosts + node_files, key=_order) + sorted(instances, key=_order)
+                    + sorted(router, key=_order))
+    unreachable = tuple(Unreachable(name, facts.error or f"`{name}` did not answer",
+                                    facts.hint or "")
+                        for name, facts in sorted(observed.nodes.items()) if not facts.reachable)
+    warnings = tuple(f"model.{model}: metadata unknown ({why}); running replicas kept"
+                     for model, why in placements.unknown)
+    return Plan(stack_sha256=sha256_bytes(stack_bytes), facts_sha256=facts_sha256(observed),
+                changes=changes, placements=placements, router_config_sha256=config_sha,
+                summary=Summary.of(changes), unreachable=unreachable, files=files,
+                assignments=dict(assignments), warnings=warnings)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _file_changes(observed: Observed, files: Mapping[str, tuple[HostFile, ...]]
+                  ) -> tuple[list[Change], list[Change]]:
+    """Desired file fingerprints against what the facts report: node-level changes, and
+    the fleet-wide ones (`router...`, `model.M.files`) merged over their nodes. A node
+    whose agent is not installed yet gets its files with the agent (`node.N.agent`);
+    facts that do not report files (an older snapshot) are unknown, not changed."""
+    node_level: list[Change] = []
+    merged: dict[tuple[str, Action, str], list[str]] = {}  # (address, action, why) -> nodes
+    for name, wanted in files.items():
+        facts = observed.nodes[name]
+        fresh = facts.managed is None or facts.agent.version is None
+        for f in wanted:
+            if fresh:
+                if f.address == "router":
+                    merged.setdefault(("router", Action.CREATE, "install"), []).append(name)
+                continue
+            assert facts.managed is not None
+            drift = _file_drift(f, facts.managed.get(f.path))
+            if f.address == "router" and not drift and facts.service_manager == "supervise" \
+                    and not facts.services_alive.get("router", False):
+                drift = [("router", Action.UPDATE, "not running")]
+            for address, action, reason in drift:
+                if address.startswith("node."):
+                    node_level.append(Change(address, action, reason, "none", name,
+                                             (("path", f.path),)))
+                else:
+                    merged.setdefault((address, action, reason), []).append(name)
+    fleet = []
+    for (address, action, reason), nodes in sorted(merged.items()):
+        where = ", ".join(sorted(nodes))
+        label = "hosts" if address.startswith("router") else "nodes"
+        fleet.append(Change(address, action, f"{reason} on {where}", "none", None,
+                            ((label, where),)))
+    return node_level, fleet
+
+
+def _file_drift(want: HostFile, have: ManagedFile | None) -> list[tuple[str, Action, str]]:
+    """(address, action, reason) for each way the file on the host differs from `want`."""
+    if have is None:
+        return [(want.address, Action.CREATE, "upload" if want.kind == "upload" else "write")]
+    if have.sha256 is None:
+        return [(want.address, Action.CREATE, "missing")]
+    if have.drifted:
+        return [(want.address, Action.UPDATE, "changed by hand")]
+    old = dict(p.split(":", 1) for p in have.fingerprint.split(",")) \
+        if ":" in have.fingerprint else {"": have.fingerprint}
+    return [(f"{want.address}.{part}" if part else want.address, Action.UPDATE, "changed")
+            for part, value in want.parts().items() if old.get(part) != value]
+
+
+def _order(change: Change) -> tuple[Any, ...]:
+    # addresses sort by their parts, with replica numbers as numbers: [2] before [10]
+    head, _, index = change.address.partition("[")
+    number = int(index.rstrip("]")) if index.rstrip("]").isdigit() else -1
+    return (head, number, change.address)
