@@ -105,6 +105,10 @@ class StackSection(_Strict):
     port_range: tuple[int, int] = Field(
         (40000, 40999), description="Ports given to model instances on each node."
     )
+    known_hosts: str | None = Field(
+        None, description="The known_hosts file (relative to stack.toml, kept in git) that pins "
+        "every host's SSH key; `stack hosts trust` writes it. Default: ~/.ssh/known_hosts.",
+    )
 
 
 class DriverSpec(_Strict):
@@ -124,6 +128,11 @@ class NodeSpec(_Strict):
     ssh_user: str | None = Field(None, description="SSH user.")
     ssh_port: int | None = Field(None, ge=1, le=65535, description="SSH port.")
     ssh_key: str | None = Field(None, description="Path to the SSH private key.")
+    agent_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Port of the agent's API on these hosts; default 7070. Two stacks on one "
+        "host need different ports (and prefixes).",
+    )
     sudo: bool = Field(False, description="Use sudo for operations that need root.")
     drivers: dict[VendorName, DriverSpec] = Field(
         default_factory=dict, description="Drivers to install or verify, per vendor."
