@@ -136,7 +136,8 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             id=iid, model=p.model, replica=p.replica, source=model.source,
             model_path=paths[(p.model, prefix)], kind=p.kind,
             backend=p.backend, backend_version=p.backend_version, runtime_path=runtime_path,
-            args=list(model.args), env={**(runtime.env if runtime else {}), **model.env},
+            args=_args(model.args, p) if k == 0 else list(model.args),
+            env={**(runtime.env if runtime else {}), **model.env},
             devices=Devices(vendor=part.vendor, indices=list(part.gpus)),
             host=peers[k].host, port=part.port,
             api_key=_api_key(secret, iid) if k == 0 else None,
@@ -148,6 +149,15 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             source_sha256=paths[(p.model, "")],
         )))
     return out
+
+
+def _args(args: list[str], p: Placement) -> list[str]:
+    """The model's args; a partial offload adds `-ngl`: the split's layers on the devices
+    plus the output layer (llama.cpp offloads the last `-ngl` of `layers + 1`), the rest on
+    the main's CPU. After the split's own `-ngl` on the command line, so it wins."""
+    if not p.cpu_layers:
+        return list(args)
+    return [*args, "-ngl", str(sum(p.split) + 1)]
 
 
 class _Nodes:

@@ -87,6 +87,8 @@ class Placement:
     # llama.cpp split by layers: layers per device, the main's GPUs (in `gpus` order, or
     # one entry for its CPU) first, then each worker's the same way; empty: one device
     split: tuple[int, ...] = ()
+    # partial offload (llama.cpp): layers the main keeps on its CPU, beside `split`'s
+    cpu_layers: int = 0
 
     @property
     def id(self) -> str:
@@ -114,6 +116,8 @@ class Placement:
         }
         if self.split:
             data["split"] = list(self.split)
+        if self.cpu_layers:
+            data["cpu_layers"] = self.cpu_layers
         return data
 
     @staticmethod
@@ -128,6 +132,7 @@ class Placement:
             kind=data.get("kind", "llm"), context=data.get("context"),
             workers=tuple(Worker.from_json(w) for w in data.get("workers", [])),
             split=tuple(int(n) for n in data.get("split", ())),
+            cpu_layers=int(data.get("cpu_layers", 0)),
         )
 
 

@@ -53,7 +53,8 @@ class ModelEvaluation:
                     f"{self.meta.max_context}")
         if backend == "llama.cpp":
             opts = memory.llama_options(self.spec.args)
-            return memory.llama_claim(self.meta, context, gpus, nodes, gpu_memory_bytes, opts)
+            return memory.llama_claim(self.meta, context, gpus, nodes, gpu_memory_bytes, opts,
+                                      self.spec.offload)
         if backend in ("vllm", "sglang"):
             default = memory.VLLM_UTILIZATION if backend == "vllm" else memory.SGLANG_UTILIZATION
             util = self.spec.gpu_memory_utilization or default

@@ -160,6 +160,7 @@ class LlamaOptions:
     parallel: int = LLAMA_PARALLEL
     flash_attn: bool = True
     swa_full: bool = False
+    gpu_layers: int | None = None  # `-ngl N` (llama.cpp's count: N - 1 layers + output)
 
 
 def llama_options(args: list[str]) -> LlamaOptions:
@@ -171,7 +172,7 @@ def llama_options(args: list[str]) -> LlamaOptions:
         arg = args[i]
         name, eq, inline = arg.partition("=")
         takes = {"-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-ub", "--ubatch-size",
-                 "-np", "--parallel", "-fa", "--flash-attn"}
+                 "-np", "--parallel", "-fa", "--flash-attn", *NGL_FLAGS}
         if name in takes:
             if eq:
                 values[name] = inline
@@ -197,7 +198,37 @@ def llama_options(args: list[str]) -> LlamaOptions:
         parallel=number(LLAMA_PARALLEL, "-np", "--parallel"),
         flash_attn=fa not in ("off", "0", "false", "disabled"),
         swa_full="--swa-full" in flags,
+        gpu_layers=_ngl(pick(*NGL_FLAGS)),
     )
+
+
+NGL_FLAGS = ("-ngl", "--n-gpu-layers", "--gpu-layers")
+
+
+def _ngl(text: str | None) -> int | None:
+    """`-ngl`'s value: a count, `all` or a negative number (every layer), `auto`: None."""
+    if text is None or text.lower() == "auto":
+        return None
+    if text.lower() == "all" or text.startswith("-"):
+        return 1 << 30
+    return int(text) if text.isdigit() else None
+
+
+def gpu_layer_range(offload: str, gpu_layers: int | None, layers: int) -> tuple[int, int]:
+    """(fewest, most) of the model's `layers` allowed on accelerators.
+
+    `-ngl N` wins: llama.cpp offloads the last N of `layers + 1` slots, the output layer
+    being the last one (`load_tensors` in src/llama-model.cpp), so N - 1 repeating layers.
+    Else `offload`: `none` 0, `full` all, `auto` all or down to LLAMA_MIN_OFFLOAD of them.
+    """
+    if gpu_layers is not None:
+        n = min(max(gpu_layers - 1, 0), layers)
+        return n, n
+    if offload == "none":
+        return 0, 0
+    if offload == "full":
+        return layers, layers
+    return min(layers, math.ceil(layers * LLAMA_MIN_OFFLOAD)), layers
 
 
 @dataclass(frozen=True)
@@ -232,9 +263,12 @@ def llama_breakdown(meta: ModelMeta, context: int, opts: LlamaOptions) -> LlamaB
 
 
 def llama_claim(meta: ModelMeta, context: int, gpus: int, nodes: int,
-                gpu_memory_bytes: int | None, opts: LlamaOptions) -> Claim | str:
-    """llama.cpp: CPU (gpus=0, all in RAM), full offload split by layers over the GPUs of
-    every node (RPC workers when nodes > 1), or partial offload when the GPU is too small."""
+                gpu_memory_bytes: int | None, opts: LlamaOptions,
+                offload: str = "auto") -> Claim | str:
+    """llama.cpp: CPU (gpus=0, all in RAM), or the layers over the GPUs of every node (RPC
+    workers when nodes > 1). Without `gpu_memory_bytes` the claim of every layer on the
+    GPUs, saying how far the layers may stay on the CPU (the scheduler decides); with it,
+    a partial offload in whole layers when the GPUs are too small."""
     b = llama_breakdown(meta, context, opts)
     layers = max(meta.layers, 0)
     if gpus == 0:
@@ -247,39 +281,48 @@ def llama_claim(meta: ModelMeta, context: int, gpus: int, nodes: int,
                             f" + compute {gib(b.compute)} + output {gib(b.output)} + runtime "
                             f"{gib(LLAMA_CPU_OVERHEAD)}" + (f", over {nodes} nodes"
                                                           if nodes > 1 else ""))
+    low, high = gpu_layer_range(offload, opts.gpu_layers, layers)
+    if high == 0:
+        return ("every layer stays on the CPU (" + ("`-ngl` in `args`"
+                if opts.gpu_layers is not None else '`offload = "none"`') + ")")
     devices = gpus * nodes
     embd = _token_embd_bytes(meta)
     on_gpu = b.weights - embd
     per_gpu = (on_gpu + b.kv) // devices + b.compute + LLAMA_CUDA_OVERHEAD
-    ram = embd + b.output + LLAMA_CPU_OVERHEAD
     detail = (f"weights {gib(on_gpu)} + KV {gib(b.kv)} ({context} tokens) over {devices} GPU(s)"
               f", + compute {gib(b.compute)} + runtime {gib(LLAMA_CUDA_OVERHEAD)} per GPU")
-    if gpu_memory_bytes is None or per_gpu <= gpu_memory_bytes:
-        return Claim(backend="llama.cpp", gpus=gpus, nodes=nodes, vram_bytes_per_gpu=per_gpu,
-                     ram_bytes=ram, disk_bytes=meta.files_bytes, detail=detail, layers=layers,
-                     layer_bytes=_ceil_div(on_gpu + b.kv, layers),
-                     device_bytes=b.compute + LLAMA_CUDA_OVERHEAD)
-    return _partial_offload(meta, b, context, gpus, nodes, gpu_memory_bytes, per_gpu, ram)
+    full = Claim(backend="llama.cpp", gpus=gpus, nodes=nodes, vram_bytes_per_gpu=per_gpu,
+                 ram_bytes=embd + b.output + LLAMA_CPU_OVERHEAD, disk_bytes=meta.files_bytes,
+                 detail=detail, layers=layers, layer_bytes=_ceil_div(on_gpu + b.kv, layers),
+                 device_bytes=b.compute + LLAMA_CUDA_OVERHEAD, cpu_bytes=b.compute,
+                 gpu_layers=(0, 0) if low == layers else (low, high))
+    if gpu_memory_bytes is None or (per_gpu <= gpu_memory_bytes and high == layers):
+        return full
+    return partial_claim(full, gpu_memory_bytes)
 
 
-def _partial_offload(meta: ModelMeta, b: LlamaBreakdown, context: int, gpus: int, nodes: int,
-                     gpu_memory_bytes: int, full: int, ram: int) -> Claim | str:
-    """Offload as many layers as fit (at least LLAMA_MIN_OFFLOAD of them); the rest in RAM."""
-    devices = gpus * nodes
-    layers = max(meta.layers, 1)
-    per_layer = (b.weights - _token_embd_bytes(meta) + b.kv) / layers
-    room = gpu_memory_bytes - b.compute - LLAMA_CUDA_OVERHEAD
-    fit = min(layers, int(room * devices // per_layer)) if per_layer > 0 and room > 0 else 0
-    if fit < math.ceil(layers * LLAMA_MIN_OFFLOAD):
-        return (f"needs {gib(full)} per GPU for all {layers} layers with {devices} GPU(s); "
-                f"{gib(gpu_memory_bytes)} holds {fit} layers, fewer than half")
-    gpu_part = int(per_layer * fit)
-    per_gpu = gpu_part // devices + b.compute + LLAMA_CUDA_OVERHEAD
-    host = int(per_layer * (layers - fit)) // nodes + ram + b.compute
-    return Claim(backend="llama.cpp", gpus=gpus, nodes=nodes, vram_bytes_per_gpu=per_gpu,
-                 ram_bytes=host, disk_bytes=meta.files_bytes,
-                 detail=f"partial offload: {fit}/{layers} layers on {devices} GPU(s) "
-                        f"({context} tokens), the rest in RAM")
+def partial_claim(full: Claim, gpu_memory_bytes: int | None) -> Claim | str:
+    """The claim with as many whole layers on each GPU as fit in `gpu_memory_bytes` (all
+    that `full.gpu_layers` allows without it), the rest in the main node's RAM."""
+    low, high = full.offload_range()
+    devices = full.gpus * full.nodes
+    per_device = high if gpu_memory_bytes is None or full.layer_bytes <= 0 else \
+        max(0, gpu_memory_bytes - full.device_bytes) // full.layer_bytes
+    fit = min(high, per_device * devices)
+    if fit < max(low, 1):
+        return (f"needs {gib(full.vram_bytes_per_gpu)} per GPU for all {full.layers} layers "
+                f"with {devices} GPU(s); {gib(gpu_memory_bytes or 0)} holds {per_device} layers "
+                f"per GPU, {fit} in all, fewer than " + (
+                    "half" if high == full.layers else f"the {low} `-ngl` asks"))
+    on_cpu = full.layers - fit
+    return Claim(backend=full.backend, gpus=full.gpus, nodes=full.nodes,
+                 vram_bytes_per_gpu=_ceil_div(fit, devices) * full.layer_bytes
+                 + full.device_bytes,
+                 ram_bytes=full.ram_bytes + (full.cpu_bytes + on_cpu * full.layer_bytes
+                                             if on_cpu else 0),
+                 disk_bytes=full.disk_bytes,
+                 detail=f"partial offload: {fit}/{full.layers} layers on {devices} GPU(s), "
+                        f"{on_cpu} in the main node's RAM; {full.detail}")
 
 
 def _token_embd_bytes(meta: ModelMeta) -> int:

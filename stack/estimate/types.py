@@ -55,6 +55,16 @@ class Claim:
     layers: int = 0
     layer_bytes: int = 0
     device_bytes: int = 0
+    # Partial offload (llama.cpp): layers kept on the main node's CPU take `layer_bytes`
+    # each of its RAM, plus `cpu_bytes` once (the CPU's compute buffer).
+    cpu_bytes: int = 0
+    # (fewest, most) of the `layers` this layout may put on accelerators when the rest
+    # stays on the main node's CPU (`offload`, `-ngl`); (0, 0): all of them, no partial.
+    gpu_layers: tuple[int, int] = (0, 0)
+
+    def offload_range(self) -> tuple[int, int]:
+        """(fewest, most) layers on accelerators; (layers, layers) for a full offload."""
+        return self.gpu_layers if self.gpu_layers != (0, 0) else (self.layers, self.layers)
 
 
 class Evaluation(Protocol):

@@ -138,9 +138,13 @@ class SchedulerBase:
         return None
 
     def need(self, m: ModelState, backend: str, gpus: int, memory: int, nodes: int) -> Need | str:
+        """What one part of the layout takes with every layer on its devices, or why not."""
         claim = m.claim(backend, gpus, memory, nodes)
         if isinstance(claim, str):
             return claim
+        if gpus and claim.offload_range()[1] < claim.layers:
+            return f"`-ngl` in `args` keeps {claim.layers - claim.offload_range()[1]} layers " \
+                   "on the CPU"
         disk = claim.disk_bytes or m.evaluation.meta.files_bytes
         return Need(gpus, claim.vram_bytes_per_gpu if gpus else 0, claim.ram_bytes, disk)
 
@@ -182,23 +186,37 @@ class SchedulerBase:
         if max(gpus, 1) * nodes < 2:
             return None
         claim = m.claim(backend, gpus, memory, nodes)
-        if isinstance(claim, str) or claim.layers < 1:
+        if isinstance(claim, str) or claim.layers < 1 or (
+                gpus and claim.offload_range()[1] < claim.layers):
+            return None
+        return claim
+
+    def partial_claim(self, m: ModelState, backend: str, nodes: int) -> Claim | None:
+        """The layout claim when layers may stay on the main's CPU, else None."""
+        claim = m.claim(backend, 1, 0, nodes)
+        if isinstance(claim, str) or claim.layers < 1 or \
+                claim.offload_range()[0] >= claim.layers:
             return None
         return claim
 
     def split_parts(self, m: ModelState, claim: Claim,
                     parts: list[tuple[NodeState, Pool | None, tuple[int, ...], int | None]],
-                    previous: tuple[int, ...] = ()) -> list[Part] | None:
+                    previous: tuple[int, ...] = (), gpu_layers: int | None = None
+                    ) -> list[Part] | None:
         """Each part with its share of the layers and what that share takes, or None.
 
         The devices are the parts' GPUs in order (a CPU part is one device: its RAM).
         `previous` (the split the replica runs with) is kept while it still fits, so a
-        replica that stays is not restarted for a new split.
+        replica that stays is not restarted for a new split. With `gpu_layers` below the
+        model's layers (partial offload), the devices share those and the main node keeps
+        the rest in its RAM.
         """
         free: list[int] = []
         for node, _, gpus, _ in parts:
             free.extend([node.free[i] for i in gpus] if gpus else [node.ram_free])
-        n, per_layer, fixed = claim.layers, claim.layer_bytes, claim.device_bytes
+        n = claim.layers if gpu_layers is None else gpu_layers
+        per_layer, fixed = claim.layer_bytes, claim.device_bytes
+        on_cpu = claim.layers - n
         split: tuple[int, ...] | None = None
         if len(previous) == len(free) and sum(previous) == n and all(
                 layers >= 1 and layers * per_layer + fixed <= f
@@ -216,7 +234,9 @@ class SchedulerBase:
             k += len(share)
             if gpus:
                 vram = tuple(layers * per_layer + fixed for layers in share)
-                need = Need(len(gpus), max(vram), claim.ram_bytes, disk, vram, share)
+                cpu = on_cpu if not out else 0
+                ram = claim.ram_bytes + (cpu * per_layer + claim.cpu_bytes if cpu else 0)
+                need = Need(len(gpus), max(vram), ram, disk, vram, share, cpu)
             else:
                 need = Need(0, 0, share[0] * per_layer + fixed, disk, (), share)
             if self.fits_host(node, m.name, need):
@@ -253,6 +273,7 @@ class SchedulerBase:
         runtime = m.runtimes[backend]
         assert not isinstance(runtime, str)
         split = tuple(n for part in parts for n in part[3].layers) if parts[0][3].layers else ()
+        cpu_layers = parts[0][3].cpu_layers
         placed: list[Worker] = []
         claims: list[ClaimedResources] = []
         for k, (node, pool, gpus, need, want) in enumerate(parts):
@@ -277,7 +298,7 @@ class SchedulerBase:
             backend_version=runtime[1], port=placed[0].port, claim=claims[0],
             runtime=runtime[0], vendor=placed[0].vendor, gpu_memory_bytes=memory,
             kind=m.evaluation.kind, context=m.evaluation.context, workers=tuple(placed[1:]),
-            split=split if len(split) > 1 else (),
+            split=split if len(split) > 1 or cpu_layers else (), cpu_layers=cpu_layers,
         )
 
     @staticmethod

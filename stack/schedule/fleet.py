@@ -110,6 +110,7 @@ class Need:
     disk: int
     vram_by_gpu: tuple[int, ...] = ()  # split by layers: per GPU, in the part's GPU order
     layers: tuple[int, ...] = ()  # split by layers: per GPU, or one entry for the CPU
+    cpu_layers: int = 0  # partial offload: layers the main keeps on its CPU (in `ram`)
 
 
 # one part of a replica as placed: node, GPU pool (None: CPU), GPUs, what it takes, port
@@ -132,10 +133,14 @@ class ModelState:
     reasons: tuple[str, ...] | None = None
 
     def claim(self, backend: str, gpus: int, memory: int, nodes: int) -> Claim | str:
+        """The claim of a layout. llama.cpp's is asked without the GPU's memory: it is the
+        claim of every layer on the GPUs, and the scheduler decides how many fit."""
+        if backend in CPU_BACKENDS:
+            memory = 0
         key = (backend, gpus, memory, nodes)
         if key not in self.claims:
             self.claims[key] = self.evaluation.claim(
-                backend, gpus, memory if gpus else None, nodes)
+                backend, gpus, memory if memory else None, nodes)
         return self.claims[key]
 
 
@@ -149,6 +154,7 @@ class Fleet:
         self.excluded: dict[str, str] = {}  # node -> why no model goes there
         self.class_members: list[list[str]] = []
         self.heaps: list[dict[str, list[tuple[tuple[float, str], int, str]]]] = []
+        self.max_gpus = max((len(f.gpus) for f in observed.nodes.values()), default=0)
         class_index: dict[tuple[Any, ...], int] = {}
         for name in sorted(observed.nodes):
             facts = observed.nodes[name]

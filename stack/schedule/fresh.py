@@ -3,6 +3,7 @@ nodes, split by layers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from stack.estimate.types import Claim
@@ -17,20 +18,34 @@ from stack.schedule.fleet import (
     ModelState,
     Need,
     NodeState,
+    Part,
     Pool,
 )
-from stack.schedule.layers import same_split, split_layers
+from stack.schedule.layers import offload_devices, offload_layers, same_split, split_layers
 from stack.schedule.sticky import StickyScheduler
 
 
 class FreshScheduler(StickyScheduler):
-    """Places replicas that run nowhere yet."""
+    """Places replicas that run nowhere yet.
 
-    def layouts(self, m: ModelState) -> list[int]:
+    The layouts of a backend are tried best first, so the first that fits is the best
+    (docs/placement.md): every layer on accelerators (one node with 1, 2, ... GPUs, then
+    several nodes), then a partial offload (layers the GPUs cannot hold on the main
+    node's CPU; one node, then several), then the CPU alone (one node, then RPC workers).
+    Within a layout the policy picks the nodes.
+    """
+
+    def layouts(self, m: ModelState, backend: str = "") -> list[int]:
+        """GPUs per node to try, fewest first: llama.cpp splits by layers, so any count
+        up to the largest node's; tensor parallelism powers of two."""
         want = m.spec.gpus_per_replica
         if m.spec.pin and m.spec.pin.gpus:
             return [len(m.spec.pin.gpus)]
-        return [want] if isinstance(want, int) else list(TP_SIZES)
+        if isinstance(want, int):
+            return [want]
+        if backend in CPU_BACKENDS:
+            return list(range(1, max(self.fleet.max_gpus, 1) + 1))
+        return list(TP_SIZES)
 
     def place_fresh(self, m: ModelState, replica: int) -> Placement | None:
         """Place a replica that has no (valid) previous placement."""
@@ -41,15 +56,104 @@ class FreshScheduler(StickyScheduler):
                        if self._class_usable(m, backend, c)]
             if not classes:
                 continue
-            for gpus in [*self.layouts(m), 0]:
-                placed = self._place_single(m, replica, backend, classes, gpus)
-                if placed:
-                    return placed
-            if m.spec.distributed and not m.spec.pin:
-                placed = self._place_distributed(m, replica, backend, classes)
+            for tier in (self._place_on_accelerators, self._place_partial, self._place_on_cpu):
+                placed = tier(m, replica, backend, classes)
                 if placed:
                     return placed
         return None
+
+    def _place_on_accelerators(self, m: ModelState, replica: int, backend: str,
+                               classes: list[int]) -> Placement | None:
+        for gpus in self.layouts(m, backend):
+            placed = self._place_single(m, replica, backend, classes, gpus)
+            if placed:
+                return placed
+        return self._place_distributed(m, replica, backend, classes, self.layouts(m))
+
+    def _place_partial(self, m: ModelState, replica: int, backend: str,
+                       classes: list[int]) -> Placement | None:
+        """Some layers on the GPUs of one node (then of several), the rest on the main
+        node's CPU: the fewest nodes, then the most layers on GPUs, then the fewest GPUs."""
+        if backend not in CPU_BACKENDS or self.partial_claim(m, backend, 1) is None:
+            return None
+        gpu_classes = [c for c in classes if self.eligibility(m, backend, c).pools]
+
+        def attempt(node: NodeState) -> list[Part] | None:
+            got = self._offload_part(m, backend, node)
+            if got is None:
+                return None
+            claim, pool, gpus = got
+            return self.split_parts(m, claim, [(node, pool, gpus, None)],
+                                    gpu_layers=offload_layers(claim, self._free(node, gpus)))
+
+        placed = self._place_one_node(m, replica, backend, gpu_classes,
+                                      (backend, 0, 1, 1), attempt)
+        if placed or not m.spec.distributed or m.spec.pin:
+            return placed
+        for nodes in range(2, min(MAX_NODES_PER_REPLICA, len(self.fleet.nodes)) + 1):
+            placed = self._place_partial_split(m, replica, backend, gpu_classes, nodes)
+            if placed:
+                return placed
+        return None
+
+    def _offload_part(self, m: ModelState, backend: str, node: NodeState
+                      ) -> tuple[Claim, Pool, tuple[int, ...]] | None:
+        """The GPUs of `node` a partial offload takes: the pinned ones, else the fewest of
+        the emptiest that hold as many layers as any could (alike GPUs first)."""
+        pin = m.spec.pin
+        claim = self.partial_claim(m, backend, 1)
+        if claim is None:
+            return None
+        for pool in self.eligibility(m, backend, node.cls).pools:
+            if pin and pin.gpus:
+                if not set(pin.gpus) <= set(pool.indices):
+                    continue
+                return claim, pool, tuple(sorted(pin.gpus))
+            least = claim.device_bytes + claim.layer_bytes
+            ok = sorted((i for i in pool.indices if node.free[i] >= least),
+                        key=lambda i: (-node.free[i], i))
+            if not ok or (pool.mixed and len(ok) < 2):
+                continue
+            k = offload_devices([node.free[i] for i in ok], claim)
+            return claim, pool, tuple(sorted(ok[:k]))
+        return None
+
+    @staticmethod
+    def _free(node: NodeState, gpus: tuple[int, ...]) -> list[int]:
+        return [node.free[i] for i in gpus]
+
+    def _place_partial_split(self, m: ModelState, replica: int, backend: str,
+                             classes: list[int], nodes: int) -> Placement | None:
+        """A partial offload over the GPUs of `nodes` nodes (the main and RPC workers), the
+        first in policy order; the layers they cannot hold stay on the main's CPU."""
+        layout = (backend, 0, nodes, 1)
+        if layout in m.failed_layouts:
+            return None
+        chosen: list[tuple[NodeState, Pool | None, tuple[int, ...], int | None]] = []
+        free: list[int] = []
+
+        def accept(node: NodeState) -> bool:
+            got = self._offload_part(m, backend, node)
+            if got is not None:
+                chosen.append((node, got[1], got[2], None))
+                free.extend(self._free(node, got[2]))
+            return len(chosen) == nodes
+
+        self.fleet.candidates(classes, m.policy, accept)
+        claim = self.partial_claim(m, backend, nodes)
+        parts = None if len(chosen) < nodes or claim is None else \
+            self.split_parts(m, claim, chosen, gpu_layers=offload_layers(claim, free))
+        if parts is None:
+            m.failed_layouts.add(layout)
+            return None
+        return self.place(m, replica, backend, parts)
+
+    def _place_on_cpu(self, m: ModelState, replica: int, backend: str,
+                      classes: list[int]) -> Placement | None:
+        if backend not in CPU_BACKENDS:
+            return None
+        return self._place_single(m, replica, backend, classes, 0) or \
+            self._place_distributed(m, replica, backend, classes, [0])
 
     def _class_usable(self, m: ModelState, backend: str, cls: int) -> bool:
         if m.spec.pin and self.fleet.nodes.get(m.spec.pin.node) is None:
@@ -61,18 +165,32 @@ class FreshScheduler(StickyScheduler):
 
     def _place_single(self, m: ModelState, replica: int, backend: str, classes: list[int],
                       gpus: int) -> Placement | None:
-        layout = (backend, gpus, 1, 0)
+        pin = m.spec.pin
+
+        def attempt(node: NodeState) -> list[Part] | None:
+            got = self._try_pinned(m, backend, node) if pin and pin.gpus else \
+                self.try_node(m, backend, node, gpus, 1, m.policy)
+            return None if got is None else [(node, got[0], got[1], got[2], None)]
+
+        return self._place_one_node(m, replica, backend, classes, (backend, gpus, 1, 0),
+                                    attempt)
+
+    def _place_one_node(self, m: ModelState, replica: int, backend: str, classes: list[int],
+                        layout: tuple[str, int, int, int],
+                        attempt: Callable[[NodeState], list[Part] | None]) -> Placement | None:
+        """The first node in policy order where `attempt` fits the replica (spread: one
+        without this model first)."""
         if layout in m.failed_layouts:
             return None
         policy = m.policy
         pin = m.spec.pin
-        found: list[tuple[NodeState, tuple[Pool | None, tuple[int, ...], Need]]] = []
+        gpus = layout[1]
+        found: list[tuple[NodeState, list[Part]]] = []
 
         def accept(node: NodeState) -> bool:
             if pin and node.name != pin.node:
                 return False
-            got = self._try_pinned(m, backend, node) if pin and pin.gpus else \
-                self.try_node(m, backend, node, gpus, 1, policy)
+            got = attempt(node)
             if got is None:
                 return False
             found.append((node, got))
@@ -83,6 +201,8 @@ class FreshScheduler(StickyScheduler):
             node = self.fleet.nodes.get(pin.node)
             if node is not None:
                 accept(node)
+        elif layout[3]:  # partial offload: the caller chose the classes
+            self.fleet.candidates(classes, policy, accept)
         else:
             key = (m.name, backend, gpus, 1)
             if key not in self.usable:
@@ -95,8 +215,7 @@ class FreshScheduler(StickyScheduler):
         if policy == "spread":
             # fewest replicas of this model first; ties keep policy order
             found.sort(key=lambda f: f[0].models.get(m.name, 0))
-        node, (pool, chosen, need) = found[0]
-        return self.place(m, replica, backend, [(node, pool, chosen, need, None)])
+        return self.place(m, replica, backend, found[0][1])
 
     def _layout_possible(self, m: ModelState, backend: str, cls: int, gpus: int) -> bool:
         """Whether an empty node of class `cls` could hold `gpus` GPUs' worth of the model."""
@@ -134,8 +253,9 @@ class FreshScheduler(StickyScheduler):
         return None if got is None else (got[0], gpus, got[1])
 
     def _place_distributed(self, m: ModelState, replica: int, backend: str,
-                           classes: list[int]) -> Placement | None:
-        sizes = self.layouts(m) + ([0] if backend in CPU_BACKENDS else [])
+                           classes: list[int], sizes: list[int]) -> Placement | None:
+        if not m.spec.distributed or m.spec.pin:
+            return None
         for nodes in range(2, min(MAX_NODES_PER_REPLICA, len(self.fleet.nodes)) + 1):
             for gpus in sizes:
                 layout = (backend, gpus, nodes, 0)

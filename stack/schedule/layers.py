@@ -49,3 +49,32 @@ def split_layers(layers: int, layer_bytes: int, fixed: int,
 def same_split(a: Claim, b: Claim) -> bool:
     """Whether two nodes' claims split the same layers the same way (one split over all)."""
     return (a.layers, a.layer_bytes, a.device_bytes) == (b.layers, b.layer_bytes, b.device_bytes)
+
+
+def _layers_held(free: list[int], claim: Claim) -> list[int]:
+    """Whole layers each device can hold (what is left after its fixed part)."""
+    if claim.layer_bytes <= 0:
+        return [claim.layers for _ in free]
+    return [max(0, f - claim.device_bytes) // claim.layer_bytes for f in free]
+
+
+def offload_layers(claim: Claim, free: list[int]) -> int:
+    """Layers a partial offload puts on these devices: as many as they hold in whole
+    layers, at most what `offload`/`-ngl` allows; fewer than it needs is returned as is
+    (the split then fails)."""
+    low, high = claim.offload_range()
+    held = min(high, sum(_layers_held(free, claim)))
+    return held if held >= max(low, 1) else 0
+
+
+def offload_devices(free: list[int], claim: Claim) -> int:
+    """How many of these devices (emptiest first) a partial offload takes: the fewest that
+    hold as many layers as all of them could."""
+    held = _layers_held(free, claim)
+    want = min(claim.offload_range()[1], sum(held))
+    total = 0
+    for k, h in enumerate(held, start=1):
+        total += h
+        if total >= want:
+            return k
+    return len(held)

@@ -18,6 +18,7 @@ from stack.schedule.fleet import (
     Part,
     Pool,
 )
+from stack.schedule.layers import offload_layers
 from stack.schedule.runtimes import choose_runtime
 
 
@@ -40,7 +41,8 @@ class StickyScheduler(SchedulerBase):
         nodes = [self.fleet.nodes.get(n) for n, _, _ in parts]
         if any(n is None for n in nodes) or len({n for n, _, _ in parts}) != len(parts):
             return None
-        if prev.backend in CPU_BACKENDS and max(len(prev.gpus), 1) * len(parts) > 1:
+        if prev.backend in CPU_BACKENDS and (max(len(prev.gpus), 1) * len(parts) > 1
+                                             or prev.split):
             return self._sticky_split(m, prev, [(n, g, p) for n, (_, g, p)
                                                 in zip(nodes, parts, strict=True)])
         fitted = self._fit_even(m, prev.backend, [(n, g, p) for n, (_, g, p)
@@ -78,11 +80,31 @@ class StickyScheduler(SchedulerBase):
         main_pool = resolved[0][1]
         claim = self.split_claim(m, prev.backend, len(prev.gpus),
                                  main_pool.memory if main_pool else 0, len(parts))
-        if claim is None:  # partial offload: the even claim on every part
-            fitted = self._fit_even(m, prev.backend, [(n, g, p) for n, _, g, p in resolved])
-        else:
+        fitted = None
+        if claim is not None:
             fitted = self.split_parts(m, claim, resolved, prev.split)
+        elif len(resolved) == 1 and not prev.gpus:
+            fitted = self._fit_even(m, prev.backend, [(n, g, p) for n, _, g, p in resolved])
+        if fitted is None and prev.gpus:
+            fitted = self._sticky_partial(m, prev, resolved)
         return None if fitted is None else self.place(m, prev.replica, prev.backend, fitted)
+
+    def _sticky_partial(self, m: ModelState, prev: PreviousPlacement,
+                        resolved: list[tuple[NodeState, Pool | None, tuple[int, ...], int | None]]
+                        ) -> list[Part] | None:
+        """A partial offload on exactly these GPUs: the layers it runs with while they
+        still fit, else as many as the GPUs hold now."""
+        claim = self.partial_claim(m, prev.backend, len(resolved))
+        if claim is None:
+            return None
+        free = [node.free[i] for node, _, gpus, _ in resolved for i in gpus]
+        low, high = claim.offload_range()
+        if prev.split and low <= sum(prev.split) <= high:
+            fitted = self.split_parts(m, claim, resolved, prev.split, sum(prev.split))
+            if fitted is not None:
+                return fitted
+        return self.split_parts(m, claim, resolved, gpu_layers=offload_layers(claim, free))
+
 
     def _fits_exactly(self, m: ModelState, backend: str, node: NodeState, gpus: tuple[int, ...],
                       nodes: int) -> tuple[Pool | None, Need] | None:

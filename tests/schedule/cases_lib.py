@@ -24,6 +24,7 @@ GPU_MODELS: dict[str, tuple[str, str, int, str | None]] = {
     "h100": ("NVIDIA H100 80GB HBM3", "nvidia", 81559 * MiB, "9.0"),
     "l40s": ("NVIDIA L40S", "nvidia", 46068 * MiB, "8.9"),
     "rtx4090": ("NVIDIA GeForce RTX 4090", "nvidia", 24564 * MiB, "8.9"),
+    "rtx3090": ("NVIDIA GeForce RTX 3090", "nvidia", 24576 * MiB, "8.6"),
     "rtx4080super": ("NVIDIA GeForce RTX 4080 SUPER", "nvidia", 16376 * MiB, "8.9"),
     "p100": ("Tesla P100-PCIE-16GB", "nvidia", 16383 * MiB, "6.0"),
     "mi300x": ("MI300X-O", "amd", 196592 * MiB, None),
@@ -75,8 +76,11 @@ def load_stack(value: str | dict[str, Any]) -> tuple[StackSpec, bytes]:
     return load_text(text), text.encode()
 
 
-def load_evaluations(data: dict[str, Any]) -> dict[str, FixedEvaluation]:
-    return {name: fixed_evaluation(name, table) for name, table in sorted(data.items())}
+def load_evaluations(data: dict[str, Any],
+                     spec: StackSpec | None = None) -> dict[str, FixedEvaluation]:
+    models = spec.models if spec else {}
+    return {name: fixed_evaluation(name, table, models.get(name))
+            for name, table in sorted(data.items())}
 
 
 def read_case(path: Path) -> dict[str, Any]:

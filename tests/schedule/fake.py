@@ -5,7 +5,9 @@ sizes it wants (weights, KV, overheads, compatible vendors) and this class turns
 into claims the same way every time: VRAM per GPU = (weights + kv) / (gpus * nodes) +
 overhead_per_gpu; on the CPU the weights and KV live in RAM. llama.cpp claims also say
 how they split by whole layers (as the real estimator's do): `layers` (default 32) of
-(weights + kv) / layers each, plus overhead_per_gpu per GPU (on the CPU: `ram` per node).
+(weights + kv) / layers each, plus overhead_per_gpu per GPU (on the CPU: `ram` per node);
+how many may stay on the CPU follows the model's `offload` and `-ngl` as the estimator's
+(`gpu_layer_range`), each costing its layer in the main's RAM plus `cpu_compute` once.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from stack.estimate.memory import gpu_layer_range, llama_options
 from stack.estimate.types import Claim, ModelMeta
 from stack.snapshot import GpuFacts, NodeFacts
-from stack.spec import parse_bytes
+from stack.spec import ModelSpec, parse_bytes
 
 
 def _cc(value: str | None) -> tuple[int, ...]:
@@ -38,6 +41,9 @@ class FixedEvaluation:
     heads: int
     vendors: dict[str, list[str]] = field(default_factory=dict)
     min_cc: dict[str, str] = field(default_factory=dict)
+    cpu_compute: int = 0
+    offload: str = "auto"
+    args: list[str] = field(default_factory=list)
     calls: int = 0
 
     def claim(self, backend: str, gpus: int, gpu_memory_bytes: int | None,
@@ -53,9 +59,14 @@ class FixedEvaluation:
         if gpus == 0:
             return Claim(backend, 0, nodes, 0, self.ram + math.ceil(total / nodes), self.disk,
                          layers=layers, layer_bytes=per_layer, device_bytes=self.ram)
+        low, high = gpu_layer_range(self.offload, llama_options(self.args).gpu_layers, layers)
+        if layers and high == 0:
+            return "every layer stays on the CPU"
         per_gpu = math.ceil(total / (gpus * nodes)) + self.overhead_per_gpu
         return Claim(backend, gpus, nodes, per_gpu, self.ram, self.disk, layers=layers,
-                     layer_bytes=per_layer, device_bytes=self.overhead_per_gpu)
+                     layer_bytes=per_layer, device_bytes=self.overhead_per_gpu,
+                     cpu_bytes=self.cpu_compute,
+                     gpu_layers=(0, 0) if low == layers else (low, high))
 
     def refuse(self, backend: str, node: NodeFacts, gpus: list[GpuFacts]) -> str | None:
         vendor = gpus[0].vendor if gpus else "cpu"
@@ -69,8 +80,10 @@ class FixedEvaluation:
         return None
 
 
-def fixed_evaluation(name: str, data: dict[str, Any]) -> FixedEvaluation:
-    """A `FixedEvaluation` from a case's table (sizes as `"15GiB"` or bytes)."""
+def fixed_evaluation(name: str, data: dict[str, Any],
+                     spec: ModelSpec | None = None) -> FixedEvaluation:
+    """A `FixedEvaluation` from a case's table (sizes as `"15GiB"` or bytes); `offload`
+    and `args` from the model's spec."""
     size = lambda key, default=0: parse_bytes(data.get(key, default))  # noqa: E731
     weights = size("weights")
     meta = ModelMeta(
@@ -89,5 +102,6 @@ def fixed_evaluation(name: str, data: dict[str, Any]) -> FixedEvaluation:
         disk=size("disk", weights), heads=int(data.get("heads", 32)),
         vendors=data.get("vendors", {"vllm": ["nvidia", "amd"], "sglang": ["nvidia", "amd"],
                                      "llama.cpp": ["nvidia", "amd", "cpu", "apple"]}),
-        min_cc=data.get("min_cc", {}),
+        min_cc=data.get("min_cc", {}), cpu_compute=size("cpu_compute"),
+        offload=spec.offload if spec else "auto", args=list(spec.args) if spec else [],
     )

@@ -36,10 +36,10 @@ def _check(result: Placements, expect: dict[str, Any]) -> None:
 
 def _run(case: dict[str, Any], facts: Observed, stack: Any) -> Placements:
     spec, _ = load_stack(stack)
-    evaluations = load_evaluations(case["evaluations"])
+    evaluations = load_evaluations(case["evaluations"], spec)
     failed = {name: Problem(why) for name, why in case.get("failed", {}).items()}
     first = schedule(spec, evaluations, facts, failed=failed)
-    again = schedule(spec, load_evaluations(case["evaluations"]), facts, failed=failed)
+    again = schedule(spec, load_evaluations(case["evaluations"], spec), facts, failed=failed)
     assert first == again, "the same inputs gave different placements"
     return first
 
