@@ -310,10 +310,11 @@ def partial_claim(full: Claim, gpu_memory_bytes: int | None) -> Claim | str:
         max(0, gpu_memory_bytes - full.device_bytes) // full.layer_bytes
     fit = min(high, per_device * devices)
     if fit < max(low, 1):
+        short = ("half" if low < high else "all of them (`offload = \"full\"`)"
+                 if high == full.layers else f"the {low} `-ngl` asks")
         return (f"needs {gib(full.vram_bytes_per_gpu)} per GPU for all {full.layers} layers "
                 f"with {devices} GPU(s); {gib(gpu_memory_bytes or 0)} holds {per_device} layers "
-                f"per GPU, {fit} in all, fewer than " + (
-                    "half" if high == full.layers else f"the {low} `-ngl` asks"))
+                f"per GPU, {fit} in all, fewer than {short}")
     on_cpu = full.layers - fit
     return Claim(backend=full.backend, gpus=full.gpus, nodes=full.nodes,
                  vram_bytes_per_gpu=_ceil_div(fit, devices) * full.layer_bytes

@@ -86,9 +86,9 @@ def test_estimate_case(path: Path, request: pytest.FixtureRequest) -> None:
         window = int(str(meta.extra.get("sliding_window") or at["context"]))
         assert kv_tokens_bytes(meta, per_token, at["context"], window) == at["bytes"]
     _claims(meta, {}, case.get("claims", []))
-    if "with_model" in case:
-        model = {k: v for k, v in case["with_model"].items() if k != "claims"}
-        _claims(meta, model, case["with_model"]["claims"])
+    for extra in [case["with_model"]] if "with_model" in case else case.get("with_models", []):
+        model = {k: v for k, v in extra.items() if k != "claims"}
+        _claims(meta, model, extra["claims"])
     for refusal in case.get("refusals", []):
         node = NodeFacts.model_validate(refusal["node"])
         gpus = [GpuFacts.model_validate(g) for g in refusal["gpus"]]
