@@ -48,6 +48,8 @@ JSON_ENDPOINTS = {
     b"/v1/images/generations": "images",
 }
 UPLOAD_ENDPOINTS = {b"/v1/audio/transcriptions": "transcriptions"}
+GET_ENDPOINTS = {b"/v1/models": b"GET", b"/healthz": b"GET", b"/metrics": b"GET"}
+"""The other paths and the method each takes (another gets a 405 with `Allow`)."""
 STREAMABLE = {"chat", "completions"}
 """Endpoints whose `stream: true` means an SSE response with token usage to count."""
 RAW_RELAY = {"speech"}
@@ -66,14 +68,12 @@ class Router:
         self.slot = slot
         """This worker's number when `shared` (several workers)."""
         self.tables = build_tables(config, None, loop, shared, slot)
-        self.keys = auth.Keys()
         self.forwarder = Forwarder(loop, random.Random(seed), self.metrics,
                                    lambda model: self.tables.replicas.get(model, ()))
         self.inflight = 0
 
     def reload(self, config: RouterConfig) -> None:
         self.tables = build_tables(config, self.tables, self.loop, self.shared, self.slot)
-        self.keys.clear()
 
     def gauges(self) -> list[ReplicaGauge]:
         return [ReplicaGauge(r.model, r.config.id, r.outstanding, r.health.state == "up")
@@ -122,8 +122,7 @@ class Router:
             await self._dispatch(conn, req, ctx)
         except ApiError as err:
             if not ctx.sent:
-                extra = b"Retry-After: %d\r\n" % err.retry_after if err.retry_after else b""
-                ctx.respond(conn, err.status, err.body(), b"application/json", extra)
+                ctx.respond(conn, err.status, err.body(), b"application/json", err.headers())
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -140,20 +139,27 @@ class Router:
                                      time.monotonic() - req.started)
 
     async def _dispatch(self, conn: ClientConnection, req: Request, ctx: Context) -> None:
+        if req.refusal is not None:
+            raise req.refusal
+        if req.repeated is not None:
+            name = req.repeated.decode(errors="replace")
+            raise bad_request(f"the `{name}` header came more than once, which is ambiguous;"
+                              " send it once", name)
         path, method = req.path, req.method
-        if req.too_large:
-            req.keep_alive = False
-            raise ApiError(413, f"request body is larger than {ctx.tables.config.max_body_bytes}"
-                           " bytes", "invalid_request_error", "request_too_large")
         endpoint = JSON_ENDPOINTS.get(path) or UPLOAD_ENDPOINTS.get(path)
-        if endpoint is not None:
-            if method != b"POST":
-                raise ApiError(405, "use POST", "invalid_request_error", None)
-            if path in UPLOAD_ENDPOINTS:
-                await self._upload(conn, req, ctx)
-            else:
-                await self._json(conn, req, ctx, endpoint)
-        elif path == b"/v1/models" and method == b"GET":
+        allowed = b"POST" if endpoint is not None else GET_ENDPOINTS.get(path)
+        if allowed is None:
+            raise ApiError(404, f"unknown path {path.decode(errors='replace')}",
+                           "invalid_request_error", "not_found")
+        if method != allowed:
+            raise ApiError(405, f"{path.decode()} takes {allowed.decode()}, not "
+                           f"{method.decode(errors='replace')}", "invalid_request_error",
+                           "method_not_allowed", allow=allowed)
+        if path in UPLOAD_ENDPOINTS:
+            await self._upload(conn, req, ctx)
+        elif endpoint is not None:
+            await self._json(conn, req, ctx, endpoint)
+        elif path == b"/v1/models":
             entry = self._authenticate(req, ctx)
             body = ctx.tables.models_body[entry.key.name if entry else ""]
             ctx.respond(conn, 200, body, b"application/json")
@@ -162,14 +168,11 @@ class Router:
                      if r.health.state == "up")
             ctx.respond(conn, 200, orjson.dumps({"status": "ok", "replicas_up": up}),
                         b"application/json")
-        elif path == b"/metrics":
-            ctx.respond(conn, 200, await self.render_metrics(), b"text/plain; version=0.0.4")
         else:
-            raise ApiError(404, f"unknown path {path.decode(errors='replace')}",
-                           "invalid_request_error", "not_found")
+            ctx.respond(conn, 200, await self.render_metrics(), b"text/plain; version=0.0.4")
 
     def _authenticate(self, req: Request, ctx: Context) -> KeyEntry | None:
-        return self.keys.authenticate(ctx, req.headers.get(b"authorization", b""),
+        return auth.authenticate(ctx, req.headers.get(b"authorization", b""),
                                       datetime.now(UTC).date())
 
     # the endpoints that reach a replica

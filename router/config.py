@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from router.errors import ConfigError
 
@@ -66,6 +66,29 @@ class Health(_Strict):
     backoff_max: float = Field(default=60.0, gt=0, description="Longest ejection, in seconds.")
 
 
+class Clients(_Strict):
+    """What one client connection may hold of a worker: its share of sockets, its time,
+    the size of a request head (docs/router.md, "Clients")."""
+
+    max_connections: int = Field(
+        default=4096, ge=1, description="Open client connections per worker; more get a 503.")
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds from a request's first byte (or a new "
+        "connection) to the end of its head.")
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="Longest pause, in seconds, between two pieces of "
+        "a request body.")
+    keepalive_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds an idle keep-alive connection is kept.")
+    send_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a client may leave its answer unread while "
+        "the router's buffer for it is full.")
+    max_header_bytes: int = Field(
+        default=65536, ge=1024, description="Largest request head (URL and headers).")
+    max_headers: int = Field(default=100, ge=8, description="Most header lines in a request.")
+    max_url_bytes: int = Field(default=8192, ge=256, description="Longest request target.")
+
+
 class RouterConfig(_Strict):
     """The whole router.json."""
 
@@ -80,9 +103,19 @@ class RouterConfig(_Strict):
     affinity: Literal["none", "user", "header"] = "none"
     affinity_header: str = "x-session-id"
     retries: int = Field(2, ge=0)
-    max_body_bytes: int = 32 * 1024**2
+    max_body_bytes: int = Field(32 * 1024**2, ge=1)
+    clients: Clients = Field(default_factory=Clients)
     models: list[RouteModel] = Field(default_factory=list)
     keys: list[Key] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # `clients` is written only when it differs from the defaults: router.json files
+        # written before it existed (and their fingerprints in plans) stay byte for byte
+        data: dict[str, object] = handler(self)
+        if self.clients == Clients():
+            data.pop("clients", None)
+        return data
 
 
 # --- loading and validation (additive: the schema above is the contract) -------------------

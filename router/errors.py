@@ -37,10 +37,15 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str, code: str | None,
-                 param: str | None = None, retry_after: int = 0) -> None:
+                 param: str | None = None, retry_after: int = 0, allow: bytes = b"") -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
-        self.param, self.retry_after = param, retry_after
+        self.param, self.retry_after, self.allow = param, retry_after, allow
+
+    def headers(self) -> bytes:
+        """The answer's extra header lines: `Retry-After` (429), `Allow` (405)."""
+        extra = b"Retry-After: %d\r\n" % self.retry_after if self.retry_after else b""
+        return extra + b"Allow: %s\r\n" % self.allow if self.allow else extra
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": self.type,

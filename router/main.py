@@ -24,6 +24,7 @@ from router import config as router_config
 from router.app import Router
 from router.config import RouterConfig
 from router.errors import ConfigError
+from router.guard import Guard, raise_fd_limit
 from router.server import ClientConnection
 from router.shared import SharedState
 
@@ -141,11 +142,11 @@ async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
     loop = asyncio.get_running_loop()
     app = Router(config, loop, shared=shared, slot=slot)
     peers = None if shared is None else await shared.serve_snapshots(slot, app.snapshot)
-    connections: set[ClientConnection] = set()
+    guard = Guard(config.clients, _replica_count(config), raise_fd_limit())
 
     def factory() -> ClientConnection:
         return ClientConnection(app.handle, app.streams_body, app.max_body,
-                                app.tables.config.affinity_header.encode(), connections)
+                                app.tables.config.affinity_header.encode(), guard)
 
     tls = None
     if config.tls_cert and config.tls_key:
@@ -165,6 +166,7 @@ async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
         if new.listen != app.tables.config.listen or new.workers != app.tables.config.workers:
             log.warning("router: `listen` and `workers` changes need a restart")
         app.reload(new)
+        guard.configure(new.clients, _replica_count(new))
         log.info("router: reloaded %s (%s): %d models, %d keys", path, reason,
                  len(new.models), len(new.keys))
 
@@ -183,7 +185,8 @@ async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    tasks = [loop.create_task(watch()), loop.create_task(app.probe_forever())]
+    tasks = [loop.create_task(watch()), loop.create_task(app.probe_forever()),
+             loop.create_task(guard.sweep_forever())]
     if ready_fd is None:
         _announce(config, sock, 1)
     else:
@@ -196,11 +199,15 @@ async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
     deadline = loop.time() + DRAIN_SECONDS
     while app.inflight and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    for conn in list(connections):
+    for conn in list(guard.connections):
         conn.close()
     for task in tasks:
         task.cancel()
     return 0
+
+
+def _replica_count(config: RouterConfig) -> int:
+    return sum(len(model.replicas) for model in config.models)
 
 
 def _stamp(path: Path) -> tuple[float, int]:

@@ -35,7 +35,9 @@ class Tables:
     """Model name or alias -> model name."""
     replicas: dict[str, list[ReplicaState]]
     keys: dict[str, KeyEntry]
-    """Key hash -> entry."""
+    """Key hash (`sha256:` + hex) -> entry."""
+    digests: dict[bytes, KeyEntry]
+    """The same entries by the raw SHA-256 digest, what a presented key is looked up by."""
     models_body: dict[str, bytes]
     """Key name ("" without keys) -> the /v1/models response."""
 
@@ -52,7 +54,8 @@ def build_tables(config: RouterConfig, old: Tables | None, loop: asyncio.Abstrac
               for name in (model.name, *model.aliases)}
     replicas = _replicas(config, old, loop, shared, slot)
     keys = _keys(config, old, routes, shared)
-    return Tables(config, routes, replicas, keys, _models_bodies(config, routes, keys))
+    digests = {bytes.fromhex(h.removeprefix("sha256:")): e for h, e in keys.items()}
+    return Tables(config, routes, replicas, keys, digests, _models_bodies(config, routes, keys))
 
 
 def _replicas(config: RouterConfig, old: Tables | None, loop: asyncio.AbstractEventLoop,

@@ -1,7 +1,8 @@
 """Token counts of a request: estimated before it is sent (for `tpm`), read from the
 replica's answer after (a JSON body's `usage`, or the usage chunk of an SSE stream).
 
-Pure: bytes and documents in, counts and the bytes to pass on out.
+Pure: bytes and documents in, counts and the bytes to pass on out (or a 400 for a
+`max_tokens` that is no token count).
 """
 
 from __future__ import annotations
@@ -10,8 +11,21 @@ from typing import Any
 
 import orjson
 
+from router.errors import bad_request
+
 DEFAULT_MAX_TOKENS = 256
 """Completion tokens reserved against `tpm` when the request does not say `max_tokens`."""
+TOKEN_LIMIT = 2**31 - 1
+"""More tokens than this in one request or answer is absurd (no model comes near it): a
+`max_tokens` above it is refused, a usage count above it ignored. It also keeps the
+shared int64 counters far from overflowing."""
+
+
+def _count(value: Any) -> int | None:
+    """`value` if it is a token count: an int from 0 to TOKEN_LIMIT (not a bool)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKEN_LIMIT:
+        return value
+    return None
 
 
 class Usage:
@@ -27,14 +41,18 @@ class Usage:
         from the client (see `ask_for_usage`)."""
 
     def add(self, usage: dict[str, Any]) -> None:
-        """Count one `usage` object (`completion_tokens` may be missing: total - prompt)."""
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
+        """Count one `usage` object (`completion_tokens` may be missing: total - prompt).
+        A count that is negative, absurd or not an integer is ignored, so a replica's
+        answer never makes a counter go back."""
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        total = _count(usage.get("total_tokens"))
+        if prompt is not None:
             self.prompt_tokens += prompt
-        if isinstance(completion, int):
+        if completion is not None:
             self.completion_tokens += completion
-        elif isinstance(usage.get("total_tokens"), int) and isinstance(prompt, int):
-            self.completion_tokens += usage["total_tokens"] - prompt
+        elif total is not None and prompt is not None and total >= prompt:
+            self.completion_tokens += total - prompt
 
     def count(self, body: bytes) -> None:
         """Count the usage of a whole JSON response body, if it has one."""
@@ -49,9 +67,18 @@ class Usage:
 def estimate_tokens(body_size: int, doc: dict[str, Any], generates: bool) -> int:
     """Tokens to reserve against `tpm` at admission: about 4 bytes a prompt token, plus
     the completion's `max_tokens` (DEFAULT_MAX_TOKENS when a `generates` endpoint
-    does not say)."""
-    max_tokens = doc.get("max_completion_tokens") or doc.get("max_tokens")
-    if isinstance(max_tokens, int):
+    does not say). A `max_tokens` that is no token count is refused with a 400: a
+    negative one would reserve negative tokens, freeing the key's budget."""
+    max_tokens = None
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = doc.get(field)
+        if value is not None:
+            max_tokens = _count(value)
+            if max_tokens is None:
+                raise bad_request(f"`{field}` must be a whole number from 0 to {TOKEN_LIMIT}, "
+                                  f"got {str(value)[:40]}; leave it out for the default",
+                                  field)
+    if max_tokens is not None:
         return body_size // 4 + max_tokens
     return body_size // 4 + (DEFAULT_MAX_TOKENS if generates else 0)
 
