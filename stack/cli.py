@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "status": "status",
     "destroy": "destroy",
     "keys": "keys",
+    "hosts": "hosts",
     "logs": "logs",
     "monitoring": "monitoring",
     "force-unlock": "force_unlock",

@@ -68,8 +68,10 @@ def router_service(spec: StackSpec, prefix: str, manager: str) -> Service:
 
 
 def agent_listen(spec: StackSpec, node: str, facts: NodeFacts) -> str:
-    address = node_settings(spec, node).address or facts.address or "127.0.0.1"
-    return f"{address}:{AGENT_PORT}"
+    """The agent's API address: the node's address, its `agent_port` (default 7070)."""
+    settings = node_settings(spec, node)
+    address = settings.address or facts.address or "127.0.0.1"
+    return f"{address}:{settings.agent_port or AGENT_PORT}"
 
 
 def render_agent_toml(spec: StackSpec, node: str, listen: str, prefix: str) -> str:

@@ -33,7 +33,7 @@ from pyinfra.api.state import State
 from pyinfra.context import ctx_host, ctx_state
 
 from deploys.facts import HostFacts, facts_command, node_facts_from
-from stack import sshtcp
+from stack import hostkeys, sshtcp
 from stack.errors import ConfigError, Problem
 from stack.nodes import node_prefix, node_settings
 from stack.snapshot import NodeFacts, Observed
@@ -89,9 +89,11 @@ def _inventory_file(spec: StackSpec, stack_dir: Path) -> Inventory:
         ) from exc
 
 
-def build_inventory(spec: StackSpec, stack_dir: Path,
-                    hosts: list[str] | None = None) -> tuple[Inventory, dict[str, str]]:
-    """The pyinfra Inventory of the stack (and node name -> SSH address)."""
+def build_inventory(spec: StackSpec, stack_dir: Path, hosts: list[str] | None = None,
+                    trust_new: bool = False) -> tuple[Inventory, dict[str, str]]:
+    """The pyinfra Inventory of the stack (and node name -> SSH address). Host keys are
+    checked strictly against the stack's known_hosts (`stack.hostkeys`); `trust_new`
+    accepts and records keys never seen before (changed keys are refused either way)."""
     if spec.stack.inventory:
         inventory = _inventory_file(spec, stack_dir)
         names = [h.name for h in inventory]
@@ -120,6 +122,10 @@ def build_inventory(spec: StackSpec, stack_dir: Path,
                 setattr(host.data, theirs, value)
         if settings.sudo:
             host.data._sudo = True
+        if host.data.get("ssh_known_hosts_file") is None and spec.stack.known_hosts:
+            host.data.ssh_known_hosts_file = str((stack_dir / spec.stack.known_hosts).resolve())
+        if host.data.get("ssh_strict_host_key_checking") is None:  # an inventory's own wins
+            host.data.ssh_strict_host_key_checking = "accept-new" if trust_new else "yes"
         # no Nagle / delayed-ACK stalls (stack.sshtcp); a user's own paramiko kwargs win
         host.data.ssh_paramiko_connect_kwargs = {
             "transport_factory": sshtcp.transport,
@@ -138,18 +144,18 @@ def _connect_error(node: str, address: str, exc: Exception) -> Problem:
         hint = (f"check the SSH user and key for `{node}` (`[nodes.\"{node}\"] ssh_user` / "
                 "`ssh_key`) and that the key is in the host's authorized_keys.")
         return Problem(f"host `{node}` ({address}) refused the SSH key: {text}", hint)
-    if "host key" in lowered or "known_hosts" in lowered:
-        hint = ("verify the host's key and add it to known_hosts (`ssh-keyscan`), or set "
-                f"`[hosts.{node}] known_hosts`.")
-        return Problem(f"host `{node}` ({address}) has an unknown or changed host key: {text}",
-                       hint)
     hint = f"check that `{node}` is up and that SSH listens at {address}; other hosts go on."
     return Problem(f"host `{node}` ({address}) is unreachable: {text}", hint)
 
 
+def _is_host_key_error(exc: Exception) -> bool:
+    text = str(exc.args[0] if exc.args else exc).lower()
+    return "host key" in text or "known_hosts" in text
+
+
 def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
             then: Callable[[Connected, str], None] | None = None,
-            then_timeout: float = 0) -> Connected:
+            then_timeout: float = 0, trust_new: bool = False) -> Connected:
     """Connect to every host in parallel; unreachable ones are in `errors`, not raised.
 
     With `then`, each host's greenlet calls `then(connected, node)` as soon as that host is
@@ -158,7 +164,8 @@ def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
     time the greenlets get. A greenlet still in `then` at the deadline is killed and its
     node is left to the caller (it is connected, not in `errors`).
     """
-    inventory, addresses = build_inventory(spec, stack_dir, hosts)
+    inventory, addresses = build_inventory(spec, stack_dir, hosts, trust_new)
+    hostkeys.forget_cached()  # known_hosts as it is now, not as this process first read it
     config = Config(CONNECT_TIMEOUT=CONNECT_TIMEOUT)  # type: ignore[no-untyped-call]
     state = State(inventory, config)
     connected = Connected(state=state, addresses=addresses)
@@ -170,8 +177,12 @@ def connect(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
             try:
                 host.connect(show_errors=False, raise_exceptions=True)
             except (ConnectError, PyinfraError, OSError) as exc:
-                where = f"{addresses[node]}:{host.data.get('ssh_port') or 22}"
-                connected.errors[node] = _connect_error(node, where, exc)
+                port = int(host.data.get("ssh_port") or 22)
+                known = Path(host.data.get("ssh_known_hosts_file") or hostkeys.DEFAULT_FILE)
+                connected.errors[node] = (
+                    hostkeys.key_problem(node, addresses[node], port, known.expanduser())
+                    if _is_host_key_error(exc)
+                    else _connect_error(node, f"{addresses[node]}:{port}", exc))
                 return
         if then is not None:
             then(connected, node)
@@ -256,7 +267,7 @@ def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
 
 
 def gather(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
-           now: datetime | None = None) -> Observed:
+           now: datetime | None = None, trust_new: bool = False) -> Observed:
     """Facts of every host of the stack, read in parallel; one failing host stops nothing.
 
     One greenlet per host connects and then reads the facts right away (one SSH round
@@ -267,7 +278,8 @@ def gather(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
     def read(connected: Connected, node: str) -> None:
         results[node] = read_node(spec, connected, node)
 
-    connected = connect(spec, stack_dir, hosts=hosts, then=read, then_timeout=FACTS_TIMEOUT)
+    connected = connect(spec, stack_dir, hosts=hosts, then=read, then_timeout=FACTS_TIMEOUT,
+                        trust_new=trust_new)
     try:
         for node in connected.nodes:
             if node in connected.errors:

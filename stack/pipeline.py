@@ -48,11 +48,11 @@ def read_facts(path: Path) -> Observed:
                           "`stack facts --out FILE`.") from exc
 
 
-def gather_facts(spec: StackSpec, stack_dir: Path) -> Observed:
-    """The fleet's facts over SSH."""
+def gather_facts(spec: StackSpec, stack_dir: Path, *, trust_new: bool = False) -> Observed:
+    """The fleet's facts over SSH (`trust_new`: learn host keys never seen before)."""
     from stack.observe import gather
 
-    return gather(spec, stack_dir)
+    return gather(spec, stack_dir, trust_new=trust_new)
 
 
 @dataclass(frozen=True)

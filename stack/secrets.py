@@ -17,9 +17,11 @@ import hmac
 import os
 import secrets
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
-from stack.errors import ConfigError
+from stack.errors import ConfigError, Problem
 
 SECRET_ENV = "STACK_SECRET"
 SECRET_FILE = Path(".stack") / "secret"
@@ -64,6 +66,31 @@ def stack_secret(stack_dir: Path) -> bytes:
     with os.fdopen(fd, "wb") as handle:
         handle.write(value)
     return value
+
+
+def tracked_secret(stack_dir: Path) -> Problem | None:
+    """A warning when git tracks `.stack/secret`: whoever reads the repository can then
+    derive every backend key and agent token. None when it is not (or there is no git)."""
+    try:
+        found = subprocess.run(["git", "-C", str(stack_dir), "ls-files", "--", str(SECRET_FILE)],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if found.returncode != 0 or not found.stdout.strip():
+        return None
+    return Problem(
+        f"`{SECRET_FILE}` is tracked by git: anyone who can read the repository can derive "
+        "every backend key and agent token of this stack",
+        f"run `git rm --cached {SECRET_FILE}`, add `.stack/` to .gitignore, then make a new "
+        "secret (delete the file; the next apply rolls new keys out) and keep the old one "
+        "out of the history.")
+
+
+def warn_tracked_secret(stack_dir: Path) -> None:
+    """Print the `tracked_secret` warning on stderr (plan and apply)."""
+    problem = tracked_secret(stack_dir)
+    if problem is not None:
+        print(problem.render("warning: "), file=sys.stderr)
 
 
 def _read_secret(path: Path) -> bytes:

@@ -73,7 +73,7 @@ def apply_fleet(
     nodes: list[Node] = []
     connected = None
     try:
-        connected = connect(spec, stack_dir)
+        connected = connect(spec, stack_dir, trust_new=options.trust_new_hosts)
         observed = read_fleet(spec, connected)
         nodes = manageable(spec, connected, observed, result.hosts)
         plan = plan_for(observed)

@@ -49,3 +49,4 @@ class ApplyOptions:
     ready_timeout: float = 900.0
     poll_interval: float = 0.5
     stop_timeout: float = 60.0  # removed instances: the agent's grace, then SIGKILL
+    trust_new_hosts: bool = False  # learn SSH keys of hosts never seen (never in CI)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
+from stack import hostkeys
 from stack.apply import ApplyOptions, ApplyResult, Desired, apply_fleet
 from stack.errors import ConfigError
 from stack.pipeline import make_plan, unschedulable_error
 from stack.plan import Plan
+from stack.secrets import warn_tracked_secret
 from stack.snapshot import Observed
 
 HELP = "converge the fleet on stack.toml (or on a saved plan)"
@@ -39,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--allow-unschedulable", action="store_true",
                         help="exit 0 although some replicas cannot be placed")
+    hostkeys.add_trust_flag(parser)
 
 
 def load_saved_plan(path: Path) -> Plan:
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"`--max-unavailable` must be at least 1, got {args.max_unavailable}",
                           hint="use `--max-unavailable 1` to replace one replica at a time.")
     saved = load_saved_plan(plan_path) if plan_path else None
+    warn_tracked_secret(stack_dir)
     shown: dict[str, Plan] = {}
 
     def plan_for(observed: Observed) -> Plan:
@@ -136,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         return answer.strip() == "yes"
 
     options = ApplyOptions(allow_reboot=args.allow_reboot, max_unavailable=args.max_unavailable,
-                           ready_timeout=args.ready_timeout)
+                           ready_timeout=args.ready_timeout,
+                           trust_new_hosts=hostkeys.trust_new(args, os.environ))
     result = apply_fleet(spec, stack_dir, plan_for, options, confirm,
                          lambda line: console.print(line, style="dim", highlight=False))
     if args.json:

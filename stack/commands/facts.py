@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from stack import hostkeys
 from stack.config import load
 from stack.errors import Problem
 from stack.snapshot import NodeFacts, Observed
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE", help="write the facts snapshot (JSON) here")
     parser.add_argument("--host", action="append", metavar="NAME",
                         help="read only this host (repeatable)")
+    hostkeys.add_trust_flag(parser)
 
 
 def _size(n: int) -> str:
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     spec = load(path)
-    observed = gather(spec, path.resolve().parent, hosts=args.host)
+    observed = gather(spec, path.resolve().parent, hosts=args.host,
+                      trust_new=hostkeys.trust_new(args, os.environ))
     if args.out:
         Path(args.out).write_text(json.dumps(observed.model_dump(mode="json"), indent=2) + "\n")
         reachable = sum(1 for n in observed.nodes.values() if n.reachable)

@@ -21,6 +21,7 @@ FILES = {
     Path("stack.toml"): "stack.toml.j2",
     Path("inventories") / "local.py": "inventory-local.py.j2",
     Path("inventories") / "example.py": "inventory-example.py.j2",
+    Path(".gitignore"): "gitignore.j2",
 }
 
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from stack import hostkeys
 from stack.errors import ConfigError
 from stack.pipeline import gather_facts, make_plan, read_facts, unschedulable_error
+from stack.secrets import warn_tracked_secret
 
 HELP = "show what apply would change (exit 2 with --detailed-exitcode when it would)"
 
@@ -34,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit 0 when nothing changes, 2 when something does (1: error)")
     parser.add_argument("--allow-unschedulable", action="store_true",
                         help="a replica that cannot be placed is a warning, not exit 1")
+    hostkeys.add_trust_flag(parser)
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
@@ -52,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     spec = load(path)
     stack_bytes = path.read_bytes()
     stack_dir = path.resolve().parent
-    observed = read_facts(Path(args.facts)) if args.facts else gather_facts(spec, stack_dir)
+    observed = read_facts(Path(args.facts)) if args.facts else gather_facts(
+        spec, stack_dir, trust_new=hostkeys.trust_new(args, os.environ))
     result = make_plan(spec, stack_bytes, observed, stack_dir)
+    warn_tracked_secret(stack_dir)
     if args.out:
         _write(Path(args.out), result.to_json())
     if args.json:

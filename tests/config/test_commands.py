@@ -81,6 +81,7 @@ def test_init_writes_a_starter_that_validates(
     target = tmp_path / "My Lab"
     assert run(["init", str(target)]) == 0
     assert (target / "inventories" / "example.py").is_file()
+    assert ".stack/" in (target / ".gitignore").read_text().splitlines()  # the secret's folder
     assert run(["validate", "-f", str(target / "stack.toml")]) == 0
     assert capsys.readouterr().out.endswith(
         "stack.toml is valid: 1 model, hosts from `inventories/local.py`\n")

@@ -188,3 +188,23 @@ def test_a_model_whose_metadata_cannot_be_read_keeps_its_running_replica(
                   "--detailed-exitcode", env=env)
     assert text.returncode == 0, text.stdout + text.stderr
     assert "  ! warning: model.qwen: metadata unknown (" in text.stdout
+
+
+def test_plan_warns_when_git_tracks_the_stack_secret(tmp_path: Path) -> None:
+    (tmp_path / "stack.toml").write_text('[stack]\nname = "lab"\n')
+    facts = _facts(tmp_path)
+    (tmp_path / ".stack").mkdir()
+    (tmp_path / ".stack" / "secret").write_bytes(b"x" * 32)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    quiet = _stack(tmp_path, "--facts", str(facts))
+    assert quiet.returncode == 0 and "warning:" not in quiet.stderr  # untracked: no warning
+    subprocess.run([*git, "add", "-f", ".stack/secret"], check=True)
+    loud = _stack(tmp_path, "--facts", str(facts))
+    assert loud.returncode == 0
+    assert loud.stderr.splitlines()[:2] == [
+        "warning: `.stack/secret` is tracked by git: anyone who can read the repository can "
+        "derive every backend key and agent token of this stack",
+        "hint: run `git rm --cached .stack/secret`, add `.stack/` to .gitignore, then make a "
+        "new secret (delete the file; the next apply rolls new keys out) and keep the old one "
+        "out of the history."]
