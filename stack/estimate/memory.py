@@ -250,7 +250,9 @@ def llama_breakdown(meta: ModelMeta, context: int, opts: LlamaOptions) -> LlamaB
     if window and not opts.swa_full:
         swa_cells = min(cells, _pad(window * opts.parallel + opts.ubatch, LLAMA_PAD))
     kv_f16 = meta.kv_bytes_per_token  # f16 K and V, half each
-    cache = (CACHE_TYPE_BYTES.get(opts.cache_k, 2) + CACHE_TYPE_BYTES.get(opts.cache_v, 2)) / 4
+    k_bytes, v_bytes = CACHE_TYPE_BYTES.get(opts.cache_k, 2), CACHE_TYPE_BYTES.get(opts.cache_v, 2)
+    # f16 bytes per token -> the cache types': K and V half each, or K alone (MLA)
+    cache = k_bytes / 2 if meta.extra.get("kv_k_only") else (k_bytes + v_bytes) / 4
     kv = kv_tokens_bytes(meta, kv_f16 * cache, cells, swa_cells)
     inter = _extra_int(meta, "intermediate_size") or 4 * meta.hidden_size
     compute = opts.ubatch * (3 * inter + 6 * meta.hidden_size) * 4

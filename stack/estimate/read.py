@@ -193,16 +193,19 @@ def meta_from_gguf(parts: list[Path], source: str) -> ModelMeta:
     kv_heads = _per_layer(f, f"{arch}.attention.head_count_kv", layers, heads)
     k_len = _num(f, f"{arch}.attention.key_length", hidden // heads if heads else 0)
     v_len = _num(f, f"{arch}.attention.value_length", k_len)
-    mla_rank = _num(f, f"{arch}.attention.kv_lora_rank")
-    rope_dim = _num(f, f"{arch}.rope.dimension_count")
+    # llama.cpp caches the compressed MLA latent (K only: one head of kv_lora_rank + rope)
+    # only for GGUFs converted with `attn_k_b`/`attn_v_b`, which carry `key_length_mla`
+    # (`is_mla()` in src/llama-hparams.cpp; no V cache: src/llama-kv-cache.cpp). Older
+    # DeepSeek conversions (`attn_kv_b`) keep every head's K and V: ~70x more per token.
+    mla = bool(_num(f, f"{arch}.attention.kv_lora_rank")) and (
+        f"{arch}.attention.key_length_mla" in f
+        or bool(_tensor_bytes(headers, "blk.0.attn_k_b.weight")))
     kind = _gguf_kind(h, arch)
     encoder = arch in _GGUF_ENCODERS or (kind in ("embedding", "rerank") and arch != "qwen3")
     if encoder or not layers:
         kv_per_token = 0
-    elif mla_rank:
-        kv_per_token = layers * (mla_rank + rope_dim) * 2
     else:
-        kv_per_token = sum(n * (k_len + v_len) * 2 for n in kv_heads)
+        kv_per_token = sum(n * (k_len + (0 if mla else v_len)) * 2 for n in kv_heads)
     window = _num(f, f"{arch}.attention.sliding_window")
     pattern = _SWA_PATTERN.get(arch, 0)
     sliding_layers = layers - layers // pattern if window and pattern else 0
@@ -225,7 +228,8 @@ def meta_from_gguf(parts: list[Path], source: str) -> ModelMeta:
             "k_length": k_len, "v_length": v_len, "kv_heads_per_layer": kv_heads,
             "sliding_window": window if sliding_layers else 0,
             "sliding_layers": sliding_layers, "encoder_only": encoder,
-            "mla_kv_dim": mla_rank + rope_dim if mla_rank else 0,
+            "mla_kv_dim": max(kv_heads, default=0) * k_len if mla else 0,
+            "kv_k_only": mla,
             "experts": _num(f, f"{arch}.expert_count"),
             "intermediate_size": _num(f, f"{arch}.feed_forward_length"),
             "token_embd_bytes": _tensor_bytes(headers, "token_embd.weight"),

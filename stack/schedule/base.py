@@ -129,8 +129,10 @@ class SchedulerBase:
 
     def fits_host(self, node: NodeState, model: str, need: Need) -> str | None:
         """Why RAM, disk or ports on `node` cannot take this part, or None."""
-        if node.ram_free < need.ram:
-            return f"needs {gib(need.ram)} RAM, free {gib(node.ram_free)}"
+        ram = need.ram + (sum(need.vram_by_gpu) or need.vram * need.gpus if node.unified else 0)
+        if node.ram_free < ram:
+            return f"needs {gib(ram)} RAM" + (" with its GPU share" if ram > need.ram else "") \
+                + f", free {gib(node.ram_free)}"
         if model not in node.files_here and node.disk_free < need.disk:
             return f"needs {gib(need.disk)} disk for the model files, free {gib(node.disk_free)}"
         if self.fleet.free_port(node) is None:

@@ -26,6 +26,14 @@ CPU_BACKENDS = ("llama.cpp",)
 RAY_BACKENDS = ("vllm", "sglang")
 
 
+def gpu_wired_limit(ram_bytes: int) -> int:
+    """What macOS lets the GPU of an Apple silicon Mac wire of its unified memory by
+    default (Metal's `recommendedMaxWorkingSetSize`, which llama.cpp logs): two thirds of
+    the RAM up to 32 GiB, three quarters above (16 GiB: 10.7 GiB; 192 GiB: 144 GiB).
+    `sudo sysctl iogpu.wired_limit_mb=N` raises it; set `reserved_vram` to say less."""
+    return ram_bytes * 2 // 3 if ram_bytes <= 32 * GiB else ram_bytes * 3 // 4
+
+
 def cc_key(value: str | None) -> tuple[int, ...] | None:
     if not value:
         return None
@@ -73,6 +81,7 @@ class NodeState:
     files_here: set[str] = field(default_factory=set)  # models whose files are present
     cls: int = 0
     version: int = 0
+    unified: bool = False  # the GPU's memory is the RAM (Apple): one pool, taken by both
 
     def load(self) -> float:
         """Fraction of the node taken (VRAM on GPU nodes, RAM otherwise)."""
@@ -194,17 +203,23 @@ class Fleet:
         for port in facts.ports_in_use:
             ports.setdefault(port, "")
         gpus = {g.index: g for g in facts.gpus}
+        unified = any(g.unified_memory for g in facts.gpus)
+        ram = max(0, facts.memory_bytes - settings.reserved_ram)
         free: dict[int, int] = {}
         for g in facts.gpus:
             # memory in use on a GPU none of our instances runs on belongs to someone else;
             # on our GPUs our own claims stand for the usage (stable from plan to plan)
             external = 0 if g.index in ours_on_gpu else g.memory_used_bytes
-            free[g.index] = max(0, g.memory_bytes - settings.reserved_vram - external)
-        ram = max(0, facts.memory_bytes - settings.reserved_ram)
+            usable = min(g.memory_bytes, gpu_wired_limit(g.memory_bytes)) if unified \
+                else g.memory_bytes
+            free[g.index] = max(0, usable - settings.reserved_vram - external)
+            if unified:
+                free[g.index] = min(free[g.index], ram)
         return NodeState(name=name, facts=facts, settings=settings, labels=labels, gpus=gpus,
-                     free=free, total_vram=sum(g.memory_bytes for g in facts.gpus),
+                     free=free, total_vram=sum(free.values()) if unified else
+                     sum(g.memory_bytes for g in facts.gpus),
                      ram_free=ram, ram_total=ram, disk_free=facts.disk_free_bytes,
-                     ports_taken=set(), ports_reported=ports, files_here=files)
+                     ports_taken=set(), ports_reported=ports, files_here=files, unified=unified)
 
     @staticmethod
     def _class_key(node: NodeState) -> tuple[Any, ...]:
@@ -222,9 +237,16 @@ class Fleet:
 
     def take(self, node: NodeState, model: str, gpus: Iterable[int], need: Need, port: int) -> None:
         """Claim resources on `node` for one part of a replica."""
+        taken = 0
         for k, i in enumerate(gpus):
-            node.free[i] -= need.vram_by_gpu[k] if need.vram_by_gpu else need.vram
+            vram = need.vram_by_gpu[k] if need.vram_by_gpu else need.vram
+            node.free[i] -= vram
+            taken += vram
         node.ram_free -= need.ram
+        if node.unified:  # one pool: what the GPU takes is RAM, and RAM taken is the GPU's
+            node.ram_free -= taken
+            for i in node.free:
+                node.free[i] = min(node.free[i], max(node.ram_free, 0))
         if model not in node.files_here:
             node.disk_free -= need.disk
             node.files_here.add(model)

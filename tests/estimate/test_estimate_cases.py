@@ -23,6 +23,8 @@ def _meta(case: dict[str, Any], request: pytest.FixtureRequest) -> ModelMeta:
     if "config" in case:
         return meta_from_config(json.loads((HERE / "configs" / case["config"]).read_text()),
                                 source=case["config"])
+    if "gguf_file" in case:  # a header fixture of this folder
+        return read_metadata(str(HERE / case["gguf_file"]), HERE)
     path: Path = request.getfixturevalue(case["gguf"])
     return read_metadata(str(path), HERE)
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from stack.config import load_text
+from stack.estimate import evaluate, read_metadata
+from stack.estimate.types import Evaluation
 from stack.snapshot import Observed
 from stack.spec import StackSpec
-from tests.schedule.fake import FixedEvaluation, fixed_evaluation
+from tests.schedule.fake import fixed_evaluation
 
 MiB = 1024**2
+ROOT = Path(__file__).resolve().parents[2]
 # name, vendor, memory bytes, compute capability: real outputs (nvidia-smi, amd-smi, rocm-smi)
 GPU_MODELS: dict[str, tuple[str, str, int, str | None]] = {
     "h100": ("NVIDIA H100 80GB HBM3", "nvidia", 81559 * MiB, "9.0"),
@@ -77,10 +80,18 @@ def load_stack(value: str | dict[str, Any]) -> tuple[StackSpec, bytes]:
 
 
 def load_evaluations(data: dict[str, Any],
-                     spec: StackSpec | None = None) -> dict[str, FixedEvaluation]:
+                     spec: StackSpec | None = None) -> dict[str, Evaluation]:
+    """Per model, the table's `FixedEvaluation`, or with `{"gguf": PATH}` (relative to the
+    repository) the real estimator's evaluation of that GGUF header fixture."""
     models = spec.models if spec else {}
-    return {name: fixed_evaluation(name, table, models.get(name))
-            for name, table in sorted(data.items())}
+    out: dict[str, Evaluation] = {}
+    for name, table in sorted(data.items()):
+        if "gguf" in table:
+            meta = read_metadata(str(ROOT / table["gguf"]), ROOT)
+            out[name] = evaluate(name, models[name], meta)
+        else:
+            out[name] = fixed_evaluation(name, table, models.get(name))
+    return out
 
 
 def read_case(path: Path) -> dict[str, Any]:
