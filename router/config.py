@@ -102,8 +102,8 @@ class RouterConfig(_Strict):
     balancing: Literal["least-outstanding", "round-robin"] = "least-outstanding"
     affinity: Literal["none", "user", "header"] = "none"
     affinity_header: str = "x-session-id"
-    retries: int = Field(2, ge=0)
-    max_body_bytes: int = Field(32 * 1024**2, ge=1)
+    retries: int = Field(default=2, ge=0)
+    max_body_bytes: int = Field(default=32 * 1024**2, ge=1)
     clients: Clients = Field(default_factory=Clients)
     models: list[RouteModel] = Field(default_factory=list)
     keys: list[Key] = Field(default_factory=list)

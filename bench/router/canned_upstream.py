@@ -12,7 +12,8 @@ Prints `canned: listening on PORT` once it listens. Answers:
   whose `b64_json` is `IMAGE_B64`; `GET /health`: ok.
 Faults, per request through extra body fields: `"canned_status": 503` answers that status,
 `"canned_die_after": N` kills the connection after N stream chunks, `"canned_delay": S`
-waits S seconds before answering. `--status` and `--delay` set them for every request.
+waits S seconds before answering, `"canned_usage": {...}` answers that usage (a chat
+completion). `--status` and `--delay` set them for every request.
 Every answer carries `x-canned-port` (which replica answered) and counts requests in
 `GET /stats`.
 """
@@ -33,12 +34,12 @@ IMAGE_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDw
              "AAAABJRU5ErkJggg==")
 
 
-def completion(model: str) -> bytes:
+def completion(model: str, usage: object = None) -> bytes:
     return json.dumps({
         "id": "chatcmpl-canned", "object": "chat.completion", "created": 1, "model": model,
         "choices": [{"index": 0, "finish_reason": "stop", "message": {
             "role": "assistant", "content": "Hello from the canned upstream."}}],
-        "usage": USAGE,
+        "usage": USAGE if usage is None else usage,
     }).encode()
 
 
@@ -139,7 +140,7 @@ class Server(asyncio.Protocol):
         elif doc.get("stream"):
             await self.stream(model, doc)
         else:
-            self.send(200, completion(model))
+            self.send(200, completion(model, doc.get("canned_usage")))
 
     async def speech(self, gap: float) -> None:
         assert self.transport is not None

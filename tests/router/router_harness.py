@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -28,11 +29,16 @@ class Proc:
     """A process in its own group, with the first line matching `ready` parsed for a port."""
 
     def __init__(self, argv: list[str], ready: str, log: Path, env: dict[str, str] | None = None,
-                 timeout: float = 20.0) -> None:
+                 timeout: float = 20.0, nofile: int | None = None) -> None:
         self.log = log
+
+        def limit_files() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=ROOT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=limit_files)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = re.search(ready, log.read_text(errors="replace"))
@@ -72,10 +78,12 @@ class Harness:
         tmp.write_text(json.dumps(config))
         tmp.replace(self.config_path)
 
-    def router(self, config: dict[str, Any]) -> Proc:
+    def router(self, config: dict[str, Any], nofile: int | None = None) -> Proc:
+        """The router on `config`; `nofile`: its open-file limit (soft and hard)."""
         self.write({"listen": "127.0.0.1:0", **config})
         proc = Proc([*ROUTER, "--config", str(self.config_path)],
-                    r"listening on https?://127\.0\.0\.1:(\d+)", self.tmp / "router.log")
+                    r"listening on https?://127\.0\.0\.1:(\d+)", self.tmp / "router.log",
+                    nofile=nofile)
         self.procs.append(proc)
         return proc
 
@@ -115,3 +123,20 @@ def metric(port: int, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (VmRSS), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def sockets(pid: int) -> int:
+    """Sockets a process holds open."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count

@@ -34,9 +34,9 @@ def test_forked_workers_together_admit_exactly_the_rpm_limit() -> None:
     os.close(write)
     statuses = [os.waitpid(pid, 0)[1] for pid in children]
     with os.fdopen(read) as pipe:
-        passed = [int(line) for line in pipe]
+        admitted = [int(line) for line in pipe]
     assert statuses == [0, 0, 0]
-    assert sum(passed) == 3000, passed  # 6,000 tries, exactly the limit admitted
+    assert sum(admitted) == 3000, admitted  # 6,000 tries, exactly the limit admitted
     # the window is the same from this process, and another key has its own slot
     mine = state.limiter(key, 3000, None)
     other = state.limiter("sha256:" + "cd" * 32, 500, None)
