@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stack.snapshot import NodeFacts
+from stack.spec import NVIDIA_BRANCH, ROCM_RELEASE
 
 NVIDIA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos"
 AMD_REPO = "https://repo.radeon.com/amdgpu-install"
@@ -50,6 +51,11 @@ VENDOR_TOOLS = {
     "apple": ("system_profiler", "macOS (Metal ships with the OS)"),
 }
 _UBUNTU_CODENAMES = {"20.04": "focal", "22.04": "jammy", "24.04": "noble"}
+q = shlex.quote  # every word from stack.toml or the facts is quoted where a command is built
+
+
+def _words(words: list[str]) -> str:
+    return " ".join(q(w) for w in words)
 
 
 @dataclass(frozen=True)
@@ -136,11 +142,24 @@ def driver_commands(facts: NodeFacts, request: DriverRequest) -> list[str] | Blo
     vendors_seen = {g.vendor for g in facts.gpus} | pci_vendors(facts)
     if request.vendor not in vendors_seen:
         return []  # nothing of that vendor on this host: the setting does not apply
+    if request.mode == "install" and request.version is not None \
+            and not _vendor_version(request.vendor, request.version):
+        # stack.toml refuses these; a request made some other way stops here too, because
+        # the version goes into package names, URLs and commands run as root
+        return Blocked(f"`{request.node}`: {request.vendor} driver version "
+                       f"{request.version!r} is not one modelstack can install",
+                       'set `version` as the vendor writes it: NVIDIA a branch such as "580", '
+                       'AMD a ROCm release such as "6.4.1".')
     if request.vendor == "nvidia":
         return _nvidia(facts, request)
     if request.vendor == "amd" and request.mode == "install":
         return _rocm(facts, request)
     return _verify(facts, request)
+
+
+def _vendor_version(vendor: str, version: str) -> bool:
+    pattern = {"nvidia": NVIDIA_BRANCH, "amd": ROCM_RELEASE}.get(vendor)
+    return pattern is None or pattern.match(version) is not None
 
 
 def _working(facts: NodeFacts, vendor: str) -> list[str]:
@@ -206,19 +225,20 @@ def _nvidia_apt(
     headers = "linux-headers-" + (shlex.quote(facts.kernel) if facts.kernel else "generic")
     commands = [
         f"{APT} ca-certificates wget",
-        f"wget -qO /tmp/{CUDA_KEYRING} {repo}/{CUDA_KEYRING}",
+        f"wget -qO /tmp/{CUDA_KEYRING} {q(f'{repo}/{CUDA_KEYRING}')}",
         f"dpkg -i /tmp/{CUDA_KEYRING}",
         "apt-get update",
         f"{APT} {headers} dkms",
-        *[f"{APT} {p}" for p in pinned],
-        f"{APT} {' '.join(packages + fabric)}",
+        *[f"{APT} {q(p)}" for p in pinned],
+        f"{APT} {_words(packages + fabric)}",
         *_nouveau_off("update-initramfs -u"),
         "systemctl enable nvidia-persistenced",
     ]
     if nvswitch:
         commands.append("systemctl enable nvidia-fabricmanager")
-    commands.append("apt-mark hold " + " ".join(pinned + packages + fabric))
+    commands.append("apt-mark hold " + _words(pinned + packages + fabric))
     return commands
+
 
 
 def _nvidia_dnf(
@@ -228,16 +248,16 @@ def _nvidia_dnf(
     kernel = shlex.quote(facts.kernel) if facts.kernel else "$(uname -r)"
     stream = f"nvidia-driver:{branch}" + ("-dkms" if old else "-open")
     commands = [
-        f"dnf config-manager --add-repo {repo}/cuda-{distro.repo_slug}.repo",
-        f"dnf install -y {EPEL_RPM.format(major=distro.major)}",
+        f"dnf config-manager --add-repo {q(f'{repo}/cuda-{distro.repo_slug}.repo')}",
+        f"dnf install -y {q(EPEL_RPM.format(major=distro.major))}",
         f"dnf install -y kernel-devel-{kernel} kernel-headers-{kernel} dkms",
-        f"dnf module install -y {stream}",
+        f"dnf module install -y {q(stream)}",
         *_nouveau_off("dracut -f"),
         "systemctl enable nvidia-persistenced",
     ]
     if nvswitch:
         commands += [
-            f"dnf install -y nvidia-fabricmanager-{branch}",
+            f"dnf install -y {q(f'nvidia-fabricmanager-{branch}')}",
             "systemctl enable nvidia-fabricmanager",
         ]
     return commands
@@ -268,8 +288,7 @@ def _rocm(facts: NodeFacts, request: DriverRequest) -> list[str] | Blocked:
     blocked = _secure_boot_block(facts, request, "amdgpu")
     if blocked:
         return blocked
-    parts = [*request.version.split("."), "0", "0"][:3]
-    build = f"{parts[0]}.{parts[1]}.{int(parts[0]) * 10000 + int(parts[1]) * 100 + int(parts[2])}"
+    build = rocm_installer_version(request.version)
     base = f"{AMD_REPO}/{request.version}"
     if distro.family == "debian":
         codename = _UBUNTU_CODENAMES.get(distro.version)
@@ -278,21 +297,32 @@ def _rocm(facts: NodeFacts, request: DriverRequest) -> list[str] | Blocked:
         deb = f"amdgpu-install_{build}-1_all.deb"
         install = [
             f"{APT} ca-certificates wget",
-            f"wget -qO /tmp/{deb} {base}/ubuntu/{codename}/{deb}",
-            f"{APT} /tmp/{deb}",
+            f"wget -qO {q(f'/tmp/{deb}')} {q(f'{base}/ubuntu/{codename}/{deb}')}",
+            f"{APT} {q(f'/tmp/{deb}')}",
             "apt-get update",
             f"{APT} linux-headers-{shlex.quote(facts.kernel) if facts.kernel else 'generic'}",
         ]
     else:
         rpm = f"amdgpu-install-{build}-1.el{distro.major}.noarch.rpm"
         install = [
-            f"dnf install -y {base}/rhel/{distro.version}/{rpm}",
+            f"dnf install -y {q(f'{base}/rhel/{distro.version}/{rpm}')}",
             "dnf install -y kernel-devel-"
             + (shlex.quote(facts.kernel) if facts.kernel else "$(uname -r)"),
         ]
     user = request.user or facts.user or "root"
     return [*install, "amdgpu-install -y --usecase=rocm",
             f"usermod -a -G render,video {shlex.quote(user)}"]
+
+
+def rocm_installer_version(release: str) -> str:
+    """The version in the amdgpu-install package's name, as repo.radeon.com names it:
+    6.4.1 -> 6.4.60401, 7.0 -> 7.0.70000; from ROCm 7 a point release keeps its third
+    number in front, 7.0.2 -> 7.0.2.70002."""
+    major, minor, patch = (int(p) for p in [*release.split("."), "0"][:3])
+    build = major * 10000 + minor * 100 + patch
+    if major >= 7 and patch:
+        return f"{major}.{minor}.{patch}.{build}"
+    return f"{major}.{minor}.{build}"
 
 
 def _rocm_version(facts: NodeFacts) -> str | None:

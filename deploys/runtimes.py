@@ -24,13 +24,18 @@ Sources:
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from stack.spec import RuntimeSpec
+from stack.errors import ConfigError
+from stack.spec import PREFIX_PATTERN, RuntimeSpec
 
 MARKER = ".installed"
+# a runtime's name and version are one folder name each, never `.` or `..`
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_PREFIX = re.compile(PREFIX_PATTERN)
 DEFAULT_BINARIES = {"llama.cpp": ("llama-server",), "stable-diffusion.cpp": ()}
 
 
@@ -54,8 +59,23 @@ class RuntimeInstall:
 
 
 def runtime_path(prefix: str, name: str, version: str) -> str:
-    """Where a runtime version lives on a host."""
+    """Where a runtime version lives on a host: always two folders below
+    `PREFIX/runtimes`, so the scripts that replace or remove it delete nothing else."""
+    if not _PREFIX.match(prefix):
+        raise ConfigError(f"the prefix {prefix!r} is not an absolute path of plain folder "
+                          "names", hint='set e.g. `prefix = "/opt/stack"` in stack.toml.')
+    for what, part in (("name", name), ("version", version)):
+        if not is_folder_name(part):
+            raise ConfigError(
+                f"runtime {what} {part!r} is not a plain folder name",
+                hint="runtime names and versions use letters, digits and `._+-` and start "
+                "with a letter or digit.")
     return f"{prefix.rstrip('/')}/runtimes/{name}/{version}"
+
+
+def is_folder_name(part: str) -> bool:
+    """A runtime name or version that is one folder name (what `runtime_path` takes)."""
+    return _FOLDER_NAME.match(part) is not None
 
 
 def fingerprint(install: RuntimeInstall) -> str:
@@ -193,8 +213,11 @@ def unused_versions(
     The plan shows them as deletes; apply removes them once its instances run elsewhere."""
     out: dict[str, list[str]] = {}
     for name, versions in sorted(installed.items()):
+        if not is_folder_name(name):
+            continue  # not a folder apply made: left alone
         keep = set(listed.get(name, ()))
-        stale = sorted(v for v in set(versions) if v not in keep and (name, v) not in in_use)
+        stale = sorted(v for v in set(versions) if v not in keep and (name, v) not in in_use
+                       and is_folder_name(v))
         if stale:
             out[name] = stale
     return out

@@ -8,15 +8,24 @@ is pure: files to write and commands to run, rendered from templates/.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
+from stack.errors import ConfigError
+
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 MANAGERS = ("systemd", "launchd", "supervise")
+# Open files of the agent (its backends inherit it) and the router (two per proxied
+# request): the usual soft limit of 1024 runs out under load.
+LIMIT_NOFILE = 65536
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SYSTEMD_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
 
 
 @cache
@@ -24,10 +33,36 @@ def environment() -> jinja2.Environment:
     """The jinja2 environment of templates/ (undefined names are errors)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True, autoescape=False,
+        keep_trailing_newline=True, autoescape=False, finalize=_one_line,
     )
     env.filters["shquote"] = shlex.quote
+    env.filters["systemd_path"] = systemd_path
     return env
+
+
+def _one_line(value: Any) -> Any:
+    """Every value a template writes: a control character in it would start a new line of
+    a script or new directives of a unit file, so none is written (stack.toml refuses
+    them before; this holds for any other caller)."""
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise ConfigError(f"a value for a service file holds a control character: {value!r}",
+                          hint="values written to hosts are one line of visible characters; "
+                          "check stack.toml's `prefix` and `name`.")
+    return value
+
+
+def systemd_quote(word: str) -> str:
+    """One word of a systemd command line: plain words as they are, others in double
+    quotes with systemd's escapes (`%%` for its specifiers, `$$` for its variables)."""
+    if _SYSTEMD_PLAIN.match(word):
+        return word
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("%", "%%").replace("$", "$$") + '"'
+
+
+def systemd_path(path: str) -> str:
+    """A path in a systemd setting that takes no quotes (`append:PATH`): `%` escaped."""
+    return path.replace("%", "%%")
 
 
 def render(template: str, **values: object) -> str:
@@ -82,7 +117,8 @@ def unit_file(service: Service) -> str:
     """The content of `service.unit_path`."""
     if service.manager == "systemd":
         return render("service.systemd.j2", name=service.name, stack=service.stack,
-                      command=service.command_line(), log=service.log)
+                      command=" ".join(systemd_quote(a) for a in service.argv),
+                      log=service.log, limit_nofile=LIMIT_NOFILE)
     if service.manager == "launchd":
         return render("service.launchd.plist.j2", name=service.name, stack=service.stack,
                       label=f"dev.{service.label}", argv=service.argv, log=service.log)

@@ -6,6 +6,7 @@ use, and docs/stack-toml.md is generated from it. Unknown keys are errors (`extr
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import date
 from typing import Annotated, Literal
@@ -16,9 +17,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StringConstraints,
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 BackendName = Literal[
     "llama.cpp", "vllm", "sglang", "vox-box", "stable-diffusion.cpp", "mindie", "custom"
@@ -33,6 +36,99 @@ VendorName = Literal[
     "nvidia", "amd", "apple", "ascend", "hygon", "mthreads", "iluvatar", "cambricon", "cpu"
 ]
 Policy = Literal["spread", "binpack"]
+
+# Every string that reaches a path, a shell command or a template on the hosts has a
+# pattern here (and is quoted where it is used, too). `RULES` says each pattern in words,
+# with a hint, for the error messages (stack.config.messages).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_FOLDER = r"\.?[A-Za-z0-9_+@-][A-Za-z0-9._+@-]*"  # one folder name, never `.` or `..`
+PREFIX_PATTERN = rf"^(/{_FOLDER})+/?$"
+HOST_PATH_PATTERN = r"^(/\.?[A-Za-z0-9_+@{}-][A-Za-z0-9._+@{}-]*)+/?$"
+SUBDIR_PATTERN = rf"^{_FOLDER}(/{_FOLDER})*/?$"
+VERSION_PATTERN = r"^[A-Za-z0-9]+([._+-][A-Za-z0-9]+)*$"
+DRIVER_VERSION_PATTERN = r"^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+PACKAGE_PATTERN = r"^[A-Za-z0-9][^\x00-\x1f\x7f]*$"
+INDEX_URL_PATTERN = r"^(https?|file)://[^\s\x00-\x1f\x7f]+$"
+URL_PATTERN = r"^(https?://|ftp://|local://|/)[^\s\x00-\x1f\x7f]+$"
+TARGET_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SSH_ADDRESS_PATTERN = r"^(@local|[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*)$"
+ADDRESS_PATTERN = r"^[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*$"
+USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$"
+HTTP_PATH_PATTERN = r"^/[!-~]*$"
+# NVIDIA installs a branch (`nvidia-open-580`, `nvidia-driver:580-open`): three digits;
+# AMD a ROCm release as repo.radeon.com/amdgpu-install/ names its folders (`6.4`, `6.4.1`).
+NVIDIA_BRANCH = re.compile(r"^[0-9]{3}$")
+NVIDIA_FULL_VERSION = re.compile(r"^([0-9]{3})\.[0-9]{1,3}(\.[0-9]{1,3})?$")
+# (a `.0` release is the folder without it: `6.4`, `7.0`)
+ROCM_RELEASE = re.compile(r"^[1-9][0-9]?\.[0-9]{1,2}(\.[1-9][0-9]?)?$")
+
+RULES: dict[str, tuple[str, str]] = {  # pattern -> (what the value must be, hint)
+    PREFIX_PATTERN: (
+        "an absolute path of plain folder names (letters, digits, `._+@-`; no `..`)",
+        'e.g. `prefix = "/opt/stack"`, or a folder the SSH user owns to install without '
+        "root."),
+    HOST_PATH_PATTERN: (
+        "an absolute path on the hosts of plain folder names (letters, digits, `._+@-`, "
+        "`{version}`; no `..`)", 'e.g. `path = "/opt/llama.cpp/{version}/bin"`.'),
+    SUBDIR_PATTERN: (
+        "a folder inside the archive (a relative path of plain folder names; no `..`)",
+        'e.g. `subdir = "vendor/llama.cpp"`.'),
+    VERSION_PATTERN: (
+        "a version of letters and digits separated by `.`, `_`, `+` or `-`",
+        'e.g. `"0.11.0"`; each version is a folder on the hosts, '
+        "`PREFIX/runtimes/NAME/VERSION`."),
+    DRIVER_VERSION_PATTERN: (
+        "a driver version of letters and digits separated by `.`, `_` or `-`",
+        'NVIDIA: the branch, e.g. `version = "580"`; AMD: the ROCm release, e.g. '
+        '`version = "6.4.1"`.'),
+    SHA256_PATTERN: (
+        "a sha256 digest (64 hex digits, lower case)",
+        "`sha256sum FILE` prints it; write it in lower case."),
+    PACKAGE_PATTERN: (
+        "a pip requirement that starts with the package's name",
+        'e.g. `package = "vllm=={version}"`.'),
+    INDEX_URL_PATTERN: (
+        "an http(s) or file URL without spaces",
+        'e.g. `index_url = "https://download.pytorch.org/whl/cu128"`.'),
+    URL_PATTERN: (
+        "an http(s) URL, `local://PATH` or an absolute path on the controller, without "
+        "spaces", 'e.g. `url = "https://example.com/llama.cpp-{version}.tar.gz"`.'),
+    TARGET_PATTERN: (
+        "a cmake target name", 'e.g. `targets = ["llama-server", "ggml-rpc-server"]`.'),
+    ENV_NAME_PATTERN: (
+        "an environment variable name",
+        "use letters, digits and `_`, not starting with a digit, e.g. `HF_HUB_OFFLINE`."),
+    SSH_ADDRESS_PATTERN: (
+        "a host name or IP address, or `@local`",
+        'e.g. `address = "10.0.0.11"` or `address = "gpu-01.lab"`.'),
+    ADDRESS_PATTERN: (
+        "a host name or IP address", 'e.g. `address = "10.0.0.11"`.'),
+    USER_PATTERN: ("a user name", "letters, digits, `_`, `.` and `-`, e.g. `\"ubuntu\"`."),
+    HTTP_PATH_PATTERN: (
+        "an HTTP path starting with `/`, without spaces", 'e.g. `health_path = "/health"`.'),
+}
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=64)]
+Prefix = Annotated[str, StringConstraints(pattern=PREFIX_PATTERN, max_length=200)]
+HostPath = Annotated[str, StringConstraints(pattern=HOST_PATH_PATTERN, max_length=500)]
+Subdir = Annotated[str, StringConstraints(pattern=SUBDIR_PATTERN, max_length=500)]
+Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN, max_length=64)]
+DriverVersion = Annotated[str, StringConstraints(pattern=DRIVER_VERSION_PATTERN, max_length=32)]
+Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+Package = Annotated[str, StringConstraints(pattern=PACKAGE_PATTERN, max_length=500)]
+IndexUrl = Annotated[str, StringConstraints(pattern=INDEX_URL_PATTERN, max_length=1000)]
+Url = Annotated[str, StringConstraints(pattern=URL_PATTERN, max_length=1000)]
+Target = Annotated[str, StringConstraints(pattern=TARGET_PATTERN, max_length=100)]
+EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN, max_length=100)]
+SshAddress = Annotated[str, StringConstraints(pattern=SSH_ADDRESS_PATTERN, max_length=253)]
+Address = Annotated[str, StringConstraints(pattern=ADDRESS_PATTERN, max_length=253)]
+User = Annotated[str, StringConstraints(pattern=USER_PATTERN, max_length=64)]
+HttpPath = Annotated[str, StringConstraints(pattern=HTTP_PATH_PATTERN, max_length=200)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+MAX_REPLICAS = 1000
+MAX_BYTES = 2**60  # 1 EiB: more than any disk or memory, far below what overflows
 
 _UNITS = {
     "": 1, "b": 1,
@@ -51,12 +147,19 @@ def parse_bytes(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return value
+        return _at_most_1eib(value)
     if isinstance(value, str):
         match = _SIZE.match(value)
         if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+            size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            return _at_most_1eib(int(size) if math.isfinite(size) else MAX_BYTES + 1)
     raise ValueError(f"expected a size such as \"24GiB\" or a number of bytes, got {value!r}")
+
+
+def _at_most_1eib(size: int) -> int:
+    if size > MAX_BYTES:
+        raise PydanticCustomError("less_than_equal", "at most {le}", {"le": "1 EiB"})
+    return size
 
 
 Bytes = Annotated[
@@ -71,14 +174,16 @@ Bytes = Annotated[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are TOML floats, but no timeout or fraction means them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class HostSpec(_Strict):
     """A host listed inline in stack.toml (instead of a pyinfra inventory file)."""
 
-    address: str = Field(description="SSH address (name or IP), or `@local` for this machine.")
-    user: str | None = Field(None, description="SSH user; default: the current user.")
+    address: SshAddress = Field(
+        description="SSH address (name or IP), or `@local` for this machine.")
+    user: User | None = Field(None, description="SSH user; default: the current user.")
     port: int = Field(22, ge=1, le=65535, description="SSH port.")
     key: str | None = Field(None, description="Path to the SSH private key.")
     known_hosts: str | None = Field(
@@ -90,19 +195,19 @@ class HostSpec(_Strict):
 class StackSection(_Strict):
     """`[stack]`: the stack as a whole."""
 
-    name: str = Field("stack", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="Name of the stack; used in service names and the lock.")
+    name: Name = Field(
+        "stack", description="Name of the stack; used in service names and the lock.")
     inventory: str | None = Field(
         None, description="A pyinfra inventory file (relative to stack.toml) listing the hosts."
     )
-    prefix: str = Field(
+    prefix: Prefix = Field(
         "/opt/stack",
         description="Where runtimes, models and the agent are installed on hosts (absolute).",
     )
     placement: Policy = Field(
         "spread", description="Default placement: `spread` replicas over nodes, or `binpack`."
     )
-    port_range: tuple[int, int] = Field(
+    port_range: tuple[Port, Port] = Field(
         (40000, 40999), description="Ports given to model instances on each node."
     )
     known_hosts: str | None = Field(
@@ -117,15 +222,17 @@ class DriverSpec(_Strict):
     mode: Literal["install", "verify"] = Field(
         "verify", description="`install` the driver when missing, or only `verify` it."
     )
-    version: str | None = Field(None, description="Driver branch, e.g. `580` for NVIDIA.")
+    version: DriverVersion | None = Field(
+        None, description="NVIDIA: the driver branch, e.g. `580`; AMD: the ROCm release, "
+        "e.g. `6.4.1`.")
 
 
 class NodeSpec(_Strict):
     """`[nodes."PATTERN"]`: settings for every host whose name matches the glob."""
 
     labels: dict[str, str] = Field(default_factory=dict, description="Labels for selectors.")
-    prefix: str | None = Field(None, description="Install prefix for these hosts.")
-    ssh_user: str | None = Field(None, description="SSH user.")
+    prefix: Prefix | None = Field(None, description="Install prefix for these hosts.")
+    ssh_user: User | None = Field(None, description="SSH user.")
     ssh_port: int | None = Field(None, ge=1, le=65535, description="SSH port.")
     ssh_key: str | None = Field(None, description="Path to the SSH private key.")
     agent_port: int | None = Field(
@@ -142,7 +249,7 @@ class NodeSpec(_Strict):
     cpu_inference: bool = Field(
         False, description="Allow models to run on the CPU of these hosts (llama.cpp)."
     )
-    address: str | None = Field(
+    address: Address | None = Field(
         None, description="Private address backends bind to; default: the SSH address."
     )
 
@@ -153,29 +260,33 @@ class RuntimeSpec(_Strict):
     backend: BackendName | None = Field(
         None, description="The backend this runtime serves; default: the runtime's name."
     )
-    versions: list[str] = Field(min_length=1, description="Versions installed side by side.")
+    versions: list[Version] = Field(
+        min_length=1, max_length=100, description="Versions installed side by side.")
     source: Literal["pip", "archive", "build", "system"] = Field(
         description="`pip` (a venv), `archive` (URL or file), `build` (cmake), `system`."
     )
-    package: str | None = Field(
+    package: Package | None = Field(
         None,
         description="pip: requirement, `{version}` replaced, e.g. `vllm=={version}`; "
         "archive/build: instead of `url`, a package whose source distribution is the "
         "archive, fetched by name on the controller with pip, e.g. "
         "`llama-cpp-python=={version}`.",
     )
-    index_url: str | None = Field(None, description="pip: package index URL.")
-    url: str | None = Field(
+    index_url: IndexUrl | None = Field(None, description="pip: package index URL.")
+    url: Url | None = Field(
         None, description="archive/build: URL or controller path, `{version}` replaced."
     )
-    sha256: dict[str, str] = Field(
+    sha256: dict[str, Sha256] = Field(
         default_factory=dict, description="archive/build: expected sha256 per version."
     )
-    subdir: str | None = Field(None, description="build: the cmake source folder in the archive.")
+    subdir: Subdir | None = Field(
+        None, description="build: the cmake source folder in the archive.")
     cmake_args: list[str] = Field(default_factory=list, description="build: cmake arguments.")
-    targets: list[str] = Field(default_factory=list, description="build: cmake targets.")
-    path: str | None = Field(None, description="system: folder holding the binaries.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment for the runtime.")
+    targets: list[Target] = Field(default_factory=list, description="build: cmake targets.")
+    path: HostPath | None = Field(
+        None, description="system: folder holding the binaries, `{version}` replaced.")
+    env: dict[EnvName, str] = Field(
+        default_factory=dict, description="Environment for the runtime.")
 
 
 class GpuSelector(_Strict):
@@ -193,7 +304,8 @@ class PinSpec(_Strict):
     """Pin a model's replicas to a node (and GPUs)."""
 
     node: str = Field(description="Node name.")
-    gpus: list[int] = Field(default_factory=list, description="GPU indices on that node.")
+    gpus: list[Annotated[int, Field(ge=0, le=1023)]] = Field(
+        default_factory=list, max_length=64, description="GPU indices on that node.")
 
 
 class ModelSpec(_Strict):
@@ -205,9 +317,10 @@ class ModelSpec(_Strict):
     )
     kind: ModelKind | None = Field(None, description="What the model does; inferred if omitted.")
     backend: BackendName | None = Field(None, description="Inference backend; chosen if omitted.")
-    backend_version: str | None = Field(None, description="Runtime version; newest if omitted.")
-    replicas: int = Field(1, ge=1, description="Number of replicas.")
-    gpus_per_replica: int | Literal["auto"] = Field(
+    backend_version: Version | None = Field(
+        None, description="Runtime version; newest if omitted.")
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS, description="Number of replicas.")
+    gpus_per_replica: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         "auto", description="GPUs per replica, or `auto` for the smallest that fits."
     )
     distributed: bool = Field(False, description="Allow one replica to span several nodes.")
@@ -218,9 +331,10 @@ class ModelSpec(_Strict):
     gpu: GpuSelector = Field(
         default_factory=lambda: GpuSelector.model_validate({}), description="GPU selector."
     )
-    context: int | None = Field(None, ge=256, description="Context size in tokens.")
+    context: int | None = Field(
+        None, ge=256, le=2**24, description="Context size in tokens.")
     args: list[str] = Field(default_factory=list, description="Extra backend arguments.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
+    env: dict[EnvName, str] = Field(default_factory=dict, description="Extra environment.")
     aliases: list[str] = Field(default_factory=list, description="Other names in the API.")
     placement: Policy | None = Field(None, description="Overrides `stack.placement`.")
     pin: PinSpec | None = Field(None, description="Pin to a node and GPUs.")
@@ -238,7 +352,8 @@ class ModelSpec(_Strict):
         None,
         description="custom: command template with {model_path} {port} {host} {name} {api_key}.",
     )
-    health_path: str | None = Field(None, description="custom: health path; default `/health`.")
+    health_path: HttpPath | None = Field(
+        None, description="custom: health path; default `/health`.")
 
     @model_validator(mode="after")
     def _custom_needs_command(self) -> ModelSpec:
@@ -261,12 +376,13 @@ class AgentSpec(_Strict):
     probe_interval_seconds: float = Field(
         5.0, gt=0, le=3600, description="Seconds between health probes of a ready instance.")
     startup_timeout_seconds: float = Field(
-        900.0, gt=0, description="How long an instance may take to become ready.")
+        900.0, gt=0, le=7 * 86400, description="How long an instance may take to become ready.")
     stop_grace_seconds: float = Field(
         10.0, ge=0, le=3600, description="Seconds between SIGTERM and SIGKILL on stop.")
     restart_unhealthy_after_seconds: float = Field(
-        120.0, ge=0, description="Restart a backend unhealthy this long (0: only report).")
-    log_max_bytes: int = Field(50 * 1024 * 1024, ge=1024,
+        120.0, ge=0, le=7 * 86400,
+        description="Restart a backend unhealthy this long (0: only report).")
+    log_max_bytes: int = Field(50 * 1024 * 1024, ge=1024, le=2**40,
                                description="Rotate an instance's log at this size.")
     log_keep: int = Field(3, ge=1, le=100, description="Rotated logs kept per instance.")
 
@@ -302,12 +418,12 @@ class RouterSpec(_Strict):
 class KeySpec(_Strict):
     """`[[keys]]`: an API key, stored only as its hash (`stack keys create`)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Key name.")
+    name: Name = Field(description="Key name.")
     owner: str | None = Field(None, description="Who holds the key.")
     hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="`sha256:` + hex digest.")
     models: list[str] = Field(default_factory=list, description="Allowed models; empty: all.")
-    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(None, ge=1, description="Tokens per minute.")
+    rpm: int | None = Field(None, ge=1, le=10**9, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, le=10**12, description="Tokens per minute.")
     expires: date | None = Field(None, description="Last day the key works.")
 
 

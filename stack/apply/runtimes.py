@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.assignment import Assignment
-from deploys.runtimes import removal_script, runtime_path, unused_versions
+from deploys.runtimes import is_folder_name, removal_script, runtime_path, unused_versions
 from stack import remote
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node
@@ -24,7 +24,8 @@ def remove_unused_runtimes(spec: StackSpec, nodes: list[Node], desired: Desired,
                 *(node.current.instances if node.current else [])]
         paths = {i.runtime_path for i in told}
         in_use = {(name, v) for name, versions in node.facts.runtimes.items()
-                  for v in versions if runtime_path(node.prefix, name, v) in paths}
+                  for v in versions if is_folder_name(name) and is_folder_name(v)
+                  and runtime_path(node.prefix, name, v) in paths}
         for name, stale in unused_versions(node.facts.runtimes, listed, in_use).items():
             ok, _, err = remote.run(node.host, removal_script(node.prefix, name, stale))
             if not ok:

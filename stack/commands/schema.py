@@ -61,8 +61,22 @@ Conventions:
   hint: did you mean replicas?`).
 - **Sizes** are a number of bytes or a string with a unit: `"24GiB"`, `"500 MB"`,
   `"1.5TiB"` (B, KB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB of 1024).
-- **Names** of hosts, models and keys use letters, digits, `_`, `.` and `-`, and start
-  with a letter or digit; they end up in file and service names.
+- **Names** of hosts, models, runtimes and keys use letters, digits, `_`, `.` and `-`,
+  and start with a letter or digit; they end up in file and service names.
+- **Values that reach the hosts have a form**, because they end up in paths, commands
+  and unit files run as root: versions are letters and digits separated by `.`, `_`, `+`
+  or `-` (`"0.11.0"`); prefixes and host paths are plain folder names (no `..`, spaces,
+  `$` or quotes); addresses, users, environment names, sha256 digests, URLs, cmake
+  targets and pip requirements each have their pattern, and the error says it in words.
+  No string holds a control or invisible character (a custom `command` may span lines),
+  no string is longer than 4096 characters, and arrays and inline tables nest at most
+  32 deep.
+- **Numbers are bounded**: ports 1 to 65535, `replicas` at most 1000,
+  `gpus_per_replica` at most 64, `context` at most 16777216 tokens, sizes at most 1 EiB;
+  `inf` and `nan` are refused.
+- **Driver versions** are written as the vendor does: NVIDIA the branch (`"580"`, not
+  `"580.95.05"`), AMD the ROCm release as repo.radeon.com names its folder (`"6.4.1"`,
+  `"7.0"`); there is no `"latest"`: a driver is pinned.
 - **Node patterns** (`[nodes."PATTERN"]`) are globs on host names (`*`, `?`, `[ab]`). A
   host gets every pattern that matches it, merged from the least to the most specific
   (the number of characters that are not wildcards), so `"gpu-01"` beats `"gpu-*"`
@@ -70,8 +84,8 @@ Conventions:
   set in a pattern overrides the same key from the patterns before it; `labels` and
   `drivers` merge key by key. An inline `[hosts.NAME]` table's `labels`, `user`, `port`
   and `key` apply last.
-- **`prefix`** is an absolute path on the hosts; the SSH user needs to be able to create
-  it (root, `sudo = true`, or a folder that user owns).
+- **`prefix`** is an absolute path on the hosts (not `/` itself); the SSH user needs
+  to be able to create it (root, `sudo = true`, or a folder that user owns).
 - **Secrets** never go in this file: API keys are stored as hashes (`stack keys
   create`), backend keys are derived from the stack secret (`.stack/secret` or
   `$STACK_SECRET`).

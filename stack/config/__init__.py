@@ -1,7 +1,8 @@
 """Reading stack.toml: text -> `StackSpec`, or a `ConfigError` that says where and what to do.
 
 Three layers of checks, each error naming the dotted key and `stack.toml:LINE:COL`:
-1. TOML syntax (tomlkit's parser).
+1. TOML syntax (tomlkit's parser), after a nesting depth check; then every key and string
+   is free of control and invisible characters and not too long (values.py).
 2. The schema (`stack.spec`, pydantic): types, ranges, unknown keys with a did-you-mean.
 3. References between sections: pins name hosts, aliases are unique, keys name models,
    selectors parse, a listen address off loopback has keys, and so on.
@@ -12,6 +13,7 @@ the first. `node_settings` merges the `[nodes."PATTERN"]` tables that apply to a
     report.py      where a problem is (dotted key, file:line:col) and how they are collected
     messages.py    schema problems (pydantic errors) in words, with hints
     references.py  references between sections
+    values.py      nesting depth, hidden characters and lengths of every value
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pydantic import ValidationError
 from stack.config.messages import describe_type, schema_problems, unwrap_type
 from stack.config.references import NAME, check_pins_against, reference_problems
 from stack.config.report import Report, dotted
+from stack.config.values import nesting_problem, value_problems
 from stack.errors import ConfigError
 from stack.spec import NodeSpec, StackSpec
 from stack.tomlpos import locate
@@ -74,11 +77,17 @@ def check_text(
 
     With `base_dir` (the folder of stack.toml), files it names (the inventory) must exist.
     """
+    too_deep = nesting_problem(text, filename)
+    if too_deep is not None:
+        return None, [too_deep]
     try:
         data = tomlkit.parse(text).unwrap()
     except tomlkit.exceptions.TOMLKitError as exc:
         return None, [_syntax_error(exc, text, filename)]
     report = Report(filename, locate(text))
+    value_problems(data, report)
+    if report.problems:
+        return None, report.sorted()
     try:
         spec = StackSpec.model_validate(data)
     except ValidationError as exc:

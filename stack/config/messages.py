@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.functional_validators import BeforeValidator
 
 from stack.config.report import Loc, Report, dotted, show, suggest
-from stack.spec import StackSpec, parse_bytes
+from stack.spec import RULES, StackSpec, parse_bytes
 
 NAME_HINT = "use letters, digits, `_`, `.` and `-`, starting with a letter or digit."
 SOURCE_SCHEMES = ("hf://", "modelscope://", "local://")
@@ -26,6 +26,9 @@ _FIELD_HINTS: dict[str, str] = {
     "versions": 'list at least one version, e.g. `versions = ["0.11.0"]`.',
     "min_compute_capability": 'write it as MAJOR.MINOR, e.g. `min_compute_capability = "8.0"`.',
     "context": "set the context size in tokens, e.g. `context = 8192`.",
+    "port_range": "ports are 1 to 65535, e.g. `port_range = [40000, 40999]`.",
+    "replicas_max": "split the model into several `[models.NAME]` tables if it really needs "
+    "more replicas.",
 }
 _MESSAGE_HINTS: dict[str, str] = {
     "backend `custom` needs `command`": 'add `command = "my-server --host {host} '
@@ -175,7 +178,12 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
     path, tp, parent, about_key = _walk(tuple(error["loc"]))
     key = dotted(path)
     kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
-    field_hint = _FIELD_HINTS.get(str(path[-1]) if path else "", "")
+    field = next((step for step in reversed(path) if isinstance(step, str)), "")
+    field_hint = _FIELD_HINTS.get(field, "")
+    if about_key and kind == "string_pattern_mismatch" and ctx.get("pattern") in RULES:
+        words, hint = RULES[ctx["pattern"]]
+        return (path, f"`{dotted(path[:-1])}` has a key that is not {words}: "
+                f"{show(path[-1])}", hint, True)
     if about_key:
         table = unwrap_type(parent)
         allowed = _literal_values(get_args(table)[0]) if get_origin(table) is dict else []
@@ -199,13 +207,27 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
     if kind in bounds:
         words, name = bounds[kind]
         limit = ctx[name]
+        if field == "replicas" and name == "le":
+            field_hint = _FIELD_HINTS["replicas_max"]
         return (path, f"`{key}` must be {words} {limit}, got {show(value)}",
                 field_hint or f"set `{path[-1]}` to a value {words} {limit}.", False)
     if kind == "too_short" and isinstance(value, list) and not value:
         return path, f"`{key}` must not be empty", field_hint or "add at least one element.", False
+    if kind == "too_long" and get_origin(unwrap_type(tp)) is list:
+        return (path, f"`{key}` has {ctx['actual_length']} elements, at most "
+                f"{ctx['max_length']} are allowed", f"list at most {ctx['max_length']}.", False)
     if kind in ("too_short", "too_long"):
         return (path, f"`{key}` must be {describe_type(tp)}",
                 "e.g. `port_range = [40000, 40999]`.", False)
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") in RULES:
+        words, hint = RULES[ctx["pattern"]]
+        return path, f"`{key}` must be {words}, got {show(value)}", hint, False
+    if kind == "string_too_long":
+        return (path, f"`{key}` must be at most {ctx['max_length']} characters long, got "
+                f"{len(value)}", f"shorten `{field}`.", False)
+    if kind == "finite_number":
+        return (path, f"`{key}` must be a finite number, got {show(value)}",
+                field_hint or _type_hint(path, tp), False)
     if kind == "string_pattern_mismatch":
         return (path, f"`{key}` has the wrong form, got {show(value)}",
                 field_hint or f"it must match `{ctx['pattern']}`.", False)

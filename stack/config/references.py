@@ -11,10 +11,17 @@ from stack.config.messages import NAME_HINT
 from stack.config.report import Loc, Report, dotted, show, suggest
 from stack.errors import ConfigError
 from stack.selector import SelectorError, parse_selector
-from stack.spec import StackSpec
+from stack.spec import (
+    NAME_PATTERN,
+    NVIDIA_BRANCH,
+    NVIDIA_FULL_VERSION,
+    ROCM_RELEASE,
+    StackSpec,
+)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME = re.compile(NAME_PATTERN)
 SOURCE_SCHEMES = ("hf://", "modelscope://", "local://")
+_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 
@@ -29,24 +36,15 @@ def reference_problems(spec: StackSpec, report: Report) -> None:
     if low > high:
         report.add(("stack", "port_range"), f"`stack.port_range` starts at {low} but ends at "
                    f"{high}", "write the lower port first, e.g. `port_range = [40000, 40999]`.")
-    prefix = spec.stack.prefix
-    # `~/...` would need expanding on each host; the installers take the path literally
-    if not prefix.startswith("/"):
-        report.add(("stack", "prefix"), f"`stack.prefix` must be an absolute path, got "
-                   f"{show(prefix)}", 'e.g. `prefix = "/opt/stack"`, or a folder the SSH '
-                   "user owns to install without root.")
-    for pattern, node in spec.nodes.items():
-        if node.prefix is not None and not node.prefix.startswith("/"):
-            path: Loc = ("nodes", pattern, "prefix")
-            report.add(path, f"`{dotted(path)}` must be an absolute path, got "
-                       f"{show(node.prefix)}", 'e.g. `prefix = "/opt/stack"`.')
+    _check_drivers(spec, report)
     if spec.stack.inventory is not None and spec.hosts:
         report.add(("stack", "inventory"), "`stack.inventory` and `[hosts]` both list hosts",
                    "keep one: the inventory file or the inline `[hosts.NAME]` tables.")
 
 
 def _check_names(spec: StackSpec, report: Report) -> None:
-    for section, names in (("hosts", spec.hosts), ("models", spec.models)):
+    sections = (("hosts", spec.hosts), ("models", spec.models), ("runtimes", spec.runtimes))
+    for section, names in sections:
         for name in names:
             if not NAME.match(name):
                 report.add((section, name), f"`{dotted((section, name))}` is not a valid "
@@ -60,7 +58,8 @@ def _check_models(spec: StackSpec, report: Report) -> None:
             report.add((*base, "source"), f"`{dotted((*base, 'source'))}` is not a model "
                        f"source: {show(model.source)}",
                        'write `hf://ORG/NAME`, `modelscope://ORG/NAME`, `local://models/x.gguf` '
-                       '(beside stack.toml) or an absolute path on the hosts.')
+                       '(beside stack.toml) or an absolute path on the hosts, without spaces '
+                       'or `..`.')
         try:
             parse_selector(model.selector)
         except SelectorError as exc:
@@ -72,13 +71,22 @@ def _check_models(spec: StackSpec, report: Report) -> None:
 
 
 def _valid_source(source: str) -> bool:
+    """A source the agent can fetch into, or read from, a path it builds: hub repositories
+    are `ORG/NAME` of plain names, and no path has a `.` or `..` folder in it."""
+    if any(c.isspace() for c in source):
+        return False
     for scheme in ("hf://", "modelscope://"):
         if source.startswith(scheme):
             repo = source[len(scheme):].split("@", 1)[0].split("/")
-            return len(repo) >= 2 and all(repo[:2])
+            return (len(repo) >= 2 and all(_REPO_PART.match(part) for part in repo[:2])
+                    and _plain(repo[2:]))
     if source.startswith("local://"):
         return len(source) > len("local://")
-    return source.startswith("/")
+    return source.startswith("/") and _plain(source.split("/"))
+
+
+def _plain(parts: list[str]) -> bool:
+    return not any(part in (".", "..") for part in parts)
 
 
 def _check_pin(spec: StackSpec, base: Loc, node: str, gpus: list[int],
@@ -154,17 +162,47 @@ def _check_runtimes(spec: StackSpec, report: Report) -> None:
                        f"{type(runtime).model_fields[field].description}"
                        + (" Or name the package whose sdist is the archive: "
                           "`package = \"NAME=={version}\"`." if field == "url" else ""))
+        for version in runtime.sha256:
+            if version not in runtime.versions:
+                path: Loc = ("runtimes", name, "sha256", version)
+                report.add(path, f"`{dotted(path)}` is for version `{version}`, which "
+                           f"`{dotted(('runtimes', name, 'versions'))}` does not list",
+                           "add the version to `versions`, or remove its sha256.", at_key=True)
     versions: dict[str, set[str]] = {}
     for name, runtime in spec.runtimes.items():
         versions.setdefault(runtime.backend or name, set()).update(runtime.versions)
     for name, model in spec.models.items():
         if model.backend and model.backend_version and model.backend in versions \
                 and model.backend_version not in versions[model.backend]:
-            path: Loc = ("models", name, "backend_version")
-            report.add(path, f"`{dotted(path)}` is `{model.backend_version}`, which no "
+            at: Loc = ("models", name, "backend_version")
+            report.add(at, f"`{dotted(at)}` is `{model.backend_version}`, which no "
                        f"`[runtimes]` table of `{model.backend}` installs",
                        "add it to that runtime's `versions`, or use one of: "
                        + ", ".join(f"`{v}`" for v in sorted(versions[model.backend])) + ".")
+
+
+def _check_drivers(spec: StackSpec, report: Report) -> None:
+    """A driver version as its vendor writes it: NVIDIA's branch, AMD's ROCm release."""
+    for pattern, node in spec.nodes.items():
+        for vendor, driver in node.drivers.items():
+            version = driver.version
+            path: Loc = ("nodes", pattern, "drivers", vendor, "version")
+            if version is None:
+                continue
+            if vendor == "nvidia" and not NVIDIA_BRANCH.match(version):
+                full = NVIDIA_FULL_VERSION.match(version)
+                report.add(path, f"`{dotted(path)}` must be an NVIDIA driver branch (three "
+                           f"digits), got {show(version)}",
+                           f'write its branch, `version = "{full.group(1)}"`: apply installs '
+                           "the newest driver of the branch and holds it." if full else
+                           'name the branch to install and hold, e.g. `version = "580"` '
+                           "(`nvidia-smi` shows 580.95.05 for it); without `version` the "
+                           "driver is only verified.")
+            if vendor == "amd" and not ROCM_RELEASE.match(version):
+                report.add(path, f"`{dotted(path)}` must be a ROCm release such as `6.4.1`, "
+                           f"got {show(version)}",
+                           "write the release as repo.radeon.com/amdgpu-install/ names its "
+                           'folder, e.g. `version = "6.4.1"`, or `"7.0"` for 7.0.0.')
 
 
 def _check_router(spec: StackSpec, report: Report) -> None:

@@ -54,7 +54,8 @@ def show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value)
+        shown = json.dumps(value)
+        return shown if len(shown) <= 80 else shown[:60] + f'..." ({len(value)} characters)'
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):

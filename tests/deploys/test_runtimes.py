@@ -51,7 +51,7 @@ def test_archive_install_lands_with_bin_layout_and_marker_last(tmp_path: Path) -
     upload.write_bytes(archive.read_bytes())
     install = RuntimeInstall(
         name="llama.cpp", version="b1", prefix=str(tmp_path / "p"), upload=str(upload),
-        sha256=digest, spec=RuntimeSpec(versions=["b1"], source="archive", url="x"),
+        sha256=digest, spec=RuntimeSpec(versions=["b1"], source="archive", url="local://rt.tar.gz"),
     )
     result = _sh(install_script(install))
     assert result.returncode == 0, result.stderr
@@ -68,7 +68,7 @@ def test_archive_with_wrong_sha256_fails_and_leaves_no_marker(tmp_path: Path) ->
     archive, _ = _tarball(tmp_path, "top")
     install = RuntimeInstall(
         name="llama.cpp", version="b2", prefix=str(tmp_path / "p"), upload=str(archive),
-        sha256="0" * 64, spec=RuntimeSpec(versions=["b2"], source="archive", url="x"),
+        sha256="0" * 64, spec=RuntimeSpec(versions=["b2"], source="archive", url="local://rt.tar.gz"),
     )
     result = _sh(install_script(install))
     assert result.returncode == 4
@@ -80,7 +80,7 @@ def test_an_unmarked_leftover_is_replaced(tmp_path: Path) -> None:
     archive, digest = _tarball(tmp_path, "top")
     install = RuntimeInstall(
         name="llama.cpp", version="b3", prefix=str(tmp_path / "p"), upload=str(archive),
-        sha256=digest, spec=RuntimeSpec(versions=["b3"], source="archive", url="x"),
+        sha256=digest, spec=RuntimeSpec(versions=["b3"], source="archive", url="local://rt.tar.gz"),
     )
     Path(install.path).mkdir(parents=True)
     (Path(install.path) / "half-written").write_text("x")
