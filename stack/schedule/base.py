@@ -3,7 +3,7 @@ layers, and taking a placement's resources."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from stack.estimate.types import Claim, Evaluation
@@ -44,6 +44,7 @@ class SchedulerBase:
         self.models: dict[str, ModelState] = {}
         self.eligible: dict[tuple[str, str, int], Eligibility] = {}
         self.usable: dict[tuple[str, str, int, int], list[int]] = {}
+        self.apart = False  # while set, nodes that run the model already are not candidates
         from stack.selector import parse_selector
 
         for name in sorted(evaluations):
@@ -114,6 +115,22 @@ class SchedulerBase:
         if not node.gpus:
             return Eligibility((), False, f"no GPU; {cpu_reason}" if cpu_reason else "no GPU")
         return Eligibility((), False, "; ".join(dict.fromkeys(gpu_reasons)) or cpu_reason)
+
+    # ---- candidates
+
+    def candidates(self, m: ModelState, classes: list[int],
+                   accept: Callable[[NodeState], bool]) -> None:
+        """The fleet's nodes of `classes` in the model's policy order until `accept` takes
+        one; while `apart`, without the nodes that run a replica of the model."""
+        if not self.apart:
+            self.fleet.candidates(classes, m.policy, accept)
+            return
+        self.fleet.candidates(classes, m.policy,
+                              lambda node: node.name not in m.nodes_used and accept(node))
+
+    def failed(self, m: ModelState) -> set[tuple[str, int, int, int]]:
+        """Layouts that found no nodes for this model (free memory only shrinks)."""
+        return m.failed_apart if self.apart else m.failed_layouts
 
     # ---- one node
 
@@ -279,6 +296,7 @@ class SchedulerBase:
         placed: list[Worker] = []
         claims: list[ClaimedResources] = []
         for k, (node, pool, gpus, need, want) in enumerate(parts):
+            m.nodes_used.add(node.name)
             owner = instance_id(m.name, replica) + (f"-w{k}" if k else "")
             # a distributed vLLM/SGLang main also runs the Ray head on port + 1 (agent)
             span = 2 if k == 0 and len(parts) > 1 and backend in RAY_BACKENDS else 1

@@ -139,6 +139,8 @@ class ModelState:
     selector: Selector
     claims: dict[tuple[str, int, int, int], Claim | str] = field(default_factory=dict)
     failed_layouts: set[tuple[str, int, int, int]] = field(default_factory=set)
+    failed_apart: set[tuple[str, int, int, int]] = field(default_factory=set)  # spread
+    nodes_used: set[str] = field(default_factory=set)  # nodes running a replica of it
     reasons: tuple[str, ...] | None = None
 
     def claim(self, backend: str, gpus: int, memory: int, nodes: int) -> Claim | str:

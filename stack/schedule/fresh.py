@@ -4,7 +4,6 @@ nodes, split by layers."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from stack.estimate.types import Claim
 from stack.placement import (
@@ -13,6 +12,7 @@ from stack.placement import (
 from stack.schedule.fleet import (
     CPU_BACKENDS,
     MAX_NODES_PER_REPLICA,
+    RAY_BACKENDS,
     TP_SIZES,
     Eligibility,
     ModelState,
@@ -48,7 +48,20 @@ class FreshScheduler(StickyScheduler):
         return list(TP_SIZES)
 
     def place_fresh(self, m: ModelState, replica: int) -> Placement | None:
-        """Place a replica that has no (valid) previous placement."""
+        """Place a replica that has no (valid) previous placement. `spread` first looks
+        for any layout on nodes that run no replica of the model yet (so one node failing
+        does not take the model down), only then shares a node with one."""
+        if m.policy == "spread" and m.nodes_used and not m.spec.pin:
+            self.apart = True
+            try:
+                placed = self._search(m, replica)
+            finally:
+                self.apart = False
+            if placed:
+                return placed
+        return self._search(m, replica)
+
+    def _search(self, m: ModelState, replica: int) -> Placement | None:
         for backend in m.backends:
             if isinstance(m.runtimes[backend], str):
                 continue
@@ -127,7 +140,7 @@ class FreshScheduler(StickyScheduler):
         """A partial offload over the GPUs of `nodes` nodes (the main and RPC workers), the
         first in policy order; the layers they cannot hold stay on the main's CPU."""
         layout = (backend, 0, nodes, 1)
-        if layout in m.failed_layouts:
+        if layout in self.failed(m):
             return None
         chosen: list[tuple[NodeState, Pool | None, tuple[int, ...], int | None]] = []
         free: list[int] = []
@@ -139,12 +152,12 @@ class FreshScheduler(StickyScheduler):
                 free.extend(self._free(node, got[2]))
             return len(chosen) == nodes
 
-        self.fleet.candidates(classes, m.policy, accept)
+        self.candidates(m, classes, accept)
         claim = self.partial_claim(m, backend, nodes)
         parts = None if len(chosen) < nodes or claim is None else \
             self.split_parts(m, claim, chosen, gpu_layers=offload_layers(claim, free))
         if parts is None:
-            m.failed_layouts.add(layout)
+            self.failed(m).add(layout)
             return None
         return self.place(m, replica, backend, parts)
 
@@ -180,7 +193,7 @@ class FreshScheduler(StickyScheduler):
                         attempt: Callable[[NodeState], list[Part] | None]) -> Placement | None:
         """The first node in policy order where `attempt` fits the replica (spread: one
         without this model first)."""
-        if layout in m.failed_layouts:
+        if layout in self.failed(m):
             return None
         policy = m.policy
         pin = m.spec.pin
@@ -202,15 +215,15 @@ class FreshScheduler(StickyScheduler):
             if node is not None:
                 accept(node)
         elif layout[3]:  # partial offload: the caller chose the classes
-            self.fleet.candidates(classes, policy, accept)
+            self.candidates(m, classes, accept)
         else:
             key = (m.name, backend, gpus, 1)
             if key not in self.usable:
                 self.usable[key] = [c for c in classes
                                     if self._layout_possible(m, backend, c, gpus)]
-            self.fleet.candidates(self.usable[key], policy, accept)
+            self.candidates(m, self.usable[key], accept)
         if not found:
-            m.failed_layouts.add(layout)
+            self.failed(m).add(layout)
             return None
         if policy == "spread":
             # fewest replicas of this model first; ties keep policy order
@@ -259,30 +272,42 @@ class FreshScheduler(StickyScheduler):
         for nodes in range(2, min(MAX_NODES_PER_REPLICA, len(self.fleet.nodes)) + 1):
             for gpus in sizes:
                 layout = (backend, gpus, nodes, 0)
-                if layout in m.failed_layouts:
+                if layout in self.failed(m):
                     continue
                 if not self._split_unknown(m, backend, classes, gpus, nodes):
                     split = self._place_split(m, replica, backend, classes, gpus, nodes)
                     if split is None:
-                        m.failed_layouts.add(layout)
+                        self.failed(m).add(layout)
                         continue
                     return split
-                chosen: list[tuple[NodeState, tuple[Pool | None, tuple[int, ...], Need]]] = []
-
-                def accept(node: NodeState, gpus: int = gpus, nodes: int = nodes,
-                           chosen: list[Any] = chosen) -> bool:
-                    got = self.try_node(m, backend, node, gpus, nodes, m.policy)
-                    if got is not None and (not chosen or got[2] == chosen[0][1][2]):
-                        chosen.append((node, got))
-                    return len(chosen) == nodes
-
-                self.fleet.candidates(classes, m.policy, accept)
-                if len(chosen) < nodes:
-                    m.failed_layouts.add(layout)
+                placed = self._place_even(m, replica, backend, classes, gpus, nodes)
+                if placed is None:
+                    self.failed(m).add(layout)
                     continue
-                return self.place(m, replica, backend,
-                                  [(n, p, g, need, None) for n, (p, g, need) in chosen])
+                return placed
         return None
+
+    def _place_even(self, m: ModelState, replica: int, backend: str, classes: list[int],
+                    gpus: int, nodes: int) -> Placement | None:
+        """`nodes` nodes in policy order, each taking the same part with `gpus` GPUs; for
+        vLLM and SGLang all of one GPU vendor (a Ray cluster's stages cannot mix CUDA and
+        ROCm; llama.cpp's RPC can)."""
+        groups: dict[tuple[str, Need], list[Part]] = {}
+        done: list[list[Part]] = []
+
+        def accept(node: NodeState) -> bool:
+            got = self.try_node(m, backend, node, gpus, nodes, m.policy)
+            if got is None:
+                return False
+            vendor = got[0].vendor if got[0] and backend in RAY_BACKENDS else ""
+            group = groups.setdefault((vendor, got[2]), [])
+            group.append((node, got[0], got[1], got[2], None))
+            if len(group) == nodes:
+                done.append(group)
+            return bool(done)
+
+        self.candidates(m, classes, accept)
+        return self.place(m, replica, backend, done[0]) if done else None
 
     def _place_split(self, m: ModelState, replica: int, backend: str, classes: list[int],
                      gpus: int, nodes: int) -> Placement | None:
@@ -300,7 +325,7 @@ class FreshScheduler(StickyScheduler):
                 chosen.append((node, got[1], got[2], None))
             return len(chosen) == nodes
 
-        self.fleet.candidates(classes, m.policy, accept)
+        self.candidates(m, classes, accept)
         if len(chosen) < nodes:
             return None
         parts = self.split_parts(m, probe[0], chosen)

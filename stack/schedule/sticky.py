@@ -12,6 +12,7 @@ from stack.placement import (
 from stack.schedule.base import SchedulerBase
 from stack.schedule.fleet import (
     CPU_BACKENDS,
+    RAY_BACKENDS,
     ModelState,
     Need,
     NodeState,
@@ -62,6 +63,8 @@ class StickyScheduler(SchedulerBase):
                 return None
             need = got[1]
             fitted.append((node, got[0], gpus, need, port))
+        if backend in RAY_BACKENDS and len({p[1].vendor for p in fitted if p[1]}) > 1:
+            return None  # a vLLM/SGLang replica over CUDA and ROCm nodes cannot run
         return fitted
 
     def _sticky_split(self, m: ModelState, prev: PreviousPlacement,
