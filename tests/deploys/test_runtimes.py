@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+import shlex
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from deploys.runtimes import MARKER, RuntimeInstall, install_script
+from deploys.runtimes import (
+    MARKER,
+    RuntimeInstall,
+    install_script,
+    removal_script,
+    runtime_path,
+    unused_versions,
+)
+from stack.errors import ConfigError
 from stack.spec import RuntimeSpec
 
 CASES = sorted((Path(__file__).parent / "runtimes").glob("*.json"))
@@ -102,3 +112,56 @@ def test_system_runtime_links_bin_after_checking_the_binary(tmp_path: Path) -> N
     install = RuntimeInstall(name="llama.cpp", version="sys", prefix=str(tmp_path), spec=spec)
     assert _sh(install_script(install)).returncode == 0
     assert (Path(install.path) / "bin" / "llama-server").exists()
+
+
+@pytest.mark.parametrize(("prefix", "name", "version"), [
+    ("/opt/stack", "vllm", "../../../victim"), ("/opt/stack", "..", "0.11.0"),
+    ("/opt/stack", "vllm", ".."), ("/opt/stack", "vllm", "a/b"),
+    ("/opt/stack", "vllm", "1\nrm -rf /"), ("/opt/stack", "vllm", ""),
+    ("/opt/../etc", "vllm", "0.11.0"), ("/", "vllm", "0.11.0"), ("opt", "vllm", "0.11.0"),
+])
+def test_a_runtime_path_is_built_only_from_plain_folder_names_below_the_prefix(
+    prefix: str, name: str, version: str,
+) -> None:
+    with pytest.raises(ConfigError):
+        runtime_path(prefix, name, version)
+    with pytest.raises(ConfigError):
+        removal_script(prefix, name, [version])
+    spec = RuntimeSpec.model_construct(versions=[version], source="pip", package="x")
+    with pytest.raises(ConfigError):
+        install_script(RuntimeInstall(name=name, version=version, prefix=prefix, spec=spec))
+
+
+def test_removal_leaves_host_folders_that_are_not_plain_names_alone() -> None:
+    installed = {"vllm": ["0.10.0", "..", "$(touch x)"], "../etc": ["1"]}
+    assert unused_versions(installed, {"vllm": []}, set()) == {"vllm": ["0.10.0"]}
+
+
+def _deleted(script: str) -> list[str]:
+    """The paths every `rm` in the script is given (each line lexed as sh would)."""
+    paths = []
+    for line in script.splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+        for index, word in enumerate(words):
+            if word != "rm":
+                continue
+            for arg in words[index + 1:]:
+                if set(arg) <= set(";&|()"):
+                    break
+                if not arg.startswith("-"):
+                    paths.append(arg)
+    return paths
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_install_and_removal_scripts_delete_only_below_the_runtime_folder(path: Path) -> None:
+    install = _install(json.loads(path.read_text()))
+    runtimes = f"{install.prefix.rstrip('/')}/runtimes/"
+    scripts = [install_script(install), removal_script(install.prefix, install.name,
+                                                       [install.version, "0.1"])]
+    deleted = [p for script in scripts for p in _deleted(script)]
+    assert deleted
+    for target in deleted:
+        assert posixpath.normpath(target).startswith(runtimes + install.name + "/"), target
