@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from stack.errors import EstimateError
 from stack.estimate import memory
@@ -14,6 +15,10 @@ from stack.spec import ModelSpec
 # llama.cpp default context when stack.toml sets none: the training context, capped, so a
 # 128k-context model does not claim a 128k KV cache nobody asked for.
 LLAMA_DEFAULT_CONTEXT = 8192
+# Without `context`, a vLLM/SGLang/MindIE replica whose training context does not fit the
+# GPUs runs with the largest multiple of CONTEXT_STEP that fits, but never below this.
+CONTEXT_FLOOR = 4096
+CONTEXT_STEP = 1024
 
 
 def default_context(backend: str, meta: ModelMeta) -> int:
@@ -63,14 +68,36 @@ class ModelEvaluation:
                 return f"{backend} needs a GPU"
             if backend == "sglang" and nodes > 1:
                 return "SGLang replicas stay on one node here"
-            return memory.vllm_claim(self.meta, context, gpus, nodes, gpu_memory_bytes, opts_gpu)
+            return self._fit_context(context, gpu_memory_bytes, lambda c: memory.vllm_claim(
+                self.meta, c, gpus, nodes, gpu_memory_bytes, opts_gpu))
         if backend == "mindie":
             if gpus == 0 or nodes > 1:
                 return "MindIE runs on the NPUs of one node"
-            return memory.mindie_claim(self.meta, context, gpus, gpu_memory_bytes)
+            return self._fit_context(context, gpu_memory_bytes, lambda c: memory.mindie_claim(
+                self.meta, c, gpus, gpu_memory_bytes))
         if nodes > 1:
             return f"{backend} replicas stay on one node"
         return memory.simple_claim(backend, self.meta, gpus, gpu_memory_bytes)
+
+    def _fit_context(self, context: int, gpu_memory_bytes: int | None,
+                     claim_at: Callable[[int], Claim | str]) -> Claim | str:
+        """The claim at `context`; when it does not fit the GPUs and stack.toml sets no
+        `context`, the claim at the largest shorter context that fits (a multiple of
+        CONTEXT_STEP, at least CONTEXT_FLOOR), marked with that context."""
+        full = claim_at(context)
+        floor = min(CONTEXT_FLOOR, context)
+        if not isinstance(full, str) or self.spec.context or gpu_memory_bytes is None \
+                or isinstance(claim_at(floor), str):
+            return full
+        lo, hi = floor // CONTEXT_STEP, context // CONTEXT_STEP  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if not isinstance(claim_at(mid * CONTEXT_STEP), str) else (lo, mid)
+        shorter = max(lo * CONTEXT_STEP, floor)
+        got = claim_at(shorter)
+        assert not isinstance(got, str)
+        return replace(got, context=shorter, detail=f"{got.detail}; context {shorter}: the "
+                       f"training context {context} does not fit ({full})")
 
     def refuse(self, backend: str, node: NodeFacts, gpus: list[GpuFacts]) -> str | None:
         """Why `backend` cannot run this model on these GPUs of `node`, or None."""

@@ -240,8 +240,9 @@ def _kind(cfg: dict[str, Any], arch: str, model_type: str) -> str:
         return "speech-to-text"
     if arch.endswith("ForSequenceClassification"):
         return "rerank"
-    if model_type in _ENCODERS or (arch.endswith("Model") and "CausalLM" not in arch \
-            and model_type not in ("llama", "qwen2")):
+    # a bare `*Model` (no head) embeds; `GPT2LMHeadModel` ends in Model but generates
+    bare = arch.endswith("Model") and "For" not in arch and "LMHead" not in arch
+    if model_type in _ENCODERS or (bare and model_type not in ("llama", "qwen2")):
         return "embedding"
     if isinstance(cfg.get("vision_config"), dict) or ("ForConditionalGeneration" in arch \
             and "VL" in arch):

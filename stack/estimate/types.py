@@ -61,6 +61,9 @@ class Claim:
     # (fewest, most) of the `layers` this layout may put on accelerators when the rest
     # stays on the main node's CPU (`offload`, `-ngl`); (0, 0): all of them, no partial.
     gpu_layers: tuple[int, int] = (0, 0)
+    # the context this claim holds when it is shorter than the model's default (no
+    # `context` in stack.toml, and the default does not fit the GPUs); 0: the default
+    context: int = 0
 
     def offload_range(self) -> tuple[int, int]:
         """(fewest, most) layers on accelerators; (layers, layers) for a full offload."""

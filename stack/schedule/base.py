@@ -45,6 +45,7 @@ class SchedulerBase:
         self.eligible: dict[tuple[str, str, int], Eligibility] = {}
         self.usable: dict[tuple[str, str, int, int], list[int]] = {}
         self.apart = False  # while set, nodes that run the model already are not candidates
+        self.shorter = False  # while set, claims may shorten the context to fit (vLLM, ...)
         from stack.selector import parse_selector
 
         for name in sorted(evaluations):
@@ -130,7 +131,7 @@ class SchedulerBase:
 
     def failed(self, m: ModelState) -> set[tuple[str, int, int, int]]:
         """Layouts that found no nodes for this model (free memory only shrinks)."""
-        return m.failed_apart if self.apart else m.failed_layouts
+        return m.failed.setdefault((self.apart, self.shorter), set())
 
     # ---- one node
 
@@ -161,11 +162,14 @@ class SchedulerBase:
         claim = m.claim(backend, gpus, memory, nodes)
         if isinstance(claim, str):
             return claim
+        if claim.context and not self.shorter:
+            return f"needs a context below {m.evaluation.context} to fit"
         if gpus and claim.offload_range()[1] < claim.layers:
             return f"`-ngl` in `args` keeps {claim.layers - claim.offload_range()[1]} layers " \
                    "on the CPU"
         disk = claim.disk_bytes or m.evaluation.meta.files_bytes
-        return Need(gpus, claim.vram_bytes_per_gpu if gpus else 0, claim.ram_bytes, disk)
+        return Need(gpus, claim.vram_bytes_per_gpu if gpus else 0, claim.ram_bytes, disk,
+                    context=claim.context)
 
     def try_node(self, m: ModelState, backend: str, node: NodeState, gpus: int, nodes: int,
                  policy: str) -> tuple[Pool | None, tuple[int, ...], Need] | None:
@@ -317,7 +321,8 @@ class SchedulerBase:
             model=m.name, replica=replica, node=node.name, gpus=gpus, backend=backend,
             backend_version=runtime[1], port=placed[0].port, claim=claims[0],
             runtime=runtime[0], vendor=placed[0].vendor, gpu_memory_bytes=memory,
-            kind=m.evaluation.kind, context=m.evaluation.context, workers=tuple(placed[1:]),
+            kind=m.evaluation.kind, context=parts[0][3].context or m.evaluation.context,
+            workers=tuple(placed[1:]),
             split=split if len(split) > 1 or cpu_layers else (), cpu_layers=cpu_layers,
         )
 

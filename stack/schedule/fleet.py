@@ -120,6 +120,7 @@ class Need:
     vram_by_gpu: tuple[int, ...] = ()  # split by layers: per GPU, in the part's GPU order
     layers: tuple[int, ...] = ()  # split by layers: per GPU, or one entry for the CPU
     cpu_layers: int = 0  # partial offload: layers the main keeps on its CPU (in `ram`)
+    context: int = 0  # when the claim is for less than the model's default context
 
 
 # one part of a replica as placed: node, GPU pool (None: CPU), GPUs, what it takes, port
@@ -138,8 +139,9 @@ class ModelState:
     runtimes: dict[str, tuple[str, str | None] | str]
     selector: Selector
     claims: dict[tuple[str, int, int, int], Claim | str] = field(default_factory=dict)
-    failed_layouts: set[tuple[str, int, int, int]] = field(default_factory=set)
-    failed_apart: set[tuple[str, int, int, int]] = field(default_factory=set)  # spread
+    # layouts that found no nodes, per search mode (spread apart, shorter context)
+    failed: dict[tuple[bool, bool], set[tuple[str, int, int, int]]] = field(
+        default_factory=dict)
     nodes_used: set[str] = field(default_factory=set)  # nodes running a replica of it
     reasons: tuple[str, ...] | None = None
 

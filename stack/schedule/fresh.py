@@ -50,16 +50,19 @@ class FreshScheduler(StickyScheduler):
     def place_fresh(self, m: ModelState, replica: int) -> Placement | None:
         """Place a replica that has no (valid) previous placement. `spread` first looks
         for any layout on nodes that run no replica of the model yet (so one node failing
-        does not take the model down), only then shares a node with one."""
-        if m.policy == "spread" and m.nodes_used and not m.spec.pin:
-            self.apart = True
-            try:
+        does not take the model down), only then shares a node with one; a model without
+        `context` gets a shorter one only when no layout holds its default context."""
+        modes = [(a, s) for s in (False, True) for a in (True, False)
+                 if (not a or (m.policy == "spread" and m.nodes_used and not m.spec.pin))
+                 and (not s or m.spec.context is None)]
+        try:
+            for self.apart, self.shorter in modes:
                 placed = self._search(m, replica)
-            finally:
-                self.apart = False
-            if placed:
-                return placed
-        return self._search(m, replica)
+                if placed:
+                    return placed
+        finally:
+            self.apart = self.shorter = False
+        return None
 
     def _search(self, m: ModelState, replica: int) -> Placement | None:
         for backend in m.backends:
@@ -217,7 +220,7 @@ class FreshScheduler(StickyScheduler):
         elif layout[3]:  # partial offload: the caller chose the classes
             self.candidates(m, classes, accept)
         else:
-            key = (m.name, backend, gpus, 1)
+            key = (m.name, backend, gpus, 2 if self.shorter else 1)
             if key not in self.usable:
                 self.usable[key] = [c for c in classes
                                     if self._layout_possible(m, backend, c, gpus)]

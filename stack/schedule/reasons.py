@@ -20,6 +20,14 @@ class ReasonsScheduler(FreshScheduler):
         """Why the model's next replica fits nowhere, per node (computed once per model)."""
         if m.reasons is not None:
             return m.reasons
+        self.shorter = m.spec.context is None  # the most a layout could do
+        try:
+            m.reasons = self._reasons(m)
+        finally:
+            self.shorter = False
+        return m.reasons
+
+    def _reasons(self, m: ModelState) -> tuple[str, ...]:
         out: list[str] = []
         multi = len(m.backends) > 1
         for name in sorted({*self.fleet.nodes, *self.fleet.excluded}):
@@ -39,8 +47,7 @@ class ReasonsScheduler(FreshScheduler):
             out.append("the fleet has no nodes")
         if m.spec.distributed:
             out.append("no set of nodes can hold it distributed either")
-        m.reasons = tuple(out)
-        return m.reasons
+        return tuple(out)
 
     def _node_reason(self, m: ModelState, backend: str, node: NodeState) -> str:
         runtime = m.runtimes[backend]
@@ -76,8 +83,10 @@ class ReasonsScheduler(FreshScheduler):
                         self._split_reason(claim, node, pool, k)
                 need = self.need(m, backend, k, pool.memory, 1)
                 if isinstance(need, str):
-                    last = need
-                    continue
+                    if isinstance(self.need(m, backend, k, 0, 1), str):
+                        last = need  # no such layout (TP does not divide the heads, ...)
+                        continue
+                    return need  # the most favourable layout there is says what it lacks
                 host = self.fits_host(node, m.name, need)
                 if host:
                     return host

@@ -33,7 +33,9 @@ class Scheduler(ReasonsScheduler):
             m = self.models.get(key[0])
             if m is None or key[1] >= m.spec.replicas:
                 continue
+            self.shorter = m.spec.context is None  # it may run with a shortened context
             got = self.sticky(m, previous[key])
+            self.shorter = False
             if got:
                 placed[key] = got
         unschedulable: list[Unschedulable] = []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stack.config import load_text
-from stack.estimate import evaluate, read_metadata
+from stack.estimate import evaluate, meta_from_config, read_metadata
 from stack.estimate.types import Evaluation
 from stack.snapshot import Observed
 from stack.spec import StackSpec
@@ -81,14 +81,18 @@ def load_stack(value: str | dict[str, Any]) -> tuple[StackSpec, bytes]:
 
 def load_evaluations(data: dict[str, Any],
                      spec: StackSpec | None = None) -> dict[str, Evaluation]:
-    """Per model, the table's `FixedEvaluation`, or with `{"gguf": PATH}` (relative to the
-    repository) the real estimator's evaluation of that GGUF header fixture."""
+    """Per model, the table's `FixedEvaluation`, or with `{"gguf": PATH}` or
+    `{"config": PATH}` (relative to the repository) the real estimator's evaluation of that
+    GGUF header fixture or config.json."""
     models = spec.models if spec else {}
     out: dict[str, Evaluation] = {}
     for name, table in sorted(data.items()):
         if "gguf" in table:
             meta = read_metadata(str(ROOT / table["gguf"]), ROOT)
             out[name] = evaluate(name, models[name], meta)
+        elif "config" in table:
+            config = json.loads((ROOT / table["config"]).read_text())
+            out[name] = evaluate(name, models[name], meta_from_config(config, table["config"]))
         else:
             out[name] = fixed_evaluation(name, table, models.get(name))
     return out
