@@ -137,6 +137,50 @@ def _serve(path: Path, config: RouterConfig, sock: socket.socket, ready_fd: int 
         return runner.run(_worker(path, config, sock, ready_fd, shared, slot))
 
 
+class _Reloader:
+    """Re-reads router.json on SIGHUP or when the file changes; a file that does not load
+    keeps the previous config (and says why)."""
+
+    def __init__(self, path: Path, app: Router, guard: Guard) -> None:
+        self.path, self.app, self.guard = path, app, guard
+        self.stamp = _stamp(path)
+
+    def reload(self, reason: str) -> None:
+        try:
+            new = router_config.load(self.path)
+        except ConfigError as err:
+            log.error("router: reload (%s) failed, keeping the previous config: %s",
+                      reason, err.render().replace("\n", " "))
+            return
+        old = self.app.tables.config
+        if new.listen != old.listen or new.workers != old.workers:
+            log.warning("router: `listen` and `workers` changes need a restart")
+        self.app.reload(new)
+        self.guard.configure(new.clients, _replica_count(new))
+        log.info("router: reloaded %s (%s): %d models, %d keys", self.path, reason,
+                 len(new.models), len(new.keys))
+
+    def on_hup(self) -> None:
+        self.stamp = _stamp(self.path)
+        self.reload("SIGHUP")
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            stamp = _stamp(self.path)
+            if stamp != self.stamp:
+                self.stamp = stamp
+                self.reload("file changed")
+
+
+def _tls(config: RouterConfig) -> ssl.SSLContext | None:
+    if not (config.tls_cert and config.tls_key):
+        return None
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(config.tls_cert, config.tls_key)
+    return tls
+
+
 async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
                   ready_fd: int | None, shared: SharedState | None, slot: int) -> int:
     loop = asyncio.get_running_loop()
@@ -148,44 +192,13 @@ async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
         return ClientConnection(app.handle, app.streams_body, app.max_body,
                                 app.tables.config.affinity_header.encode(), guard)
 
-    tls = None
-    if config.tls_cert and config.tls_key:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(config.tls_cert, config.tls_key)
-    server = await loop.create_server(factory, sock=sock, ssl=tls, backlog=1024)
+    server = await loop.create_server(factory, sock=sock, ssl=_tls(config), backlog=1024)
     stop = asyncio.Event()
-    state = {"stamp": _stamp(path)}
-
-    def reload(reason: str) -> None:
-        try:
-            new = router_config.load(path)
-        except ConfigError as err:
-            log.error("router: reload (%s) failed, keeping the previous config: %s",
-                      reason, err.render().replace("\n", " "))
-            return
-        if new.listen != app.tables.config.listen or new.workers != app.tables.config.workers:
-            log.warning("router: `listen` and `workers` changes need a restart")
-        app.reload(new)
-        guard.configure(new.clients, _replica_count(new))
-        log.info("router: reloaded %s (%s): %d models, %d keys", path, reason,
-                 len(new.models), len(new.keys))
-
-    async def watch() -> None:
-        while True:
-            await asyncio.sleep(WATCH_SECONDS)
-            stamp = _stamp(path)
-            if stamp != state["stamp"]:
-                state["stamp"] = stamp
-                reload("file changed")
-
-    def on_hup() -> None:
-        state["stamp"] = _stamp(path)
-        reload("SIGHUP")
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    reloader = _Reloader(path, app, guard)
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    tasks = [loop.create_task(watch()), loop.create_task(app.probe_forever()),
+    tasks = [loop.create_task(reloader.watch()), loop.create_task(app.probe_forever()),
              loop.create_task(guard.sweep_forever())]
     if ready_fd is None:
         _announce(config, sock, 1)
@@ -196,7 +209,7 @@ async def _worker(path: Path, config: RouterConfig, sock: socket.socket,
     server.close()
     if peers is not None:
         peers.close()
-    deadline = loop.time() + DRAIN_SECONDS
+    deadline = loop.time() + DRAIN_SECONDS  # answers in flight finish, then the rest close
     while app.inflight and loop.time() < deadline:
         await asyncio.sleep(0.05)
     for conn in list(guard.connections):
