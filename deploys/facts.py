@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import shlex
 from functools import cache
 from pathlib import Path
@@ -20,6 +21,7 @@ from pyinfra.api.facts import FactBase
 
 from agent.gpus import PCI_VENDORS, TOOLS, TOOLS_BY_NAME, GpuInfo, GpuToolError
 from stack.snapshot import AgentFacts, GpuFacts, InstanceFacts, NodeFacts
+from stack.spec import NAME_PATTERN, PREFIX_PATTERN
 
 SCRIPT = Path(__file__).with_name("facts.sh")
 
@@ -190,6 +192,23 @@ def _managed(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _stacks(raw: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The stacks recorded on the host; a record that is not what apply writes (a name,
+    an absolute path, a port) is left out. None: the script did not say (an older one)."""
+    items = raw.get("stacks")
+    if not isinstance(items, list):
+        return None
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        name, prefix, port = (str(item.get(k, "")) for k in ("name", "prefix", "agent_port"))
+        if re.match(NAME_PATTERN, name) and re.match(PREFIX_PATTERN, prefix) \
+                and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+            out.append({"name": name, "prefix": prefix.rstrip("/"), "agent_port": int(port)})
+    return out
+
+
 def node_facts_from(raw: dict[str, Any], *, address: str = "",
                     labels: dict[str, str] | None = None) -> NodeFacts:
     """A host's `NodeFacts` from the facts script's JSON (pure)."""
@@ -241,6 +260,7 @@ def node_facts_from(raw: dict[str, Any], *, address: str = "",
                            (raw.get("services_alive") or {}).items()},
         "ports_in_use": sorted(int(p) for p in raw.get("ports_in_use") or []
                                if isinstance(p, int)),
+        "stacks": _stacks(raw),
         # beyond the snapshot contract (kept: unknown fields are allowed)
         "pci_accelerators": pci,
         "gpu_problems": problems,

@@ -395,6 +395,35 @@ for port in $ports; do
 done
 J="$J]"
 
+# -- the stacks this user installed here (apply records each in
+# $HOME/.config/modelstack/stacks/NAME: `prefix=PATH` and `agent_port=N` lines; destroy
+# removes it); a record whose prefix is gone is stale and left out. Checked on the
+# controller (deploys/facts.py): names, paths and ports are only data here.
+J="$J,$NL \"stacks\": ["
+sep=""
+if [ -n "${HOME:-}" ]; then
+  for record in "$HOME"/.config/modelstack/stacks/*; do
+    [ -f "$record" ] || continue
+    s_prefix="" s_port=""
+    while IFS= read -r line || [ -n "$line" ]; do
+      case $line in
+        prefix=*) s_prefix=${line#prefix=} ;;
+        agent_port=*) s_port=${line#agent_port=} ;;
+      esac
+    done <"$record"
+    [ -n "$s_prefix" ] && [ -d "$s_prefix" ] || continue
+    J="$J$sep{\"name\": "
+    jput "${record##*/}"
+    J="$J, \"prefix\": "
+    jput "$s_prefix"
+    J="$J, \"agent_port\": "
+    jput "$s_port"
+    J="$J}"
+    sep=", "
+  done
+fi
+J="$J]"
+
 # user and uid from one `id` (POSIX format: uid=N(name) gid=N(name) [euid=N(name)] ...)
 id_out=$(id 2>/dev/null)
 case $id_out in

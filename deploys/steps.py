@@ -17,7 +17,9 @@ from typing import Any
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
 from deploys.runtimes import RuntimeInstall, install_script
 from deploys.services import Service, start_commands, unit_file
-from stack.snapshot import NodeFacts
+from stack.snapshot import NodeFacts, StackOnHost
+
+STACK_RECORDS = ".config/modelstack/stacks"  # under the SSH user's home: one file per stack
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class HostTarget:
     agent_service: Service
     router_service: Service | None
     models: list[ModelUpload]
+    stack_record: StackOnHost | None = None  # the host's record of this stack, if kept
 
 
 def sha256_text(content: bytes) -> str:
@@ -107,6 +110,29 @@ def _file_step(key: str, target: HostTarget, dest: str, content: bytes, mode: st
         return Step(key, f"{dest} is up to date")
     upload, commands = write_file(dest, content, mode)
     return Step(key, "", [upload], commands)
+
+
+def record_text(record: StackOnHost) -> str:
+    """A stack's record on a host, as deploys/facts.sh reads it back."""
+    return f"prefix={record.prefix}\nagent_port={record.agent_port}\n"
+
+
+def record_commands(target: HostTarget) -> list[str]:
+    """Write the host's record of this stack (`~/.config/modelstack/stacks/NAME`, which
+    other stacks' plans read) when the facts do not list it as it should be."""
+    record = target.stack_record
+    if record is None or record in (target.facts.stacks or []):
+        return []
+    q = shlex.quote
+    lines = " ".join(q(line) for line in record_text(record).splitlines())
+    tmp = q(record.name + ".tmp")
+    return ["\n".join([
+        'test -n "${HOME:-}" || { echo "HOME is not set: cannot record the stack" >&2; exit 1; }',
+        f'd="$HOME"/{STACK_RECORDS}',
+        'mkdir -p "$d"',
+        f"printf '%s\\n' {lines} > \"$d\"/{tmp}",
+        f'mv "$d"/{tmp} "$d"/{q(record.name)}',
+    ])]
 
 
 def driver_step(target: HostTarget) -> Step:
@@ -211,6 +237,7 @@ def host_steps(
     else:
         router_unit = Step("router-unit", f"no router on {target.node}")
     restart = any(s.changes for s in (install, config, token, unit))
+    config.commands += record_commands(target)  # beside agent.toml; the agent need not restart
     steps += [install, config, token, unit, router_unit, agent_service_step(target, restart)]
     steps += [model_step(k, target, models.get(k)) for k in model_keys]
     return steps

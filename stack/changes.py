@@ -16,6 +16,7 @@ from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboo
 from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
+from stack.neighbours import own_record, set_aside
 from stack.nodes import node_settings
 from stack.placement import (
     Placement,
@@ -28,9 +29,9 @@ from stack.placement import (
 from stack.plan import (
     Action,
     Change,
+    HostProblem,
     Plan,
     Summary,
-    Unreachable,
     facts_sha256,
     replica_address,
     sha256_bytes,
@@ -243,8 +244,12 @@ def _router_change_unknown(observed: Observed, placements: Placements,
 
 def derive_plan(spec: StackSpec, observed: Observed, placements: Placements,
          assignments: Mapping[str, Assignment], stack_bytes: bytes,
-         agent_version: str) -> Plan:
-    """Compare desired (placements, assignments) with observed (facts): the plan."""
+         agent_version: str, conflicts: tuple[HostProblem, ...] = ()) -> Plan:
+    """Compare desired (placements, assignments) with observed (facts): the plan.
+    `conflicts`: hosts where another stack collides with this one (stack.neighbours),
+    left out of every change."""
+    facts_sha = facts_sha256(observed)
+    observed = set_aside(observed, conflicts)
     hosts = _host_changes(spec, observed, placements, agent_version)
     instances = _instance_changes(spec, observed, placements, assignments)
     config = build_router_config(spec, placements, dict(assignments))
@@ -255,20 +260,21 @@ def derive_plan(spec: StackSpec, observed: Observed, placements: Placements,
                                        router_fp if name in placements.routers else None))
              for name, facts in sorted(observed.nodes.items()) if facts.reachable}
     node_files, router_files = _file_changes(observed, files)
+    node_files += _record_changes(spec, observed, node_files)
     known = any(observed.nodes[n].managed is not None for n in files if n in placements.routers)
     legacy = None if known else _router_change_unknown(observed, placements, bool(instances))
     router = router_files if known else [legacy] if legacy else []
     changes = tuple(sorted(hosts + node_files, key=_order) + sorted(instances, key=_order)
                     + sorted(router, key=_order))
-    unreachable = tuple(Unreachable(name, facts.error or f"`{name}` did not answer",
+    unreachable = tuple(HostProblem(name, facts.error or f"`{name}` did not answer",
                                     facts.hint or "")
                         for name, facts in sorted(observed.nodes.items()) if not facts.reachable)
     warnings = tuple(f"model.{model}: metadata unknown ({why}); running replicas kept"
                      for model, why in placements.unknown)
-    return Plan(stack_sha256=sha256_bytes(stack_bytes), facts_sha256=facts_sha256(observed),
+    return Plan(stack_sha256=sha256_bytes(stack_bytes), facts_sha256=facts_sha,
                 changes=changes, placements=placements, router_config_sha256=config_sha,
-                summary=Summary.of(changes), unreachable=unreachable, files=files,
-                assignments=dict(assignments), warnings=warnings)
+                summary=Summary.of(changes), unreachable=unreachable, conflicts=conflicts,
+                files=files, assignments=dict(assignments), warnings=warnings)
 
 
 # --------------------------------------------------------------------------- files
@@ -308,6 +314,27 @@ def _file_changes(observed: Observed, files: Mapping[str, tuple[HostFile, ...]]
         fleet.append(Change(address, action, f"{reason} on {where}", "none", None,
                             ((label, where),)))
     return node_level, fleet
+
+
+def _record_changes(spec: StackSpec, observed: Observed, node_files: list[Change]
+                    ) -> list[Change]:
+    """`node.N.agent.config` where the host's record of this stack (its prefix and agent
+    port, which apply writes with agent.toml) is missing or differs, and agent.toml
+    itself does not: a stack installed before hosts kept records, or a record removed."""
+    have = {c.address for c in node_files}
+    out: list[Change] = []
+    for name, facts in sorted(observed.nodes.items()):
+        address = f"node.{name}.agent.config"
+        if not facts.reachable or facts.stacks is None or facts.managed is None \
+                or facts.agent.version is None or address in have:
+            continue
+        want = own_record(spec, name)
+        if want not in facts.stacks:
+            out.append(Change(address, Action.UPDATE, "the host has no record of this "
+                              "stack in ~/.config/modelstack/stacks", "none", name,
+                              (("record", f"prefix {want.prefix}, agent port "
+                                          f"{want.agent_port}"),)))
+    return out
 
 
 def _file_drift(want: HostFile, have: ManagedFile | None) -> list[tuple[str, Action, str]]:

@@ -67,11 +67,15 @@ def router_service(spec: StackSpec, prefix: str, manager: str) -> Service:
                     f"{prefix}/etc/router.json"), manager)
 
 
+def agent_port(spec: StackSpec, node: str) -> int:
+    """The port of the agent's API on `node`: its `agent_port`, default 7070."""
+    return node_settings(spec, node).agent_port or AGENT_PORT
+
+
 def agent_listen(spec: StackSpec, node: str, facts: NodeFacts) -> str:
     """The agent's API address: the node's address, its `agent_port` (default 7070)."""
-    settings = node_settings(spec, node)
-    address = settings.address or facts.address or "127.0.0.1"
-    return f"{address}:{settings.agent_port or AGENT_PORT}"
+    address = node_settings(spec, node).address or facts.address or "127.0.0.1"
+    return f"{address}:{agent_port(spec, node)}"
 
 
 def render_agent_toml(spec: StackSpec, node: str, listen: str, prefix: str) -> str:

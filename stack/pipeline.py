@@ -97,12 +97,15 @@ def plan_evaluated(spec: StackSpec, stack_bytes: bytes, observed: Observed,
     here or given (the plan tests and the plan benchmark pass their own)."""
     from stack.assign import build_assignments
     from stack.changes import derive_plan
+    from stack.neighbours import conflicts, set_aside
     from stack.schedule import schedule
 
-    placements = schedule(spec, evaluated.evaluations, observed, failed=evaluated.failed,
+    refused = conflicts(spec, observed)  # hosts where another stack collides with this one
+    usable = set_aside(observed, refused)
+    placements = schedule(spec, evaluated.evaluations, usable, failed=evaluated.failed,
                           unknown=evaluated.unknown)
-    assignments = build_assignments(spec, placements, observed, stack_dir, secret=None)
-    return derive_plan(spec, observed, placements, assignments, stack_bytes, agent)
+    assignments = build_assignments(spec, placements, usable, stack_dir, secret=None)
+    return derive_plan(spec, observed, placements, assignments, stack_bytes, agent, refused)
 
 
 def unschedulable_error(plan: Plan) -> ConfigError:
@@ -114,3 +117,14 @@ def unschedulable_error(plan: Plan) -> ConfigError:
         "above)",
         hint="free or add capacity, fix the model, or pass `--allow-unschedulable` to apply "
              "the rest.")
+
+
+def conflicts_error(plan: Plan) -> ConfigError:
+    """The error for a plan with hosts where another stack collides with this one (exit 1)."""
+    nodes = sorted({c.node for c in plan.conflicts})
+    more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+    return ConfigError(
+        f"{len(nodes)} host(s) hold another stack that collides with this one: "
+        f"{', '.join(f'`{n}`' for n in nodes[:3])}{more} (reasons above)",
+        hint="give this stack its own `agent_port` and `prefix` on those hosts "
+             '(`[nodes."PATTERN"]`), or `stack destroy` the other stack first.')

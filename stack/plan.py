@@ -92,9 +92,10 @@ class Summary:
 
 
 @dataclass(frozen=True)
-class Unreachable:
-    """A host whose facts could not be read: apply cannot touch it, and what runs there
-    is unknown (its replicas are placed again on the hosts that answered)."""
+class HostProblem:
+    """A host apply leaves as it is, and why: its facts could not be read (`unreachable`:
+    what runs there is unknown, its replicas are placed again on the hosts that answered),
+    or another stack there collides with this one (`conflicts`, stack.neighbours)."""
 
     node: str
     error: str
@@ -115,7 +116,8 @@ class Plan:
     router_config_sha256: str = ""
     summary: Summary = field(default_factory=Summary)
     format_version: int = FORMAT_VERSION
-    unreachable: tuple[Unreachable, ...] = ()
+    unreachable: tuple[HostProblem, ...] = ()
+    conflicts: tuple[HostProblem, ...] = ()
     # the desired state apply writes: per node, its files (fingerprints, no secrets)
     files: Mapping[str, tuple[HostFile, ...]] = field(default_factory=dict)
     # per node, the instances it must run (API keys left out: apply fills them in)
@@ -130,7 +132,7 @@ class Plan:
         return bool(self.changes)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format_version": self.format_version,
             "stack_sha256": self.stack_sha256,
             "facts_sha256": self.facts_sha256,
@@ -150,6 +152,9 @@ class Plan:
             "router_config_sha256": self.router_config_sha256,
             "unreachable": [u.to_json() for u in self.unreachable],
         }
+        if self.conflicts:  # absent otherwise: plans from before it read the same
+            data["conflicts"] = [c.to_json() for c in self.conflicts]
+        return data
 
     @staticmethod
     def from_json(data: Mapping[str, Any], where: str = "the plan file") -> Plan:
@@ -175,9 +180,8 @@ class Plan:
                         changes=changes, placements=placements,
                         router_config_sha256=data.get("router_config_sha256", ""),
                         summary=Summary.of(changes),
-                        unreachable=tuple(Unreachable(str(u["node"]), str(u["error"]),
-                                                      str(u.get("hint", "")))
-                                          for u in data.get("unreachable", [])),
+                        unreachable=_host_problems(data.get("unreachable", [])),
+                        conflicts=_host_problems(data.get("conflicts", [])),
                         files=files, warnings=tuple(str(w) for w in data.get("warnings", [])),
                         assignments={str(node): Assignment.model_validate(a)
                                      for node, a in data.get("assignments", {}).items()})
@@ -185,6 +189,11 @@ class Plan:
             raise ConfigError(f"`{where}` is not a plan written by `stack plan --out`: "
                               f"missing or bad {exc}",
                               hint="make it again with `stack plan --out PLAN`.") from exc
+
+
+def _host_problems(items: list[dict[str, Any]]) -> tuple[HostProblem, ...]:
+    return tuple(HostProblem(str(u["node"]), str(u["error"]), str(u.get("hint", "")))
+                 for u in items)
 
 
 # --------------------------------------------------------------------------- hashes
@@ -203,6 +212,8 @@ def canonical_facts(observed: Observed) -> dict[str, Any]:
     for node in data.get("nodes", {}).values():
         for key in VOLATILE_NODE:
             node.pop(key, None)
+        if node.get("stacks") is None:  # not read (an older snapshot): hashes as before it
+            node.pop("stacks", None)
         for gpu in node.get("gpus", []):
             for key in VOLATILE_GPU:
                 gpu.pop(key, None)

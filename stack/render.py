@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from stack.plan import Action, Change, Plan
+from stack.plan import Action, Change, HostProblem, Plan
 
 NO_CHANGES = "No changes. The fleet matches stack.toml."
 # how many per-node reasons an unschedulable replica shows before "... and N more"
@@ -59,13 +59,14 @@ def _warnings(plan: Plan) -> list[str]:
     return ["", *(f"  ! warning: {w}" for w in plan.warnings)]
 
 
-def _unreachable(plan: Plan) -> list[str]:
-    if not plan.unreachable:
+def _left_as_is(problems: tuple[HostProblem, ...], why: str) -> list[str]:
+    """The hosts apply leaves as they are (`why` they are), each with its reason."""
+    if not problems:
         return []
-    n = len(plan.unreachable)
-    lines = ["", f"{n} host(s) cannot be reached; apply leaves {'it' if n == 1 else 'them'} "
+    n = len({p.node for p in problems})
+    lines = ["", f"{n} host(s) {why}; apply leaves {'it' if n == 1 else 'them'} "
              "as is and exits 1:", ""]
-    for u in plan.unreachable:
+    for u in problems:
         # facts errors name their host already (`host `gpu-02` (10.0.0.12:22) is ...`)
         lines.append(f"  ! {u.error}" if f"`{u.node}`" in u.error else f"  ! {u.node}: {u.error}")
         if u.hint:
@@ -88,7 +89,9 @@ def render_lines(plan: Plan) -> list[tuple[str, Action | None]]:
             out.extend((line, change.action) for line in _block(change))
     out.extend((line, None) for line in _unschedulable(plan))
     out.extend((line, None) for line in _warnings(plan))
-    out.extend((line, None) for line in _unreachable(plan))
+    out.extend((line, None) for line in _left_as_is(plan.unreachable, "cannot be reached"))
+    out.extend((line, None) for line in _left_as_is(
+        plan.conflicts, "hold another stack that collides with this one"))
     if plan.changes:
         out += [("", None), (summary_line(plan), None)]
     elif plan.unschedulable:
@@ -96,6 +99,9 @@ def render_lines(plan: Plan) -> list[tuple[str, Action | None]]:
     elif plan.unreachable:
         out += [("", None), ("No changes on the reachable hosts, but some hosts cannot be "
                              "reached.", None)]
+    elif plan.conflicts:
+        out += [("", None), ("No changes on the other hosts, but this stack collides with "
+                             "another on some.", None)]
     else:
         out.append((NO_CHANGES, None))
     return out

@@ -52,6 +52,15 @@ class ManagedFile(_Open):
         return self.sha256 is None or (self.kind == "file" and self.sha256 != self.written)
 
 
+class StackOnHost(_Open):
+    """A stack `stack apply` installed on a host (its record under
+    `~/.config/modelstack/stacks/NAME`): where it lives and its agent's port."""
+
+    name: str
+    prefix: str
+    agent_port: int
+
+
 class NodeFacts(_Open):
     """One host of the fleet."""
 
@@ -87,6 +96,8 @@ class NodeFacts(_Open):
     service_manager: Literal["supervise", "systemd", "launchd"] | None = None
     services_alive: dict[str, bool] = Field(default_factory=dict)  # supervised only
     ports_in_use: list[int] = Field(default_factory=list)  # TCP ports listening (any owner)
+    # the stacks this SSH user installed here, ours too (None: an older snapshot)
+    stacks: list[StackOnHost] | None = None
     # beyond the snapshot's documented fields: what provisioning needs
     user: str = ""  # the SSH user
     sudo_ok: bool = True

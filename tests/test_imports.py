@@ -30,7 +30,7 @@ STANDALONE: dict[str, tuple[str, ...]] = {
 # covers the package a module may become (`stack.config` -> `stack/config/`).
 PURE_CORE = ("stack.config", "stack.spec", "stack.selector", "stack.tomlpos", "stack.estimate",
              "stack.schedule", "stack.plan", "stack.changes", "stack.render",
-             "stack.placement")
+             "stack.placement", "stack.neighbours")
 IO_MODULES = ("stack.observe", "stack.apply", "stack.remote", "stack.wheelhouse", "stack.lock",
               "stack.secrets", "stack.sshtcp", "stack.commands", "stack.cli",
               "stack.monitoring", "stack.pipeline", "stack.estimate.remote",

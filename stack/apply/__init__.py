@@ -37,7 +37,14 @@ from agent.assignment import Assignment
 from stack import lock as locks
 from stack.apply.deploy import run_deploys, stop_between_operations
 from stack.apply.desired import Desired, desired_state, keep_unknown
-from stack.apply.hosts import Node, host_probe, manageable, read_fleet, release_host_locks
+from stack.apply.hosts import (
+    Node,
+    host_probe,
+    leave_conflicts,
+    manageable,
+    read_fleet,
+    release_host_locks,
+)
 from stack.apply.interrupt import Interrupt
 from stack.apply.manifest import write_manifests
 from stack.apply.reboot import reboots
@@ -77,6 +84,7 @@ def apply_fleet(
         observed = read_fleet(spec, connected)
         nodes = manageable(spec, connected, observed, result.hosts)
         plan = plan_for(observed)
+        nodes = leave_conflicts(nodes, plan, result.hosts)
         desired = desired_state(spec, stack_dir, plan)
         if not confirm(observed, desired):
             raise ApplyError("apply cancelled; nothing was changed", hint="")

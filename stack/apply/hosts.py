@@ -16,6 +16,7 @@ from stack import remote
 from stack.apply.report import HostReport
 from stack.errors import ApplyError
 from stack.nodes import node_prefix
+from stack.plan import Plan
 from stack.snapshot import NodeFacts, Observed
 from stack.spec import StackSpec
 
@@ -82,6 +83,16 @@ def manageable(spec: StackSpec, connected: Connected, observed: Observed,
             continue
         nodes.append(Node(name, connected.nodes[name], node_prefix(spec, name), facts))
     return nodes
+
+
+def leave_conflicts(nodes: list[Node], plan: Plan, reports: dict[str, HostReport]
+                    ) -> list[Node]:
+    """The hosts without the plan's conflicts: where another stack collides with this
+    one, apply writes nothing (each such host is reported with the reason)."""
+    for conflict in plan.conflicts:
+        reports[conflict.node].fail(conflict.error, conflict.hint)
+    refused = {c.node for c in plan.conflicts}
+    return [n for n in nodes if n.name not in refused]
 
 
 def host_probe(node: Node, lock: locks.LockInfo, extra_files: list[str],

@@ -13,6 +13,7 @@ from stack.apply.hosts import Node
 from stack.apply.report import HostReport
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import agent_listen, agent_service, render_agent_toml, router_service
+from stack.neighbours import own_record
 from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
 from stack.wheelhouse import (
@@ -150,7 +151,7 @@ def _host_target(spec: StackSpec, stack_dir: Path, node: Node, desired: Desired,
                                      node.prefix),
         agent_token=derive_key(secret, f"agent:{node.name}") + "\n",
         agent_service=agent_service(spec, node.prefix, node.manager),
-        router_service=router, models=models,
+        router_service=router, models=models, stack_record=own_record(spec, node.name),
     )
 
 

@@ -21,7 +21,13 @@ from typing import Any
 
 from stack import hostkeys
 from stack.errors import ConfigError
-from stack.pipeline import gather_facts, make_plan, read_facts, unschedulable_error
+from stack.pipeline import (
+    conflicts_error,
+    gather_facts,
+    make_plan,
+    read_facts,
+    unschedulable_error,
+)
 from stack.secrets import warn_tracked_secret
 
 HELP = "show what apply would change (exit 2 with --detailed-exitcode when it would)"
@@ -68,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
         print_plan(result, sys.stdout)
         if args.out:
             print(f"\nSaved the plan to {args.out}; `stack apply {args.out}` carries it out.")
+    if result.conflicts:
+        print(conflicts_error(result).render(), file=sys.stderr)
     if result.unschedulable and not args.allow_unschedulable:
         print(unschedulable_error(result).render(), file=sys.stderr)
+        return 1
+    if result.conflicts:
         return 1
     if args.detailed_exitcode and result.has_changes():
         return 2

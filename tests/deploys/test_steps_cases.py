@@ -7,7 +7,8 @@ A case holds:
   `files` {path: sha256 | "absent" | "current"}, `sidecars` {path: value | "current"},
   `alive` {pid file: bool}; "current" is what this apply writes there (read from the
   steps of the same target on an empty host).
-- `apply`: `bundle_version`, `agent_toml`, `agent_token`, `router` (bool), `drivers`
+- `apply`: `bundle_version`, `agent_toml`, `agent_token`, `router` (bool), `record` (the
+  stack's record on the host: `name`, `prefix`, `agent_port`), `drivers`
   (DriverRequest fields but `node`), `runtimes` (RuntimeInstall fields but `prefix`, with
   `spec` a RuntimeSpec and `local` the controller file to upload), `models`
   ({dest, sha256}), `fleet_keys` (runtime/model step keys of other hosts: no-ops here).
@@ -34,7 +35,7 @@ from deploys.drivers import DriverRequest
 from deploys.runtimes import MARKER, RuntimeInstall
 from deploys.steps import HostTarget, ModelUpload, Step, host_steps, sha256_text
 from stack.hostfiles import agent_service, router_service
-from stack.snapshot import NodeFacts
+from stack.snapshot import NodeFacts, StackOnHost
 from stack.spec import RuntimeSpec, StackSpec
 
 CASES = sorted((Path(__file__).parent / "steps").glob("*.json"))
@@ -64,6 +65,7 @@ def _target(case: dict[str, Any], files: dict[str, Any]) -> HostTarget:
         router_service=router_service(SPEC, prefix, manager) if want.get("router") else None,
         models=[ModelUpload(Path("/controller" + m["dest"]), m["dest"], m["sha256"])
                 for m in want.get("models", [])],
+        stack_record=StackOnHost.model_validate(want["record"]) if "record" in want else None,
     )
 
 

@@ -216,3 +216,28 @@ def test_hostile_paths_in_the_manifest_are_only_data(tmp_path: Path) -> None:
     assert node.managed[str(hostile)].sha256 == sha and not node.managed[str(hostile)].drifted
     assert node.managed[f"{prefix}/*"].sha256 is None  # a glob is a name, not expanded
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_facts_list_the_stacks_recorded_for_the_user_and_skip_stale_or_bad_records(
+        tmp_path: Path) -> None:
+    """`~/.config/modelstack/stacks/NAME` (what apply records): a record whose prefix is
+    gone is stale, and one that is not a name, an absolute path and a port is left out;
+    the values are only data to the script."""
+    home, live = tmp_path / "home", tmp_path / "opt" / "prod"
+    (live / "state").mkdir(parents=True)
+    records = home / ".config" / "modelstack" / "stacks"
+    records.mkdir(parents=True)
+    (records / "prod").write_text(f"prefix={live}\nagent_port=7071\n")
+    (records / "gone").write_text(f"prefix={tmp_path / 'removed'}\nagent_port=7072\n")
+    (records / "bad-port").write_text(f"prefix={live}\nagent_port=$(touch PWNED)\n")
+    (records / "no newline").write_text(f"prefix={live}\nagent_port=7073")
+    done = subprocess.run(["/bin/sh", str(SCRIPT)],
+                          env={"STACK_PREFIX": str(tmp_path / "none"), "PATH": "/usr/bin:/bin",
+                               "HOME": str(home)},
+                          capture_output=True, text=True, timeout=30, check=True, cwd=tmp_path)
+    node = node_facts_from(parse_facts_output(done.stdout))
+    assert node.stacks is not None
+    assert [(s.name, s.prefix, s.agent_port) for s in node.stacks] == [
+        ("prod", str(live), 7071)]
+    assert not list(tmp_path.rglob("PWNED*"))
+    assert node_facts_from(_script_facts(tmp_path / "none")).stacks == []  # no HOME: none

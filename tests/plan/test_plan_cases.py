@@ -3,7 +3,8 @@
 A case folder holds `case.json` (`stack`, `facts`, `evaluations` as in tests/schedule;
 `applied: true` first turns the facts into what a successful apply of `stack` leaves,
 then `stack_after` (optional) is planned against them, with `facts_after` merged into
-their nodes) and the golden files `plan.json`
+their nodes; `recorded: true` makes those facts also report what that apply wrote: the
+files of its plan, `managed`, and the stack's record, `stacks`) and the golden files `plan.json`
 (the `--json` form) and `plan.txt` (the rendered text). `STACK_UPDATE_GOLDEN=1` rewrites
 the golden files; review the diff before committing it.
 """
@@ -18,11 +19,13 @@ from typing import Any
 import pytest
 
 from stack.assign import build_assignments
+from stack.neighbours import own_record
 from stack.pipeline import Evaluations, plan_evaluated
 from stack.plan import Plan
 from stack.render import render_plan
 from stack.schedule import schedule, with_instances
-from stack.snapshot import NodeFacts
+from stack.snapshot import ManagedFile, NodeFacts, Observed
+from stack.spec import StackSpec
 from tests.schedule.cases_lib import load_evaluations, load_facts, load_stack, read_case
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())
@@ -38,6 +41,9 @@ def make(case: dict[str, Any]) -> Plan:
         assignments = build_assignments(spec, placed, facts, Path("/nonexistent"), None)
         hashes = {i.id: i.spec_hash() for a in assignments.values() for i in a.instances}
         facts = with_instances(facts, placed, hashes, agent_version=AGENT)
+        if case.get("recorded"):
+            facts = _recorded(facts, plan_evaluated(spec, text, facts, Evaluations(evaluations),
+                                                    Path("/nonexistent"), AGENT), spec)
         facts = facts.model_copy(update={"nodes": {
             name: node.model_copy(update={"runtimes": _installed(placed, name, node.runtimes)})
             for name, node in facts.nodes.items()}})
@@ -50,6 +56,18 @@ def make(case: dict[str, Any]) -> Plan:
                 {**facts.nodes[name].model_dump(), **change})
     return plan_evaluated(spec, text, facts, Evaluations(evaluations), Path("/nonexistent"),
                           AGENT)
+
+
+def _recorded(facts: Observed, applied: Plan, spec: StackSpec) -> Observed:
+    """The facts once `applied` was carried out: its files as `state/managed` lists them
+    (unchanged since), and this stack's record on each host."""
+    return facts.model_copy(update={"nodes": {
+        name: node.model_copy(update={
+            "managed": {f.path: ManagedFile(kind=f.kind, fingerprint=f.fingerprint,
+                                            written="0" * 64, sha256="0" * 64)
+                        for f in applied.files.get(name, ())},
+            "stacks": [*(node.stacks or []), own_record(spec, name)]})
+        for name, node in facts.nodes.items()}})
 
 
 def _installed(placed: Any, node: str, have: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -208,3 +208,26 @@ def test_plan_warns_when_git_tracks_the_stack_secret(tmp_path: Path) -> None:
         "hint: run `git rm --cached .stack/secret`, add `.stack/` to .gitignore, then make a "
         "new secret (delete the file; the next apply rolls new keys out) and keep the old one "
         "out of the history."]
+
+
+def test_plan_exits_1_naming_a_host_where_another_stack_has_the_agent_port(
+        tmp_path: Path) -> None:
+    """Also with `--detailed-exitcode`: the host is refused, not a change (exit 1)."""
+    (tmp_path / "stack.toml").write_text('[stack]\nname = "staging"\n')
+    facts = json.loads(_facts(tmp_path).read_text())
+    facts["nodes"]["gpu-01"]["stacks"] = [
+        {"name": "prod", "prefix": "/opt/prod", "agent_port": 7070}]
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+
+    run = _stack(tmp_path, "--facts", "facts.json", "--detailed-exitcode")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "  ! gpu-01: stack `prod` already uses agent port 7070 (prefix /opt/prod)" \
+        in run.stdout.splitlines()
+    assert run.stderr.splitlines() == [
+        "error: 1 host(s) hold another stack that collides with this one: `gpu-01` "
+        "(reasons above)",
+        'hint: give this stack its own `agent_port` and `prefix` on those hosts '
+        '(`[nodes."PATTERN"]`), or `stack destroy` the other stack first.']
+    saved = _stack(tmp_path, "--facts", "facts.json", "--json")
+    assert saved.returncode == 1
+    assert [c["node"] for c in json.loads(saved.stdout)["conflicts"]] == ["gpu-01"]
