@@ -26,16 +26,26 @@ _LLM = frozenset({"llm", "vlm", "embedding", "rerank"})
 _ARCHES = frozenset({"x86_64", "aarch64", "arm64"})
 _ST = frozenset({"safetensors", "config-only"})
 
+# Each entry is checked against the backend's own documentation (docs/estimate.md,
+# "Compatibility", has the table with its sources):
 SUPPORT: dict[str, BackendSupport] = {
-    "vllm": BackendSupport("vLLM", frozenset({"nvidia", "amd", "hygon"}), frozenset({"linux"}),
-                           frozenset({"x86_64", "aarch64"}), (7, 0), _LLM, _ST),
-    "sglang": BackendSupport("SGLang", frozenset({"nvidia", "amd"}), frozenset({"linux"}),
-                             frozenset({"x86_64", "aarch64"}), (8, 0),
+    # docs.vllm.ai "GPU" installation: CUDA compute capability >= 7.0, ROCm; Ascend NPUs
+    # through the vllm-ascend plugin (docs.vllm.ai/projects/ascend: Atlas A2/A3, Linux);
+    # Hygon DCUs through Hygon's ROCm-compatible DTK builds
+    "vllm": BackendSupport("vLLM", frozenset({"nvidia", "amd", "hygon", "ascend"}),
+                           frozenset({"linux"}), frozenset({"x86_64", "aarch64"}), (7, 0),
+                           _LLM, _ST),
+    # docs.sglang.io hardware platforms: NVIDIA, AMD, Ascend NPUs; sm75 (T4) since
+    # sgl-project/sglang#1233 (FlashInfer 0.1.6); several nodes with --nnodes/--node-rank
+    # (docs.sglang.io multi-node deployment)
+    "sglang": BackendSupport("SGLang", frozenset({"nvidia", "amd", "ascend"}),
+                             frozenset({"linux"}), frozenset({"x86_64", "aarch64"}), (7, 5),
                              frozenset({"llm", "vlm", "embedding"}), _ST),
     "llama.cpp": BackendSupport(
         "llama.cpp", frozenset({"nvidia", "amd", "hygon", "apple", "mthreads", "ascend", "cpu"}),
         frozenset({"linux", "darwin", "windows"}), _ARCHES, (5, 0), _LLM,
         frozenset({"gguf"})),
+    # hiascend.com MindIE installation guide: Atlas 800I A2/A3 (Ascend only), Linux
     "mindie": BackendSupport("MindIE", frozenset({"ascend"}), frozenset({"linux"}),
                              frozenset({"x86_64", "aarch64"}), None, frozenset({"llm", "vlm"}),
                              _ST),

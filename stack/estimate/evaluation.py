@@ -67,12 +67,18 @@ class ModelEvaluation:
             if gpus == 0:
                 return f"{backend} needs a GPU"
             if backend == "sglang" and nodes > 1:
-                return "SGLang replicas stay on one node here"
+                # SGLang over nodes is one tensor-parallel group: --tp = GPUs x nodes
+                return self._fit_context(context, gpu_memory_bytes, lambda c: _per_node(
+                    memory.vllm_claim(self.meta, c, gpus * nodes, 1, gpu_memory_bytes,
+                                      opts_gpu), gpus, nodes))
             return self._fit_context(context, gpu_memory_bytes, lambda c: memory.vllm_claim(
                 self.meta, c, gpus, nodes, gpu_memory_bytes, opts_gpu))
         if backend == "mindie":
-            if gpus == 0 or nodes > 1:
-                return "MindIE runs on the NPUs of one node"
+            if gpus == 0:
+                return "MindIE runs on NPUs"
+            if nodes > 1:  # MindIE can (multiNodesInferEnabled + a rank table of NPU IPs)
+                return ("MindIE over several nodes needs a rank table of every NPU's "
+                        "address, which stack does not write yet")
             return self._fit_context(context, gpu_memory_bytes, lambda c: memory.mindie_claim(
                 self.meta, c, gpus, gpu_memory_bytes))
         if nodes > 1:
@@ -105,6 +111,11 @@ class ModelEvaluation:
         if reason:
             return reason
         return hardware_reason(backend, node, gpus)
+
+
+def _per_node(claim: Claim | str, gpus: int, nodes: int) -> Claim | str:
+    """A claim computed for all GPUs of all nodes, said per node."""
+    return claim if isinstance(claim, str) else replace(claim, gpus=gpus, nodes=nodes)
 
 
 def evaluate(name: str, model: ModelSpec, meta: ModelMeta) -> ModelEvaluation:

@@ -28,6 +28,7 @@ GPU_MODELS: dict[str, tuple[str, str, int, str | None]] = {
     "l40s": ("NVIDIA L40S", "nvidia", 46068 * MiB, "8.9"),
     "rtx4090": ("NVIDIA GeForce RTX 4090", "nvidia", 24564 * MiB, "8.9"),
     "rtx3090": ("NVIDIA GeForce RTX 3090", "nvidia", 24576 * MiB, "8.6"),
+    "910b4": ("910B4", "ascend", 32768 * MiB, None),
     "rtx4080super": ("NVIDIA GeForce RTX 4080 SUPER", "nvidia", 16376 * MiB, "8.9"),
     "p100": ("Tesla P100-PCIE-16GB", "nvidia", 16383 * MiB, "6.0"),
     "mi300x": ("MI300X-O", "amd", 196592 * MiB, None),
