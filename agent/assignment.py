@@ -2,17 +2,90 @@
 
 Shared by the controller (which writes it) and the agent (which reconciles towards it).
 Documented in docs/agent.md. Keep this module free of heavy imports: the agent runs it.
+
+The schema refuses what cannot run, before anything reaches a file name, a command
+line, a socket or a device list: ids are short safe names (they become file names),
+numbers are strict (no `true` for 1, no `"1"`) and in range, ports 1-65535, device
+indices >= 0, environment names POSIX names, and no string holds a control character
+or a lone surrogate (a NUL cannot be passed to `exec`, a newline would split a log line,
+a surrogate cannot be written as UTF-8). Every bound is at least as wide as what
+`stack.toml` allows, so nothing the controller sends is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Final, Literal
+import re
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    field_validator,
+)
 
 FORMAT_VERSION: Final = 1
+
+# C0 and C1 controls, DEL, and lone surrogates
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# the same, but tab, newline and carriage return: a custom `command` may span lines
+_CONTROL_BUT_SPACE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _refuse(pattern: re.Pattern[str]) -> AfterValidator:
+    def check(text: str) -> str:
+        found = pattern.search(text)
+        if found:
+            raise ValueError(f"must not hold control characters or lone surrogates, found "
+                             f"U+{ord(found.group()):04X} at character {found.start()}")
+        return text
+    return AfterValidator(check)
+
+
+def _absolute(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError("must be an absolute path (starting with `/`)")
+    return text
+
+
+def _unique(values: list[int]) -> list[int]:
+    if len(set(values)) != len(values):
+        raise ValueError("must not list a device twice")
+    return values
+
+
+NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# instance ids become file names (`<id>.log.3`, `.<id>.json.<pid>.tmp`): short and safe
+ID_MAX_LENGTH: Final = 128
+Id = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=ID_MAX_LENGTH)]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=128)]
+Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]+([._+-][A-Za-z0-9]+)*$",
+                                           max_length=128)]
+# an IP address (v4, v6 with an optional zone, bracketed or not) or a host name
+Address = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*$",
+                                           max_length=253)]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+HttpPath = Annotated[str, StringConstraints(pattern=r"^/[!-~]*$", max_length=2048)]
+# an API key: printable ASCII without spaces (a key file holds it on one line)
+Secret = Annotated[str, StringConstraints(pattern=r"^[!-~]+$", max_length=1024)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# one-line text: a model name, a source, a relative path (PATH_MAX long at most)
+Text = Annotated[str, StringConstraints(max_length=4096), _refuse(_CONTROL)]
+HostPath = Annotated[Text, AfterValidator(_absolute)]
+# an argument or environment value: one line, up to 64 KiB (the kernel takes 128 KiB)
+Arg = Annotated[str, StringConstraints(max_length=65536), _refuse(_CONTROL)]
+# a command template: may be written over several lines
+Template = Annotated[str, StringConstraints(max_length=65536), _refuse(_CONTROL_BUT_SPACE)]
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+DeviceIndex = Annotated[int, Strict(), Field(ge=0, le=65535)]
+Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+Fraction = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
+MAX_ITEMS: Final = 1024  # instances, peers, args, env entries, devices, split entries
 
 
 class _Strict(BaseModel):
@@ -22,50 +95,58 @@ class _Strict(BaseModel):
 class Devices(_Strict):
     """The accelerators an instance may use; `cpu` with no indices for CPU inference."""
 
-    vendor: str = "cpu"
-    indices: list[int] = Field(default_factory=list)
+    vendor: Name = "cpu"
+    indices: Annotated[list[DeviceIndex], AfterValidator(_unique)] = Field(
+        default_factory=list, max_length=MAX_ITEMS)
 
 
 class Peer(_Strict):
     """Another part of a distributed instance (an RPC worker, a Ray worker, or the main)."""
 
-    node: str
-    host: str
-    port: int
+    node: Name
+    host: Address
+    port: Port
 
 
 class Instance(_Strict):
     """One backend process (or one part of a distributed one) this node must run."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: str
-    replica: int = 0
-    source: str
+    id: Id
+    model: Annotated[str, StringConstraints(max_length=256), _refuse(_CONTROL)]
+    replica: Count = 0
+    source: Text
     # where the model files are (or will be) on this host; set by the controller
-    model_path: str | None = None
-    kind: str = "llm"
-    backend: str
-    backend_version: str | None = None
-    runtime_path: str = Field(description="Folder of the runtime version (binaries, venv).")
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    model_path: HostPath | None = None
+    kind: Name = "llm"
+    backend: Name
+    backend_version: Version | None = None
+    runtime_path: Text = Field(
+        description="Folder of the runtime version (binaries, venv); empty: none.")
+    args: list[Arg] = Field(default_factory=list, max_length=MAX_ITEMS)
+    env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=MAX_ITEMS)
     devices: Devices = Field(default_factory=Devices)
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
-    api_key: str | None = None
-    context: int | None = None
+    host: Address = "127.0.0.1"
+    port: Port
+    api_key: Secret | None = None
+    context: Annotated[int, Strict(), Field(ge=1, le=2**31 - 1)] | None = None
     role: Literal["single", "main", "worker"] = "single"
-    peers: list[Peer] = Field(default_factory=list)
-    health_path: str | None = None
-    command: str | None = None  # custom backend template
-    mmproj: str | None = None
-    gpu_memory_utilization: float | None = None
+    peers: list[Peer] = Field(default_factory=list, max_length=MAX_ITEMS)
+    health_path: HttpPath | None = None
+    command: Template | None = None  # custom backend template
+    mmproj: Text | None = None
+    gpu_memory_utilization: Fraction | None = None
     # llama.cpp split by whole layers (set by the scheduler): layers per device, this
     # node's GPUs (in `devices.indices` order; one entry for its CPU when it has none)
     # first, then each peer's devices in `peers` order. None: llama.cpp decides.
-    layer_split: list[int] | None = None
+    layer_split: list[Count] | None = Field(None, max_length=MAX_ITEMS)
     # the sha256 of an uploaded (`local://`) model's content: new content, new instance
-    source_sha256: str | None = None
+    source_sha256: Sha256 | None = None
+
+    @field_validator("runtime_path")
+    @classmethod
+    def _runtime_path_absolute(cls, value: str) -> str:
+        # empty when the backend needs no installed runtime (a custom absolute command)
+        return _absolute(value) if value else value
 
     def spec_hash(self) -> str:
         """Fingerprint of everything whose change needs the process replaced.
@@ -79,12 +160,19 @@ class Instance(_Strict):
                                  if getattr(self, name) is None}
         body = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
-        return hashlib.sha256(body).hexdigest()[:16]
 
 
 class Assignment(_Strict):
     """The instances one node must run."""
 
     format_version: Literal[1] = FORMAT_VERSION
-    node: str
-    instances: list[Instance] = Field(default_factory=list)
+    node: Name
+    instances: list[Instance] = Field(default_factory=list, max_length=MAX_ITEMS)
+
+    @field_validator("format_version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: Any) -> Any:
+        # `true == 1` in Python, and a Literal takes it: refuse it before the comparison
+        if isinstance(value, bool):
+            raise ValueError(f"must be the integer {FORMAT_VERSION}, not a boolean")
+        return value

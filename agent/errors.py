@@ -12,6 +12,9 @@ instance's `failed` state with the same message and hint.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 
 class AgentError(Exception):
     """The agent's configuration or input is wrong."""
@@ -35,3 +38,10 @@ class CommandError(AgentError):
     def text(self) -> str:
         """Message and hint on one line, for an instance's `last_error`."""
         return f"{self.message} hint: {self.hint}" if self.hint else self.message
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A value from outside the agent, for a message: JSON (escaped), cut to `limit`."""
+    text = json.dumps(value) if isinstance(value, (bool, int, float, str)) or value is None \
+        else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -24,7 +25,8 @@ from pydantic import ValidationError
 from agent import procs
 from agent.assignment import FORMAT_VERSION, Assignment, Instance
 from agent.config import AgentConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, shown
+from agent.json_input import decode_json
 from agent.logs import rotate_if_large
 from agent.models import ModelStore
 from agent.runner import Runner, Shared, instance_hash
@@ -35,24 +37,34 @@ VERSION = "0.1.0"
 ROTATE_EVERY = 10.0
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_\[\]-]{1,40}$")
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    """A schema error's location as a dotted key (other keys from outside quoted and cut)."""
+    return ".".join(str(p) if isinstance(p, int) or _PLAIN_KEY.match(p) else shown(p, 30)
+                    for p in loc)
+
+
 def parse_assignment(data: Any, node: str) -> Assignment:
     """Validate an assignment for this node; `AgentError` gives the reason."""
     if not isinstance(data, dict):
         raise AgentError("the assignment must be a JSON object",
                          hint="send {\"format_version\": 1, \"node\": ..., \"instances\": [...]}.")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        given = (f"`format_version` {shown(version)} is not supported" if version is not None
+                 else "has no `format_version`")
         raise AgentError(
-            f"assignment `format_version` {version!r} is not supported; this agent reads "
-            f"{FORMAT_VERSION}",
+            f"the assignment {given}; this agent reads {FORMAT_VERSION}",
             hint="upgrade the agent to the controller's version (`stack apply` does it).")
     try:
         assignment = Assignment.model_validate(data)
     except ValidationError as exc:
-        reasons = "; ".join(
-            f"`{'.'.join(str(p) for p in e['loc'])}`: {e['msg']}" for e in exc.errors()[:5])
-        raise AgentError(f"the assignment is invalid: {reasons}",
-                         hint="compare it with the schema in docs/agent.md.") from exc
+        reasons = "; ".join(f"`{_key(e['loc'])}`: {e['msg']}" for e in exc.errors()[:5])
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise AgentError(f"the assignment is invalid: {reasons}{more}",
+                         hint="compare it with the schema in docs/agent.md.") from None
     if assignment.node != node:
         raise AgentError(
             f"the assignment is for node `{assignment.node}` but this agent is `{node}`",
@@ -112,8 +124,9 @@ class Reconciler:
             self.desired, self.assignment_error = [], None
             return
         try:
-            assignment = parse_assignment(json.loads(path.read_text()), self.cfg.node)
-        except (OSError, ValueError, AgentError) as exc:
+            assignment = parse_assignment(decode_json(path.read_bytes(), str(path)),
+                                          self.cfg.node)
+        except (OSError, AgentError) as exc:
             text = exc.render() if isinstance(exc, AgentError) else f"{path}: {exc}"
             self.assignment_error = text.replace("\n", " ")
             log.error("node %s: ignoring %s, running instances stay as they are: %s",
