@@ -128,6 +128,8 @@ class ClientConnection(asyncio.Protocol):
         self.max_body = max_body
         self.extra_header = extra_header.lower()
         self.guard = guard
+        self.clients = guard.clients
+        """The limits when the connection came (a reload applies to new connections)."""
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -163,7 +165,7 @@ class ClientConnection(asyncio.Protocol):
             self._turn_away()
             return
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER)
-        self.deadline = self.loop.time() + self.guard.clients.header_timeout
+        self.deadline = self.loop.time() + self.clients.header_timeout
 
     def _turn_away(self) -> None:
         """Answer a connection over the cap at once, without reading it."""
@@ -174,9 +176,9 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering or self.holds & REFUSED:
-            return
-        in_head, heads = self.phase == HEAD, self.heads
+        if self.closed:
+            return  # refused, or closing after its last answer: what follows is discarded
+        heads = self.heads if self.phase == HEAD else -1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -191,10 +193,18 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(refusal(400, f"malformed HTTP request: {exc}", "malformed_request"))
             return
-        if in_head and self.phase == HEAD and self.heads == heads:
-            self.head_carried += len(data)
-            if self.head_carried > self.guard.clients.max_header_bytes:
-                self._refuse(self._head_too_large())
+        # deadlines are set here, once per read, only when it ends inside a request
+        phase = self.phase
+        if phase == HEAD:
+            if self.heads == heads:
+                self.head_carried += len(data)
+            else:  # the head began in this read: its time starts now
+                self.deadline = self.loop.time() + self.clients.header_timeout
+            problem = self._head_problem()
+            if problem is not None:
+                self._refuse(problem)
+        elif phase == BODY_PHASE:
+            self.deadline = self.loop.time() + self.clients.body_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -226,52 +236,53 @@ class ClientConnection(asyncio.Protocol):
         self.req = Request()
         self.phase, self.heads = HEAD, self.heads + 1
         self.head_reported = self.head_carried = self.header_count = 0
-        self.deadline = self.loop.time() + self.guard.clients.header_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.req
         assert req is not None
         req.url += url
         self.head_reported += len(url)
-        limit = self.guard.clients.max_url_bytes
-        if len(req.url) > limit:
+        limit = self.clients.max_url_bytes
+        if len(req.url) > limit:  # checked at once: httptools hands the URL over in pieces
             raise refusal(414, f"the request URL is longer than the router's "
                           f"`clients.max_url_bytes` ({limit} bytes); send a shorter one",
                           "url_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        req = self.req
-        assert req is not None
+        # counted here, checked once the read is parsed (`data_received`) or the head ends:
+        # one read holds a bounded number of header lines
         self.header_count += 1
-        self.head_reported += len(name) + len(value) + 4
-        clients = self.guard.clients
-        if self.header_count > clients.max_headers:
-            raise refusal(431, f"the request has more than the router's `clients.max_headers`"
-                          f" ({clients.max_headers}) header lines; send fewer",
-                          "headers_too_large")
-        if self.head_reported > clients.max_header_bytes:
-            raise self._head_too_large()
+        self.head_reported += len(name) + len(value)
         lname = name.lower()
         if lname in INTERESTING or lname == self.extra_header:
+            req = cast(Request, self.req)
             if lname in req.headers:
                 req.repeated = lname
             req.headers[lname] = value
 
-    def _head_too_large(self) -> ApiError:
-        limit = self.guard.clients.max_header_bytes
-        return refusal(431, f"the request head is larger than the router's "
-                       f"`clients.max_header_bytes` ({limit} bytes); send smaller headers",
-                       "headers_too_large")
+    def _head_problem(self) -> ApiError | None:
+        """A 431 when the head being read is over the header limits."""
+        clients = self.clients
+        if self.header_count > clients.max_headers:
+            return refusal(431, f"the request has more than the router's "
+                           f"`clients.max_headers` ({clients.max_headers}) header lines; "
+                           "send fewer", "headers_too_large")
+        if max(self.head_reported, self.head_carried) > clients.max_header_bytes:
+            return refusal(431, f"the request head is larger than the router's "
+                           f"`clients.max_header_bytes` ({clients.max_header_bytes} bytes); "
+                           "send smaller headers", "headers_too_large")
+        return None
 
     def on_headers_complete(self) -> None:
         req = self.req
         assert req is not None
+        clients = self.clients
+        if (self.header_count > clients.max_headers
+                or self.head_reported > clients.max_header_bytes):
+            raise cast(ApiError, self._head_problem())
         req.method = self.parser.get_method()
         req.keep_alive = self.parser.should_keep_alive()
-        if self.parser.should_upgrade():
-            raise refusal(400, "protocol upgrades are not supported", "upgrade_not_supported")
         self.phase = BODY_PHASE
-        self.deadline = self.loop.time() + self.guard.clients.body_timeout
         length = req.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body():
             raise self._body_too_large()
@@ -289,7 +300,6 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.req
         assert req is not None
-        self.deadline = self.loop.time() + self.guard.clients.body_timeout
         req.size += len(body)
         if req.stream is not None:
             if req.size > self.max_body():
@@ -345,7 +355,7 @@ class ClientConnection(asyncio.Protocol):
             if not self.queue:
                 self.task = None
                 if self.phase == IDLE:
-                    self.deadline = self.loop.time() + self.guard.clients.keepalive_timeout
+                    self.deadline = self.loop.time() + self.clients.keepalive_timeout
                 return
             req = self.queue.popleft()
             if len(self.queue) <= PIPELINE_DEPTH // 2:
@@ -368,7 +378,7 @@ class ClientConnection(asyncio.Protocol):
         if self.lingering:
             self.abort()
         elif self.phase != IDLE and self.task is None:
-            clients = self.guard.clients
+            clients = self.clients
             which, seconds = (("header_timeout", clients.header_timeout) if self.phase == HEAD
                               else ("body_timeout", clients.body_timeout))
             err = refusal(408, f"the request did not arrive within the router's "

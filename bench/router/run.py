@@ -1,6 +1,6 @@
 """Router benchmark: direct, nginx proxy_pass, LiteLLM's proxy and ours, side by side.
 
-    .venv/bin/python bench/router/run.py [--seconds 10] [--skip-litellm]
+    .venv/bin/python bench/router/run.py [--seconds 10] [--skip-litellm] [--baseline REV]
 
 Servers (canned upstream, nginx, LiteLLM, stack-router with one worker) are pinned to
 core 0, the load generator (`wrk`, and a small asyncio client for TTFT and paced latency)
@@ -12,6 +12,11 @@ Two more sections in the same run: the upstream client alone (clients.py: aiohtt
 httpx, our raw pool; client on core 1, canned upstream on core 0, 32 concurrent
 requests, rounds interleaved), and 1 vs 2 router workers with everything (upstream,
 router, wrk) allowed on both cores, with the router's CPU time per request.
+
+With `--baseline REV`, the router as of git revision REV (checked out in a worktree,
+`--baseline-dir`) runs in the same run against the same upstream, rounds alternating
+with the current code, and the report gives both medians and their ratio;
+`--baseline-only` runs just that comparison.
 """
 
 from __future__ import annotations
@@ -135,6 +140,50 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def baseline_tree(rev: str, where: Path) -> Path:
+    """A worktree of this repository at `rev` (made once, reused while it is at `rev`)."""
+    want = subprocess.run(["git", "-C", str(ROOT), "rev-parse", f"{rev}^{{commit}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    if where.exists():
+        have = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        if have != want:
+            raise SystemExit(f"error: `--baseline-dir` {where} holds {have[:12] or 'no checkout'}"
+                             f", not {rev}\nhint: remove it (`git worktree remove {where}`) or "
+                             "pass another `--baseline-dir`.")
+        return where
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), want],
+                   check=True, capture_output=True)
+    return where
+
+
+def compare(procs: Procs, tmp: Path, upstream: str, tree: Path, secs: int,
+            rounds: int) -> dict[str, list[dict[str, float]]]:
+    """The router of `tree` ("before") and of this checkout ("after"), one worker each on
+    the servers' core, in alternating order (before, after, after, before, ...), so a
+    change in the machine's load hits both alike."""
+    chat, stream = lua(tmp / "cmp-chat.lua", CHAT), lua(
+        tmp / "cmp-stream.lua", b'{"model":"m","stream":true,"messages":[]}')
+    results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for i in range(rounds):
+        order = ("before", "after") if i % 2 == 0 else ("after", "before")
+        for name in order:
+            port = free_port()
+            conf = router_config(tmp / f"cmp-{name}.json", port, upstream, 1)
+            # `python -m` from the tree's root imports that tree's `router` package
+            router = procs.start([PY, "-m", "router.main", "--config", str(conf)],
+                                 tmp / f"cmp-{name}.log",
+                                 cwd=str(tree if name == "before" else ROOT))
+            wait_port(port, 15)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            wrk(url, chat, 32, 2)
+            row = wrk(url, chat, 32, secs)
+            row["chunks"] = wrk(url, stream, 8, secs)["rps"] * STREAM_CHUNKS
+            procs.stop_one(router)
+            results[name].append(row)
+    return results
+
+
 def router_config(path: Path, port: int, upstream: str, workers: int) -> Path:
     path.write_text(json.dumps({
         "listen": f"127.0.0.1:{port}", "workers": workers,
@@ -249,7 +298,17 @@ def main() -> int:
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--client-rounds", type=int, default=3)
     parser.add_argument("--scale-rounds", type=int, default=3)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run the router as of this git revision, alternating")
+    parser.add_argument("--baseline-dir", type=Path, default=Path("/tmp/router-baseline"),
+                        help="where the worktree of `--baseline` is checked out")
+    parser.add_argument("--baseline-rounds", type=int, default=5)
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="run only the comparison with `--baseline`")
     args = parser.parse_args()
+    if args.baseline_only and not args.baseline:
+        parser.error("`--baseline-only` needs `--baseline REV`")
+    tree = baseline_tree(args.baseline, args.baseline_dir) if args.baseline else None
     secs = args.seconds
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))
@@ -276,6 +335,12 @@ http {{
 """)
         procs.start(["nginx", "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")],
                     tmp / "nginx.log")
+        if tree is not None and args.baseline_only:
+            wait_port(ports["direct"], 15)
+            report_compare(compare(procs, tmp, up, tree, secs, args.baseline_rounds),
+                           args.baseline, secs)
+            report_load(load_before)
+            return 0
         router_config(tmp / "router.json", ports["ours"], up, 1)
         procs.start([str(ROOT / ".venv" / "bin" / "stack-router"), "--config",
                      str(tmp / "router.json")], tmp / "router.log")
@@ -325,13 +390,20 @@ http {{
         report(rows, paced_rows, secs)
         report_clients(client_rows, min(secs, 5))
         report_scaling(scale_rows, secs)
-        print(f"\nLoad average (1, 5, 15 min) before the run: "
-              f"{', '.join(f'{x:.2f}' for x in load_before)}; after: "
-              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cores.")
+        if tree is not None:
+            report_compare(compare(procs, tmp, up, tree, secs, args.baseline_rounds),
+                           args.baseline, secs)
+        report_load(load_before)
     finally:
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def report_load(before: tuple[float, float, float]) -> None:
+    print(f"\nLoad average (1, 5, 15 min) before the run: "
+          f"{', '.join(f'{x:.2f}' for x in before)}; after: "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cores.")
 
 
 def report(rows: dict[str, dict[str, float]], paced_rows: dict[str, dict[str, float]],
@@ -400,6 +472,25 @@ def report_scaling(rows: list[dict[str, float | str]], secs: int) -> None:
           f"{median(labels[1], 'us_per_req') / median(labels[0], 'us_per_req'):.2f}x)")
     print(f"- key with limits / key without: 1 worker **{median(labels[2], 'rps') / one:.2f}x**"
           f", 2 workers (shared table) **{median(labels[3], 'rps') / two:.2f}x**")
+
+
+def report_compare(results: dict[str, list[dict[str, float]]], rev: str, secs: int) -> None:
+    def median(name: str, field: str) -> float:
+        return pct([r[field] for r in results[name]], 0.5)
+
+    rounds = len(results["before"])
+    print(f"\n## Before ({rev}) and after, same run: wrk -t1 -c32 -d{secs}s x {rounds} rounds "
+          "(alternating), one worker on core 0; medians\n")
+    print("| router | req/s | each round | p50 ms | p99 ms | non-2xx | stream chunks/s (c8) |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for name in ("before", "after"):
+        each = ", ".join(f"{r['rps']:,.0f}" for r in results[name])
+        errors = sum(r["errors"] for r in results[name])
+        print(f"| {name} | {median(name, 'rps'):,.0f} | {each} | {median(name, 'p50'):.2f} | "
+              f"{median(name, 'p99'):.2f} | {errors:.0f} | {median(name, 'chunks'):,.0f} |")
+    print(f"\n- after / before: **{median('after', 'rps') / median('before', 'rps'):.3f}x** "
+          f"req/s, **{median('after', 'chunks') / median('before', 'chunks'):.3f}x** "
+          "stream chunks/s")
 
 
 if __name__ == "__main__":
