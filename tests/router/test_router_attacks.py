@@ -163,8 +163,24 @@ def test_a_body_declared_too_big_is_refused_before_it_arrives(harness: Harness) 
         assert error_of(body)["code"] == "request_too_large"
         assert "`max_body_bytes` (1000 bytes)" in error_of(body)["message"]
         sock.close()
+    # a client that sends its whole (too big) body still reads the answer, not a reset
+    resp = httpx.post(f"http://127.0.0.1:{port}{CHAT}", content=b"x" * 5_000_000)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
     assert wait_until(lambda: sockets(pid) <= socks, 4)
     assert rss_mb(pid) - rss < RSS_BOUND_MB
+
+
+def test_a_body_that_stops_coming_gets_a_408_at_the_body_timeout(harness: Harness) -> None:
+    port, pid, _, socks = settled(harness, {"models": models(harness),
+                                            "clients": {"body_timeout": 0.5}})
+    with connect(port) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\":")
+        started = time.monotonic()
+        status, _, body = read_answer(sock)
+        assert 0.4 < time.monotonic() - started < 2
+        assert status == 408 and "`clients.body_timeout`" in error_of(body)["message"]
+    assert wait_until(lambda: sockets(pid) <= socks, 2)
 
 
 def test_huge_and_countless_junk_keys_leave_no_memory_behind(harness: Harness) -> None:

@@ -39,6 +39,13 @@ def test_config_case(case: dict[str, Any], tmp_path: Path) -> None:
     assert "\nhint: " in rendered
 
 
+def test_clients_left_at_the_defaults_are_not_written() -> None:
+    # router.json files (and their fingerprints in plans) from before `clients` stay the same
+    assert "clients" not in router_config.RouterConfig().model_dump()
+    tuned = router_config.RouterConfig(clients=router_config.Clients(max_connections=10))
+    assert tuned.model_dump()["clients"]["max_connections"] == 10
+
+
 @pytest.mark.parametrize("case", _cases("listen"))
 def test_listen_case(case: dict[str, Any]) -> None:
     if "error" in case:
