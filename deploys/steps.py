@@ -135,6 +135,15 @@ def record_commands(target: HostTarget) -> list[str]:
     ])]
 
 
+def record_remove_command(record: StackOnHost) -> str:
+    """Remove the host's record of this stack (`stack destroy`), if it is this install's
+    (a record of the same name for another prefix is another install's)."""
+    q = shlex.quote
+    return (f'f="$HOME"/{STACK_RECORDS}/{q(record.name)}; '
+            f'if [ -n "${{HOME:-}}" ] && [ -f "$f" ] && grep -qxF {q("prefix=" + record.prefix)} '
+            '"$f"; then rm -f "$f"; fi')
+
+
 def driver_step(target: HostTarget) -> Step:
     commands: list[str] = []
     for request in target.drivers:

@@ -42,11 +42,14 @@ def purge_script(prefix: str) -> str:
 
 def destroy_host(spec: StackSpec, name: str, host: Host, prefix: str, manager: str,
                   purge: bool) -> str | None:
-    """Stop one host's instances, router and agent; the error, if any."""
+    """Stop one host's instances, router and agent, and remove the host's record of the
+    stack; the error, if any."""
     from agent.assignment import Assignment
     from deploys.probe import dumps
     from deploys.services import stop_commands
+    from deploys.steps import record_remove_command
     from stack.hostfiles import agent_service, router_service
+    from stack.neighbours import own_record
     from stack.remote import run as run_on
     from stack.remote import write
 
@@ -68,6 +71,7 @@ def destroy_host(spec: StackSpec, name: str, host: Host, prefix: str, manager: s
             ok, _, err = run_on(host, purge_script(prefix))
             if not ok:
                 return f"`{name}`: could not remove {prefix}: {err.strip()}"
+        run_on(host, record_remove_command(own_record(spec, name)))
     except StackError as err:
         return err.message
     return None
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stack import lock
     from stack.config import load
+    from stack.neighbours import node_conflicts
     from stack.nodes import node_prefix
     from stack.observe import read_node
     from stack.remote import run as run_on
@@ -107,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
             def one(name: str) -> None:
                 facts = read_node(spec, connected, name)
                 host, prefix = connected.nodes[name], node_prefix(spec, name)
+                # another stack in this prefix (or around it): its services, not ours
+                clash = node_conflicts(spec, name, facts, ports=False)
+                if clash:
+                    errors[name] = f"{clash[0].error}; nothing was stopped there"
+                    return
                 try:  # the same host lock as apply: never destroy under a running apply
                     _, out, _ = run_on(host, f"if [ -d {shlex.quote(prefix)} ]; then "
                                              f"{lock.host_acquire_script(prefix, info)}; fi")
