@@ -27,6 +27,7 @@ SGLANG_UTILIZATION = 0.88  # default mem_fraction_static
 # llama.cpp
 LLAMA_CUDA_OVERHEAD = 250 * MiB  # CUDA/ROCm context and cuBLAS per GPU (gguf-parser)
 LLAMA_CPU_OVERHEAD = 64 * MiB  # the process, libraries and tokenizer tables (measured)
+LLAMA_RPC_OVERHEAD = 8 * MiB  # an idle ggml-rpc-server (measured: 5.6 MiB RSS)
 LLAMA_UBATCH = 512
 LLAMA_PARALLEL = 4  # llama-server default slots (n_seq_max)
 LLAMA_PAD = 256  # KV cells are padded to this
@@ -273,12 +274,16 @@ def llama_claim(meta: ModelMeta, context: int, gpus: int, nodes: int,
     a partial offload in whole layers when the GPUs are too small."""
     b = llama_breakdown(meta, context, opts)
     layers = max(meta.layers, 0)
+    embd, head = _embedding_and_head(meta)
+    in_layers = b.weights - embd - (0 if meta.extra.get("tied_output") else head) + b.kv
     if gpus == 0:
         fixed = b.compute + b.output + LLAMA_CPU_OVERHEAD
         per_node = (b.weights + b.kv) // nodes + fixed
         return Claim(backend="llama.cpp", gpus=0, nodes=nodes, vram_bytes_per_gpu=0,
                      ram_bytes=per_node, disk_bytes=meta.files_bytes, layers=layers,
-                     layer_bytes=_ceil_div(b.weights + b.kv, layers), device_bytes=fixed,
+                     layer_bytes=_ceil_div(in_layers, layers),
+                     device_bytes=b.compute + LLAMA_RPC_OVERHEAD, output_bytes=head,
+                     main_bytes=embd + fixed - b.compute - LLAMA_RPC_OVERHEAD,
                      detail=f"RAM: weights {gib(b.weights)} + KV {gib(b.kv)} ({context} tokens)"
                             f" + compute {gib(b.compute)} + output {gib(b.output)} + runtime "
                             f"{gib(LLAMA_CPU_OVERHEAD)}" + (f", over {nodes} nodes"
@@ -288,16 +293,15 @@ def llama_claim(meta: ModelMeta, context: int, gpus: int, nodes: int,
         return ("every layer stays on the CPU (" + ("`-ngl` in `args`"
                 if opts.gpu_layers is not None else '`offload = "none"`') + ")")
     devices = gpus * nodes
-    embd = _token_embd_bytes(meta)
-    on_gpu = b.weights - embd
-    per_gpu = (on_gpu + b.kv) // devices + b.compute + LLAMA_CUDA_OVERHEAD
+    on_gpu = in_layers + head - b.kv
+    per_gpu = (in_layers + head) // devices + b.compute + LLAMA_CUDA_OVERHEAD
     detail = (f"weights {gib(on_gpu)} + KV {gib(b.kv)} ({context} tokens) over {devices} GPU(s)"
               f", + compute {gib(b.compute)} + runtime {gib(LLAMA_CUDA_OVERHEAD)} per GPU")
     full = Claim(backend="llama.cpp", gpus=gpus, nodes=nodes, vram_bytes_per_gpu=per_gpu,
                  ram_bytes=embd + b.output + LLAMA_CPU_OVERHEAD, disk_bytes=meta.files_bytes,
-                 detail=detail, layers=layers, layer_bytes=_ceil_div(on_gpu + b.kv, layers),
+                 detail=detail, layers=layers, layer_bytes=_ceil_div(in_layers, layers),
                  device_bytes=b.compute + LLAMA_CUDA_OVERHEAD, cpu_bytes=b.compute,
-                 gpu_layers=(0, 0) if low == layers else (low, high))
+                 gpu_layers=(0, 0) if low == layers else (low, high), output_bytes=head)
     if gpu_memory_bytes is None or (per_gpu <= gpu_memory_bytes and high == layers):
         return full
     return partial_claim(full, gpu_memory_bytes)
@@ -308,19 +312,25 @@ def partial_claim(full: Claim, gpu_memory_bytes: int | None) -> Claim | str:
     that `full.gpu_layers` allows without it), the rest in the main node's RAM."""
     low, high = full.offload_range()
     devices = full.gpus * full.nodes
-    per_device = high if gpu_memory_bytes is None or full.layer_bytes <= 0 else \
-        max(0, gpu_memory_bytes - full.device_bytes) // full.layer_bytes
-    fit = min(high, per_device * devices)
+    if gpu_memory_bytes is None or full.layer_bytes <= 0:
+        per_device = per_head = high
+    else:  # whole layers; the last device also holds the output head
+        room = gpu_memory_bytes - full.device_bytes
+        per_device = max(0, room) // full.layer_bytes
+        per_head = max(0, room - full.output_bytes) // full.layer_bytes
+    fit = min(high, per_device * (devices - 1) + per_head)
     if fit < max(low, 1):
         short = ("half" if low < high else "all of them (`offload = \"full\"`)"
                  if high == full.layers else f"the {low} `-ngl` asks")
         return (f"needs {gib(full.vram_bytes_per_gpu)} per GPU for all {full.layers} layers "
                 f"with {devices} GPU(s); {gib(gpu_memory_bytes or 0)} holds {per_device} layers "
                 f"per GPU, {fit} in all, fewer than {short}")
+    on_head = min(per_head, fit)
+    most = max(min(per_device, fit - on_head) * full.layer_bytes,
+               on_head * full.layer_bytes + full.output_bytes) + full.device_bytes
     on_cpu = full.layers - fit
     return Claim(backend=full.backend, gpus=full.gpus, nodes=full.nodes,
-                 vram_bytes_per_gpu=_ceil_div(fit, devices) * full.layer_bytes
-                 + full.device_bytes,
+                 vram_bytes_per_gpu=most,
                  ram_bytes=full.ram_bytes + (full.cpu_bytes + on_cpu * full.layer_bytes
                                              if on_cpu else 0),
                  disk_bytes=full.disk_bytes,
@@ -328,11 +338,13 @@ def partial_claim(full: Claim, gpu_memory_bytes: int | None) -> Claim | str:
                         f"{on_cpu} in the main node's RAM; {full.detail}")
 
 
-def _token_embd_bytes(meta: ModelMeta) -> int:
-    """Bytes llama.cpp keeps in host memory: the input token embedding (a tied output head
-    gets its own copy on the GPU, so it stays counted there)."""
+def _embedding_and_head(meta: ModelMeta) -> tuple[int, int]:
+    """(input token embedding, output head) bytes of a GGUF. llama.cpp keeps the embedding
+    in host memory and puts the head on the device of the output layer; a tied head is a
+    copy of the embedding made there (TENSOR_DUPLICATED in src/llama-model.cpp)."""
     embd = _extra_int(meta, "token_embd_bytes")
-    return 0 if meta.extra.get("tied_output") else embd
+    head = embd if meta.extra.get("tied_output") else _extra_int(meta, "output_bytes")
+    return embd, head
 
 
 # -- the others -------------------------------------------------------------------------

@@ -234,6 +234,7 @@ def meta_from_gguf(parts: list[Path], source: str) -> ModelMeta:
             "intermediate_size": _num(f, f"{arch}.feed_forward_length"),
             "token_embd_bytes": _tensor_bytes(headers, "token_embd.weight"),
             "tied_output": not _tensor_bytes(headers, "output.weight"),
+            "output_bytes": _tensor_bytes(headers, "output.weight"),
             "mmproj_bytes": sum(p.stat().st_size for p in mmproj),
         },
     )

@@ -58,6 +58,12 @@ class Claim:
     # Partial offload (llama.cpp): layers kept on the main node's CPU take `layer_bytes`
     # each of its RAM, plus `cpu_bytes` once (the CPU's compute buffer).
     cpu_bytes: int = 0
+    # llama.cpp's output head sits on the device of the output layer, the last one in its
+    # order (a tied head is a copy of the token embedding there): `output_bytes` more on
+    # that device. `main_bytes`: RAM only the main takes beside its share of the layers
+    # when its CPU is one of the devices (the input token embedding).
+    output_bytes: int = 0
+    main_bytes: int = 0
     # (fewest, most) of the `layers` this layout may put on accelerators when the rest
     # stays on the main node's CPU (`offload`, `-ngl`); (0, 0): all of them, no partial.
     gpu_layers: tuple[int, int] = (0, 0)

@@ -26,7 +26,7 @@ from stack.schedule.fleet import (
     Pool,
     gpu_selected,
 )
-from stack.schedule.layers import split_layers
+from stack.schedule.layers import offload_layers, split_layers
 from stack.schedule.runtimes import choose_runtime
 
 if TYPE_CHECKING:
@@ -224,20 +224,23 @@ class SchedulerBase:
 
     def split_parts(self, m: ModelState, claim: Claim,
                     parts: list[tuple[NodeState, Pool | None, tuple[int, ...], int | None]],
-                    previous: tuple[int, ...] = (), gpu_layers: int | None = None
-                    ) -> list[Part] | None:
+                    previous: tuple[int, ...] = (), gpu_layers: int | None = None,
+                    partial: bool = False) -> list[Part] | None:
         """Each part with its share of the layers and what that share takes, or None.
 
         The devices are the parts' GPUs in order (a CPU part is one device: its RAM).
         `previous` (the split the replica runs with) is kept while it still fits, so a
         replica that stays is not restarted for a new split. With `gpu_layers` below the
         model's layers (partial offload), the devices share those and the main node keeps
-        the rest in its RAM.
+        the rest in its RAM; `partial`: as many as the devices hold (`offload_layers`).
         """
         free: list[int] = []
         for node, _, gpus, _ in parts:
             free.extend([node.free[i] for i in gpus] if gpus else [node.ram_free])
-        n = claim.layers if gpu_layers is None else gpu_layers
+        extra = self._device_extra(claim, parts, len(free))
+        free = [f - e for f, e in zip(free, extra, strict=True)]
+        n = offload_layers(claim, free) if partial else \
+            claim.layers if gpu_layers is None else gpu_layers
         per_layer, fixed = claim.layer_bytes, claim.device_bytes
         on_cpu = claim.layers - n
         split: tuple[int, ...] | None = None
@@ -254,18 +257,34 @@ class SchedulerBase:
         k = 0
         for node, pool, gpus, port in parts:
             share = split[k:k + max(len(gpus), 1)]
+            more = extra[k:k + len(share)]
             k += len(share)
             if gpus:
-                vram = tuple(layers * per_layer + fixed for layers in share)
+                vram = tuple(layers * per_layer + fixed + e
+                             for layers, e in zip(share, more, strict=True))
                 cpu = on_cpu if not out else 0
                 ram = claim.ram_bytes + (cpu * per_layer + claim.cpu_bytes if cpu else 0)
                 need = Need(len(gpus), max(vram), ram, disk, vram, share, cpu)
             else:
-                need = Need(0, 0, share[0] * per_layer + fixed, disk, (), share)
+                need = Need(0, 0, share[0] * per_layer + fixed + more[0], disk, (), share)
             if self.fits_host(node, m.name, need):
                 return None
             out.append((node, pool, gpus, need, port))
         return out
+
+    @staticmethod
+    def _device_extra(claim: Claim, parts: list[tuple[NodeState, Pool | None, tuple[int, ...],
+                                                      int | None]], devices: int) -> list[int]:
+        """Bytes beyond its layers each device takes: the output head on the last device in
+        llama.cpp's order (RPC workers first, then the main's GPUs: the main's last GPU, or
+        the last worker's last device when the main runs on its CPU); the token embedding
+        on a CPU main."""
+        extra = [0] * devices
+        main_gpus = parts[0][2]
+        extra[len(main_gpus) - 1 if main_gpus else devices - 1] += claim.output_bytes
+        if not main_gpus:
+            extra[0] += claim.main_bytes
+        return extra
 
     def split_gpus(self, node: NodeState, pool: Pool, claim: Claim, k: int,
                    policy: str) -> list[tuple[int, ...]]:

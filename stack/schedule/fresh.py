@@ -21,7 +21,7 @@ from stack.schedule.fleet import (
     Part,
     Pool,
 )
-from stack.schedule.layers import offload_devices, offload_layers, same_split, split_layers
+from stack.schedule.layers import offload_devices, same_split, split_layers
 from stack.schedule.sticky import StickyScheduler
 
 
@@ -100,7 +100,7 @@ class FreshScheduler(StickyScheduler):
                 return None
             claim, pool, gpus = got
             return self.split_parts(m, claim, [(node, pool, gpus, None)],
-                                    gpu_layers=offload_layers(claim, self._free(node, gpus)))
+                                    partial=True)
 
         placed = self._place_one_node(m, replica, backend, gpu_classes,
                                       (backend, 0, 1, 1), attempt)
@@ -134,10 +134,6 @@ class FreshScheduler(StickyScheduler):
             return claim, pool, tuple(sorted(ok[:k]))
         return None
 
-    @staticmethod
-    def _free(node: NodeState, gpus: tuple[int, ...]) -> list[int]:
-        return [node.free[i] for i in gpus]
-
     def _place_partial_split(self, m: ModelState, replica: int, backend: str,
                              classes: list[int], nodes: int) -> Placement | None:
         """A partial offload over the GPUs of `nodes` nodes (the main and RPC workers), the
@@ -146,19 +142,17 @@ class FreshScheduler(StickyScheduler):
         if layout in self.failed(m):
             return None
         chosen: list[tuple[NodeState, Pool | None, tuple[int, ...], int | None]] = []
-        free: list[int] = []
 
         def accept(node: NodeState) -> bool:
             got = self._offload_part(m, backend, node)
             if got is not None:
                 chosen.append((node, got[1], got[2], None))
-                free.extend(self._free(node, got[2]))
             return len(chosen) == nodes
 
         self.candidates(m, classes, accept)
         claim = self.partial_claim(m, backend, nodes)
         parts = None if len(chosen) < nodes or claim is None else \
-            self.split_parts(m, claim, chosen, gpu_layers=offload_layers(claim, free))
+            self.split_parts(m, claim, chosen, partial=True)
         if parts is None:
             self.failed(m).add(layout)
             return None

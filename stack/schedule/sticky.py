@@ -19,7 +19,6 @@ from stack.schedule.fleet import (
     Part,
     Pool,
 )
-from stack.schedule.layers import offload_layers
 from stack.schedule.runtimes import choose_runtime
 
 
@@ -100,13 +99,12 @@ class StickyScheduler(SchedulerBase):
         claim = self.partial_claim(m, prev.backend, len(resolved))
         if claim is None:
             return None
-        free = [node.free[i] for node, _, gpus, _ in resolved for i in gpus]
         low, high = claim.offload_range()
         if prev.split and low <= sum(prev.split) <= high:
             fitted = self.split_parts(m, claim, resolved, prev.split, sum(prev.split))
             if fitted is not None:
                 return fitted
-        return self.split_parts(m, claim, resolved, gpu_layers=offload_layers(claim, free))
+        return self.split_parts(m, claim, resolved, partial=True)
 
 
     def _fits_exactly(self, m: ModelState, backend: str, node: NodeState, gpus: tuple[int, ...],
