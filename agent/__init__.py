@@ -7,7 +7,8 @@
     procs        processes, records for adoption, stopping by group
     runner       one instance's reconcile step
     reconcile    the loop over all instances, assignment validation, status
-    api          the HTTP API
+    api          the HTTP API (one JSON error shape)
+    json_input   JSON from outside (API bodies, assignment.json), read within bounds
     metrics      Prometheus text of the status and GPU metrics
     gpu_metrics  reading GPU metrics: NVML for NVIDIA, the vendor tools otherwise
     gpus         the vendor tools' output parsers (shared with the controller's facts)

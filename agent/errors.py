@@ -1,13 +1,15 @@
 """The agent's errors: a one-sentence message and a `hint:` that says what to do.
 
     AgentError              a bad agent.toml, token file or assignment
-    └── CommandError        an instance whose backend command cannot be built
+    ├── CommandError        an instance whose backend command cannot be built
+    └── RequestError        (agent.api) a request the API refuses, with its HTTP status
 
 The agent stands alone (it imports nothing of the controller), so its root is its own;
 `render()` prints the same two lines as the controller's errors.
 
 Per-instance problems never raise out of the reconcile loop: they become the
-instance's `failed` state with the same message and hint.
+instance's `failed` state with the same message and hint. The API answers every
+failure as `{"error": message, "hint": hint}`.
 """
 
 from __future__ import annotations
