@@ -24,6 +24,7 @@ from agent.errors import AgentError
 from agent.reconcile import VERSION
 
 log = logging.getLogger("agent")
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers; the agent's own need 1 KiB
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,9 +130,12 @@ async def _serve(cfg: AgentConfig, token: str) -> None:
 
     reconciler = Reconciler(cfg)
     host, port = cfg.listen_address()
+    # h11, not httptools: it bounds a request's head (httptools takes headers of any
+    # size, before the token is checked)
     server = Server(uvicorn.Config(create_app(reconciler, token, GpuReader()), host=host,
                                    port=port, log_level="warning", access_log=False,
-                                   lifespan="off"))
+                                   lifespan="off", http="h11",
+                                   h11_max_incomplete_event_size=MAX_HEAD_BYTES))
     stop = asyncio.Event()
 
     def shutdown() -> None:

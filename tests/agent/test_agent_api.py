@@ -7,7 +7,9 @@ module; the two internal errors are provoked in-process, where a fault can be pl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,18 @@ def test_a_missing_or_wrong_token_is_a_json_401(agent: Agent) -> None:
             assert response.headers["www-authenticate"] == "Bearer"
     unread = httpx.put(base + "/v1/assignment", content=b"[" * 100_000)
     assert error_of(unread, 401) == "missing or wrong bearer token"  # token before body
+
+
+def test_a_request_head_over_16_kib_is_refused_before_the_token_is_read(agent: Agent) -> None:
+    # the HTTP server answers this itself (plain text): the request never reaches the API
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as conn:
+        conn.sendall(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n")
+        with contextlib.suppress(OSError):  # the server may close before all is sent
+            for _ in range(200):
+                conn.sendall(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+        answer = conn.recv(200)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    accepted(agent)
 
 
 @pytest.mark.parametrize("instance_id", ["a" * 10_000, "a%00b", "%2E%2E", ".hidden", "a%0Ab"])
