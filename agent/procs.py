@@ -39,7 +39,9 @@ class ProcRecord:
 def write_private(path: Path, text: str) -> None:
     """Write a file with mode 0600 atomically (temp file, then rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # a temp file left by a crash keeps its mode through O_TRUNC, and may be a link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from agent.config import load_config, read_token
 from agent.errors import AgentError
 from agent.logs import rotate_if_large, tail
 from agent.metrics import render_metrics
+from agent.procs import write_private
 from agent.runner import backoff_delay
 
 
@@ -68,3 +71,13 @@ def test_config_errors_name_the_key_and_token_mode(tmp_path: Path) -> None:
     assert "has mode 0640" in err.value.message and "chmod 600" in err.value.hint
     token.chmod(0o600)
     assert read_token(cfg) == "secret"
+
+
+def test_private_files_are_0600_even_over_a_temp_file_left_readable(tmp_path: Path) -> None:
+    target = tmp_path / "assignment.json"
+    stale = tmp_path / f".assignment.json.{os.getpid()}.tmp"
+    stale.write_text("old")
+    stale.chmod(0o644)
+    write_private(target, "{}")
+    assert target.read_text() == "{}" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert not stale.exists()
