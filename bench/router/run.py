@@ -92,9 +92,15 @@ class Procs:
 
 
 def wrk(url: str, lua: Path, conns: int, seconds: int, cpus: str = LOAD_CPU) -> dict[str, float]:
-    out = subprocess.run(
-        ["taskset", "-c", cpus, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
-         "-s", str(lua), url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    argv = ["taskset", "-c", cpus, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
+            "-s", str(lua), url]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    except subprocess.TimeoutExpired:
+        # one stuck measurement must not lose the run: reported as 0 req/s, and said here
+        print(f"warning: `{' '.join(argv[3:])}` did not end within {seconds + 60} s",
+              file=sys.stderr)
+        out = ""
 
     def ms(label: str) -> float:
         m = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out)
@@ -177,7 +183,9 @@ def compare(procs: Procs, tmp: Path, upstream: str, tree: Path, secs: int,
             wait_port(port, 15)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             wrk(url, chat, 32, 2)
+            cpu0 = cpu_seconds(router.pid)
             row = wrk(url, chat, 32, secs)
+            row["us_per_req"] = (cpu_seconds(router.pid) - cpu0) / max(1.0, row["rps"] * secs) * 1e6
             row["chunks"] = wrk(url, stream, 8, secs)["rps"] * STREAM_CHUNKS
             procs.stop_one(router)
             results[name].append(row)
@@ -481,16 +489,21 @@ def report_compare(results: dict[str, list[dict[str, float]]], rev: str, secs: i
     rounds = len(results["before"])
     print(f"\n## Before ({rev}) and after, same run: wrk -t1 -c32 -d{secs}s x {rounds} rounds "
           "(alternating), one worker on core 0; medians\n")
-    print("| router | req/s | each round | p50 ms | p99 ms | non-2xx | stream chunks/s (c8) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| router | req/s | each round | p50 ms | p99 ms | non-2xx | router CPU us/req | "
+          "stream chunks/s (c8) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name in ("before", "after"):
         each = ", ".join(f"{r['rps']:,.0f}" for r in results[name])
         errors = sum(r["errors"] for r in results[name])
         print(f"| {name} | {median(name, 'rps'):,.0f} | {each} | {median(name, 'p50'):.2f} | "
-              f"{median(name, 'p99'):.2f} | {errors:.0f} | {median(name, 'chunks'):,.0f} |")
-    print(f"\n- after / before: **{median('after', 'rps') / median('before', 'rps'):.3f}x** "
-          f"req/s, **{median('after', 'chunks') / median('before', 'chunks'):.3f}x** "
-          "stream chunks/s")
+              f"{median(name, 'p99'):.2f} | {errors:.0f} | {median(name, 'us_per_req'):.1f} | "
+              f"{median(name, 'chunks'):,.0f} |")
+
+    def ratio(field: str) -> float:
+        return median("after", field) / median("before", field)
+
+    print(f"\n- after / before: **{ratio('rps'):.3f}x** req/s, **{ratio('us_per_req'):.3f}x** "
+          f"router CPU per request, **{ratio('chunks'):.3f}x** stream chunks/s")
 
 
 if __name__ == "__main__":
