@@ -86,7 +86,7 @@ def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir
     from stack.config import check_pins_against
 
     if spec.stack.inventory:  # inline hosts are checked when stack.toml is loaded
-        check_pins_against(spec, list(observed.nodes))
+        check_pins_against(spec, list(observed.nodes), stack_bytes.decode("utf-8", "replace"))
     return plan_evaluated(spec, stack_bytes, observed, evaluate_models(spec, stack_dir),
                           stack_dir, agent_version())
 

@@ -9,7 +9,6 @@ import re
 from router.config import is_loopback, parse_listen
 from stack.config.messages import NAME_HINT
 from stack.config.report import Loc, Report, dotted, show, suggest
-from stack.errors import ConfigError
 from stack.selector import SelectorError, parse_selector
 from stack.spec import (
     NAME_PATTERN,
@@ -18,6 +17,7 @@ from stack.spec import (
     ROCM_RELEASE,
     StackSpec,
 )
+from stack.tomlpos import locate
 
 NAME = re.compile(NAME_PATTERN)
 SOURCE_SCHEMES = ("hf://", "modelscope://", "local://")
@@ -107,17 +107,23 @@ def _check_pin(spec: StackSpec, base: Loc, node: str, gpus: list[int],
                    "distinct GPU indices", "e.g. `gpus = [0, 1]`.")
 
 
-def check_pins_against(spec: StackSpec, hosts: list[str]) -> None:
-    """Pins name hosts of the inventory file (only known once it is loaded: `stack plan`)."""
+def check_pins_against(spec: StackSpec, hosts: list[str], text: str = "",
+                       filename: str = "stack.toml") -> None:
+    """Pins name hosts of the inventory file (only known once it is loaded: `stack plan`);
+    `text`, the stack file's, places the error on its line."""
+    report = Report(filename, locate(text))
     for name, model in spec.models.items():
         if model.pin is None or model.pin.node in hosts:
             continue
         guess = suggest(model.pin.node, hosts)
-        raise ConfigError(
-            f"`models.{name}.pin.node` names `{model.pin.node}`, which is not a host of the "
-            f"inventory file `{spec.stack.inventory}`",
-            hint=f"did you mean `{guess}`?" if guess else
-            "pin to one of: " + ", ".join(f"`{h}`" for h in hosts) + ".")
+        path: Loc = ("models", name, "pin", "node")
+        report.add(path, f"`{dotted(path)}` names `{model.pin.node}`, which is not a host of "
+                   f"the inventory file `{spec.stack.inventory}`",
+                   f"did you mean `{guess}`?" if guess else
+                   "pin to one of: " + ", ".join(f"`{h}`" for h in hosts) + ".")
+    problems = report.sorted()
+    if problems:
+        raise problems[0]
 
 
 def _check_api_names(spec: StackSpec, report: Report) -> None:
