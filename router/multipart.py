@@ -93,8 +93,9 @@ async def read_upload(req: Request, max_bytes: int) -> tuple[Upload, bytes | Non
         size += len(piece)
         if size > max_bytes:
             req.keep_alive = False
-            raise ApiError(413, "request body is too large", "invalid_request_error",
-                           "request_too_large")
+            raise ApiError(413, f"the upload has no `model` field within the router's "
+                           f"`max_body_bytes` ({max_bytes} bytes); put `model` before the file",
+                           "invalid_request_error", "request_too_large")
         model = find_field(b"".join(head), found, b"model")
     length = req.headers.get(b"content-length")
     upload = Upload(b"".join(head), stream,
