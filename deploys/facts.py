@@ -194,7 +194,7 @@ def _managed(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _stacks(raw: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The stacks recorded on the host; a record that is not what apply writes (a name,
-    an absolute path, a port) is left out. None: the script did not say (an older one)."""
+    an absolute path, ports) is left out. None: the script did not say (an older one)."""
     items = raw.get("stacks")
     if not isinstance(items, list):
         return None
@@ -202,11 +202,17 @@ def _stacks(raw: dict[str, Any]) -> list[dict[str, Any]] | None:
     for item in items:
         if not isinstance(item, dict):
             continue
-        name, prefix, port = (str(item.get(k, "")) for k in ("name", "prefix", "agent_port"))
+        name, prefix, port, router = (str(item.get(k) or "") for k in
+                                      ("name", "prefix", "agent_port", "router_port"))
         if re.match(NAME_PATTERN, name) and re.match(PREFIX_PATTERN, prefix) \
-                and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
-            out.append({"name": name, "prefix": prefix.rstrip("/"), "agent_port": int(port)})
+                and _port(port) and (not router or _port(router)):
+            out.append({"name": name, "prefix": prefix.rstrip("/"), "agent_port": int(port),
+                        "router_port": int(router) if router else None})
     return out
+
+
+def _port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def node_facts_from(raw: dict[str, Any], *, address: str = "",

@@ -396,19 +396,21 @@ done
 J="$J]"
 
 # -- the stacks this user installed here (apply records each in
-# $HOME/.config/modelstack/stacks/NAME: `prefix=PATH` and `agent_port=N` lines; destroy
-# removes it); a record whose prefix is gone is stale and left out. Checked on the
+# $HOME/.config/modelstack/stacks/NAME: `prefix=PATH`, `agent_port=N` and on a router host
+# `router_port=N` lines; destroy removes it); a record whose prefix is gone is stale and
+# left out. Checked on the
 # controller (deploys/facts.py): names, paths and ports are only data here.
 J="$J,$NL \"stacks\": ["
 sep=""
 if [ -n "${HOME:-}" ]; then
   for record in "$HOME"/.config/modelstack/stacks/*; do
     [ -f "$record" ] || continue
-    s_prefix="" s_port=""
+    s_prefix="" s_port="" s_router=""
     while IFS= read -r line || [ -n "$line" ]; do
       case $line in
         prefix=*) s_prefix=${line#prefix=} ;;
         agent_port=*) s_port=${line#agent_port=} ;;
+        router_port=*) s_router=${line#router_port=} ;;
       esac
     done <"$record"
     [ -n "$s_prefix" ] && [ -d "$s_prefix" ] || continue
@@ -418,6 +420,8 @@ if [ -n "${HOME:-}" ]; then
     jput "$s_prefix"
     J="$J, \"agent_port\": "
     jput "$s_port"
+    J="$J, \"router_port\": "
+    jput "$s_router"
     J="$J}"
     sep=", "
   done

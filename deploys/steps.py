@@ -114,7 +114,8 @@ def _file_step(key: str, target: HostTarget, dest: str, content: bytes, mode: st
 
 def record_text(record: StackOnHost) -> str:
     """A stack's record on a host, as deploys/facts.sh reads it back."""
-    return f"prefix={record.prefix}\nagent_port={record.agent_port}\n"
+    router = f"router_port={record.router_port}\n" if record.router_port else ""
+    return f"prefix={record.prefix}\nagent_port={record.agent_port}\n{router}"
 
 
 def record_commands(target: HostTarget) -> list[str]:

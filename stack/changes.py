@@ -36,7 +36,7 @@ from stack.plan import (
     replica_address,
     sha256_bytes,
 )
-from stack.snapshot import ManagedFile, NodeFacts, Observed
+from stack.snapshot import ManagedFile, NodeFacts, Observed, StackOnHost
 from stack.spec import StackSpec
 
 
@@ -332,9 +332,13 @@ def _record_changes(spec: StackSpec, observed: Observed, node_files: list[Change
         if want not in facts.stacks:
             out.append(Change(address, Action.UPDATE, "the host has no record of this "
                               "stack in ~/.config/modelstack/stacks", "none", name,
-                              (("record", f"prefix {want.prefix}, agent port "
-                                          f"{want.agent_port}"),)))
+                              (("record", _record_line(want)),)))
     return out
+
+
+def _record_line(record: StackOnHost) -> str:
+    router = f", router port {record.router_port}" if record.router_port else ""
+    return f"prefix {record.prefix}, agent port {record.agent_port}{router}"
 
 
 def _file_drift(want: HostFile, have: ManagedFile | None) -> list[tuple[str, Action, str]]:

@@ -1,16 +1,18 @@
 """Other stacks on the same host: which of them this stack would collide with.
 
 `stack apply` records every stack it installs on a host, as the SSH user, in
-`~/.config/modelstack/stacks/NAME` (its prefix and its agent's port, written with
-agent.toml: `deploys.steps.record_commands`; `stack destroy` removes it), and the facts
-list those records (`NodeFacts.stacks`). Two stacks on one host must not share the
-agent's port (the second agent would not start), and neither prefix may hold the other's
-(one would stop or remove the other's services and files).
+`~/.config/modelstack/stacks/NAME` (its prefix, its agent's port and on a router host its
+router's, written with agent.toml: `deploys.steps.record_commands`; `stack destroy`
+removes it), and the facts list those records (`NodeFacts.stacks`). Two stacks on one
+host must not share a port (the second agent or router would not start), and neither
+prefix may hold the other's (one would stop or remove the other's services and files).
 A host where this stack collides with another is left out of the plan: nothing is placed
 or written there, and `stack plan` and `stack apply` exit 1 with the reason.
 """
 
 from __future__ import annotations
+
+from fnmatch import fnmatchcase
 
 from stack.hostfiles import agent_port
 from stack.nodes import node_prefix
@@ -22,7 +24,21 @@ from stack.spec import StackSpec
 def own_record(spec: StackSpec, node: str) -> StackOnHost:
     """The record this stack keeps on `node`."""
     return StackOnHost(name=spec.stack.name, prefix=node_prefix(spec, node),
-                       agent_port=agent_port(spec, node))
+                       agent_port=agent_port(spec, node), router_port=_router_port(spec, node))
+
+
+def _router_port(spec: StackSpec, node: str) -> int | None:
+    """The port of `[router] listen` when `node` is a router host (as the scheduler picks
+    them: a glob of `router.hosts` matches, or there are none)."""
+    if spec.router.hosts and not any(fnmatchcase(node, g) for g in spec.router.hosts):
+        return None
+    port = spec.router.listen.rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+def _ports(record: StackOnHost) -> list[tuple[str, int]]:
+    return [("agent", record.agent_port)] + (
+        [("router", record.router_port)] if record.router_port else [])
 
 
 def overlaps(a: str, b: str) -> bool:
@@ -51,12 +67,17 @@ def node_conflicts(spec: StackSpec, node: str, facts: NodeFacts,
                 + _where(other.prefix, ours.prefix),
                 f"give this stack a folder of its own: {pattern} prefix` (or "
                 f"`[stack] prefix`), or `stack destroy` the stack `{other.name}` first."))
-        if ports and other.agent_port == ours.agent_port:
-            out.append(HostProblem(
-                node, f"stack `{other.name}` already uses agent port {other.agent_port} "
-                f"(prefix {other.prefix})",
-                f"give this stack another port: {pattern} agent_port` in stack.toml, or "
-                f"`stack destroy` the stack `{other.name}` first."))
+        for mine, port in _ports(ours) if ports else []:
+            for theirs, used in _ports(other):
+                if used != port:
+                    continue
+                key = (f"{pattern} agent_port`" if mine == "agent"
+                       else "`[router] listen`")
+                out.append(HostProblem(
+                    node, f"stack `{other.name}` already uses {theirs} port {used} "
+                    f"(prefix {other.prefix})",
+                    f"give this stack's {mine} another port: {key} in stack.toml, or "
+                    f"`stack destroy` the stack `{other.name}` first."))
     return out
 
 

@@ -54,11 +54,13 @@ class ManagedFile(_Open):
 
 class StackOnHost(_Open):
     """A stack `stack apply` installed on a host (its record under
-    `~/.config/modelstack/stacks/NAME`): where it lives and its agent's port."""
+    `~/.config/modelstack/stacks/NAME`): where it lives, its agent's port and, on a
+    router host, its router's port."""
 
     name: str
     prefix: str
     agent_port: int
+    router_port: int | None = None
 
 
 class NodeFacts(_Open):

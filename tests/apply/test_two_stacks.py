@@ -1,6 +1,7 @@
 """Two stacks on one host, over real SSH on a loopback host (agents and routers only):
 
-`a` and `b` have their own prefix, agent port and router port and both run side by side;
+`a` and `b` have their own prefix, agent port and router port and both run side by side
+(each records itself on the host);
 a third stack `c` on `a`'s agent port is refused by `stack plan` with the reason;
 `stack destroy` of `a` stops only `a` (its record goes too, so `c` may have the port now)
 and `b`'s plan stays clean. About a minute on 2 cores (two agent installs).
@@ -79,7 +80,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         patch.setenv("STACK_SECRET", "two-stacks-test-secret-0123456789ab")
         try:
             yield {"fleet": fleet, "host": host, "dirs": dirs,
-                   "agent_a": agent_a, "agent_b": agent_b}
+                   "agent_a": agent_a, "agent_b": agent_b, "router_a": router_a}
         finally:
             for name in ("a", "b"):
                 run_stack("destroy", "--auto-approve", cwd=dirs[name], timeout=120)
@@ -98,7 +99,8 @@ def test_1_two_stacks_with_their_own_prefix_and_agent_port_run_side_by_side(
         assert _alive(host.path / "stacks" / name / "run" / "agent.pid"), name
     records = host.path / "home" / ".config" / "modelstack" / "stacks"
     assert (records / "a").read_text() == (f"prefix={host.path / 'stacks' / 'a'}\n"
-                                           f"agent_port={world['agent_a']}\n")
+                                           f"agent_port={world['agent_a']}\n"
+                                           f"router_port={world['router_a']}\n")
     for name in ("a", "b"):
         plan = run_stack("plan", "--detailed-exitcode", cwd=world["dirs"][name])
         assert plan.returncode == 0, plan.stdout + plan.stderr

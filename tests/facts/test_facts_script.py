@@ -227,7 +227,9 @@ def test_facts_list_the_stacks_recorded_for_the_user_and_skip_stale_or_bad_recor
     (live / "state").mkdir(parents=True)
     records = home / ".config" / "modelstack" / "stacks"
     records.mkdir(parents=True)
-    (records / "prod").write_text(f"prefix={live}\nagent_port=7071\n")
+    (records / "prod").write_text(f"prefix={live}\nagent_port=7071\nrouter_port=8081\n")
+    (records / "test").write_text(f"prefix={live}\nagent_port=7074\n")  # no router there
+    (records / "bad-router").write_text(f"prefix={live}\nagent_port=7075\nrouter_port=0\n")
     (records / "gone").write_text(f"prefix={tmp_path / 'removed'}\nagent_port=7072\n")
     (records / "bad-port").write_text(f"prefix={live}\nagent_port=$(touch PWNED)\n")
     (records / "no newline").write_text(f"prefix={live}\nagent_port=7073")
@@ -237,7 +239,7 @@ def test_facts_list_the_stacks_recorded_for_the_user_and_skip_stale_or_bad_recor
                           capture_output=True, text=True, timeout=30, check=True, cwd=tmp_path)
     node = node_facts_from(parse_facts_output(done.stdout))
     assert node.stacks is not None
-    assert [(s.name, s.prefix, s.agent_port) for s in node.stacks] == [
-        ("prod", str(live), 7071)]
+    assert [(s.name, s.prefix, s.agent_port, s.router_port) for s in node.stacks] == [
+        ("prod", str(live), 7071, 8081), ("test", str(live), 7074, None)]
     assert not list(tmp_path.rglob("PWNED*"))
     assert node_facts_from(_script_facts(tmp_path / "none")).stacks == []  # no HOME: none
