@@ -82,6 +82,10 @@ class NodeState:
     cls: int = 0
     version: int = 0
     unified: bool = False  # the GPU's memory is the RAM (Apple): one pool, taken by both
+    free0: dict[int, int] = field(default_factory=dict)  # `free` before this pass placed any
+
+    def __post_init__(self) -> None:
+        self.free0 = dict(self.free)
 
     def load(self) -> float:
         """Fraction of the node taken (VRAM on GPU nodes, RAM otherwise)."""

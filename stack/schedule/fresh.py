@@ -25,6 +25,21 @@ from stack.schedule.layers import offload_devices, same_split, split_layers
 from stack.schedule.sticky import StickyScheduler
 
 
+# binpack compares this many nodes that fit (in its order, most loaded first)
+BINPACK_LOOK = 8
+
+
+def _opened(parts: list[Part]) -> int:
+    """GPUs the parts would take that hold nothing yet."""
+    return sum(1 for node, _, gpus, _, _ in parts for i in gpus if node.free[i] == node.free0[i])
+
+
+def _left(parts: list[Part]) -> int:
+    """Free memory left on the GPUs the parts take."""
+    return sum(node.free[i] - (need.vram_by_gpu[k] if need.vram_by_gpu else need.vram)
+               for node, _, gpus, need, _ in parts for k, i in enumerate(gpus))
+
+
 class FreshScheduler(StickyScheduler):
     """Places replicas that run nowhere yet.
 
@@ -189,7 +204,9 @@ class FreshScheduler(StickyScheduler):
                         layout: tuple[str, int, int, int],
                         attempt: Callable[[NodeState], list[Part] | None]) -> Placement | None:
         """The first node in policy order where `attempt` fits the replica (spread: one
-        without this model first)."""
+        without this model first; binpack: of the first BINPACK_LOOK that fit, the one
+        opening the fewest empty GPUs, then into used GPUs the tightest fit, into empty ones
+        the largest)."""
         if layout in self.failed(m):
             return None
         policy = m.policy
@@ -204,8 +221,10 @@ class FreshScheduler(StickyScheduler):
             if got is None:
                 return False
             found.append((node, got))
+            if policy == "binpack":
+                return len(found) >= BINPACK_LOOK or not _opened(got)
             # spread: a node without this model wins; one with it is only a fallback
-            return policy != "spread" or pin is not None or not node.models.get(m.name)
+            return pin is not None or not node.models.get(m.name)
 
         if pin:
             node = self.fleet.nodes.get(pin.node)
@@ -225,6 +244,8 @@ class FreshScheduler(StickyScheduler):
         if policy == "spread":
             # fewest replicas of this model first; ties keep policy order
             found.sort(key=lambda f: f[0].models.get(m.name, 0))
+        else:  # best fit in used GPUs; a new GPU: the largest, room for what comes next
+            found.sort(key=lambda f: (_opened(f[1]), _left(f[1]) * (-1 if _opened(f[1]) else 1)))
         return self.place(m, replica, backend, found[0][1])
 
     def _layout_possible(self, m: ModelState, backend: str, cls: int, gpus: int) -> bool:
