@@ -24,7 +24,6 @@ from stack.schedule.fleet import (
 from stack.schedule.layers import offload_devices, same_split, split_layers
 from stack.schedule.sticky import StickyScheduler
 
-
 # binpack compares this many nodes that fit (in its order, most loaded first)
 BINPACK_LOOK = 8
 
