@@ -34,7 +34,11 @@ def step(item: Step) -> Generator[Any, None, None]:
         return
     for upload in item.uploads:
         parent = str(PurePosixPath(upload.dest).parent)
-        yield StringCommand(f"mkdir -p {shlex.quote(parent)}")
+        # the file exists first, readable by its owner alone: the upload writes into it
+        # and keeps that mode, so a token is never readable by others, not even before
+        # its step sets the final mode
+        yield StringCommand(f"mkdir -p {shlex.quote(parent)} && "
+                            f"(umask 077 && : > {shlex.quote(upload.dest)})")
         if upload.content is not None:
             yield FileUploadCommand(io.BytesIO(upload.content), upload.dest)
         else:
