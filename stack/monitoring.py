@@ -4,11 +4,11 @@
     render_scrape_config(targets, token_dir) -> str  the YAML Prometheus reads (pure)
 
 Routers export `/metrics` without a key on the router's listen address; agents export it
-on their API address (port 7070) behind the agent's bearer token, which differs per node
-(derived from the stack secret), so each agent gets its own scrape job that reads its
-token from `TOKEN_DIR/NODE.token`. All agent jobs carry the label `job="modelstack-agent"`.
-Agent jobs keep the agent's own labels (`honor_labels`): its `instance` label is the model
-instance id and its `node` label is the node name.
+on their API address (`agent_port`, default 7070) behind the agent's bearer token, which
+differs per node (derived from the stack secret), so each agent gets its own scrape job
+that reads its token from `TOKEN_DIR/NODE.token`. All agent jobs carry the label
+`job="modelstack-agent"`. Agent jobs keep the agent's own labels (`honor_labels`): its
+`instance` label is the model instance id and its `node` label is the node name.
 """
 
 from __future__ import annotations
