@@ -9,7 +9,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from deploys.services import Service, reload_commands, start_commands, stop_commands, unit_file
+import pytest
+
+from deploys.services import (
+    LIMIT_NOFILE,
+    Service,
+    reload_commands,
+    start_commands,
+    stop_commands,
+    unit_file,
+)
+from stack.errors import ConfigError
 
 
 def _wait(check: Callable[[], bool], timeout: float = 10) -> bool:
@@ -72,3 +82,19 @@ def test_systemd_unit_and_launchd_plist_name_the_command_and_log() -> None:
     assert start_commands(service, running=True, restart=True)[-1] == (
         "systemctl restart modelstack-prod-agent"
     )
+
+
+def test_systemd_unit_quotes_each_word_the_systemd_way_and_sets_the_open_files_limit() -> None:
+    argv = ("/opt/stack/agent/venv/bin/stack-agent", "--config", "/srv/my stack/%h $HOME\"x")
+    unit = unit_file(Service("agent", "prod", "/opt/stack", argv, manager="systemd"))
+    assert ("ExecStart=/opt/stack/agent/venv/bin/stack-agent --config "
+            '"/srv/my stack/%%h $$HOME\\"x"\n') in unit
+    assert f"LimitNOFILE={LIMIT_NOFILE}\n" in unit
+
+
+@pytest.mark.parametrize("manager", ["systemd", "launchd", "supervise"])
+def test_no_service_file_is_written_with_a_control_character_in_it(manager: str) -> None:
+    service = Service("agent", "prod", "/opt/stack\nExecStartPre=/bin/touch /x",
+                      ("/opt/stack/agent/venv/bin/stack-agent",), manager=manager)
+    with pytest.raises(ConfigError, match="control character"):
+        unit_file(service)
