@@ -50,7 +50,7 @@ def load(path: Path) -> StackSpec:
 def read_text(path: Path) -> str:
     """The text of the stack file, or a `ConfigError` saying why it cannot be read."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM from some editors is not TOML
     except FileNotFoundError as exc:
         raise ConfigError(
             f"`{path}` does not exist",

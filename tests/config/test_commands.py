@@ -151,3 +151,12 @@ def test_plan_places_a_pin_to_a_host_the_inventory_lacks_on_its_line(
     assert capsys.readouterr().err == (
         "error: `models.q.pin.node` names `gpu-1`, which is not a host of the inventory file "
         "`inventory.py` (stack.toml:6:16)\nhint: did you mean `gpu-01`?\n")
+
+
+def test_validate_reads_a_file_that_starts_with_a_byte_order_mark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "stack.toml"
+    path.write_bytes(b'\xef\xbb\xbf[stack]\nname = "lab"\n')
+    assert run(["validate", "-f", str(path)]) == 0
+    assert capsys.readouterr().out == "stack.toml is valid: 0 models, 0 hosts\n"
