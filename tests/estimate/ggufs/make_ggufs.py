@@ -1,10 +1,14 @@
-"""Writes the two DeepSeek-V3 GGUF header fixtures: the same model as llama.cpp's
-converter writes it today (MLA: `attn_k_b`/`attn_v_b`, one KV head of 576, the
-`key_length_mla`/`value_length_mla` keys) and as older converters did (`attn_kv_b`, 128 KV
-heads of 192/128). Only the header, metadata and tensor infos: no tensor data, so each
-file is a few tens of KiB while its tensor infos describe the real ~150 GB IQ1_S model.
+"""Writes the GGUF header fixtures of this folder: only the header, metadata and tensor
+infos, no tensor data, so each file is tens of KiB while its tensor infos describe the
+real model (the estimator reads nothing else).
 
-    .venv/bin/python tests/estimate/ggufs/make_deepseek.py
+- DeepSeek-V3 IQ1_S as llama.cpp's converter writes it today (MLA: `attn_k_b`/`attn_v_b`,
+  one KV head of 576, the `key_length_mla`/`value_length_mla` keys) and as older
+  converters did (`attn_kv_b`, 128 KV heads of 192/128);
+- Meta-Llama-3-70B-Instruct Q4_K_M (80 layers, 8 KV heads; Q6_K for attn_v, ffn_down and
+  the output as llama.cpp's Q4_K_M mix does for most layers).
+
+    .venv/bin/python tests/estimate/ggufs/make_ggufs.py
 """
 
 from __future__ import annotations
@@ -57,6 +61,51 @@ def _tensors(mla: bool) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType
     return out
 
 
+def _llama_tensors() -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
+    embd, ff, kv = 8192, 28672, 8 * 128
+    out = [("token_embd.weight", (embd, 128256), Q.Q4_K), ("output_norm.weight", (embd,), Q.F32),
+           ("output.weight", (embd, 128256), Q.Q6_K)]
+    for i in range(80):
+        b = f"blk.{i}."
+        out += [(b + "attn_norm.weight", (embd,), Q.F32), (b + "ffn_norm.weight", (embd,), Q.F32),
+                (b + "attn_q.weight", (embd, embd), Q.Q4_K),
+                (b + "attn_k.weight", (embd, kv), Q.Q4_K),
+                (b + "attn_v.weight", (embd, kv), Q.Q6_K),
+                (b + "attn_output.weight", (embd, embd), Q.Q4_K),
+                (b + "ffn_gate.weight", (embd, ff), Q.Q4_K),
+                (b + "ffn_up.weight", (embd, ff), Q.Q4_K),
+                (b + "ffn_down.weight", (ff, embd), Q.Q6_K)]
+    return out
+
+
+def write_llama(path: Path) -> None:
+    w = GGUFWriter(path, "llama")
+    w.add_name("Meta-Llama-3-70B-Instruct Q4_K_M")
+    w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    w.add_block_count(80)
+    w.add_context_length(8192)
+    w.add_embedding_length(8192)
+    w.add_feed_forward_length(28672)
+    w.add_head_count(64)
+    w.add_head_count_kv(8)
+    w.add_rope_dimension_count(128)
+    w.add_vocab_size(128256)
+    _finish(w, path, _llama_tensors())
+
+
+def _finish(w: GGUFWriter, path: Path,
+            tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> None:
+    for name, shape, qtype in tensors:
+        block, size = GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(shape))
+        w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), n // block * size,
+                          raw_dtype=qtype)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+
+
 def write(path: Path, mla: bool) -> None:
     w = GGUFWriter(path, "deepseek2")
     w.add_name("DeepSeek-V3 IQ1_S (" + ("MLA conversion" if mla else "legacy conversion") + ")")
@@ -85,17 +134,10 @@ def write(path: Path, mla: bool) -> None:
         w.add_head_count_kv(HEADS)
         w.add_key_length(NOPE + ROPE)
         w.add_value_length(V_DIM)
-    for name, shape, qtype in _tensors(mla):
-        block, size = GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(shape))
-        w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), n // block * size,
-                          raw_dtype=qtype)
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
+    _finish(w, path, _tensors(mla))
 
 
 if __name__ == "__main__":
     write(HERE / "deepseek-v3-iq1_s-mla.gguf", mla=True)
     write(HERE / "deepseek-v3-iq1_s-legacy.gguf", mla=False)
+    write_llama(HERE / "llama-3-70b-instruct-q4_k_m.gguf")
