@@ -30,7 +30,8 @@ from agent.reconcile import Reconciler, parse_assignment, write_assignment
 
 log = logging.getLogger("agent.api")
 
-# an assignment of a thousand instances is about 600 KB
+# a thousand instances as the controller builds them are about 600 KB of compact JSON
+# (800 KB indented)
 MAX_BODY_BYTES: Final = 1024 * 1024
 ROUTES: Final = ("GET /healthz, GET /v1/status, PUT /v1/assignment, "
                  "GET /v1/instances/ID/logs and GET /metrics")
@@ -105,8 +106,8 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The request's body, refused with 413 beyond `limit` bytes (before reading it
     when `Content-Length` says so, else as soon as the stream passes it)."""
     too_big = RequestError(413, f"the body is larger than {limit} bytes",
-                           hint="an assignment of a thousand instances is about 600 KB; "
-                           "split the fleet or check what is sent.")
+                           hint="a thousand instances are about 600 KB of compact JSON; "
+                           "send it without indentation, or check what is sent.")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_big
