@@ -138,21 +138,6 @@ def test_reference_documents_every_section() -> None:
     assert '| `reserved_vram` | size such as "24GiB" or a number of bytes | `0` |' in text
 
 
-def test_plan_places_a_pin_to_a_host_the_inventory_lacks_on_its_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (tmp_path / "inventory.py").write_text('hosts = ["gpu-01"]\n')
-    (tmp_path / "facts.json").write_text(json.dumps({"format_version": 1, "nodes": {
-        "gpu-01": {"address": "10.0.0.11", "agent": {}}}}))
-    path = tmp_path / "stack.toml"
-    path.write_text('[stack]\ninventory = "inventory.py"\n\n[models.q]\nsource = "/m"\n'
-                    'pin = { node = "gpu-1" }\n')
-    assert run(["plan", "-f", str(path), "--facts", str(tmp_path / "facts.json")]) == 1
-    assert capsys.readouterr().err == (
-        "error: `models.q.pin.node` names `gpu-1`, which is not a host of the inventory file "
-        "`inventory.py` (stack.toml:6:16)\nhint: did you mean `gpu-01`?\n")
-
-
 def test_validate_reads_a_file_that_starts_with_a_byte_order_mark(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -149,7 +149,7 @@ def test_a_pin_to_a_host_the_inventory_file_does_not_have_is_named_with_a_hint(
     assert done.returncode == 1, done.stdout
     assert done.stderr.splitlines() == [
         "error: `models.qwen.pin.node` names `gpu-03`, which is not a host of the inventory "
-        "file `inventory.py`",
+        "file `inventory.py` (stack.toml:7:16)",
         "hint: did you mean `gpu-02`?"]
 
 
