@@ -27,7 +27,10 @@ _FIELD_HINTS: dict[str, str] = {
     "min_compute_capability": 'write it as MAJOR.MINOR, e.g. `min_compute_capability = "8.0"`.',
     "context": "set the context size in tokens, e.g. `context = 8192`.",
     "port_range": "ports are 1 to 65535, e.g. `port_range = [40000, 40999]`.",
-    "replicas_max": "split the model into several `[models.NAME]` tables if it really needs "
+}
+# ... for a value above the field's upper bound, where that needs other words
+_UPPER_BOUND_HINTS: dict[str, str] = {
+    "replicas": "split the model into several `[models.NAME]` tables if it really needs "
     "more replicas.",
 }
 _MESSAGE_HINTS: dict[str, str] = {
@@ -207,8 +210,8 @@ def _schema_problem(error: Any) -> tuple[Loc, str, str, bool] | None:
     if kind in bounds:
         words, name = bounds[kind]
         limit = ctx[name]
-        if field == "replicas" and name == "le":
-            field_hint = _FIELD_HINTS["replicas_max"]
+        if name in ("le", "lt"):
+            field_hint = _UPPER_BOUND_HINTS.get(field, field_hint)
         return (path, f"`{key}` must be {words} {limit}, got {show(value)}",
                 field_hint or f"set `{path[-1]}` to a value {words} {limit}.", False)
     if kind == "too_short" and isinstance(value, list) and not value:
