@@ -160,3 +160,24 @@ def test_apply_fills_the_plans_keyless_assignments_with_the_keys_a_secret_gives(
     assert with_api_keys(keyless, secret) == keyed
     assert [i.id for a in keyed.values() for i in a.instances if i.api_key is None] == [
         "big-0-w1"]
+
+
+def test_a_partial_offload_main_gets_ngl_for_the_layers_on_its_gpus() -> None:
+    """The split's GPU layers + the output layer: llama.cpp offloads the last -ngl of
+    layers + 1 slots, so the rest stays on the main's CPU; after the model's own args."""
+    spec, _ = load_stack(STACK + '\n[runtimes."llama.cpp"]\nversions = ["b6700"]\nsource = "build"'
+                         '\nurl = "https://github.com/ggml-org/llama.cpp/archive/{version}.tar.gz"'
+                         '\n\n[models.gguf]\nsource = "hf://org/g-GGUF/g.gguf"\n'
+                         'backend = "llama.cpp"\nargs = ["--jinja"]\n')
+    facts = load_facts({"nodes": {"gpu-01": {
+        "address": "10.0.0.11", "memory_bytes": 10**12, "disk_free_bytes": 10**13,
+        "gpus": {"model": "rtx4090", "count": 1}}}})
+    evaluations = load_evaluations({"gguf": {
+        "weights": "30GiB", "kv": "1GiB", "overhead_per_gpu": "1GiB", "backends": ["llama.cpp"],
+        "format": "gguf"}}, spec)
+    spec = spec.model_copy(update={"models": {"gguf": spec.models["gguf"]}})
+    placements = schedule(spec, evaluations, facts)
+    (p,) = placements.placements
+    assert p.cpu_layers == 9 and p.split == (23,)
+    (inst,) = build_assignments(spec, placements, facts, Path("/ctl"), None)["gpu-01"].instances
+    assert inst.args == ["--jinja", "-ngl", "24"]
