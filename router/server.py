@@ -150,6 +150,8 @@ class ClientConnection(asyncio.Protocol):
         """Bytes of the current head in reads that held nothing else: counts a header the
         parser is still collecting, which no callback has reported yet."""
         self.header_count = 0
+        self.counting = False
+        """The current read is larger than `max_header_bytes`: count the head's bytes."""
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
         self.stalled_at = 0.0
@@ -179,6 +181,11 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return  # refused, or closing after its last answer: what follows is discarded
         heads = self.heads if self.phase == HEAD else -1
+        # a head that begins and ends in a read no larger than the limit is under it: bytes
+        # are counted only in larger reads and in the reads after a head's first one (its
+        # part in that first read is not, so a head spread over reads may pass the limit
+        # by up to one read)
+        self.counting = heads >= 0 or len(data) > self.clients.max_header_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -241,21 +248,24 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         assert req is not None
         req.url += url
-        self.head_reported += len(url)
-        limit = self.clients.max_url_bytes
-        if len(req.url) > limit:  # checked at once: httptools hands the URL over in pieces
+        if len(req.url) > self.clients.max_url_bytes:  # at once: the URL comes in pieces
+            limit = self.clients.max_url_bytes
             raise refusal(414, f"the request URL is longer than the router's "
                           f"`clients.max_url_bytes` ({limit} bytes); send a shorter one",
                           "url_too_long")
+        if self.counting:
+            self.head_reported += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # counted here, checked once the read is parsed (`data_received`) or the head ends:
         # one read holds a bounded number of header lines
         self.header_count += 1
-        self.head_reported += len(name) + len(value)
+        if self.counting:
+            self.head_reported += len(name) + len(value)
         lname = name.lower()
         if lname in INTERESTING or lname == self.extra_header:
-            req = cast(Request, self.req)
+            req = self.req
+            assert req is not None
             if lname in req.headers:
                 req.repeated = lname
             req.headers[lname] = value

@@ -23,9 +23,7 @@ shared int64 counters far from overflowing."""
 
 def _count(value: Any) -> int | None:
     """`value` if it is a token count: an int from 0 to TOKEN_LIMIT (not a bool)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKEN_LIMIT:
-        return value
-    return None
+    return value if type(value) is int and 0 <= value <= TOKEN_LIMIT else None
 
 
 class Usage:

@@ -490,14 +490,15 @@ def report_compare(results: dict[str, list[dict[str, float]]], rev: str, secs: i
     print(f"\n## Before ({rev}) and after, same run: wrk -t1 -c32 -d{secs}s x {rounds} rounds "
           "(alternating), one worker on core 0; medians\n")
     print("| router | req/s | each round | p50 ms | p99 ms | non-2xx | router CPU us/req | "
-          "stream chunks/s (c8) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+          "each round | stream chunks/s (c8) |")
+    print("|---|---:|---|---:|---:|---:|---:|---|---:|")
     for name in ("before", "after"):
         each = ", ".join(f"{r['rps']:,.0f}" for r in results[name])
+        cpu = ", ".join(f"{r['us_per_req']:.0f}" for r in results[name])
         errors = sum(r["errors"] for r in results[name])
         print(f"| {name} | {median(name, 'rps'):,.0f} | {each} | {median(name, 'p50'):.2f} | "
               f"{median(name, 'p99'):.2f} | {errors:.0f} | {median(name, 'us_per_req'):.1f} | "
-              f"{median(name, 'chunks'):,.0f} |")
+              f"{cpu} | {median(name, 'chunks'):,.0f} |")
 
     def ratio(field: str) -> float:
         return median("after", field) / median("before", field)
