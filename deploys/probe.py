@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass, field
 from typing import Any
 
 SCRIPT = r"""
@@ -39,25 +40,36 @@ def host_files_script(prefix: str, files: list[str], sidecars: list[str],
             .replace("PIDS", words(pids)).replace("PREFIX", shlex.quote(existing)))
 
 
-def parse_host_files(lines: list[str]) -> dict[str, Any]:
-    """The fact's output -> {manager, files: {path: sha|None}, sidecars, alive, free}."""
-    out: dict[str, Any] = {"manager": "supervise", "files": {}, "sidecars": {}, "alive": {},
-                           "free": None}
+@dataclass
+class HostState:
+    """What the host probe found: the service manager, the sha256 of each file asked for
+    (None: missing), the sidecars' values, which supervisor pid files are alive, free disk."""
+
+    manager: str = "supervise"
+    files: dict[str, str | None] = field(default_factory=dict)
+    sidecars: dict[str, str] = field(default_factory=dict)
+    alive: dict[str, bool] = field(default_factory=dict)
+    free: int | None = None
+
+
+def parse_host_files(lines: list[str]) -> HostState:
+    """The probe script's output, line by line (`KIND VALUE PATH`)."""
+    out = HostState()
     for line in lines:
         kind, _, rest = line.partition(" ")
         if kind == "manager":
-            out["manager"] = rest.strip()
+            out.manager = rest.strip()
         elif kind == "file":
             digest, _, path = rest.partition(" ")
-            out["files"][path] = digest or None
+            out.files[path] = digest or None
         elif kind == "sidecar":
             value, _, path = rest.partition(" ")
-            out["sidecars"][path] = value
+            out.sidecars[path] = value
         elif kind == "alive":
             flag, _, path = rest.partition(" ")
-            out["alive"][path] = flag == "1"
+            out.alive[path] = flag == "1"
         elif kind == "free" and rest.strip().isdigit():
-            out["free"] = int(rest.strip())
+            out.free = int(rest.strip())
     return out
 
 

@@ -12,9 +12,9 @@ import hashlib
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
+from deploys.probe import HostState
 from deploys.runtimes import RuntimeInstall, install_script
 from deploys.services import Service, start_commands, unit_file
 from stack.snapshot import NodeFacts, StackOnHost
@@ -63,7 +63,7 @@ class HostTarget:
     node: str
     prefix: str
     facts: NodeFacts
-    files: dict[str, Any]  # the HostFiles answer (parse_host_files)
+    probed: HostState  # what the host probe found there
     drivers: list[DriverRequest]
     runtimes: list[RuntimeInstall]  # versions this host needs, with uploads resolved
     runtime_uploads: dict[str, Path]  # runtime path -> controller file to upload first
@@ -106,7 +106,7 @@ def write_file(dest: str, content: bytes, mode: str) -> tuple[Upload, list[str]]
 
 
 def _file_step(key: str, target: HostTarget, dest: str, content: bytes, mode: str) -> Step:
-    if target.files["files"].get(dest) == sha256_text(content):
+    if target.probed.files.get(dest) == sha256_text(content):
         return Step(key, f"{dest} is up to date")
     upload, commands = write_file(dest, content, mode)
     return Step(key, "", [upload], commands)
@@ -175,7 +175,7 @@ def runtime_step(key: str, target: HostTarget, install: RuntimeInstall | None) -
 
 def agent_install_step(target: HostTarget) -> Step:
     paths = agent_paths(target.prefix)
-    installed = target.files["sidecars"].get(paths["bundle"])
+    installed = target.probed.sidecars.get(paths["bundle"])
     if installed == target.bundle_version:
         return Step("agent-install", f"agent {target.bundle_version} is installed")
     q = shlex.quote
@@ -200,10 +200,10 @@ def agent_install_step(target: HostTarget) -> Step:
 
 def agent_service_step(target: HostTarget, restart: bool) -> Step:
     service = target.agent_service
-    alive = target.files["alive"].get(service.supervisor_pid_file, False)
+    alive = target.probed.alive.get(service.supervisor_pid_file, False)
     if service.manager != "supervise":
         # running means restart when asked: `systemctl start` leaves a running agent as is
-        alive = target.files["files"].get(service.unit_path) is not None
+        alive = target.probed.files.get(service.unit_path) is not None
     commands = start_commands(service, running=bool(alive), restart=restart)
     return Step("agent-service", "the agent is running", commands=commands)
 
@@ -212,7 +212,7 @@ def model_step(key: str, target: HostTarget, model: ModelUpload | None) -> Step:
     if model is None:
         return Step(key, f"{key} is not needed on {target.node}")
     sidecar = model.dest + ".sha256"
-    if target.files["sidecars"].get(sidecar) == model.sha256:
+    if target.probed.sidecars.get(sidecar) == model.sha256:
         return Step(key, f"{model.dest} has sha256 {model.sha256[:12]}")
     q = shlex.quote
     part = model.dest + ".part"

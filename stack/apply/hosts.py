@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gevent
 
 from agent.assignment import Assignment
-from deploys.probe import host_files_script, parse_host_files
+from deploys.probe import HostState, host_files_script, parse_host_files
 from deploys.steps import agent_paths
 from stack import lock as locks
 from stack import remote
@@ -34,7 +34,7 @@ class Node:
     host: Host
     prefix: str
     facts: NodeFacts
-    files: dict[str, Any] = field(default_factory=dict)
+    probed: HostState = field(default_factory=HostState)
     current: Assignment | None = None
     manager: str = "supervise"
     # what this apply knows is in place on the host (state/managed records only that):
@@ -112,8 +112,8 @@ def host_probe(node: Node, lock: locks.LockInfo, extra_files: list[str],
                          hint="check the prefix's permissions and free disk space.")
     lines = out.splitlines()
     locks.check_host_lock(out, node.name)
-    node.files = parse_host_files(lines)
-    node.manager = node.files["manager"]
+    node.probed = parse_host_files(lines)
+    node.manager = node.probed.manager
     if "assignment-json" in lines:
         text = lines[lines.index("assignment-json") + 1:]
         try:

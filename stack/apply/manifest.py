@@ -30,7 +30,7 @@ def write_manifests(plan: Plan, nodes: list[Node], reports: dict[str, HostReport
                 written[f.path] = old.written
         text = manifest_text(lines, written)
         path = f"{node.prefix}/{MANIFEST}"
-        if node.files.get("files", {}).get(path) == sha256_text(text.encode()):
+        if node.probed.files.get(path) == sha256_text(text.encode()):
             continue
         try:
             remote.write(node.host, path, text.encode(), "600")

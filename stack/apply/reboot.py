@@ -129,7 +129,7 @@ def _restart_agent(spec: StackSpec, node: Node, report: HostReport) -> None:
     service = agent_service(spec, node.prefix, node.manager)
     if service.manager != "supervise":
         return
-    alive = bool(node.files.get("alive", {}).get(service.supervisor_pid_file))
+    alive = bool(node.probed.alive.get(service.supervisor_pid_file))
     for command in start_commands(service, running=alive, restart=False):
         ok, _, err = remote.run(node.host, command)
         if not ok:

@@ -50,10 +50,10 @@ def _write_assignment(node: Node, assignment: Assignment) -> bool:
     """Write assignment.json if it differs; the agent picks the change up itself."""
     body = dumps(assignment.model_dump(mode="json")).encode()
     path = agent_paths(node.prefix)["assignment"]
-    if node.files.get("files", {}).get(path) == sha256_text(body):
+    if node.probed.files.get(path) == sha256_text(body):
         return False
     remote.write(node.host, path, body, "600")
-    node.files.setdefault("files", {})[path] = sha256_text(body)
+    node.probed.files[path] = sha256_text(body)
     node.current = assignment
     return True
 

@@ -25,10 +25,10 @@ def update_routers(spec: StackSpec, nodes: list[Node], desired: Desired,
             continue
         service = router_service(spec, node.prefix, node.manager)
         path = agent_paths(node.prefix)["router_json"]
-        alive = bool(node.files.get("alive", {}).get(service.supervisor_pid_file))
+        alive = bool(node.probed.alive.get(service.supervisor_pid_file))
         if service.manager != "supervise":
             alive = True
-        fresh = node.files.get("files", {}).get(path) != sha256_text(body)
+        fresh = node.probed.files.get(path) != sha256_text(body)
         unit_changed = "router-unit" in reports[node.name].changed
         agent_changed = "agent-install" in reports[node.name].changed
         try:

@@ -142,7 +142,7 @@ def _host_target(spec: StackSpec, stack_dir: Path, node: Node, desired: Desired,
     router = (router_service(spec, node.prefix, node.manager)
               if node.name in desired.router_nodes else None)
     return HostTarget(
-        node=node.name, prefix=node.prefix, facts=node.facts, files=node.files,
+        node=node.name, prefix=node.prefix, facts=node.facts, probed=node.probed,
         drivers=drivers, runtimes=installs, runtime_uploads=uploads,
         bundle=bundle.tarball, bundle_version=bundle.version,
         wheel_name=bundle.wheel_name,
@@ -182,7 +182,7 @@ def host_targets(
 def upload_bytes(target: HostTarget) -> int:
     """Bytes this host still has to receive (what is already there is not counted)."""
     total = 0
-    if target.files.get("sidecars", {}).get(agent_paths(target.prefix)["bundle"]) \
+    if target.probed.sidecars.get(agent_paths(target.prefix)["bundle"]) \
             != target.bundle_version:
         total += 3 * target.bundle.stat().st_size  # the tarball, its wheels, the venv
     for install in target.runtimes:
@@ -192,7 +192,7 @@ def upload_bytes(target: HostTarget) -> int:
         size = local.stat().st_size if local is not None else 0
         total += (3 if install.prebuilt else 20) * size  # archive + extracted (+ build)
     for model in target.models:
-        if target.files.get("sidecars", {}).get(model.dest + ".sha256") != model.sha256:
+        if target.probed.sidecars.get(model.dest + ".sha256") != model.sha256:
             total += model.source.stat().st_size
     return total
 
@@ -200,7 +200,7 @@ def upload_bytes(target: HostTarget) -> int:
 def check_disk(node: str, prefix: str, facts: NodeFacts, target: HostTarget) -> None:
     """Refuse a host whose disk cannot hold what apply would put there."""
     needed = upload_bytes(target)
-    free = target.files.get("free") or facts.disk_free_bytes
+    free = target.probed.free or facts.disk_free_bytes
     if needed and free and free < needed:
         raise ApplyError(
             f"`{node}` has {free / 1024**3:.1f} GiB free at `{prefix}` but this apply "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from deploys.probe import HostState
 from deploys.services import Service
 from deploys.steps import HostTarget, ModelUpload
 from stack.apply.targets import check_disk, upload_bytes
@@ -21,7 +22,7 @@ def _target(tmp_path: Path, free: int, model_size: int) -> HostTarget:
     facts = NodeFacts(disk_free_bytes=free)
     return HostTarget(
         node="gpu-01", prefix="/opt/stack", facts=facts,
-        files={"files": {}, "sidecars": {}, "alive": {}, "free": None},
+        probed=HostState(),
         drivers=[], runtimes=[], runtime_uploads={}, bundle=bundle, bundle_version="v",
         wheel_name="w.whl", agent_toml="", agent_token="", models=[
             ModelUpload(model, "/opt/stack/models/m/m.gguf", "00")],

@@ -18,6 +18,7 @@ import pytest
 from fleet import Fleet, gemma_stack_toml, llama_sdist, run_stack
 
 from deploys.drivers import DriverRequest
+from deploys.probe import HostState
 from deploys.services import Service
 from deploys.steps import HostTarget, driver_step
 from stack.apply.reboot import back_after_reboot
@@ -42,7 +43,7 @@ def test_a_pending_reboot_is_a_reboot_step_without_driver_settings(pending: bool
     must reboot it too (else the plan never comes clean), driver settings or not."""
     target = HostTarget(
         node="cpu-01", prefix="/opt/stack", facts=NodeFacts(reboot_required=pending),
-        files={"files": {}, "sidecars": {}, "alive": {}, "free": None},
+        probed=HostState(),
         drivers=[], runtimes=[], runtime_uploads={}, bundle=Path("/b.tar"), bundle_version="v",
         wheel_name="w.whl", agent_toml="", agent_token="", models=[],
         agent_service=Service("agent", "s", "/opt/stack", ("a",)), router_service=None,

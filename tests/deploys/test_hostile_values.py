@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import tomlkit
 
-from deploys.probe import host_files_script
+from deploys.probe import HostState, host_files_script
 from deploys.runtimes import removal_script
 from deploys.services import reload_commands, start_commands, stop_commands, unit_file
 from deploys.steps import host_steps
@@ -214,7 +214,7 @@ def _render(spec: StackSpec, text: str, sandbox: Path, monkeypatch: pytest.Monke
     out = Rendered([], {}, [])
     info = lock.LockInfo("lock-1", "ops@ci", "2026-01-01T00:00:00Z", 1)
     nodes = [Node(name, None, node_prefix(spec, name), node,  # type: ignore[arg-type]
-                  {"files": {}, "sidecars": {}, "alive": {}}, manager="supervise")
+                  HostState(), manager="supervise")
              for name, node in facts.nodes.items()]
     reports = {n.name: HostReport(n.name) for n in nodes}
     targets, runtime_keys, model_keys = host_targets(spec, stack_dir, nodes, desired, reports)

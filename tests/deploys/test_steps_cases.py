@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from deploys.drivers import DriverRequest
+from deploys.probe import HostState
 from deploys.runtimes import MARKER, RuntimeInstall
 from deploys.steps import HostTarget, ModelUpload, Step, host_steps, sha256_text
 from stack.hostfiles import agent_service, router_service
@@ -54,7 +55,8 @@ def _target(case: dict[str, Any], files: dict[str, Any]) -> HostTarget:
     installs = [_runtime(prefix, r) for r in want.get("runtimes", [])]
     manager = files["manager"]
     return HostTarget(
-        node=node, prefix=prefix, facts=NodeFacts.model_validate(case["facts"]), files=files,
+        node=node, prefix=prefix, facts=NodeFacts.model_validate(case["facts"]),
+        probed=HostState(**files),
         drivers=[DriverRequest(node, **d) for d in want.get("drivers", [])],
         runtimes=[i for i, _ in installs],
         runtime_uploads={i.path: local for i, local in installs if local is not None},
@@ -196,7 +198,7 @@ def test_host_steps_match_the_case_and_a_second_run_changes_nothing(path: Path) 
     wanted = {k: _wanted(v) for k, v in expect.items()}
     assert {s.key: _shown(s, wanted[s.key]) for s in steps} == wanted
 
-    after = dataclasses.replace(target, files=_answer(target, files, steps),
+    after = dataclasses.replace(target, probed=HostState(**_answer(target, files, steps)),
                                 facts=_facts_after(target, case, steps))
     again = {s.key: s for s in host_steps(after, *_keys(after, case))}
     stays = case.get("stays", {})
