@@ -26,6 +26,8 @@ from stack.schedule.sticky import StickyScheduler
 
 # binpack compares this many nodes that fit (in its order, most loaded first)
 BINPACK_LOOK = 8
+# one placement tier: (model, replica, backend, usable node classes) -> a placement or None
+Tier = Callable[["ModelState", int, str, list[int]], "Placement | None"]
 
 
 def _opened(parts: list[Part]) -> int:
@@ -62,31 +64,34 @@ class FreshScheduler(StickyScheduler):
         return list(TP_SIZES)
 
     def place_fresh(self, m: ModelState, replica: int) -> Placement | None:
-        """Place a replica that has no (valid) previous placement. `spread` first looks
-        for any layout on nodes that run no replica of the model yet (so one node failing
-        does not take the model down), only then shares a node with one; a model without
-        `context` gets a shorter one only when no layout holds its default context."""
-        modes = [(a, s) for s in (False, True) for a in (True, False)
-                 if (not a or (m.policy == "spread" and m.nodes_used and not m.spec.pin))
-                 and (not s or m.spec.context is None)]
+        """Place a replica that has no (valid) previous placement. The tiers come first:
+        every layer on accelerators, then a partial offload, then the CPU. Within a tier,
+        `spread` first looks for a layout on nodes that run no replica of the model yet (so
+        one node failing does not take the model down), only then shares a node with one;
+        a model without `context` gets a shorter one only when no layout holds its
+        default context."""
+        aparts = (True, False) if (m.policy == "spread" and m.nodes_used
+                                   and not m.spec.pin) else (False,)
+        shorters = (False, True) if m.spec.context is None else (False,)
+        tiers = (self._place_on_accelerators, self._place_partial, self._place_on_cpu)
         try:
-            for self.apart, self.shorter in modes:
-                placed = self._search(m, replica)
-                if placed:
-                    return placed
+            for self.shorter in shorters:
+                for tier in tiers:
+                    for self.apart in aparts:
+                        placed = self._search(m, replica, tier)
+                        if placed:
+                            return placed
         finally:
             self.apart = self.shorter = False
         return None
 
-    def _search(self, m: ModelState, replica: int) -> Placement | None:
+    def _search(self, m: ModelState, replica: int, tier: Tier) -> Placement | None:
         for backend in m.backends:
             if isinstance(m.runtimes[backend], str):
                 continue
             classes = [c for c in range(len(self.fleet.class_members))
                        if self._class_usable(m, backend, c)]
-            if not classes:
-                continue
-            for tier in (self._place_on_accelerators, self._place_partial, self._place_on_cpu):
+            if classes:
                 placed = tier(m, replica, backend, classes)
                 if placed:
                     return placed
