@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,14 @@ class Agent:
             except (ValueError, KeyError, OSError):
                 continue
         self.client.close()
+
+
+def running_agent(prefix: Path, node: str) -> Iterator[Agent]:
+    """A started agent process (offline hub), cleaned up after (for module fixtures)."""
+    a = Agent(prefix, node=node, env={"HF_HUB_OFFLINE": "1"})
+    a.start()
+    yield a
+    a.cleanup()
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

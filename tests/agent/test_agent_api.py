@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_harness import TOKEN, Agent
+from agent_harness import TOKEN, Agent, running_agent
 
 from agent.api import MAX_BODY_BYTES, create_app
 from agent.config import AgentConfig, ensure_dirs
@@ -31,11 +31,7 @@ NODE = "api-node"
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    a = Agent(tmp_path_factory.mktemp("api") / "prefix", node=NODE,
-              env={"HF_HUB_OFFLINE": "1"})
-    a.start()
-    yield a
-    a.cleanup()
+    yield from running_agent(tmp_path_factory.mktemp("api") / "prefix", NODE)
 
 
 def error_of(response: httpx.Response, status: int) -> str:

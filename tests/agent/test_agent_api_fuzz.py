@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from agent_harness import TOKEN, Agent
+from agent_harness import TOKEN, Agent, running_agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -173,11 +173,7 @@ def schema_valid(body: bytes) -> dict[str, Any] | None:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    a = Agent(tmp_path_factory.mktemp("fuzz") / "prefix", node=NODE,
-              env={"HF_HUB_OFFLINE": "1"})
-    a.start()
-    yield a
-    a.cleanup()
+    yield from running_agent(tmp_path_factory.mktemp("fuzz") / "prefix", NODE)
 
 
 @pytest.fixture(scope="module")
