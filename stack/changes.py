@@ -49,8 +49,17 @@ def _placement_details(p: Placement) -> tuple[tuple[str, str], ...]:
     if p.gpus:
         claim = f"{gib(p.claim.vram_bytes_per_gpu)} per GPU, " + claim
     out.append(("claim", claim))
+    if p.context:
+        context = f"{p.context} tokens"
+        if p.shortened_from:
+            context += (f" (the training context {p.shortened_from} does not fit; "
+                        "set `context` to choose)")
+        out.append(("context", context))
     if p.split:
-        out.append(("layers", " / ".join(map(str, p.split)) + " (per device, by free memory)"))
+        layers = " / ".join(map(str, p.split)) + " (per device, by free memory)"
+        if p.cpu_layers:
+            layers += f", {p.cpu_layers} on {p.node}'s CPU"
+        out.append(("layers", layers))
     for k, w in enumerate(p.workers, start=1):
         wg = ", ".join(map(str, w.gpus)) if w.gpus else "CPU"
         out.append((f"worker {k}", f"{w.node} gpus {wg} port {w.port}"))

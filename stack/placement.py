@@ -89,6 +89,9 @@ class Placement:
     split: tuple[int, ...] = ()
     # partial offload (llama.cpp): layers the main keeps on its CPU, beside `split`'s
     cpu_layers: int = 0
+    # stack.toml sets no `context` and the training context does not fit: `context` is the
+    # largest that does, and this is the training context it was shortened from
+    shortened_from: int = 0
 
     @property
     def id(self) -> str:
@@ -118,6 +121,8 @@ class Placement:
             data["split"] = list(self.split)
         if self.cpu_layers:
             data["cpu_layers"] = self.cpu_layers
+        if self.shortened_from:
+            data["shortened_from"] = self.shortened_from
         return data
 
     @staticmethod
@@ -133,6 +138,7 @@ class Placement:
             workers=tuple(Worker.from_json(w) for w in data.get("workers", [])),
             split=tuple(int(n) for n in data.get("split", ())),
             cpu_layers=int(data.get("cpu_layers", 0)),
+            shortened_from=int(data.get("shortened_from", 0)),
         )
 
 

@@ -343,6 +343,7 @@ class SchedulerBase:
             kind=m.evaluation.kind, context=parts[0][3].context or m.evaluation.context,
             workers=tuple(placed[1:]),
             split=split if len(split) > 1 or cpu_layers else (), cpu_layers=cpu_layers,
+            shortened_from=m.evaluation.context if parts[0][3].context else 0,
         )
 
     @staticmethod

@@ -35,7 +35,7 @@ AGENT = "0.1.0"
 def make(case: dict[str, Any]) -> Plan:
     spec, text = load_stack(case["stack"])
     facts = load_facts(case["facts"])
-    evaluations = load_evaluations(case["evaluations"])
+    evaluations = load_evaluations(case["evaluations"], spec)
     if case.get("applied"):
         placed = schedule(spec, evaluations, facts)
         assignments = build_assignments(spec, placed, facts, Path("/nonexistent"), None)
@@ -49,7 +49,7 @@ def make(case: dict[str, Any]) -> Plan:
             for name, node in facts.nodes.items()}})
         if "stack_after" in case:
             spec, text = load_stack(case["stack_after"])
-            evaluations = load_evaluations(case.get("evaluations_after", case["evaluations"]))
+            evaluations = load_evaluations(case.get("evaluations_after", case["evaluations"]), spec)
         for name, change in case.get("facts_after", {}).items():
             # checked like a snapshot: `"agent": {}` is what an unreachable host reports
             facts.nodes[name] = NodeFacts.model_validate(
