@@ -19,7 +19,7 @@ from typing import Any
 from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.facts import FactBase
 
-from agent.gpus import PCI_VENDORS, TOOLS, TOOLS_BY_NAME, GpuInfo, GpuToolError
+from agent.gpus import PCI_VENDORS, TOOLS, TOOLS_BY_NAME, GpuInfo, GpuToolError, parse_hccn_conf
 from stack.snapshot import AgentFacts, GpuFacts, InstanceFacts, NodeFacts
 from stack.spec import NAME_PATTERN, PREFIX_PATTERN
 
@@ -236,8 +236,13 @@ def node_facts_from(raw: dict[str, Any], *, address: str = "",
                 "hint": f"install the {vendor} driver (`drivers.{vendor}` in stack.toml).",
             })
     facts_gpus = []
+    device_ips = parse_hccn_conf(str(raw.get("hccn_conf") or ""))
     for gpu in gpus:
         data = gpu.to_dict()
+        if gpu.vendor == "ascend" and gpu.index in device_ips:
+            # hccn.conf numbers devices by physical id, which is the chip's position in
+            # `npu-smi info` on Atlas A2/A3 servers (one id per chip, 0 up)
+            data["device_ip"] = device_ips[gpu.index]
         if gpu.unified_memory and not gpu.memory_bytes:
             data["memory_bytes"] = memory  # shares the host's RAM
         if gpu.vendor == "nvidia" and not data["driver"] and loaded:

@@ -4,6 +4,7 @@
 # POSIX sh only: no jq, no python, no bash. Environment:
 #   STACK_PREFIX      the install prefix (default /opt/stack)
 #   STACK_SYSFS_ROOT  where sysfs is (default /sys; test hosts point it at a fake tree)
+#   STACK_HCCN_CONF   the Ascend NIC settings (default /etc/hccn.conf; for tests)
 #
 # Escaping: vendor tool outputs (and `stack-agent status --json`) are arbitrary text, so they
 # are never put into JSON by hand: each is encoded whole, base64 (`"enc": "base64"`) or, on a
@@ -19,6 +20,7 @@
 
 PREFIX="${STACK_PREFIX:-/opt/stack}"
 SYSFS="${STACK_SYSFS_ROOT:-/sys}"
+HCCN_CONF="${STACK_HCCN_CONF:-/etc/hccn.conf}"
 PATH="$PATH:/usr/sbin:/sbin:/opt/rocm/bin:/usr/local/Ascend/driver/tools:/usr/local/corex/bin:/usr/local/neuware/bin:/usr/local/musa/bin"
 export PATH
 LC_ALL=C
@@ -272,6 +274,18 @@ if [ "$os" = darwin ] && has system_profiler; then
   tool system_profiler system_profiler SPDisplaysDataType
 fi
 J="$J},$NL"
+
+# -- Ascend device NICs: the `address_N=IP` lines of /etc/hccn.conf (the device IPs a
+# MindIE rank table needs), read with the `read` builtin; parsed on the controller
+hccn=""
+if [ -r "$HCCN_CONF" ]; then
+  while IFS= read -r line || [ -n "$line" ]; do
+    case $line in address_*=*) hccn="$hccn${hccn:+ }$line" ;; esac
+  done <"$HCCN_CONF"
+fi
+J="$J \"hccn_conf\": "
+jput "$hccn"
+J="$J,$NL"
 
 # -- drivers, reboot, Secure Boot ---------------------------------------------------------
 read_first "$SYSFS/module/nvidia/version"

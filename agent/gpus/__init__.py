@@ -7,6 +7,7 @@ available, and the controller's facts parse the outputs the facts script collect
     parse_rocm_smi_json / parse_hy_smi_json   rocm-smi / hy-smi --json (AMD, Hygon)
     parse_amd_smi_static_json             amd-smi static --json
     parse_npu_smi_info                    npu-smi info (Ascend)
+    parse_hccn_conf                       /etc/hccn.conf (Ascend device NIC addresses)
     parse_mthreads_gmi                    mthreads-gmi (Moore Threads)
     parse_cnmon_json                      cnmon_info.json (Cambricon)
     parse_system_profiler                 system_profiler SPDisplaysDataType (macOS)
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
         parse_rocm_smi_json,
     )
     from agent.gpus.apple import parse_system_profiler
-    from agent.gpus.ascend import parse_npu_smi_info
+    from agent.gpus.ascend import parse_hccn_conf, parse_npu_smi_info
     from agent.gpus.cambricon import parse_cnmon_json
     from agent.gpus.local import read_gpus, run_tools
     from agent.gpus.mthreads import parse_mthreads_gmi
@@ -41,14 +42,15 @@ _WHERE = {
     "GpuInfo": "types", "GpuToolError": "types", "ToolStatus": "types",
     "parse_amd_smi_static_json": "amd", "parse_hy_smi_json": "amd",
     "parse_rocm_smi_json": "amd", "parse_system_profiler": "apple",
-    "parse_npu_smi_info": "ascend", "parse_cnmon_json": "cambricon",
+    "parse_npu_smi_info": "ascend", "parse_hccn_conf": "ascend", "parse_cnmon_json": "cambricon",
     "parse_mthreads_gmi": "mthreads", "parse_ixsmi_csv": "nvidia",
     "parse_nvidia_csv": "nvidia", "read_gpus": "local", "run_tools": "local",
 }
 
 __all__ = [
     "PCI_VENDORS", "TOOLS", "TOOLS_BY_NAME", "GpuInfo", "GpuToolError", "Tool", "ToolStatus",
-    "parse_amd_smi_static_json", "parse_cnmon_json", "parse_hy_smi_json", "parse_ixsmi_csv",
+    "parse_amd_smi_static_json", "parse_cnmon_json", "parse_hccn_conf", "parse_hy_smi_json",
+    "parse_ixsmi_csv",
     "parse_mthreads_gmi", "parse_npu_smi_info", "parse_nvidia_csv", "parse_rocm_smi_json",
     "parse_system_profiler", "read_gpus", "run_tools",
 ]

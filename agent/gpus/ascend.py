@@ -8,6 +8,7 @@ The index is the chip's position, the logical id `ASCEND_RT_VISIBLE_DEVICES` tak
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from agent.gpus.types import MIB, GpuInfo, GpuToolError, ToolStatus, number
@@ -20,6 +21,8 @@ _SECOND = re.compile(
     r"^\|\s*(\d+)(?:\s+\S+)?\s*\|\s*([0-9A-Fa-f]{4,8}:[0-9A-Fa-f:.]+)\s*\|(.*)\|\s*$"
 )
 _USAGE = re.compile(r"(\d+)\s*/\s*(\d+)")
+# `address_3=192.168.100.104` in /etc/hccn.conf: the NIC address of device 3
+_HCCN_ADDRESS = re.compile(r"address_(\d{1,5})=(\S+)")
 
 
 def parse_npu_smi_info(output: str) -> list[GpuInfo]:
@@ -56,3 +59,23 @@ def parse_npu_smi_info(output: str) -> list[GpuInfo]:
         raise GpuToolError("npu-smi", ToolStatus.UNPARSABLE, output.strip()[:200] or "no output",
                            "check the Ascend driver: run `npu-smi info` on the host.")
     return gpus
+
+
+def parse_hccn_conf(text: str) -> dict[int, str]:
+    """Each device's NIC address from /etc/hccn.conf (`address_N=IP` lines; the facts
+    script sends only those, joined by spaces): the `device_ip` of a MindIE rank table.
+
+    Strict: a token that is not `address_N=` followed by an IPv4 or IPv6 address is
+    ignored, and so is every later repeat of a device number.
+    """
+    found: dict[int, str] = {}
+    for token in text.split():
+        match = _HCCN_ADDRESS.fullmatch(token)
+        if match is None:
+            continue
+        try:
+            address = ipaddress.ip_address(match.group(2))
+        except ValueError:
+            continue
+        found.setdefault(int(match.group(1)), str(address))
+    return found

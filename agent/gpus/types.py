@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 MIB = 1024**2
 
@@ -26,6 +33,10 @@ class GpuInfo(BaseModel):
 
     `unified_memory` marks devices that share the host's RAM (Apple silicon, GB10, Jetson):
     the tool reports no memory of their own, and `memory_bytes` stays 0 here.
+
+    `device_ip` (Ascend) is the address of the NPU's own NIC from /etc/hccn.conf, which a
+    MindIE rank table needs to run a replica over several nodes; it is left out of the
+    record when unknown, so records of other GPUs are as before.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -43,6 +54,20 @@ class GpuInfo(BaseModel):
     power_w: float | None = None
     pci_bus_id: str | None = None
     unified_memory: bool = False
+    device_ip: str | None = None
+
+    @field_validator("device_ip")
+    @classmethod
+    def _an_ip_address(cls, value: str | None) -> str | None:
+        # it reaches a rank table file on the hosts: an IP address and nothing else
+        return None if value is None else str(ipaddress.ip_address(value))
+
+    @model_serializer(mode="wrap")
+    def _without_unknown_device_ip(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("device_ip", "") is None:
+            del data["device_ip"]
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

@@ -200,3 +200,14 @@ def test_gather_closes_its_ssh_sessions_and_hosts_skip_the_machines_bashrc() -> 
         assert _sessions(fleet) == []
         home = fleet.ssh("node-01", "echo $HOME")
         assert home.stdout.strip() == str(fleet.hosts["node-01"].path / "home")
+
+
+def test_the_ascend_nic_addresses_of_hccn_conf_are_read_without_a_process(
+        tmp_path: Path) -> None:
+    env, log = _host(tmp_path, [], nvidia=False)
+    env["STACK_HCCN_CONF"] = str(Path(__file__).parent / "hccn" / "hccn.conf")
+    done = subprocess.run(["/bin/sh", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          check=True)
+    sent = json.loads(done.stdout)["hccn_conf"]
+    assert sent.split() == [f"address_{n}=192.168.10{n % 4}.10{1 - n // 4}" for n in range(8)]
+    assert sorted(_calls(log)) == ["df", "id", "nproc", "uname"]
