@@ -53,6 +53,9 @@ INDEX_URL_PATTERN = r"^(https?|file)://[^\s\x00-\x1f\x7f]+$"
 URL_PATTERN = r"^(https?://|ftp://|local://|/)[^\s\x00-\x1f\x7f]+$"
 TARGET_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENV_VALUE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+INTERPRETER_PATTERN = r"^python3(\.[0-9]{1,2})?$"
+REQUIREMENT_PATTERN = r"^([A-Za-z0-9_][A-Za-z0-9_.+-]*|(/[A-Za-z0-9_.+@-]+)+)$"
 SSH_ADDRESS_PATTERN = r"^(@local|[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*)$"
 ADDRESS_PATTERN = r"^[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*$"
 USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$"
@@ -108,6 +111,13 @@ RULES: dict[str, tuple[str, str]] = {  # pattern -> (what the value must be, hin
     USER_PATTERN: ("a user name", "letters, digits, `_`, `.` and `-`, e.g. `\"ubuntu\"`."),
     HTTP_PATH_PATTERN: (
         "an HTTP path starting with `/`, without spaces", 'e.g. `health_path = "/health"`.'),
+    ENV_VALUE_PATTERN: (
+        "a value on one line without control characters", 'e.g. `HIP_PATH = "/opt/rocm"`.'),
+    INTERPRETER_PATTERN: (
+        "`python3` or `python3.N`", 'e.g. `python = "python3.12"`.'),
+    REQUIREMENT_PATTERN: (
+        "a command name or an absolute path of plain folder names",
+        'e.g. `requires = ["cmake", "/usr/local/cuda/bin/nvcc"]`.'),
 }
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=64)]
@@ -122,6 +132,9 @@ IndexUrl = Annotated[str, StringConstraints(pattern=INDEX_URL_PATTERN, max_lengt
 Url = Annotated[str, StringConstraints(pattern=URL_PATTERN, max_length=1000)]
 Target = Annotated[str, StringConstraints(pattern=TARGET_PATTERN, max_length=100)]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN, max_length=100)]
+EnvValue = Annotated[str, StringConstraints(pattern=ENV_VALUE_PATTERN, max_length=4096)]
+Interpreter = Annotated[str, StringConstraints(pattern=INTERPRETER_PATTERN)]
+Requirement = Annotated[str, StringConstraints(pattern=REQUIREMENT_PATTERN, max_length=300)]
 SshAddress = Annotated[str, StringConstraints(pattern=SSH_ADDRESS_PATTERN, max_length=253)]
 Address = Annotated[str, StringConstraints(pattern=ADDRESS_PATTERN, max_length=253)]
 User = Annotated[str, StringConstraints(pattern=USER_PATTERN, max_length=64)]
@@ -262,8 +275,11 @@ class RuntimeSpec(_Strict):
     )
     versions: list[Version] = Field(
         min_length=1, max_length=100, description="Versions installed side by side.")
-    source: Literal["pip", "archive", "build", "system"] = Field(
-        description="`pip` (a venv), `archive` (URL or file), `build` (cmake), `system`."
+    source: Literal["pip", "archive", "build", "system"] | None = Field(
+        None,
+        description="`pip` (a venv), `archive` (URL or file), `build` (cmake), `system`; "
+        "unset: the runtime catalogue's recipe for each node's accelerator, at these "
+        "versions (`stack runtimes` lists it).",
     )
     package: Package | None = Field(
         None,
@@ -292,6 +308,24 @@ class RuntimeSpec(_Strict):
 class GpuSelector(_Strict):
     """Which GPUs a model may use."""
 
+    extra_index_url: IndexUrl | None = Field(
+        None, description="pip: an index searched besides PyPI, `{version}` replaced.")
+    requirements: list[Package] = Field(
+        default_factory=list, max_length=100,
+        description="pip: more requirements installed with `package` (`{version}` "
+        "replaced), e.g. a matching plugin.")
+    no_deps: bool = Field(
+        False, description="pip: install `package` without its dependencies, after "
+        "`requirements` (for packages whose own pins do not resolve).")
+    python: Interpreter | None = Field(
+        None, description="pip: the interpreter that makes the venv, e.g. `python3.12` "
+        "when the wheels exist for that version only; default `python3`.")
+    requires: list[Requirement] = Field(
+        default_factory=list, max_length=50,
+        description="Commands (on PATH) or absolute paths the install needs on the host, "
+        "checked first, e.g. `cmake` or `/usr/local/cuda/bin/nvcc`.")
+    build_env: dict[EnvName, EnvValue] = Field(
+        default_factory=dict, description="Environment for the install or build only.")
     vendor: list[VendorName] = Field(default_factory=list, description="Allowed vendors.")
     name: str | None = Field(None, description="Glob on the GPU name, e.g. `*H100*`.")
     min_memory: Bytes | None = Field(None, description="Minimum memory per GPU.")

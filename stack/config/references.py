@@ -147,6 +147,7 @@ def _check_api_names(spec: StackSpec, report: Report) -> None:
 
 
 def _check_runtimes(spec: StackSpec, report: Report) -> None:
+    from stack.catalog import catalogue
     from stack.spec import BACKENDS
 
     for name, runtime in spec.runtimes.items():
@@ -157,11 +158,17 @@ def _check_runtimes(spec: StackSpec, report: Report) -> None:
                        (f'did you mean `[runtimes."{guess}"]`? Otherwise set ' if guess
                         else "set ") + "`backend` to one of: "
                        + ", ".join(f"`{b}`" for b in BACKENDS) + ".", at_key=True)
+        if runtime.source is None and name not in catalogue():
+            report.add(("runtimes", name), f"`{dotted(('runtimes', name))}` has no "
+                       "`source`, and the runtime catalogue has no recipe named "
+                       f"`{name}`", "set `source` (and what it needs), or name the "
+                       "table after a catalogue runtime: "
+                       + ", ".join(f"`{n}`" for n in catalogue()) + ".", at_key=True)
         needs = {"pip": "package", "archive": "url", "build": "url", "system": "path"}
-        field = needs[runtime.source]
+        field = needs.get(runtime.source or "", "")
         if field == "url" and runtime.package is not None:
             field = "package"  # the archive is that package's sdist
-        if getattr(runtime, field) is None:
+        if field and getattr(runtime, field) is None:
             report.add(("runtimes", name, "source"), f"`{dotted(('runtimes', name))}` has "
                        f"`source = \"{runtime.source}\"` but no `{field}`",
                        f"add `{field} = ...`: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from stack.catalog import default_version
 from stack.estimate.types import Claim, Evaluation
 from stack.placement import (
     ClaimedResources,
@@ -27,7 +28,7 @@ from stack.schedule.fleet import (
     gpu_selected,
 )
 from stack.schedule.layers import offload_layers, split_layers
-from stack.schedule.runtimes import choose_runtime
+from stack.schedule.runtimes import choose_runtime, runtime_refusal
 
 if TYPE_CHECKING:
     from stack.snapshot import Observed
@@ -86,7 +87,8 @@ class SchedulerBase:
             groups.setdefault((gpu.vendor, gpu.name, gpu.memory_bytes), []).append(index)
         pools: list[Pool] = []
         for (vendor, _, memory), indices in sorted(groups.items()):
-            why = m.evaluation.refuse(backend, node.facts, [node.gpus[i] for i in indices])
+            why = m.evaluation.refuse(backend, node.facts, [node.gpus[i] for i in indices]) \
+                or runtime_refusal(self.spec, runtime, vendor)
             if why:
                 gpu_reasons.append(why)
             else:
@@ -109,7 +111,8 @@ class SchedulerBase:
         elif not node.settings.cpu_inference:
             cpu_reason = "CPU inference is off (`cpu_inference = false`)"
         else:
-            why = m.evaluation.refuse(backend, node.facts, [])
+            why = m.evaluation.refuse(backend, node.facts, []) \
+                or runtime_refusal(self.spec, runtime, "cpu")
             cpu, cpu_reason = why is None, why or ""
         if pools or cpu:
             return Eligibility(tuple(pools), cpu, None)
@@ -336,9 +339,13 @@ class SchedulerBase:
         node, pool, gpus = parts[0][:3]
         memory = 0 if pool is None else pool.memory if not pool.mixed else \
             min(node.gpus[i].memory_bytes for i in gpus)
+        version = runtime[1]
+        if version is not None and m.spec.backend_version is None \
+                and runtime[0] not in self.spec.runtimes:
+            version = default_version(runtime[0], placed[0].vendor) or version
         return Placement(
             model=m.name, replica=replica, node=node.name, gpus=gpus, backend=backend,
-            backend_version=runtime[1], port=placed[0].port, claim=claims[0],
+            backend_version=version, port=placed[0].port, claim=claims[0],
             runtime=runtime[0], vendor=placed[0].vendor, gpu_memory_bytes=memory,
             kind=m.evaluation.kind, context=parts[0][3].context or m.evaluation.context,
             workers=tuple(placed[1:]),

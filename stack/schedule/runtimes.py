@@ -9,7 +9,6 @@ if TYPE_CHECKING:
     from stack.spec import StackSpec
 
 
-
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key for versions such as `0.11.0`, `b6700`, `0.3.36` (numbers compare as numbers)."""
     parts = re.findall(r"\d+|[A-Za-z]+", version)
@@ -21,8 +20,12 @@ def choose_runtime(spec: StackSpec, backend: str,
     """(runtime name, version) serving `backend`, or the reason there is none.
 
     The runtime's name is the backend unless `RuntimeSpec.backend` says otherwise; the
-    version is the one asked for, else the newest listed in `[runtimes]`.
+    version is the one asked for, else the newest listed in `[runtimes]`. Without a
+    `[runtimes]` table for the backend, the runtime catalogue serves it: any version asked
+    for, else its default (which `place` may change per vendor: `catalog.default_version`).
     """
+    from stack.catalog import catalogue
+
     serving = [(name, rt) for name, rt in sorted(spec.runtimes.items())
                if (rt.backend or name) == backend]
     if version is not None:
@@ -31,6 +34,8 @@ def choose_runtime(spec: StackSpec, backend: str,
                 return name, version
         if backend == "custom":
             return "custom", version
+        if not serving and backend in catalogue():
+            return backend, version
         return f"no `[runtimes]` entry for backend `{backend}` lists version `{version}`"
     best: tuple[tuple[tuple[int, int | str], ...], str, str] | None = None
     for name, rt in serving:
@@ -41,5 +46,22 @@ def choose_runtime(spec: StackSpec, backend: str,
     if best is None:
         if backend == "custom":
             return "custom", None
+        if backend in catalogue():
+            return backend, catalogue()[backend].default
         return f"no `[runtimes]` entry serves backend `{backend}`"
     return best[1], best[2]
+
+
+def runtime_refusal(spec: StackSpec, runtime: tuple[str, str | None] | str,
+                    vendor: str) -> str | None:
+    """Why the runtime cannot be installed for `vendor` devices (`cpu`: none): a catalogue
+    runtime without a variant for that vendor; None when it can."""
+    from stack.catalog import catalogue, from_catalogue, variant_for
+
+    if isinstance(runtime, str) or not from_catalogue(spec, runtime[0]):
+        return None
+    if variant_for(runtime[0], vendor) is None:
+        have = ", ".join(sorted(catalogue()[runtime[0]].variants))
+        return (f"the runtime catalogue has no {runtime[0]} build for {vendor} devices "
+                f"(it has {have}; a `[runtimes]` recipe with `source` can add one)")
+    return None
