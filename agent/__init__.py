@@ -5,6 +5,7 @@
     commands     pure command builders per backend
     models       model sources and downloads
     procs        processes, records for adoption, stopping by group
+    proctable    the process table: /proc on Linux, `ps` and sysctl on macOS
     runner       one instance's reconcile step
     reconcile    the loop over all instances, assignment validation, status
     api          the HTTP API (one JSON error shape)

@@ -2,8 +2,9 @@
 
 A record per instance (`PREFIX/state/instances/<id>.json`: pid, pgid, spec_hash,
 instance_hash, port, cmdline, started_at) lets a restarted agent adopt what is running:
-the pid must be alive (not a zombie) and `/proc/<pid>/cmdline` must equal the recorded
-command line, so a recycled pid is never mistaken for a backend.
+the pid must be alive (not a zombie) and its argv must equal the recorded command line,
+so a recycled pid is never mistaken for a backend. The process table is read through
+`agent.proctable` (/proc on Linux, `ps` and sysctl on macOS).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from agent.proctable import table
 
 
 @dataclass
@@ -73,38 +76,18 @@ def remove_record(folder: Path, instance_id: str) -> None:
 
 
 def proc_cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name is in parentheses and may hold spaces: split after the last ')'
-    return text[text.rfind(")") + 2:].split()
+    """The process's argv, or None when it is gone or cannot be read."""
+    return table().cmdline(pid)
 
 
 def pid_alive(pid: int) -> bool:
     """True when the process exists and is not a zombie."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
+    return table().alive(pid)
 
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
+    return table().group_members(pgid)
 
 
 def matches(rec: ProcRecord) -> bool:
