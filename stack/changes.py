@@ -264,13 +264,14 @@ def derive_plan(spec: StackSpec, observed: Observed, placements: Placements,
     config = build_router_config(spec, placements, dict(assignments))
     config_sha = router_config_sha256(config)
     router_fp = router_fingerprint(config)
+    routers = frozenset(placements.routers)  # looked up once per node: not the tuple
     files = {name: tuple(desired_files(spec, name, facts,
                                        assignments.get(name, Assignment(node=name)),
-                                       router_fp if name in placements.routers else None))
+                                       router_fp if name in routers else None))
              for name, facts in sorted(observed.nodes.items()) if facts.reachable}
     node_files, router_files = _file_changes(observed, files)
     node_files += _record_changes(spec, observed, node_files)
-    known = any(observed.nodes[n].managed is not None for n in files if n in placements.routers)
+    known = any(observed.nodes[n].managed is not None for n in files if n in routers)
     legacy = None if known else _router_change_unknown(observed, placements, bool(instances))
     router = router_files if known else [legacy] if legacy else []
     changes = tuple(sorted(hosts + node_files, key=_order) + sorted(instances, key=_order)
