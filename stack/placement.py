@@ -184,6 +184,22 @@ class Placements:
         return None
 
 
+# backends whose multi-node mains start a Ray head on the port after their own
+RAY_BACKENDS = ("vllm", "sglang")
+
+
+def port_span(backend: str, role: str) -> int:
+    """How many ports an instance listens on from its own up (agent.commands): a vLLM or
+    SGLang main over nodes also the Ray head's (SGLang: its dist-init port) on port + 1;
+    every MindIE part over nodes its management, metrics and inter-node ports on + 1, + 2,
+    + 3. The scheduler keeps them all free for it."""
+    if role == "main" and backend in RAY_BACKENDS:
+        return 2
+    if role != "single" and backend == "mindie":
+        return 4
+    return 1
+
+
 def instance_id(model: str, replica: int) -> str:
     """The instance id of a replica's main part."""
     return f"{model}-{replica}"
@@ -293,5 +309,9 @@ def with_instances(observed: Observed, placements: Placements,
             continue
         agent = AgentFacts(version=agent_version or facts.agent.version, running=True,
                            instances=per_node[name])
-        nodes[name] = facts.model_copy(update={"agent": agent})
+        # the instances listen on their ports (and those after them they use)
+        listening = {q for i in per_node[name]
+                     for q in range(i.port, i.port + port_span(i.backend, i.role))}
+        nodes[name] = facts.model_copy(update={
+            "agent": agent, "ports_in_use": sorted({*facts.ports_in_use, *listening})})
     return observed.model_copy(update={"nodes": nodes})

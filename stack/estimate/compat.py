@@ -45,7 +45,10 @@ SUPPORT: dict[str, BackendSupport] = {
         "llama.cpp", frozenset({"nvidia", "amd", "hygon", "apple", "mthreads", "ascend", "cpu"}),
         frozenset({"linux", "darwin", "windows"}), _ARCHES, (5, 0), _LLM,
         frozenset({"gguf"})),
-    # hiascend.com MindIE installation guide: Atlas 800I A2/A3 (Ascend only), Linux
+    # hiascend.com MindIE installation guide: Atlas 800I A2/A3 (Ascend only), Linux;
+    # several nodes per the MindIE service deployment guide (multi-node inference):
+    # `multiNodesInferEnabled` in config.json, a rank table of every NPU's device IP
+    # (`RANKTABLEFILE`) and this node's address (`MIES_CONTAINER_IP`) on each node
     "mindie": BackendSupport("MindIE", frozenset({"ascend"}), frozenset({"linux"}),
                              frozenset({"x86_64", "aarch64"}), None, frozenset({"llm", "vlm"}),
                              _ST),
@@ -80,6 +83,21 @@ def model_reason(backend: str, meta: ModelMeta, kind: str) -> str | None:
 def compatible_backends(meta: ModelMeta, kind: str) -> tuple[str, ...]:
     """Backends that can serve this model somewhere, preferred first."""
     return tuple(b for b in PREFERENCE if model_reason(b, meta, kind) is None)
+
+
+def multi_node_reason(backend: str, gpu: GpuFacts) -> str | None:
+    """Why `gpu` cannot take part in a replica of `backend` over several nodes, or None.
+    The scheduler prefixes the node's name."""
+    if backend == "mindie" and not gpu.device_ip:
+        return (f"MindIE over several nodes needs each NPU's device IP from /etc/hccn.conf; "
+                f"NPU {gpu.index} has none")
+    return None
+
+
+# what to do about multi_node_reason (hccn_tool sets a device's NIC address)
+MULTI_NODE_HINT = ("set each NPU's address with `hccn_tool -i N -ip -s address IP netmask "
+                   "MASK` (it writes `address_N=` to /etc/hccn.conf), then run `stack plan` "
+                   "again")
 
 
 def _cc(text: str | None) -> tuple[int, int] | None:

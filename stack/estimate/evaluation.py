@@ -76,11 +76,9 @@ class ModelEvaluation:
         if backend == "mindie":
             if gpus == 0:
                 return "MindIE runs on NPUs"
-            if nodes > 1:  # MindIE can (multiNodesInferEnabled + a rank table of NPU IPs)
-                return ("MindIE over several nodes needs a rank table of every NPU's "
-                        "address, which stack does not write yet")
-            return self._fit_context(context, gpu_memory_bytes, lambda c: memory.mindie_claim(
-                self.meta, c, gpus, gpu_memory_bytes))
+            # over nodes (multiNodesInferEnabled) the world is every NPU of every node
+            return self._fit_context(context, gpu_memory_bytes, lambda c: _per_node(
+                memory.mindie_claim(self.meta, c, gpus * nodes, gpu_memory_bytes), gpus, nodes))
         if nodes > 1:
             return f"{backend} replicas stay on one node"
         return memory.simple_claim(backend, self.meta, gpus, gpu_memory_bytes)

@@ -352,7 +352,8 @@ def _embedding_and_head(meta: ModelMeta) -> tuple[int, int]:
 
 def mindie_claim(meta: ModelMeta, context: int, tp: int, gpu_memory_bytes: int | None
                  ) -> Claim | str:
-    """MindIE on Ascend: weights/TP + one full-context request of KV + 3 GiB runtime."""
+    """MindIE on Ascend: weights/TP + one full-context request of KV + 3 GiB runtime; `tp`
+    is the world size, every NPU of every node when a replica spans nodes."""
     reason = tp_reason(meta, tp)
     if reason:
         return reason

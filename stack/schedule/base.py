@@ -4,9 +4,11 @@ layers, and taking a placement's resources."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from stack.catalog import default_version
+from stack.estimate.compat import multi_node_reason
 from stack.estimate.types import Claim, Evaluation
 from stack.placement import (
     ClaimedResources,
@@ -14,10 +16,10 @@ from stack.placement import (
     Worker,
     gib,
     instance_id,
+    port_span,
 )
 from stack.schedule.fleet import (
     CPU_BACKENDS,
-    RAY_BACKENDS,
     Eligibility,
     Fleet,
     ModelState,
@@ -186,6 +188,9 @@ class SchedulerBase:
                 return None
             return None, (), need
         for pool in el.pools:
+            if nodes > 1:  # only GPUs that can join a group over nodes (MindIE: device IPs)
+                pool = replace(pool, indices=tuple(
+                    i for i in pool.indices if not multi_node_reason(backend, node.gpus[i])))
             if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
                 continue
             claim = self.split_claim(m, backend, gpus, pool.memory, nodes) if nodes == 1 \
@@ -324,15 +329,14 @@ class SchedulerBase:
         for k, (node, pool, gpus, need, want) in enumerate(parts):
             m.nodes_used.add(node.name)
             owner = instance_id(m.name, replica) + (f"-w{k}" if k else "")
-            # a distributed vLLM/SGLang main also runs the Ray head on port + 1 (agent)
-            span = 2 if k == 0 and len(parts) > 1 and backend in RAY_BACKENDS else 1
+            span = port_span(backend, "single" if len(parts) == 1 else
+                             "main" if k == 0 else "worker")
             got = self.fleet.free_port(node, owner, want, span)
             if got is None:
                 got = self.fleet.free_port(node, owner, None, 1)
             assert got is not None  # fits_host checked a port is free
             self.fleet.take(node, m.name, gpus, need, got)
-            if span == 2:
-                node.ports_taken.add(got + 1)
+            node.ports_taken.update(range(got + 1, got + span))
             claims.append(ClaimedResources(need.vram, need.ram, need.vram_by_gpu))
             placed.append(Worker(node.name, gpus, got, pool.vendor if pool else "cpu",
                                  claims[-1] if split else None))

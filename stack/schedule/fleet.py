@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from stack.estimate.types import Claim, Evaluation
 from stack.nodes import node_settings
-from stack.placement import gib
+from stack.placement import RAY_BACKENDS as RAY_BACKENDS  # the schedulers import it here
+from stack.placement import gib, port_span
 
 if TYPE_CHECKING:
     from stack.selector import Selector
@@ -22,8 +23,6 @@ TP_SIZES = (1, 2, 4, 8)
 MAX_NODES_PER_REPLICA = 16
 # backends that may run on the CPU only (cpu_inference) and over RPC workers
 CPU_BACKENDS = ("llama.cpp",)
-# backends whose multi-node mains start a Ray head on the port after their own
-RAY_BACKENDS = ("vllm", "sglang")
 
 
 def gpu_wired_limit(ram_bytes: int) -> int:
@@ -206,7 +205,9 @@ class Fleet:
         files: set[str] = set()
         for inst in facts.agent.instances:
             ours_on_gpu.update(inst.gpus)
-            ports[inst.port] = inst.id
+            # the ports after its own that it listens on are its too, so it keeps them
+            for port in range(inst.port, inst.port + port_span(inst.backend, inst.role)):
+                ports[port] = inst.id
             files.add(inst.model)
         for port in facts.ports_in_use:
             ports.setdefault(port, "")

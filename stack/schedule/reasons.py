@@ -3,6 +3,7 @@ offer."""
 
 from __future__ import annotations
 
+from stack.estimate.compat import MULTI_NODE_HINT, multi_node_reason
 from stack.placement import (
     gib,
 )
@@ -46,8 +47,27 @@ class ReasonsScheduler(FreshScheduler):
         if not self.fleet.nodes and not self.fleet.excluded:
             out.append("the fleet has no nodes")
         if m.spec.distributed:
-            out.append("no set of nodes can hold it distributed either")
+            out.append("no set of nodes can hold it distributed either"
+                       + self._multi_node_lacks(m))
         return tuple(out)
+
+    def _multi_node_lacks(self, m: ModelState) -> str:
+        """What keeps nodes' GPUs out of a replica over several nodes (MindIE: an NPU
+        without a device IP) with what to do, or ''."""
+        lacks: list[str] = []
+        for name, node in sorted(self.fleet.nodes.items()):
+            for backend in m.backends:
+                if isinstance(m.runtimes[backend], str):
+                    continue
+                why = next((w for p in self.eligibility(m, backend, node.cls).pools
+                            for i in p.indices if (w := multi_node_reason(backend, node.gpus[i]))),
+                           None)
+                if why:
+                    lacks.append(f"{name}: {why}")
+                    break
+        if not lacks:
+            return ""
+        return f" ({'; '.join(lacks)}; hint: {MULTI_NODE_HINT})"
 
     def _node_reason(self, m: ModelState, backend: str, node: NodeState) -> str:
         runtime = m.runtimes[backend]

@@ -3,6 +3,7 @@ a model whose metadata is unknown is kept where it runs."""
 
 from __future__ import annotations
 
+from stack.estimate.compat import multi_node_reason
 from stack.placement import (
     ClaimedResources,
     Placement,
@@ -118,7 +119,8 @@ class StickyScheduler(SchedulerBase):
                 return None
             return None, need
         pool = next((p for p in el.pools if set(gpus) <= set(p.indices)), None)
-        if pool is None:
+        if pool is None or (nodes > 1 and any(multi_node_reason(backend, node.gpus[i])
+                                              for i in gpus)):
             return None
         need = self.need(m, backend, len(gpus), pool.memory, nodes)
         if isinstance(need, str) or self.fits_host(node, m.name, need):
