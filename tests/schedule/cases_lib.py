@@ -37,7 +37,8 @@ GPU_MODELS: dict[str, tuple[str, str, int, str | None]] = {
 
 
 def expand_gpus(value: Any) -> list[dict[str, Any]]:
-    """A node's `gpus`: a list as in a snapshot, or `{"model", "count", "used"}` shorthand."""
+    """A node's `gpus`: a list as in a snapshot, or `{"model", "count", "used"}` shorthand
+    (with `"device_ips": [...]`, each GPU's `device_ip` in order: Ascend NIC addresses)."""
     if isinstance(value, list):
         out = []
         for gpu in value:
@@ -51,12 +52,14 @@ def expand_gpus(value: Any) -> list[dict[str, Any]]:
     out = []
     for group in groups:
         name, vendor, memory, cc = GPU_MODELS[group["model"]]
-        for _ in range(int(group.get("count", 1))):
+        for k in range(int(group.get("count", 1))):
             index = len(out)
             out.append({"index": index, "uuid": f"GPU-{index:08d}", "vendor": vendor,
                         "name": name, "memory_bytes": memory,
                         "memory_used_bytes": int(group.get("used", 0)),
                         "compute_capability": cc})
+            if k < len(group.get("device_ips", [])):
+                out[-1]["device_ip"] = group["device_ips"][k]
     return out
 
 
