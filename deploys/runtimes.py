@@ -52,10 +52,16 @@ class RuntimeInstall:
     prebuilt: bool = False
     sha256: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    variant: str = ""  # a catalogue recipe's accelerator variant: the folder `VERSION-VARIANT`
+
+    @property
+    def folder(self) -> str:
+        """The folder under `PREFIX/runtimes/NAME/`."""
+        return f"{self.version}-{self.variant}" if self.variant else self.version
 
     @property
     def path(self) -> str:
-        return runtime_path(self.prefix, self.name, self.version)
+        return runtime_path(self.prefix, self.name, self.folder)
 
 
 def runtime_path(prefix: str, name: str, version: str) -> str:
@@ -94,6 +100,7 @@ def install_script(install: RuntimeInstall) -> str:
     head = [
         "set -eu",
         f"if [ -f {q(marker)} ]; then exit 0; fi",
+        *_requires(install),
         f"rm -rf {q(dest)} {q(tmp)}",
     ]
     source = install.spec.source
@@ -113,18 +120,45 @@ def install_script(install: RuntimeInstall) -> str:
     return "\n".join(head + body + tail) + "\n"
 
 
+def _requires(install: RuntimeInstall) -> list[str]:
+    """Stop before anything is removed when a command or path the install needs is
+    missing, naming it (exit 6)."""
+    q = shlex.quote
+    lines = []
+    for need in install.spec.requires:
+        test = f"test -e {q(need)}" if need.startswith("/") else \
+            f"command -v {q(need)} >/dev/null 2>&1"
+        what = f"{install.name} {install.folder} needs {need} on this host"
+        lines.append(f"{test} || {{ echo {q(what)} >&2; exit 6; }}")
+    return lines
+
+
+def _env_prefix(install: RuntimeInstall) -> str:
+    """`NAME=value ` words for the install's own environment (`build_env`), quoted."""
+    return "".join(f"{name}={shlex.quote(value)} "
+                   for name, value in sorted(install.spec.build_env.items()))
+
+
 def _pip(install: RuntimeInstall) -> list[str]:
     q = shlex.quote
     dest = install.path
     spec = install.spec
-    requirement = (spec.package or f"{install.name}=={{version}}").replace(
-        "{version}", install.version
-    )
+    version = install.version
+    requirement = (spec.package or f"{install.name}=={{version}}").replace("{version}", version)
+    more = [r.replace("{version}", version) for r in spec.requirements]
     index = f" --index-url {q(spec.index_url)}" if spec.index_url else ""
+    if spec.extra_index_url:
+        index += f" --extra-index-url {q(spec.extra_index_url.replace('{version}', version))}"
+    pip = f"{_env_prefix(install)}{q(dest)}/bin/python -m pip install --quiet{index}"
+    if spec.no_deps:  # its dependencies first, then the package alone
+        installs = ([f"{pip} {' '.join(q(r) for r in more)}"] if more else []) + \
+            [f"{pip} --no-deps {q(requirement)}"]
+    else:
+        installs = [f"{pip} {' '.join(q(r) for r in [requirement, *more])}"]
     return [
         f"mkdir -p {q(dest)}",
-        f"python3 -m venv {q(dest)}",
-        f"{q(dest)}/bin/python -m pip install --quiet{index} {q(requirement)}",
+        f"{q(spec.python or 'python3')} -m venv {q(dest)}",
+        *installs,
     ]
 
 
@@ -192,13 +226,16 @@ def _build(install: RuntimeInstall, tmp: str) -> list[str]:
         f"mkdir {q(src)}",
         f"tar -xf {q(tmp)}/archive -C {q(src)} --strip-components=1",
         f"rm -f {q(tmp)}/archive",
-        f"cmake -S {q(source_dir)} -B {q(tmp)}/build {args} > {q(tmp)}/cmake.log 2>&1 "
+        f"{_env_prefix(install)}cmake -S {q(source_dir)} -B {q(tmp)}/build {args} "
+        f"> {q(tmp)}/cmake.log 2>&1 "
         f"|| {{ tail -20 {q(tmp)}/cmake.log >&2; exit 5; }}",
-        f"cmake --build {q(tmp)}/build{target_flag} -j\"$(nproc 2>/dev/null || echo 2)\" "
+        f"{_env_prefix(install)}cmake --build {q(tmp)}/build{target_flag} "
+        f"-j\"$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)\" "
         f"> {q(tmp)}/build.log 2>&1 || {{ tail -20 {q(tmp)}/build.log >&2; exit 5; }}",
         f"mkdir -p {q(tmp)}/bin",
         f"cp -a {q(tmp)}/build/bin/. {q(tmp)}/bin/",
-        f"find {q(tmp)}/build -name '*.so*' -exec cp -a {{}} {q(tmp)}/bin/ \\;",
+        f"find {q(tmp)}/build \\( -name '*.so*' -o -name '*.dylib' \\) "
+        f"-exec cp -a {{}} {q(tmp)}/bin/ \\;",
         f"rm -rf {q(src)} {q(tmp)}/build {q(tmp)}/cmake.log {q(tmp)}/build.log",
     ]
 

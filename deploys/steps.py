@@ -161,8 +161,8 @@ def driver_step(target: HostTarget) -> Step:
 def runtime_step(key: str, target: HostTarget, install: RuntimeInstall | None) -> Step:
     if install is None:
         return Step(key, f"{key} is not used on {target.node}")
-    if install.version in target.facts.runtimes.get(install.name, []):
-        return Step(key, f"{install.name} {install.version} is installed")
+    if install.folder in target.facts.runtimes.get(install.name, []):
+        return Step(key, f"{install.name} {install.folder} is installed")
     uploads = []
     source = target.runtime_uploads.get(install.path)
     if source is not None and install.upload:
@@ -230,7 +230,7 @@ def host_steps(
 ) -> list[Step]:
     """Every step of one host, in the fleet-wide order (missing keys become no-ops)."""
     paths = agent_paths(target.prefix)
-    installs = {f"runtime {i.name} {i.version}": i for i in target.runtimes}
+    installs = {f"runtime {i.name} {i.folder}": i for i in target.runtimes}
     models = {f"model {m.dest}": m for m in target.models}
     steps = [driver_step(target)]
     steps += [runtime_step(k, target, installs.get(k)) for k in runtime_keys]

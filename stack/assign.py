@@ -22,6 +22,7 @@ from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeou
 from stack.nodes import node_prefix, node_settings
 from stack.placement import Placement, Placements, Worker
 from stack.snapshot import Observed
+from stack.catalog import Recipe, recipe
 from stack.spec import ModelSpec, StackSpec
 
 # health paths the router probes where a backend does not answer on /health
@@ -119,13 +120,16 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
     out: list[tuple[str, Instance]] = []
     for k, part in enumerate(parts):
         prefix = nodes.get(part.node)[0]
-        runtime_path = (posixpath.join(prefix, "runtimes", p.runtime, p.backend_version)
-                        if p.runtime and p.backend_version else "")
+        found = recipe(spec, p.runtime, p.backend_version, part.vendor) \
+            if p.runtime and p.backend_version else None
+        runtime_path = "" if found is None else posixpath.join(
+            prefix, "runtimes", p.runtime,
+            found.folder if isinstance(found, Recipe) else p.backend_version or "")
         if (p.model, prefix) not in paths:
             paths[(p.model, prefix)] = model_path(p.model, model.source, prefix, stack_dir)
         if (p.model, "") not in paths:
             paths[(p.model, "")] = local_checksum(model.source, stack_dir)
-        runtime = spec.runtimes.get(p.runtime)
+        runtime = found.spec if isinstance(found, Recipe) else None
         iid = p.id if k == 0 else p.worker_id(k)
         role: Literal["single", "main", "worker"] = (
             "single" if not p.workers else ("main" if k == 0 else "worker"))

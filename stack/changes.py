@@ -15,6 +15,8 @@ from agent.assignment import Assignment, Instance
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
 from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
+from stack.catalog import folder, listed_folders, parse_folder
+from stack.env import shown as shown_env
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.neighbours import own_record, set_aside
 from stack.nodes import node_settings
@@ -75,9 +77,10 @@ def _host_changes(spec: StackSpec, observed: Observed, placements: Placements,
     for p in (*placements.placements, *placements.kept):
         if not p.runtime or not p.backend_version:
             continue
-        for node in p.nodes():
-            users = needed.setdefault(node, {}).setdefault((p.runtime, p.backend_version), [])
-            users.append(replica_address(p.model, p.replica))
+        for node, vendor in ((p.node, p.vendor), *((w.node, w.vendor) for w in p.workers)):
+            key = (p.runtime, folder(spec, p.runtime, p.backend_version, vendor))
+            needed.setdefault(node, {}).setdefault(key, []).append(
+                replica_address(p.model, p.replica))
     out: list[Change] = []
     for name in sorted(observed.nodes):
         facts = observed.nodes[name]
@@ -136,11 +139,13 @@ def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
         out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.CREATE,
                           f"needed by {users[0]}{more}", "none", name))
     # what apply removes last: the same decision (`deploys.runtimes.unused_versions`)
-    listed = {n: rt.versions for n, rt in spec.runtimes.items()}
-    for runtime, versions in unused_versions(facts.runtimes, listed, needed).items():
+    for runtime, versions in unused_versions(facts.runtimes, listed_folders(spec),
+                                              needed).items():
         for version in versions:
             why = (f"`runtimes.{runtime}.versions` no longer lists {version}"
                    if runtime in spec.runtimes
+                   else f"no replica here uses the catalogue's {runtime} {version}"
+                   if parse_folder(spec, runtime, version) is not None
                    else f"`runtimes.{runtime}` is no longer in stack.toml")
             out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.DELETE, why,
                               "none", name))

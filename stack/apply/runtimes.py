@@ -8,6 +8,7 @@ from stack import remote
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node
 from stack.apply.report import HostReport
+from stack.catalog import listed_folders
 from stack.spec import StackSpec
 
 
@@ -16,7 +17,7 @@ def remove_unused_runtimes(spec: StackSpec, nodes: list[Node], desired: Desired,
     """Remove the runtime versions stack.toml no longer lists (`unused_versions`), last and
     only on hosts that converged: their instances run as desired by now. A version that
     the desired or the last written assignment still names is kept (the agent runs it)."""
-    listed = {name: rt.versions for name, rt in spec.runtimes.items()}
+    listed = listed_folders(spec)
     for node in nodes:
         if reports[node.name].error is not None:
             continue  # its instances may still run on a version stack.toml dropped

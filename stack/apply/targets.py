@@ -11,6 +11,7 @@ from deploys.steps import HostTarget, ModelUpload, agent_paths
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node
 from stack.apply.report import HostReport
+from stack.catalog import Recipe, parse_folder, recipe, vendor_of
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import agent_listen, agent_service, render_agent_toml, router_service
 from stack.neighbours import own_record
@@ -26,15 +27,19 @@ from stack.wheelhouse import (
 )
 
 
-def runtime_of(spec: StackSpec, inst: Instance, prefix: str) -> tuple[str, str] | None:
-    """(runtime name, version) from an instance's runtime path under the prefix."""
+def runtime_of(spec: StackSpec, inst: Instance, prefix: str) -> Recipe | None:
+    """The recipe of an instance's runtime path under the prefix (a stack.toml or
+    catalogue runtime), or None."""
     base = f"{prefix}/runtimes/"
     if not inst.runtime_path.startswith(base):
         return None
-    name, _, version = inst.runtime_path[len(base):].partition("/")
-    if name not in spec.runtimes or not version:
+    name, _, folder = inst.runtime_path[len(base):].partition("/")
+    parsed = parse_folder(spec, name, folder) if folder else None
+    if parsed is None:
         return None
-    return name, version
+    version, variant = parsed
+    found = recipe(spec, name, version, vendor_of(name, variant) if variant else "cpu")
+    return found if isinstance(found, Recipe) else None
 
 
 def resolve_local(spec_source: str, stack_dir: Path) -> Path:
@@ -45,10 +50,10 @@ def resolve_local(spec_source: str, stack_dir: Path) -> Path:
 
 
 def runtime_install(
-    spec: StackSpec, stack_dir: Path, name: str, version: str, prefix: str, facts: NodeFacts,
+    stack_dir: Path, found: Recipe, prefix: str, facts: NodeFacts,
 ) -> tuple[RuntimeInstall, Path | None]:
     """A runtime version to install on one host, and the controller file it needs."""
-    rt = spec.runtimes[name]
+    name, version, variant, rt = found.name, found.version, found.variant, found.spec
     expected = rt.sha256.get(version)
     url = (rt.url or "").replace("{version}", version)
     local: Path | None = None
@@ -60,7 +65,7 @@ def runtime_install(
         if not local.exists():
             raise ApplyError(f"`runtimes.{name}.url` names `{local}`, which does not exist",
                              hint="put the archive there or fix the URL.")
-    upload = f"{prefix}/runtimes/.uploads/{name}-{version}"
+    upload = f"{prefix}/runtimes/.uploads/{name}-{found.folder}"
     archive: tuple[Path, str] | None = None  # what a controller build is made from, its sha256
     if rt.source == "build" and local is not None:
         digest = sha256_file(local)
@@ -78,12 +83,13 @@ def runtime_install(
         prebuilt = prebuilt_bin(*archive, rt.cmake_args, rt.targets, rt.subdir,
                                 f"{facts.os}-{facts.arch}")
         if prebuilt is not None:
-            install = RuntimeInstall(name, version, rt, prefix, upload=upload, prebuilt=True)
+            install = RuntimeInstall(name, version, rt, prefix, upload=upload, prebuilt=True,
+                                     variant=variant)
             return install, prebuilt_tarball(prebuilt)
     if local is not None:  # for a build, `expected` is unset or its checked digest
         return RuntimeInstall(name, version, rt, prefix, upload=upload,
-                              sha256=expected or sha256_file(local)), local
-    return RuntimeInstall(name, version, rt, prefix, sha256=expected), None
+                              sha256=expected or sha256_file(local), variant=variant), local
+    return RuntimeInstall(name, version, rt, prefix, sha256=expected, variant=variant), None
 
 
 def _runtime_installs(spec: StackSpec, stack_dir: Path, node: Node, assignment: Assignment,
@@ -94,11 +100,11 @@ def _runtime_installs(spec: StackSpec, stack_dir: Path, node: Node, assignment: 
     uploads: dict[str, Path] = {}
     seen: set[tuple[str, str]] = set()
     for inst in assignment.instances:
-        key = runtime_of(spec, inst, node.prefix)
-        if key is None or key in seen:
+        found = runtime_of(spec, inst, node.prefix)
+        if found is None or (found.name, found.folder) in seen:
             continue
-        seen.add(key)
-        install, local = runtime_install(spec, stack_dir, *key, node.prefix, node.facts)
+        seen.add((found.name, found.folder))
+        install, local = runtime_install(stack_dir, found, node.prefix, node.facts)
         installs.append(install)
         if local is not None:
             uploads[install.path] = local
@@ -174,7 +180,7 @@ def host_targets(
             reports[node.name].fail(err.message, err.hint)
             continue
         targets[node.name] = target
-    runtime_keys = {f"runtime {i.name} {i.version}" for t in targets.values() for i in t.runtimes}
+    runtime_keys = {f"runtime {i.name} {i.folder}" for t in targets.values() for i in t.runtimes}
     model_keys = {f"model {m.dest}" for t in targets.values() for m in t.models}
     return targets, sorted(runtime_keys), sorted(model_keys)
 
@@ -186,7 +192,7 @@ def upload_bytes(target: HostTarget) -> int:
             != target.bundle_version:
         total += 3 * target.bundle.stat().st_size  # the tarball, its wheels, the venv
     for install in target.runtimes:
-        if install.version in target.facts.runtimes.get(install.name, []):
+        if install.folder in target.facts.runtimes.get(install.name, []):
             continue
         local = target.runtime_uploads.get(install.path)
         size = local.stat().st_size if local is not None else 0

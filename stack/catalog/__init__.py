@@ -169,3 +169,23 @@ def parse_folder(spec: StackSpec, name: str, folder: str) -> tuple[str, str] | N
 def vendor_of(name: str, variant: str) -> str:
     """A vendor a catalogue variant serves (what `recipe` is called with again)."""
     return catalogue()[name].variants[variant].vendors[0]
+
+
+def folder(spec: StackSpec, name: str, version: str, vendor: str) -> str:
+    """The folder under `PREFIX/runtimes/NAME/` a node using `vendor` devices runs
+    `name` `version` from."""
+    found = recipe(spec, name, version, vendor)
+    return found.folder if isinstance(found, Recipe) else version
+
+
+def listed_folders(spec: StackSpec) -> dict[str, list[str]]:
+    """Per `[runtimes]` table, the folders its versions make (every variant of a
+    catalogue recipe): what apply keeps on a host even when no replica uses it."""
+    out: dict[str, list[str]] = {}
+    for name, table in spec.runtimes.items():
+        if from_catalogue(spec, name):
+            out[name] = [f"{v}-{variant}" for v in table.versions
+                         for variant in catalogue()[name].variants]
+        else:
+            out[name] = list(table.versions)
+    return out

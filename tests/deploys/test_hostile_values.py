@@ -38,6 +38,7 @@ from stack.apply.desired import desired_state
 from stack.apply.hosts import Node
 from stack.apply.report import HostReport
 from stack.apply.targets import host_targets, runtime_install
+from stack.catalog import Recipe, recipe
 from stack.config import check_text
 from stack.nodes import node_prefix
 from stack.pipeline import make_plan
@@ -209,7 +210,7 @@ def _render(spec: StackSpec, text: str, sandbox: Path, monkeypatch: pytest.Monke
     plan = make_plan(spec, text.encode(), facts, stack_dir)
     render_plan(plan)
     bundle = AgentBundle(sandbox / "bundle.tar", "0.1.0+test", "modelstack-0.1.0-py3-none-any.whl")
-    monkeypatch.setattr("stack.apply.targets.agent_bundle", lambda: bundle)
+    monkeypatch.setattr("stack.apply.targets.agent_bundle", lambda extras=(): bundle)
     desired = desired_state(spec, stack_dir, plan)
     out = Rendered([], {}, [])
     info = lock.LockInfo("lock-1", "ops@ci", "2026-01-01T00:00:00Z", 1)
@@ -221,10 +222,12 @@ def _render(spec: StackSpec, text: str, sandbox: Path, monkeypatch: pytest.Monke
     assert not [r for r in reports.values() if r.error], reports
     for node in nodes:
         # every runtime version, not only those the placed replicas use
-        every = [runtime_install(spec, stack_dir, name, version, node.prefix, node.facts)[0]
-                 for name, rt in spec.runtimes.items() for version in rt.versions]
+        recipes = [recipe(spec, name, version, "cpu")
+                   for name, rt in spec.runtimes.items() for version in rt.versions]
+        every = [runtime_install(stack_dir, r, node.prefix, node.facts)[0]
+                 for r in recipes if isinstance(r, Recipe)]
         target = dataclasses.replace(targets[node.name], runtimes=every)
-        keys = sorted({*runtime_keys, *(f"runtime {i.name} {i.version}" for i in every)})
+        keys = sorted({*runtime_keys, *(f"runtime {i.name} {i.folder}" for i in every)})
         for step in host_steps(target, keys, model_keys):
             out.commands += step.commands
         for service in (target.agent_service, target.router_service):
