@@ -178,9 +178,20 @@ def parse_procargs2(buf: bytes) -> list[str] | None:
     return args
 
 
+# sysctl(3): int sysctl(int *name, u_int namelen, void *oldp, size_t *oldlenp,
+#                       void *newp, size_t newlen); declared so ctypes passes each argument
+# at its C width (an undeclared size_t would go as a 32-bit int)
+SYSCTL_PROTOTYPE = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_uint, ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p, ctypes.c_size_t, use_errno=True)
+
+
 @functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+def _libc_sysctl() -> Callable[..., int]:
+    """libc's sysctl() with its prototype (Darwin only: Linux's libc has none)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    func: Callable[..., int] = SYSCTL_PROTOTYPE(("sysctl", libc))
+    return func
 
 
 def _sysctl(mib: list[int], size: int) -> bytes | None:
@@ -189,7 +200,7 @@ def _sysctl(mib: list[int], size: int) -> bytes | None:
     name = (ctypes.c_int * len(mib))(*mib)
     buf = ctypes.create_string_buffer(size)
     length = ctypes.c_size_t(size)
-    if _libc().sysctl(name, len(mib), buf, ctypes.byref(length), None, 0) != 0:
+    if _libc_sysctl()(name, len(mib), buf, ctypes.byref(length), None, 0) != 0:
         return None
     return buf.raw[:length.value]
 

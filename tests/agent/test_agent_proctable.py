@@ -221,37 +221,42 @@ def test_procargs2_cut_short_or_empty_is_no_argv() -> None:
     assert parse_procargs2(b"\x01\x00\x00\x00/bin/sleep") is None
 
 
-class _Libc:
-    """Stands in for macOS libc's sysctl(3): answers KERN_ARGMAX and KERN_PROCARGS2."""
+class _Sysctl:
+    """Stands in for macOS libc's sysctl(3), called through the same C prototype, so the
+    arguments are marshalled as on a Mac: answers KERN_ARGMAX and KERN_PROCARGS2."""
 
     def __init__(self, procs: dict[int, bytes]) -> None:
         self.procs = procs
-        self.mibs: list[list[int]] = []
+        self.calls: list[tuple[list[int], int, int]] = []  # mib, buffer size, newlen
 
-    def sysctl(self, name: Any, namelen: int, buf: Any, lenp: Any, new: Any, newlen: int) -> int:
-        mib = list(name[:namelen])
-        self.mibs.append(mib)
+    def __call__(self, name: Any, namelen: int, buf: int, lenp: Any, new: Any,
+                 newlen: int) -> int:
+        mib = [name[i] for i in range(namelen)]
+        self.calls.append((mib, lenp[0], newlen))
+        assert new is None
         if mib == [1, 8]:
             data = (1024).to_bytes(ctypes.sizeof(ctypes.c_int), sys.byteorder)
         elif mib[:2] == [1, 49] and mib[2] in self.procs:
             data = self.procs[mib[2]]
         else:
+            ctypes.set_errno(22)  # EINVAL
             return -1
-        size = lenp._obj
-        assert len(data) <= size.value == len(buf)
+        assert len(data) <= lenp[0]
         ctypes.memmove(buf, data, len(data))
-        size.value = len(data)
+        lenp[0] = len(data)
         return 0
 
 
 def test_sysctl_argv_reads_argmax_then_the_pid_s_procargs2(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    libc = _Libc({4242: _procargs2(b"/bin/sleep", [b"sleep", b"30"])})
-    monkeypatch.setattr(proctable, "_libc", lambda: libc)
+    fake = _Sysctl({4242: _procargs2(b"/bin/sleep", [b"sleep", b"30"])})
+    func = proctable.SYSCTL_PROTOTYPE(fake)
+    monkeypatch.setattr(proctable, "_libc_sysctl", lambda: func)
     assert sysctl_argv(4242) == ["sleep", "30"]
     assert sysctl_argv(4243) is None  # the kernel refuses a gone pid or a zombie
-    assert libc.mibs == [[1, 8], [1, 49, 4242], [1, 8], [1, 49, 4243]]
+    assert fake.calls == [([1, 8], 4, 0), ([1, 49, 4242], 1024, 0),
+                          ([1, 8], 4, 0), ([1, 49, 4243], 1024, 0)]
 
 
 def test_each_platform_gets_its_own_table() -> None:
