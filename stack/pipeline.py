@@ -43,11 +43,12 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def agent_version() -> str:
-    """The agent version every host should run: the bundle apply would install."""
-    from stack.wheelhouse import bundle_version
+def agent_version(spec: StackSpec | None = None) -> str:
+    """The agent version every host should run: the bundle apply would install (with the
+    extras the stack's models need, `stack.wheelhouse.agent_extras`)."""
+    from stack.wheelhouse import agent_extras, bundle_version
 
-    return bundle_version()
+    return bundle_version(extras=agent_extras(spec) if spec is not None else ())
 
 
 def read_facts(path: Path) -> Observed:

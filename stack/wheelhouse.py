@@ -2,7 +2,9 @@
 
 - The agent bundle: the project's wheel (`pip wheel --no-deps .`) plus a wheelhouse of its
   runtime dependencies (`pip wheel`), packed in one tarball so a host installs it with
-  `pip install --no-index` (air-gapped hosts work). Cached under
+  `pip install --no-index` (air-gapped hosts work). A stack that needs more on its hosts
+  gets the project's extras too (`agent_extras`: `modelscope` when a model has a
+  ModelScope source; `huggingface-hub` is a dependency, always there). Cached under
   `~/.cache/modelstack/wheelhouse/<hash>` where the hash covers the project's sources, its
   dependency list, and the target Python and platform. Hosts must run the controller's
   Python minor version and architecture (checked by the caller from the facts).
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stack.errors import ApplyError
+from stack.spec import StackSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("stack", "agent", "router", "deploys", "templates")
@@ -85,12 +88,25 @@ def source_hash(root: Path = ROOT) -> str:
     return digest.hexdigest()[:16]
 
 
-def bundle_version(root: Path = ROOT) -> str:
+# project extras (pyproject.toml `[project.optional-dependencies]`) the agent needs for
+# models with a source of this scheme
+SOURCE_EXTRAS = {"modelscope://": "modelscope"}
+
+
+def agent_extras(spec: StackSpec) -> tuple[str, ...]:
+    """The project extras the hosts' agents need for this stack's models, sorted."""
+    return tuple(sorted({extra for model in spec.models.values()
+                         for scheme, extra in SOURCE_EXTRAS.items()
+                         if model.source.startswith(scheme)}))
+
+
+def bundle_version(root: Path = ROOT, extras: tuple[str, ...] = ()) -> str:
     """The agent version every host should run: the package version plus a hash of the
-    sources, so a code change without a version bump is still an upgrade that plan shows."""
+    sources, so a code change without a version bump is still an upgrade that plan shows,
+    and the extras it was installed with (`0.1.0+HASH.modelscope`)."""
     from agent.reconcile import VERSION
 
-    return f"{VERSION}+{source_hash(root)}"
+    return ".".join([f"{VERSION}+{source_hash(root)}", *extras])
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,12 @@ class AgentBundle:
     tarball: Path
     version: str  # `bundle_version()`: what `PREFIX/agent/.installed` holds
     wheel_name: str
+    extras: tuple[str, ...] = ()
+
+    @property
+    def requirement(self) -> str:
+        """What a host installs from the bundle's `wheels/`: the wheel with its extras."""
+        return self.wheel_name + (f"[{','.join(self.extras)}]" if self.extras else "")
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -134,16 +156,18 @@ def fetch_sdist(requirement: str, what: str) -> Path:
                      "publishes an sdist, or give `url` instead.")
 
 
-def _dependencies(root: Path) -> list[str]:
+def _dependencies(root: Path, extras: tuple[str, ...] = ()) -> list[str]:
     import tomllib
 
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    return [str(d) for d in project.get("dependencies", [])]
+    optional = project.get("optional-dependencies", {})
+    return [str(d) for d in project.get("dependencies", [])] + [
+        str(d) for extra in extras for d in optional.get(extra, [])]
 
 
-def _dependency_wheels(root: Path) -> Path:
+def _dependency_wheels(root: Path, extras: tuple[str, ...] = ()) -> Path:
     """The wheelhouse of the runtime dependencies (and pip), cached by the dependency list."""
-    deps = _dependencies(root)
+    deps = _dependencies(root, extras)
     key = hashlib.sha256(
         json.dumps([deps, python_tag(), platform_tag()]).encode()
     ).hexdigest()[:16]
@@ -162,29 +186,31 @@ def _dependency_wheels(root: Path) -> Path:
     return folder
 
 
-_BUNDLES: dict[Path, AgentBundle] = {}
+_BUNDLES: dict[tuple[Path, tuple[str, ...]], AgentBundle] = {}
 
 
-def agent_bundle(root: Path = ROOT) -> AgentBundle:
-    """Build (or reuse) the wheel + wheelhouse tarball for this controller's Python.
+def agent_bundle(root: Path = ROOT, extras: tuple[str, ...] = ()) -> AgentBundle:
+    """Build (or reuse) the wheel + wheelhouse tarball for this controller's Python, with
+    the wheels of the project `extras` (`agent_extras`) too.
 
     Computed once per process: one apply uploads one version everywhere."""
-    if root not in _BUNDLES:
-        _BUNDLES[root] = _agent_bundle(root)
-    return _BUNDLES[root]
+    if (root, extras) not in _BUNDLES:
+        _BUNDLES[(root, extras)] = _agent_bundle(root, extras)
+    return _BUNDLES[(root, extras)]
 
 
-def _agent_bundle(root: Path) -> AgentBundle:
+def _agent_bundle(root: Path, extras: tuple[str, ...]) -> AgentBundle:
     src = source_hash(root)
     (cache_dir() / "wheelhouse").mkdir(parents=True, exist_ok=True)
-    deps = _dependency_wheels(root)
+    deps = _dependency_wheels(root, extras)
     key = hashlib.sha256(f"{src}:{deps.name}".encode()).hexdigest()[:16]
     folder = cache_dir() / "wheelhouse" / key
     tarball = folder / "bundle.tar"
     meta = folder / "bundle.json"
+    version = bundle_version(root, extras)
     if tarball.exists() and meta.exists():
         info = json.loads(meta.read_text())
-        return AgentBundle(tarball, info["version"], info["wheel"])
+        return AgentBundle(tarball, version, info["wheel"], extras)
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bundle.", dir=folder))
     try:
@@ -204,10 +230,9 @@ def _agent_bundle(root: Path) -> AgentBundle:
             for path in sorted(deps.glob("*.whl")):
                 tar.add(path, arcname=f"wheels/{path.name}")
             tar.add(wheel, arcname=f"wheels/{wheel.name}")
-        version = bundle_version(root)
         (work / "bundle.tar").replace(tarball)
         meta.write_text(json.dumps({"version": version, "wheel": wheel.name}))
-        return AgentBundle(tarball, version, wheel.name)
+        return AgentBundle(tarball, version, wheel.name, extras)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,6 +20,7 @@ from stack.spec import StackSpec
 from stack.wheelhouse import (
     AgentBundle,
     agent_bundle,
+    agent_extras,
     fetch_sdist,
     prebuilt_bin,
     prebuilt_tarball,
@@ -151,7 +152,7 @@ def _host_target(spec: StackSpec, stack_dir: Path, node: Node, desired: Desired,
         node=node.name, prefix=node.prefix, facts=node.facts, probed=node.probed,
         drivers=drivers, runtimes=installs, runtime_uploads=uploads,
         bundle=bundle.tarball, bundle_version=bundle.version,
-        wheel_name=bundle.wheel_name,
+        wheel_name=bundle.requirement,
         agent_toml=render_agent_toml(spec, node.name,
                                      agent_listen(spec, node.name, node.facts),
                                      node.prefix),
@@ -169,7 +170,7 @@ def host_targets(
     target cannot be made (or does not fit its disk) is reported and left out."""
     from stack.secrets import stack_secret
 
-    bundle = agent_bundle()
+    bundle = agent_bundle(extras=agent_extras(spec))
     secret = stack_secret(stack_dir)
     targets: dict[str, HostTarget] = {}
     for node in nodes:
