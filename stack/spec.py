@@ -289,6 +289,24 @@ class RuntimeSpec(_Strict):
         "`llama-cpp-python=={version}`.",
     )
     index_url: IndexUrl | None = Field(None, description="pip: package index URL.")
+    extra_index_url: IndexUrl | None = Field(
+        None, description="pip: an index searched besides PyPI, `{version}` replaced.")
+    requirements: list[Package] = Field(
+        default_factory=list, max_length=100,
+        description="pip: more requirements installed with `package` (`{version}` "
+        "replaced), e.g. a matching plugin.")
+    no_deps: bool = Field(
+        False, description="pip: install `package` without its dependencies, after "
+        "`requirements` (for packages whose own pins do not resolve).")
+    python: Interpreter | None = Field(
+        None, description="pip: the interpreter that makes the venv, e.g. `python3.12` "
+        "when the wheels exist for that version only; default `python3`.")
+    requires: list[Requirement] = Field(
+        default_factory=list, max_length=50,
+        description="Commands (on PATH) or absolute paths the install needs on the host, "
+        "checked first, e.g. `cmake` or `/usr/local/cuda/bin/nvcc`.")
+    build_env: dict[EnvName, EnvValue] = Field(
+        default_factory=dict, description="Environment for the install or build only.")
     url: Url | None = Field(
         None, description="archive/build: URL or controller path, `{version}` replaced."
     )
@@ -308,24 +326,6 @@ class RuntimeSpec(_Strict):
 class GpuSelector(_Strict):
     """Which GPUs a model may use."""
 
-    extra_index_url: IndexUrl | None = Field(
-        None, description="pip: an index searched besides PyPI, `{version}` replaced.")
-    requirements: list[Package] = Field(
-        default_factory=list, max_length=100,
-        description="pip: more requirements installed with `package` (`{version}` "
-        "replaced), e.g. a matching plugin.")
-    no_deps: bool = Field(
-        False, description="pip: install `package` without its dependencies, after "
-        "`requirements` (for packages whose own pins do not resolve).")
-    python: Interpreter | None = Field(
-        None, description="pip: the interpreter that makes the venv, e.g. `python3.12` "
-        "when the wheels exist for that version only; default `python3`.")
-    requires: list[Requirement] = Field(
-        default_factory=list, max_length=50,
-        description="Commands (on PATH) or absolute paths the install needs on the host, "
-        "checked first, e.g. `cmake` or `/usr/local/cuda/bin/nvcc`.")
-    build_env: dict[EnvName, EnvValue] = Field(
-        default_factory=dict, description="Environment for the install or build only.")
     vendor: list[VendorName] = Field(default_factory=list, description="Allowed vendors.")
     name: str | None = Field(None, description="Glob on the GPU name, e.g. `*H100*`.")
     min_memory: Bytes | None = Field(None, description="Minimum memory per GPU.")
