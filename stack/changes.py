@@ -15,7 +15,8 @@ from agent.assignment import Assignment, Instance
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
 from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
-from stack.catalog import folder, listed_folders, parse_folder
+from stack.catalog import Recipe, folder, listed_folders, parse_folder, recipe
+from stack.env import shown as shown_env
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.neighbours import own_record, set_aside
 from stack.nodes import node_settings
@@ -41,10 +42,15 @@ from stack.snapshot import ManagedFile, NodeFacts, Observed, StackOnHost
 from stack.spec import StackSpec
 
 
-def _placement_details(p: Placement) -> tuple[tuple[str, str], ...]:
+def _placement_details(spec: StackSpec, p: Placement) -> tuple[tuple[str, str], ...]:
     gpus = ", ".join(map(str, p.gpus)) if p.gpus else "none (CPU)"
+    backend = f"{p.backend} {p.backend_version or ''}".strip()
+    found = recipe(spec, p.runtime, p.backend_version, p.vendor) \
+        if p.runtime and p.backend_version else None
+    if isinstance(found, Recipe) and found.variant:
+        backend += f" ({found.variant} build from the runtime catalogue)"
     out = [("node", p.node), ("gpus", f"{p.vendor} {gpus}" if p.gpus else gpus),
-           ("backend", f"{p.backend} {p.backend_version or ''}".strip()),
+           ("backend", backend),
            ("port", str(p.port))]
     claim = f"{gib(p.claim.ram_bytes)} RAM"
     if p.gpus:
@@ -204,7 +210,10 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
         want = {i: desired[i] for i in ids if i in desired}
         have = current.get((p.model, p.replica), {})
         address = replica_address(p.model, p.replica)
-        details = _placement_details(p)
+        details = _placement_details(spec, p)
+        if p.id in desired and (desired[p.id][1].env or desired[p.id][1].secret_env):
+            want_main = desired[p.id][1]  # names only: values from the controller stay out
+            details += (("env", shown_env(want_main.env, want_main.secret_env)),)
         if not have:
             out.append(Change(address, Action.CREATE, new, "none", p.node, details))
             continue

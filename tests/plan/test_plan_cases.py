@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from stack.assign import build_assignments
+from stack.catalog import folder
 from stack.neighbours import own_record
 from stack.pipeline import Evaluations, plan_evaluated
 from stack.plan import Plan
@@ -45,7 +46,8 @@ def make(case: dict[str, Any]) -> Plan:
             facts = _recorded(facts, plan_evaluated(spec, text, facts, Evaluations(evaluations),
                                                     Path("/nonexistent"), AGENT), spec)
         facts = facts.model_copy(update={"nodes": {
-            name: node.model_copy(update={"runtimes": _installed(placed, name, node.runtimes)})
+            name: node.model_copy(
+                update={"runtimes": _installed(spec, placed, name, node.runtimes)})
             for name, node in facts.nodes.items()}})
         if "stack_after" in case:
             spec, text = load_stack(case["stack_after"])
@@ -70,13 +72,17 @@ def _recorded(facts: Observed, applied: Plan, spec: StackSpec) -> Observed:
         for name, node in facts.nodes.items()}})
 
 
-def _installed(placed: Any, node: str, have: dict[str, list[str]]) -> dict[str, list[str]]:
+def _installed(spec: StackSpec, placed: Any, node: str,
+               have: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The runtime folders on `node` once apply installed what its parts use."""
     out = {k: list(v) for k, v in have.items()}
     for p in placed.placements:
-        if node in p.nodes() and p.backend_version:
-            versions = out.setdefault(p.runtime, [])
-            if p.backend_version not in versions:
-                versions.append(p.backend_version)
+        for part, vendor in ((p.node, p.vendor), *((w.node, w.vendor) for w in p.workers)):
+            if part == node and p.backend_version:
+                versions = out.setdefault(p.runtime, [])
+                got = folder(spec, p.runtime, p.backend_version, vendor)
+                if got not in versions:
+                    versions.append(got)
     return out
 
 
