@@ -16,7 +16,6 @@ from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboo
 from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.catalog import Recipe, folder, listed_folders, parse_folder, recipe
-from stack.env import shown as shown_env
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.neighbours import own_record, set_aside
 from stack.nodes import node_settings
