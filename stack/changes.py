@@ -210,9 +210,6 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
         have = current.get((p.model, p.replica), {})
         address = replica_address(p.model, p.replica)
         details = _placement_details(spec, p)
-        if p.id in desired and (desired[p.id][1].env or desired[p.id][1].secret_env):
-            want_main = desired[p.id][1]  # names only: values from the controller stay out
-            details += (("env", shown_env(want_main.env, want_main.secret_env)),)
         if not have:
             out.append(Change(address, Action.CREATE, new, "none", p.node, details))
             continue
