@@ -689,10 +689,12 @@ targets = ["llama-server", "ggml-rpc-server"]
 '''
 
 
-def gemma_stack_toml(fleet: Fleet, name: str, model: Path, sdist: Path, key_hash: str,
+def gemma_stack_toml(fleet: Fleet, name: str, model: Path, sdist: Path | None, key_hash: str,
                      router: str | None = None) -> tuple[str, str]:
     """A stack.toml serving `model` (the test GGUF) on llama.cpp (one replica, CPU) with a
-    router on `router` (default: the first host), and the router's OpenAI base URL."""
+    router on `router` (default: the first host), and the router's OpenAI base URL; with
+    `sdist`, llama.cpp is built from it (`llama_runtime_toml`), without, the runtime
+    catalogue's recipe serves it (no `[runtimes]` table)."""
     router = router or next(iter(fleet.hosts))
     address = fleet.hosts[router].address
     port = fleet.free_port(router)
@@ -705,7 +707,7 @@ port_range = [{low}, {low + 40}]
 [nodes."*"]
 cpu_inference = true
 
-{llama_runtime_toml(sdist)}
+{llama_runtime_toml(sdist) if sdist else ""}
 [models.gemma]
 source = "local://{model}"
 backend = "llama.cpp"

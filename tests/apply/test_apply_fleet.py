@@ -38,12 +38,13 @@ pytestmark = pytest.mark.integration
 def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
           gguf_model: Path) -> Iterator[dict[str, Any]]:
     cache = llama_bin.parent.parent.parent  # ~/.cache/modelstack (setup-llama-cpp's cache)
-    sdist = llama_sdist(cache)
+    llama_sdist(cache)  # what scripts/setup-llama-cpp built, so apply uploads its build
     work = tmp_path_factory.mktemp("apply")
     fleet = Fleet(2, root=work / "fleet")
     fleet.start()
     key = generate_key()
-    text, url = gemma_stack_toml(fleet, "applytest", gguf_model, sdist, hash_key(key),
+    # no [runtimes] table: the catalogue's llama.cpp recipe, its CPU variant on these hosts
+    text, url = gemma_stack_toml(fleet, "applytest", gguf_model, None, hash_key(key),
                                  router="node-01")
     (work / "stack.toml").write_text(text)
     with stack_session(fleet, work, "apply-test-secret-0123456789abcdef"):
@@ -53,10 +54,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
 def test_1_apply_installs_everything_and_serves_through_the_router(world: dict[str, Any]) -> None:
     result = run_stack("apply", "--auto-approve", cwd=world["dir"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "node-01: runtime llama.cpp 0.3.36, agent-install" in result.stdout
+    assert "node-01: runtime llama.cpp 0.3.36-cpu, agent-install" in result.stdout
     assert "Apply complete: 2 hosts converged." in result.stdout
     prefix = world["fleet"].hosts["node-01"].prefix
-    runtime = prefix / "runtimes" / "llama.cpp" / LLAMA_SDIST_VERSION
+    runtime = prefix / "runtimes" / "llama.cpp" / f"{LLAMA_SDIST_VERSION}-cpu"
     assert (runtime / "bin" / "llama-server").exists()
     assert (runtime / ".installed").exists()
     assert (prefix / "agent" / ".installed").read_text().strip() == bundle_version()

@@ -98,3 +98,20 @@ def test_a_runtimes_table_with_source_is_one_recipe_everywhere() -> None:
         assert isinstance(found, Recipe) and (found.folder, found.variant) == ("0.11.0", "")
     assert runtime_refusal(spec, ("vllm", "0.11.0"), "hygon") is None  # the user's own call
     assert parse_folder(spec, "vllm", "0.11.0-cuda") == ("0.11.0-cuda", "")
+
+
+def test_the_cpu_llama_cpp_recipe_is_the_build_the_setup_script_makes() -> None:
+    """So an apply of the default stack uploads the machine's own build (the suite's,
+    the quickstart's) instead of building for 8 minutes on the host."""
+    from stack.wheelhouse import SETUP_LLAMA_CPP_ARGS, SETUP_LLAMA_CPP_TARGETS
+
+    found = recipe(load_text(TWO_LINES), "llama.cpp", "0.3.36", "cpu")
+    assert isinstance(found, Recipe)
+    assert tuple(found.spec.cmake_args) == SETUP_LLAMA_CPP_ARGS
+    assert tuple(found.spec.targets) == SETUP_LLAMA_CPP_TARGETS
+    script = (Path(__file__).parents[2] / "scripts" / "setup-llama-cpp").read_text()
+    flat = " ".join(script.replace("\\\n", " ").split())
+    assert " ".join(SETUP_LLAMA_CPP_ARGS) in flat
+    assert "--target " + " ".join(SETUP_LLAMA_CPP_TARGETS) in flat
+    assert 'version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"' in script
+    assert catalogue()["llama.cpp"].default == "0.3.36"
