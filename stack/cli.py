@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "schema": "schema",
     "facts": "facts",
     "estimate": "estimate",
+    "runtimes": "runtimes",
     "plan": "plan",
     "apply": "apply",
     "status": "status",
