@@ -92,6 +92,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SecretEnv(_Strict):
+    """An environment value taken from the controller's environment (`from_env`).
+
+    The plan carries only `digest`, a keyed HMAC of the value (`stack.env`), so a new value
+    shows as a change without the value being in the plan; `stack apply` fills `value`
+    when it writes assignment.json (mode 0600).
+    """
+
+    from_env: EnvName
+    digest: Annotated[str, StringConstraints(pattern=r"^hmac-sha256:[0-9a-f]{64}$")]
+    value: Arg | None = None
+
+
+def _environment(plain: dict[str, str], secret: dict[str, SecretEnv]) -> dict[str, str]:
+    return {**plain, **{name: s.value for name, s in secret.items() if s.value is not None}}
+
+
 class Devices(_Strict):
     """The accelerators an instance may use; `cpu` with no indices for CPU inference."""
 
@@ -124,6 +141,8 @@ class Instance(_Strict):
         description="Folder of the runtime version (binaries, venv); empty: none.")
     args: list[Arg] = Field(default_factory=list, max_length=MAX_ITEMS)
     env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    # values from the controller's environment (HF_TOKEN ...): filled only on the host
+    secret_env: dict[EnvName, SecretEnv] = Field(default_factory=dict, max_length=MAX_ITEMS)
     devices: Devices = Field(default_factory=Devices)
     host: Address = "127.0.0.1"
     port: Port
@@ -153,13 +172,25 @@ class Instance(_Strict):
 
         The API key is left out: the controller computes this at plan time, where the
         stack's secret (from which keys are derived) may be absent, as in CI on a PR.
-        An unset `layer_split` or `source_sha256` is left out too, so instances from before
-        those fields keep their fingerprint.
+        Values from the controller's environment are left out for the same reason (and
+        never enter a plan); their digests count. An unset `layer_split` or `source_sha256`
+        and an empty `secret_env` are left out too, so instances from before those fields
+        keep their fingerprint.
         """
         exclude = {"api_key"} | {name for name in ("layer_split", "source_sha256")
                                  if getattr(self, name) is None}
-        body = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
+        if not self.secret_env:
+            exclude.add("secret_env")
+        body = self.model_dump(mode="json", exclude=exclude)
+        for item in body.get("secret_env", {}).values():
+            item.pop("value", None)
+        text = json.dumps(body, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def environment(self) -> dict[str, str]:
+        """The environment the backend gets on top of the agent's: `env` and the values of
+        `secret_env` (the node's and the model's settings, merged by the controller)."""
+        return _environment(self.env, self.secret_env)
 
 
 class Assignment(_Strict):
@@ -168,6 +199,14 @@ class Assignment(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
     node: Name
     instances: list[Instance] = Field(default_factory=list, max_length=MAX_ITEMS)
+    # the node's own environment (`[nodes."PATTERN"] env`): the agent's model downloads
+    # see it (HF_TOKEN, HF_ENDPOINT, HTTPS_PROXY); each instance carries it in its own env
+    env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    secret_env: dict[EnvName, SecretEnv] = Field(default_factory=dict, max_length=MAX_ITEMS)
+
+    def environment(self) -> dict[str, str]:
+        """The node's environment with the values from the controller filled in."""
+        return _environment(self.env, self.secret_env)
 
     @field_validator("format_version", mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """Backend command builders: pure functions from an `Instance` to a `Launch`.
 
-Each builder returns the argv, the environment to add to the agent's, the health check,
-and the files to write before the start (API key files, generated configs). Nothing here
-touches the disk, the clock or the environment; the runner does that.
+Each builder returns the argv, the environment to add to the agent's (the devices', then
+`Instance.environment()`: the node's and the model's `env`), the health check, and the
+files to write before the start (API key files, generated configs). Nothing here touches
+the disk, the clock or the environment; the runner does that.
 
 Runtime layout (`instance.runtime_path`, e.g. `PREFIX/runtimes/llama.cpp/b6700`):
 binaries under `RUNTIME/bin/` (`llama-server`, `ggml-rpc-server` or `rpc-server`,
@@ -110,7 +111,7 @@ def build_llama_cpp(inst: Instance, ctx: Context) -> Launch:
            **device_env(inst)}
     if inst.role == "worker":
         argv = [_bin(inst, "ggml-rpc-server"), "-H", inst.host, "-p", str(inst.port), *inst.args]
-        return Launch(argv, {**env, **inst.env}, _health(inst, Health("tcp")))
+        return Launch(argv, {**env, **inst.environment()}, _health(inst, Health("tcp")))
     argv = [_bin(inst, "llama-server"), "-m", ctx.model_path, "--host", inst.host,
             "--port", str(inst.port), "--alias", inst.model]
     files: dict[str, str] = {}
@@ -139,7 +140,8 @@ def build_llama_cpp(inst: Instance, ctx: Context) -> Launch:
     if inst.mmproj:
         argv += ["--mmproj", _relative_to_model(ctx, inst.mmproj)]
     argv += inst.args
-    return Launch(argv, {**env, **inst.env}, _health(inst, Health("http", "/health")), files)
+    return Launch(argv, {**env, **inst.environment()}, _health(inst, Health("http", "/health")),
+                  files)
 
 
 def _layer_split_args(inst: Instance, split: list[int]) -> list[str]:
@@ -187,7 +189,7 @@ def _ray_worker(inst: Instance) -> Launch:
     argv = [_bin(inst, "ray"), "start", "--block", "--disable-usage-stats",
             f"--address={head.host}:{_ray_head_port(head.port)}",
             f"--node-ip-address={inst.host}", *inst.args]
-    return Launch(argv, {**device_env(inst), **inst.env}, Health("process"))
+    return Launch(argv, {**device_env(inst), **inst.environment()}, Health("process"))
 
 
 def _with_ray_head(inst: Instance, serve: list[str]) -> tuple[list[str], list[str]]:
@@ -221,8 +223,8 @@ def build_vllm(inst: Instance, ctx: Context) -> Launch:
     health = _health(inst, Health("http", "/health"))
     if inst.role == "main":
         wrapped, stop = _with_ray_head(inst, argv)
-        return Launch(wrapped, {**env, **inst.env}, health, stop_argv=stop)
-    return Launch(argv, {**env, **inst.env}, health)
+        return Launch(wrapped, {**env, **inst.environment()}, health, stop_argv=stop)
+    return Launch(argv, {**env, **inst.environment()}, health)
 
 
 def build_sglang(inst: Instance, ctx: Context) -> Launch:
@@ -260,7 +262,7 @@ def build_sglang(inst: Instance, ctx: Context) -> Launch:
                  "--dist-init-addr", f"{main.host}:{main.port + 1}"]
         health = Health("process")
     argv += inst.args
-    return Launch(argv, {**device_env(inst), **inst.env}, health)
+    return Launch(argv, {**device_env(inst), **inst.environment()}, health)
 
 
 def build_vox_box(inst: Instance, ctx: Context) -> Launch:
@@ -270,7 +272,8 @@ def build_vox_box(inst: Instance, ctx: Context) -> Launch:
     argv = [_bin(inst, "vox-box"), "start", "--model", ctx.model_path,
             "--data-dir", _sidecar(inst, ctx, ".data"), "--host", inst.host,
             "--port", str(inst.port), "--device", device, *inst.args]
-    return Launch(argv, {**device_env(inst), **inst.env}, _health(inst, Health("http", "/health")))
+    return Launch(argv, {**device_env(inst), **inst.environment()},
+                  _health(inst, Health("http", "/health")))
 
 
 def build_stable_diffusion_cpp(inst: Instance, ctx: Context) -> Launch:
@@ -279,7 +282,7 @@ def build_stable_diffusion_cpp(inst: Instance, ctx: Context) -> Launch:
             "--listen-port", str(inst.port), *inst.args]
     env = {"LD_LIBRARY_PATH": f"{inst.runtime_path}/bin:{inst.runtime_path}/lib",
            **device_env(inst)}
-    return Launch(argv, {**env, **inst.env}, _health(inst, Health("tcp")))
+    return Launch(argv, {**env, **inst.environment()}, _health(inst, Health("tcp")))
 
 
 def build_mindie(inst: Instance, ctx: Context) -> Launch:
@@ -303,7 +306,7 @@ def build_mindie(inst: Instance, ctx: Context) -> Launch:
         },
     }
     path = _sidecar(inst, ctx, ".mindie.json")
-    env = {**device_env(inst), "MIES_CONFIG_JSON_PATH": path, **inst.env}
+    env = {**device_env(inst), "MIES_CONFIG_JSON_PATH": path, **inst.environment()}
     return Launch([_bin(inst, "mindieservice_daemon"), *inst.args], env,
                   _health(inst, Health("http", "/info")),
                   {path: json.dumps(config, indent=2, sort_keys=True) + "\n"})
@@ -327,7 +330,7 @@ def build_custom(inst: Instance, ctx: Context) -> Launch:
         ) from exc
     if argv and not argv[0].startswith("/"):
         argv[0] = _bin(inst, argv[0])
-    return Launch(argv + inst.args, {**device_env(inst), **inst.env},
+    return Launch(argv + inst.args, {**device_env(inst), **inst.environment()},
                   _health(inst, Health("tcp")))
 
 

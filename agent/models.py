@@ -116,17 +116,21 @@ class Download:
         import huggingface_hub as hub  # lazily: a large import only needed here
 
         ref, cache = self.ref, str(self.cache_dir / "huggingface")
+        # the library reads HF_ENDPOINT once, when imported; the node's `env` may set it
+        # later (HF_TOKEN and proxies it reads at each request)
+        endpoint = os.environ.get("HF_ENDPOINT") or None
         if ref.file:
             return str(hub.hf_hub_download(ref.repo, ref.file, revision=ref.revision,
-                                           cache_dir=cache))
+                                           cache_dir=cache, endpoint=endpoint))
         try:
             plan = hub.snapshot_download(ref.repo, revision=ref.revision, cache_dir=cache,
-                                         dry_run=True)
+                                         dry_run=True, endpoint=endpoint)
             if isinstance(plan, list):
                 self.total = sum(int(getattr(f, "file_size", 0) or 0) for f in plan)
         except Exception:  # the size is only for progress; the download itself decides
             self.total = None
-        return str(hub.snapshot_download(ref.repo, revision=ref.revision, cache_dir=cache))
+        return str(hub.snapshot_download(ref.repo, revision=ref.revision, cache_dir=cache,
+                                         endpoint=endpoint))
 
     def _modelscope(self) -> str:
         try:

@@ -89,6 +89,25 @@ def write_assignment(cfg: AgentConfig, assignment: Assignment) -> None:
     procs.write_private(cfg.assignment_file, assignment.model_dump_json(indent=2) + "\n")
 
 
+def set_node_env(env: dict[str, str], before: dict[str, str | None]) -> dict[str, str | None]:
+    """Put the node's environment (the assignment's `env`) into the agent's own, so model
+    downloads see HF_TOKEN, HF_ENDPOINT or HTTPS_PROXY; a name the previous assignment set
+    and this one does not goes back to what the agent started with. Returns those original
+    values (None: unset) for the next call. Values are never logged, only names."""
+    original = dict(before)
+    for name in set(before) - set(env):
+        old = original.pop(name)
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+    for name, value in env.items():
+        if name not in original:
+            original[name] = os.environ.get(name)
+        os.environ[name] = value
+    return original
+
+
 class Reconciler:
     """Owns the runners and the loop that reconciles them."""
 
@@ -100,6 +119,7 @@ class Reconciler:
         self.desired: list[Instance] | None = None
         self.assignment_error: str | None = None
         self._assignment_stamp: tuple[int, int] | None = None
+        self._node_env: dict[str, str | None] = {}
         self._wake = asyncio.Event()
         self._last_rotate = 0.0
         self._last_status: str | None = None
@@ -133,6 +153,7 @@ class Reconciler:
                       self.cfg.node, path, self.assignment_error)
             return
         self.desired, self.assignment_error = list(assignment.instances), None
+        self._node_env = set_node_env(assignment.environment(), self._node_env)
         log.info("node %s: assignment has %d instance(s)", self.cfg.node, len(self.desired))
 
     # ---- adoption -------------------------------------------------------------------

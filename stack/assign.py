@@ -5,7 +5,9 @@
 from one look at the controller's disk (is a `local://` source a file or a folder).
 API keys are derived from the stack secret (`stack.secrets.derive_key`, purpose
 `instance:<id>`); without a secret (planning in CI) they are left out, which is why
-`Instance.spec_hash()` and `router_config_sha256()` ignore them.
+`Instance.spec_hash()` and `router_config_sha256()` ignore them. `env` values from the
+controller's environment are left out the same way: `digests` (`stack.env.env_digests`)
+stand for them, and apply fills them in (`stack.env.with_env_values`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import hashlib
 import json
 import math
 import posixpath
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from agent.assignment import Assignment, Devices, Instance, Peer
+from agent.assignment import Assignment, Devices, Instance, Peer, SecretEnv
 from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeouts
+from stack.catalog import Recipe, recipe
 from stack.nodes import node_prefix, node_settings
 from stack.placement import Placement, Placements, Worker
 from stack.snapshot import Observed
-from stack.catalog import Recipe, recipe
 from stack.spec import ModelSpec, StackSpec
 
 # health paths the router probes where a backend does not answer on /health
@@ -136,12 +139,13 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
         # a main lists its workers in rank order; a worker lists the main, then every
         # worker in rank order (itself included), so it can find its own rank
         part_peers = peers[1:] if k == 0 else peers
+        env, secret_env = nodes.env(part.node, p.model, runtime.env if runtime else {})
         out.append((part.node, Instance(
             id=iid, model=p.model, replica=p.replica, source=model.source,
             model_path=paths[(p.model, prefix)], kind=p.kind,
             backend=p.backend, backend_version=p.backend_version, runtime_path=runtime_path,
             args=_args(model.args, p) if k == 0 else list(model.args),
-            env={**(runtime.env if runtime else {}), **model.env},
+            env=env, secret_env=secret_env,
             devices=Devices(vendor=part.vendor, indices=list(part.gpus)),
             host=peers[k].host, port=part.port,
             api_key=_api_key(secret, iid) if k == 0 else None,
@@ -165,11 +169,33 @@ def _args(args: list[str], p: Placement) -> list[str]:
 
 
 class _Nodes:
-    """Per-node prefix and address, looked up once per node."""
+    """Per-node prefix, address and environment, looked up once per node."""
 
-    def __init__(self, spec: StackSpec, observed: Observed) -> None:
-        self.spec, self.observed = spec, observed
+    def __init__(self, spec: StackSpec, observed: Observed,
+                 digests: Mapping[str, str]) -> None:
+        self.spec, self.observed, self.digests = spec, observed, digests
         self.cache: dict[str, tuple[str, str]] = {}
+        self.envs: dict[tuple[str, str], tuple[dict[str, str], dict[str, SecretEnv]]] = {}
+
+    def env(self, node: str, model: str, runtime: Mapping[str, str]
+            ) -> tuple[dict[str, str], dict[str, SecretEnv]]:
+        """An instance's environment: the runtime's, the node's, then the model's `env`,
+        key by key, split into plain values and values from the controller."""
+        key = (node, model)
+        if key not in self.envs:
+            from stack.env import split_env
+
+            merged = {**runtime, **node_settings(self.spec, node).env,
+                      **self.spec.models[model].env}
+            self.envs[key] = split_env(merged, self.digests)
+        plain, secret = self.envs[key]
+        return dict(plain), dict(secret)
+
+    def node_env(self, node: str) -> tuple[dict[str, str], dict[str, SecretEnv]]:
+        """The node's own `env` (the agent's), split like an instance's."""
+        from stack.env import split_env
+
+        return split_env(node_settings(self.spec, node).env, self.digests)
 
     def get(self, node: str) -> tuple[str, str]:
         if node not in self.cache:
@@ -179,10 +205,12 @@ class _Nodes:
 
 
 def build_assignments(spec: StackSpec, placements: Placements, observed: Observed,
-                      stack_dir: Path, secret: bytes | None) -> dict[str, Assignment]:
-    """The assignment of every node in the fleet (empty for nodes that run nothing)."""
+                      stack_dir: Path, secret: bytes | None,
+                      digests: Mapping[str, str] | None = None) -> dict[str, Assignment]:
+    """The assignment of every node in the fleet (empty for nodes that run nothing).
+    `digests`: of the controller's `from_env` values (`stack.env.env_digests`)."""
     per_node: dict[str, list[Instance]] = {name: [] for name in sorted(observed.nodes)}
-    nodes = _Nodes(spec, observed)
+    nodes = _Nodes(spec, observed, digests or {})
     paths: dict[tuple[str, str], str | None] = {}
     # kept replicas (metadata unknown) too: their instances stand for the running ones in
     # the router config; apply swaps them for the host's own (stack.apply.desired.keep_unknown)
@@ -191,8 +219,12 @@ def build_assignments(spec: StackSpec, placements: Placements, observed: Observe
             continue
         for node, inst in _instances(spec, nodes, paths, p, stack_dir, secret):
             per_node.setdefault(node, []).append(inst)
-    return {node: Assignment(node=node, instances=sorted(items, key=lambda i: i.id))
-            for node, items in sorted(per_node.items())}
+    out: dict[str, Assignment] = {}
+    for node, items in sorted(per_node.items()):
+        env, secret_env = nodes.node_env(node) if spec.nodes else ({}, {})
+        out[node] = Assignment(node=node, instances=sorted(items, key=lambda i: i.id),
+                               env=env, secret_env=secret_env)
+    return out
 
 
 def build_router_config(spec: StackSpec, placements: Placements,

@@ -16,6 +16,7 @@ from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboo
 from deploys.runtimes import unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.catalog import Recipe, folder, listed_folders, parse_folder, recipe
+from stack.env import shown as shown_env
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.neighbours import own_record, set_aside
 from stack.nodes import node_settings
@@ -188,7 +189,7 @@ def _replace_reasons(p: Placement, want: dict[str, tuple[str, Instance]],
             if facts.spec_hash is not None and facts.spec_hash != inst.spec_hash():
                 files = facts.source_sha256 is not None \
                     and facts.source_sha256 != inst.source_sha256
-                reasons.append("model files changed" if files else "args changed")
+                reasons.append("model files changed" if files else "args or env changed")
                 break
     return reasons
 
@@ -210,6 +211,9 @@ def _instance_changes(spec: StackSpec, observed: Observed, placements: Placement
         have = current.get((p.model, p.replica), {})
         address = replica_address(p.model, p.replica)
         details = _placement_details(spec, p)
+        if p.id in desired and (desired[p.id][1].env or desired[p.id][1].secret_env):
+            want_main = desired[p.id][1]  # names only: values from the controller stay out
+            details += (("env", shown_env(want_main.env, want_main.secret_env)),)
         if not have:
             out.append(Change(address, Action.CREATE, new, "none", p.node, details))
             continue

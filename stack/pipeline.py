@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,15 +112,35 @@ def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir
 
     if spec.stack.inventory:  # inline hosts are checked when stack.toml is loaded
         check_pins_against(spec, list(observed.nodes), stack_bytes.decode("utf-8", "replace"))
+    digests = controller_env_digests(spec, stack_bytes, stack_dir)
     with gc_paused():
         evaluated = evaluate_models(spec, stack_dir)
-    return plan_evaluated(spec, stack_bytes, observed, evaluated, stack_dir, agent_version())
+    return plan_evaluated(spec, stack_bytes, observed, evaluated, stack_dir,
+                          agent_version(spec), digests)
+
+
+def controller_env_digests(spec: StackSpec, stack_bytes: bytes, stack_dir: Path
+                           ) -> dict[str, str]:
+    """The digests of the `env` values stack.toml takes from the controller's environment
+    (`stack.env`), keyed by the stack secret; a located error when one is not set."""
+    from stack.env import env_digests, env_problems, references
+
+    if not references(spec):
+        return {}
+    problems = env_problems(spec, os.environ, stack_bytes.decode("utf-8", "replace"))
+    if problems:
+        raise problems[0]
+    from stack.secrets import stack_secret
+
+    return env_digests(spec, os.environ, stack_secret(stack_dir))
 
 
 def plan_evaluated(spec: StackSpec, stack_bytes: bytes, observed: Observed,
-                   evaluated: Evaluations, stack_dir: Path, agent: str) -> Plan:
+                   evaluated: Evaluations, stack_dir: Path, agent: str,
+                   env_digests: Mapping[str, str] | None = None) -> Plan:
     """The pure rest of the pipeline (schedule -> assign -> plan), for evaluations made
-    here or given (the plan tests and the plan benchmark pass their own)."""
+    here or given (the plan tests and the plan benchmark pass their own). `env_digests`:
+    of the `from_env` values (`controller_env_digests`)."""
     from stack.assign import build_assignments
     from stack.changes import derive_plan
     from stack.neighbours import conflicts, set_aside
@@ -130,7 +151,8 @@ def plan_evaluated(spec: StackSpec, stack_bytes: bytes, observed: Observed,
         usable = set_aside(observed, refused)
         placements = schedule(spec, evaluated.evaluations, usable, failed=evaluated.failed,
                               unknown=evaluated.unknown)
-        assignments = build_assignments(spec, placements, usable, stack_dir, secret=None)
+        assignments = build_assignments(spec, placements, usable, stack_dir, secret=None,
+                                        digests=env_digests)
         return derive_plan(spec, observed, placements, assignments, stack_bytes, agent,
                            refused)
 

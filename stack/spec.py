@@ -229,6 +229,36 @@ class StackSection(_Strict):
     )
 
 
+class FromEnv(_Strict):
+    """`{ from_env = "NAME" }`: a value taken from the controller's environment when
+    `stack plan` and `stack apply` run, so it is never written in stack.toml; plans show
+    only its name and a keyed digest, and hosts get it in a file of mode 0600."""
+
+    from_env: EnvName = Field(description="The controller's environment variable to read.")
+
+
+ENV_SETTING_ERROR = 'must be a string or `{ from_env = "NAME" }`'
+FROM_ENV_ERROR = "`from_env` must name an environment variable"
+
+
+def _env_setting(value: object) -> object:
+    """A string as it is (one line: no string in stack.toml holds a control character,
+    stack.config.values), else `{ from_env = "NAME" }`; one error for anything else
+    rather than one per member of the union."""
+    if isinstance(value, str | FromEnv):
+        return value
+    if not isinstance(value, dict) or set(value) != {"from_env"}:
+        raise ValueError(ENV_SETTING_ERROR)
+    name = value["from_env"]
+    if not isinstance(name, str) or not re.match(ENV_NAME_PATTERN, name) or len(name) > 100:
+        raise ValueError(FROM_ENV_ERROR)
+    return FromEnv(from_env=name)
+
+
+# an `env` value: a string written here, or `{ from_env = "NAME" }` for a secret
+EnvSetting = Annotated[str | FromEnv, BeforeValidator(_env_setting)]
+
+
 class DriverSpec(_Strict):
     """`[nodes."PATTERN".drivers.VENDOR]`: what to do about a vendor's driver."""
 
@@ -264,6 +294,12 @@ class NodeSpec(_Strict):
     )
     address: Address | None = Field(
         None, description="Private address backends bind to; default: the SSH address."
+    )
+    env: dict[EnvName, EnvSetting] = Field(
+        default_factory=dict, max_length=1024,
+        description="Environment of the agent (its model downloads: `HF_TOKEN`, "
+        "`HF_ENDPOINT`, `HTTPS_PROXY`) and of every instance on these hosts; a value is a "
+        'string or `{ from_env = "NAME" }` (the controller\'s environment). Merged key by key.',
     )
 
 
@@ -368,7 +404,10 @@ class ModelSpec(_Strict):
     context: int | None = Field(
         None, ge=256, le=2**24, description="Context size in tokens.")
     args: list[str] = Field(default_factory=list, description="Extra backend arguments.")
-    env: dict[EnvName, str] = Field(default_factory=dict, description="Extra environment.")
+    env: dict[EnvName, EnvSetting] = Field(
+        default_factory=dict, max_length=1024,
+        description="Extra environment of the model's instances, over the node's `env`; a "
+        'value is a string or `{ from_env = "NAME" }` (the controller\'s environment).')
     aliases: list[str] = Field(default_factory=list, description="Other names in the API.")
     placement: Policy | None = Field(None, description="Overrides `stack.placement`.")
     pin: PinSpec | None = Field(None, description="Pin to a node and GPUs.")

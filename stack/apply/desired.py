@@ -23,11 +23,17 @@ class Desired:
 
 def desired_state(spec: StackSpec, stack_dir: Path, plan: Plan) -> Desired:
     """The plan's assignments, and the router config made from them, with the secrets
-    filled in: exactly what the plan shows, nothing rebuilt."""
+    filled in (API keys; `env` values from the controller's environment, which must still
+    match the plan's digests): exactly what the plan shows, nothing rebuilt."""
+    import os
+
     from stack.assign import build_router_config, with_api_keys
+    from stack.env import with_env_values
     from stack.secrets import stack_secret
 
-    assignments = with_api_keys(dict(plan.assignments), stack_secret(stack_dir))
+    secret = stack_secret(stack_dir)
+    assignments = with_env_values(with_api_keys(dict(plan.assignments), secret), os.environ,
+                                  secret)
     router = build_router_config(spec, plan.placements, assignments)
     return Desired(assignments, router, list(plan.placements.routers))
 
@@ -47,4 +53,4 @@ def keep_unknown(desired: Desired, plan: Plan, nodes: list[Node]) -> None:
         current = {i.id: i for i in (node.current.instances if node.current else [])}
         instances = [current[i.id] if i.id in kept else i for i in want.instances
                      if i.id not in kept or i.id in current]
-        desired.assignments[node.name] = Assignment(node=node.name, instances=instances)
+        desired.assignments[node.name] = want.model_copy(update={"instances": instances})

@@ -43,7 +43,7 @@ def _surge(current: Assignment | None, desired: Assignment, hold: set[str]) -> A
         if iid not in chosen and inst.port not in ports:
             chosen[iid] = inst
             ports.add(inst.port)
-    return Assignment(node=desired.node, instances=sorted(chosen.values(), key=lambda i: i.id))
+    return desired.model_copy(update={"instances": sorted(chosen.values(), key=lambda i: i.id)})
 
 
 def _write_assignment(node: Node, assignment: Assignment) -> bool:

@@ -81,14 +81,17 @@ Conventions:
   host gets every pattern that matches it, merged from the least to the most specific
   (the number of characters that are not wildcards), so `"gpu-01"` beats `"gpu-*"`
   beats `"*"`; between equally specific patterns the later one in the file wins. A key
-  set in a pattern overrides the same key from the patterns before it; `labels` and
-  `drivers` merge key by key. An inline `[hosts.NAME]` table's `labels`, `user`, `port`
-  and `key` apply last.
+  set in a pattern overrides the same key from the patterns before it; `labels`,
+  `drivers` and `env` merge key by key. An inline `[hosts.NAME]` table's `labels`,
+  `user`, `port` and `key` apply last.
 - **`prefix`** is an absolute path on the hosts (not `/` itself); the SSH user needs
   to be able to create it (root, `sudo = true`, or a folder that user owns).
 - **Secrets** never go in this file: API keys are stored as hashes (`stack keys
   create`), backend keys are derived from the stack secret (`.stack/secret` or
-  `$STACK_SECRET`).
+  `$STACK_SECRET`), and an `env` value such as a Hugging Face token is read from the
+  environment of `stack plan` and `stack apply`: `HF_TOKEN = { from_env = "HF_TOKEN" }`
+  (a variable that is not set is an error; plans show its name and a keyed digest, never
+  the value; hosts get it in `PREFIX/state/assignment.json`, mode 0600).
 
 References between sections are checked too: `pin.node` must be a listed host (inline
 hosts when stack.toml is loaded, an inventory file's hosts at `stack plan`), aliases are

@@ -137,7 +137,8 @@ def node_settings(spec: StackSpec, node_name: str) -> NodeSpec:
     Patterns apply from the least to the most specific (the number of characters that
     are not `*`, `?` or `[...]`), so `"gpu-01"` beats `"gpu-*"` beats `"*"`; between
     equally specific patterns the later one in the file wins. A key set in a pattern
-    overrides the same key from the ones before; `labels` and `drivers` merge key by key.
+    overrides the same key from the ones before; `labels`, `drivers` and `env` merge key
+    by key.
     Last, an inline `[hosts.NAME]` table applies its `labels`, `user`, `port` and `key`.
     """
     matching = [(pattern, spec.nodes[pattern]) for pattern in spec.nodes
@@ -147,11 +148,13 @@ def node_settings(spec: StackSpec, node_name: str) -> NodeSpec:
     merged: dict[str, Any] = {}
     labels: dict[str, str] = {}
     drivers: dict[Any, Any] = {}
+    env: dict[str, Any] = {}
     for _, node in matching:
         for name in node.model_fields_set:
             merged[name] = getattr(node, name)
         labels.update(node.labels)
         drivers.update(node.drivers)
+        env.update(node.env)
     host = spec.hosts.get(node_name)
     if host is not None:
         labels.update(host.labels)
@@ -162,6 +165,8 @@ def node_settings(spec: StackSpec, node_name: str) -> NodeSpec:
         merged["labels"] = labels
     if drivers:
         merged["drivers"] = drivers
+    if env:
+        merged["env"] = env
     return NodeSpec.model_validate(merged)
 
 

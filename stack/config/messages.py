@@ -12,7 +12,14 @@ from pydantic import BaseModel, ValidationError
 from pydantic.functional_validators import BeforeValidator
 
 from stack.config.report import Loc, Report, dotted, show, suggest
-from stack.spec import RULES, StackSpec, parse_bytes
+from stack.spec import (
+    ENV_SETTING_ERROR,
+    FROM_ENV_ERROR,
+    RULES,
+    FromEnv,
+    StackSpec,
+    parse_bytes,
+)
 
 NAME_HINT = "use letters, digits, `_`, `.` and `-`, starting with a letter or digit."
 SOURCE_SCHEMES = ("hf://", "modelscope://", "local://")
@@ -36,6 +43,11 @@ _UPPER_BOUND_HINTS: dict[str, str] = {
 _MESSAGE_HINTS: dict[str, str] = {
     "backend `custom` needs `command`": 'add `command = "my-server --host {host} '
     '--port {port} --model {model_path}"`.',
+    ENV_SETTING_ERROR: 'write `HF_ENDPOINT = "https://hf-mirror.example"`, or for a secret '
+    '`HF_TOKEN = { from_env = "HF_TOKEN" }` (read from the environment of `stack plan` and '
+    "`stack apply`, never written here).",
+    FROM_ENV_ERROR: 'use letters, digits and `_`, not starting with a digit, e.g. '
+    '`{ from_env = "HF_TOKEN" }`.',
 }
 
 
@@ -136,6 +148,10 @@ def describe_type(tp: Any) -> str:
 
 def _plural(tp: Any) -> str:
     tp = unwrap_type(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_plural(arg) for arg in get_args(tp) if arg is not type(None))
+    if tp is FromEnv:
+        return '`{ from_env = "NAME" }`'
     if get_origin(tp) is Literal:
         return ", ".join(f"`{v}`" for v in _literal_values(tp))
     words = {str: "strings", int: "integers", float: "numbers"}

@@ -81,3 +81,17 @@ def test_private_files_are_0600_even_over_a_temp_file_left_readable(tmp_path: Pa
     write_private(target, "{}")
     assert target.read_text() == "{}" and stat.S_IMODE(target.stat().st_mode) == 0o600
     assert not stale.exists()
+
+
+def test_the_nodes_env_is_the_agents_own_until_an_assignment_drops_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.reconcile import set_node_env
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://before:1")
+    monkeypatch.delenv("STACK_T_TOKEN", raising=False)
+    kept = set_node_env({"HTTPS_PROXY": "http://proxy:3128", "STACK_T_TOKEN": "t1"}, {})
+    assert (os.environ["HTTPS_PROXY"], os.environ["STACK_T_TOKEN"]) == ("http://proxy:3128", "t1")
+    kept = set_node_env({"STACK_T_TOKEN": "t2"}, kept)
+    assert (os.environ["HTTPS_PROXY"], os.environ["STACK_T_TOKEN"]) == ("http://before:1", "t2")
+    set_node_env({}, kept)
+    assert "STACK_T_TOKEN" not in os.environ and os.environ["HTTPS_PROXY"] == "http://before:1"
