@@ -39,6 +39,9 @@ LINGER = 2.0
 """Seconds a refused connection is still read (and discarded) after its answer, so the
 client is not reset before it reads it."""
 INF = float("inf")
+KEEPALIVE = -1.0
+"""`ClientConnection.deadline` of a connection that went idle after an answer: the guard's
+next sweep sets it to the keep-alive timeout from then (so an answer reads no clock)."""
 
 # reasons the connection is not read (bits of `ClientConnection.holds`)
 BODY, WRITE, QUEUE, REFUSED = 1, 2, 4, 8
@@ -128,7 +131,7 @@ class ClientConnection(asyncio.Protocol):
         self.max_body = max_body
         self.extra_header = extra_header.lower()
         self.guard = guard
-        self.clients = guard.clients
+        self.clients = guard.limits
         """The limits when the connection came (a reload applies to new connections)."""
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
@@ -158,6 +161,10 @@ class ClientConnection(asyncio.Protocol):
         self.stalled_size = 0
         self.on_pause: Callable[[bool], None] | None = None
         """Set while relaying: called with True/False when the client's buffer fills/drains."""
+        self.key_header = b""
+        self.key_digest = b""
+        """The last valid `Authorization` header of this connection and the digest of its
+        key (`router.auth`): the next request with the same header is not hashed again."""
 
     # asyncio.Protocol
 
@@ -180,12 +187,16 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return  # refused, or closing after its last answer: what follows is discarded
-        heads = self.heads if self.phase == HEAD else -1
         # a head that begins and ends in a read no larger than the limit is under it: bytes
         # are counted only in larger reads and in the reads after a head's first one (its
         # part in that first read is not, so a head spread over reads may pass the limit
         # by up to one read)
-        self.counting = heads >= 0 or len(data) > self.clients.max_header_bytes
+        if self.phase == HEAD:
+            heads = self.heads
+            self.counting = True
+        else:
+            heads = -1
+            self.counting = len(data) > self.clients.max_header_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -200,17 +211,20 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._refuse(refusal(400, f"malformed HTTP request: {exc}", "malformed_request"))
             return
-        # deadlines are set here, once per read, only when it ends inside a request
-        phase = self.phase
-        if phase == HEAD:
+        if self.phase:  # the read ended inside a request (IDLE is 0): a deadline to set
+            self._read_ended_inside(heads, len(data))
+
+    def _read_ended_inside(self, heads: int, size: int) -> None:
+        """Set the deadline of a request the read ended in, once per read; check its head."""
+        if self.phase == HEAD:
             if self.heads == heads:
-                self.head_carried += len(data)
+                self.head_carried += size
             else:  # the head began in this read: its time starts now
                 self.deadline = self.loop.time() + self.clients.header_timeout
             problem = self._head_problem()
             if problem is not None:
                 self._refuse(problem)
-        elif phase == BODY_PHASE:
+        else:
             self.deadline = self.loop.time() + self.clients.body_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -266,9 +280,8 @@ class ClientConnection(asyncio.Protocol):
         if lname in INTERESTING or lname == self.extra_header:
             req = self.req
             assert req is not None
-            if lname in req.headers:
+            if req.headers.setdefault(lname, value) is not value:  # the first one is kept
                 req.repeated = lname
-            req.headers[lname] = value
 
     def _head_problem(self) -> ApiError | None:
         """A 431 when the head being read is over the header limits."""
@@ -365,7 +378,7 @@ class ClientConnection(asyncio.Protocol):
             if not self.queue:
                 self.task = None
                 if self.phase == IDLE:
-                    self.deadline = self.loop.time() + self.clients.keepalive_timeout
+                    self.deadline = KEEPALIVE  # the sweep makes it a time (router.guard)
                 return
             req = self.queue.popleft()
             if len(self.queue) <= PIPELINE_DEPTH // 2:

@@ -42,15 +42,19 @@ class Usage:
         """Count one `usage` object (`completion_tokens` may be missing: total - prompt).
         A count that is negative, absurd or not an integer is ignored, so a replica's
         answer never makes a counter go back."""
-        prompt = _count(usage.get("prompt_tokens"))
-        completion = _count(usage.get("completion_tokens"))
-        total = _count(usage.get("total_tokens"))
-        if prompt is not None:
+        # the checks of `_count` written out: this runs for every answer
+        prompt = usage.get("prompt_tokens")
+        if type(prompt) is int and 0 <= prompt <= TOKEN_LIMIT:
             self.prompt_tokens += prompt
-        if completion is not None:
+        else:
+            prompt = None
+        completion = usage.get("completion_tokens")
+        if type(completion) is int and 0 <= completion <= TOKEN_LIMIT:
             self.completion_tokens += completion
-        elif total is not None and prompt is not None and total >= prompt:
-            self.completion_tokens += total - prompt
+        elif prompt is not None:
+            total = _count(usage.get("total_tokens"))
+            if total is not None and total >= prompt:
+                self.completion_tokens += total - prompt
 
     def count(self, body: bytes) -> None:
         """Count the usage of a whole JSON response body, if it has one."""
@@ -67,6 +71,8 @@ def estimate_tokens(body_size: int, doc: dict[str, Any], generates: bool) -> int
     the completion's `max_tokens` (DEFAULT_MAX_TOKENS when a `generates` endpoint
     does not say). A `max_tokens` that is no token count is refused with a 400: a
     negative one would reserve negative tokens, freeing the key's budget."""
+    if doc.get("max_tokens") is None and doc.get("max_completion_tokens") is None:
+        return body_size // 4 + (DEFAULT_MAX_TOKENS if generates else 0)
     max_tokens = None
     for field in ("max_tokens", "max_completion_tokens"):
         value = doc.get(field)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -213,6 +215,40 @@ def test_huge_and_countless_junk_keys_leave_no_memory_behind(harness: Harness) -
     grown = rss_mb(pid) - rss
     assert grown < RSS_BOUND_MB, f"RSS grew {grown:.1f} MB after 3,000 keys of 30 KB"
     assert wait_until(lambda: sockets(pid) <= socks, 4)
+
+
+def test_a_keep_alive_connection_has_its_key_checked_on_every_request(
+        harness: Harness) -> None:
+    """The digest of a connection's last valid key is remembered (router.auth): another
+    key on that connection is still refused, a repeated header still a 400, and a key
+    dropped by a reload is refused on the connection that used it."""
+    ups = models(harness)
+    keys = [{"name": "a", "hash": key_hash("sk-a")}, {"name": "b", "hash": key_hash("sk-b")}]
+    port, pid, _, _ = settled(harness, {"models": ups, "keys": keys})
+
+    def ask(sock: socket.socket, *keys: bytes) -> tuple[int, bytes]:
+        auth = b"".join(b"Authorization: Bearer %s\r\n" % key for key in keys)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: r\r\n%s\r\n" % auth)
+        status, _, body = read_answer(sock)
+        return status, body
+
+    with connect(port) as sock:
+        assert ask(sock, b"sk-a")[0] == 200
+        assert ask(sock, b"sk-a")[0] == 200
+        assert ask(sock, b"sk-a ")[0] == 200  # another header, the same key
+        assert ask(sock, b"sk-x")[0] == 401
+        assert ask(sock, b"sk-b")[0] == 200
+        assert ask(sock, b"sk-a")[0] == 200
+        status, body = ask(sock, b"sk-a", b"sk-a")
+        assert status == 400 and error_of(body)["param"] == "authorization"
+    with connect(port) as sock:
+        assert ask(sock, b"sk-a")[0] == 200
+        harness.write({"listen": "127.0.0.1:0", "models": ups, "keys": keys[1:]})
+        os.killpg(pid, signal.SIGHUP)
+        assert wait_until(lambda: "reloaded" in (harness.tmp / "router.log").read_text(), 5)
+        status, body = ask(sock, b"sk-a")
+        assert status == 401 and error_of(body)["code"] == "invalid_api_key"
+        assert ask(sock, b"sk-b")[0] == 200
 
 
 def test_max_tokens_that_is_no_token_count_is_a_400_and_the_budget_holds(
