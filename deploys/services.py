@@ -121,9 +121,11 @@ def unit_file(service: Service) -> str:
                       log=service.log, limit_nofile=LIMIT_NOFILE)
     if service.manager == "launchd":
         return render("service.launchd.plist.j2", name=service.name, stack=service.stack,
-                      label=f"dev.{service.label}", argv=service.argv, log=service.log)
+                      label=f"dev.{service.label}", argv=service.argv, log=service.log,
+                      limit_nofile=LIMIT_NOFILE)
     return render("supervise.sh.j2", name=service.name, run_dir=service.run_dir,
-                  command=service.command_line(), log=service.log)
+                  command=service.command_line(), log=service.log,
+                  limit_nofile=LIMIT_NOFILE)
 
 
 def start_commands(service: Service, running: bool, restart: bool) -> list[str]:

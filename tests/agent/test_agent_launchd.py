@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from deploys.services import Service, reload_commands, start_commands, stop_commands, unit_file
+from deploys.services import (
+    LIMIT_NOFILE,
+    Service,
+    reload_commands,
+    start_commands,
+    stop_commands,
+    unit_file,
+)
 from stack.config import check_text
 from stack.hostfiles import agent_service
 
@@ -40,6 +47,9 @@ def test_the_agent_plist_holds_exactly_the_launchd_keys_with_hostile_paths_intac
         "KeepAlive": True,   # restarted whenever it exits
         # launchd kills the job's process group when it stops; backends outlive the agent
         "AbandonProcessGroup": True,
+        # as many open files as the systemd unit's LimitNOFILE (launchd's default is 256)
+        "SoftResourceLimits": {"NumberOfFiles": LIMIT_NOFILE},
+        "HardResourceLimits": {"NumberOfFiles": LIMIT_NOFILE},
         "StandardOutPath": f"{HOSTILE_PREFIX}/logs/agent.log",
         "StandardErrorPath": f"{HOSTILE_PREFIX}/logs/agent.log",
     }

@@ -4,6 +4,7 @@ and the systemd/launchd definitions rendered from templates/."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -98,3 +99,31 @@ def test_no_service_file_is_written_with_a_control_character_in_it(manager: str)
                       ("/opt/stack/agent/venv/bin/stack-agent",), manager=manager)
     with pytest.raises(ConfigError, match="control character"):
         unit_file(service)
+
+
+def test_supervise_raises_the_open_files_limit_of_what_it_runs(tmp_path: Path) -> None:
+    """Where neither systemd nor launchd runs the agent, supervise.sh raises the soft
+    limit itself: to LimitNOFILE's value, or as far as the hard limit allows."""
+    import resource
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "logs").mkdir()
+    out = tmp_path / "nofile"
+    service = Service("probe", "s", str(tmp_path), ("sh", "-c", f"ulimit -n > {out}; sleep 30"))
+    script = tmp_path / "supervise.sh"
+    script.write_text(unit_file(service))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 256)
+    proc = subprocess.Popen(["sh", str(script)], start_new_session=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                  (low, hard)))
+    try:
+        deadline = time.monotonic() + 10
+        while not out.exists() or not out.read_text().strip():
+            assert time.monotonic() < deadline, "the supervised command did not start"
+            time.sleep(0.05)
+        want = LIMIT_NOFILE if hard == resource.RLIM_INFINITY else min(LIMIT_NOFILE, hard)
+        assert int(out.read_text()) == want > low
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
