@@ -15,6 +15,7 @@ a surrogate cannot be written as UTF-8). Every bound is at least as wide as what
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from typing import Annotated, Any, Final, Literal
@@ -24,9 +25,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     Strict,
     StringConstraints,
     field_validator,
+    model_serializer,
 )
 
 FORMAT_VERSION: Final = 1
@@ -88,6 +91,17 @@ Fraction = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
 MAX_ITEMS: Final = 1024  # instances, peers, args, env entries, devices, split entries
 
 
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError("must be an IPv4 or IPv6 address") from None
+
+
+# an IP address and nothing else (it reaches a MindIE rank table file)
+IpAddress = Annotated[str, StringConstraints(max_length=45), AfterValidator(_ip_address)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -115,6 +129,21 @@ class Devices(_Strict):
     vendor: Name = "cpu"
     indices: Annotated[list[DeviceIndex], AfterValidator(_unique)] = Field(
         default_factory=list, max_length=MAX_ITEMS)
+
+
+class RankDevice(_Strict):
+    """One NPU in a MindIE rank table: its physical id and its own NIC's address
+    (`address_N` of the node's /etc/hccn.conf)."""
+
+    device_id: DeviceIndex
+    device_ip: IpAddress
+
+
+class RankServer(_Strict):
+    """One node in a MindIE rank table: its address and its NPUs, in rank order."""
+
+    host: IpAddress
+    devices: list[RankDevice] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
 class Peer(_Strict):
@@ -160,6 +189,17 @@ class Instance(_Strict):
     layer_split: list[Count] | None = Field(None, max_length=MAX_ITEMS)
     # the sha256 of an uploaded (`local://`) model's content: new content, new instance
     source_sha256: Sha256 | None = None
+    # MindIE over several nodes: every node of the replica, the main first, with its NPUs;
+    # the same on every part, which writes it as the rank table (ranks counted in order)
+    rank_table: list[RankServer] | None = Field(default=None, max_length=MAX_ITEMS)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_rank_table(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # an instance that does not span MindIE nodes is written (and planned) as before
+        data = handler(self)
+        if isinstance(data, dict) and data.get("rank_table", "") is None:
+            del data["rank_table"]
+        return data
 
     @field_validator("runtime_path")
     @classmethod
@@ -177,7 +217,7 @@ class Instance(_Strict):
         and an empty `secret_env` are left out too, so instances from before those fields
         keep their fingerprint.
         """
-        exclude = {"api_key"} | {name for name in ("layer_split", "source_sha256")
+        exclude = {"api_key"} | {name for name in ("layer_split", "source_sha256", "rank_table")
                                  if getattr(self, name) is None}
         if not self.secret_env:
             exclude.add("secret_env")

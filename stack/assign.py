@@ -13,6 +13,7 @@ stand for them, and apply fills them in (`stack.env.with_env_values`).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import posixpath
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from agent.assignment import Assignment, Devices, Instance, Peer, SecretEnv
+from agent.assignment import Assignment, Devices, Instance, Peer, RankDevice, RankServer, SecretEnv
 from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeouts
 from stack.catalog import Recipe, recipe
 from stack.nodes import node_prefix, node_settings
@@ -120,6 +121,8 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
     main = Worker(p.node, p.gpus, p.port, p.vendor)
     parts = [main, *p.workers]
     peers = [Peer(node=w.node, host=nodes.get(w.node)[1], port=w.port) for w in parts]
+    rank_table = _rank_table(nodes.observed, parts, peers) \
+        if p.backend == "mindie" and p.workers else None
     out: list[tuple[str, Instance]] = []
     for k, part in enumerate(parts):
         prefix = nodes.get(part.node)[0]
@@ -155,8 +158,32 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             # the main runs llama-server, which places the layers (`--tensor-split`)
             layer_split=list(p.split) if k == 0 and p.split else None,
             source_sha256=paths[(p.model, "")],
+            rank_table=rank_table,
         )))
     return out
+
+
+def _rank_table(observed: Observed, parts: list[Worker], peers: list[Peer]
+                ) -> list[RankServer] | None:
+    """A MindIE replica over several nodes: each part's node address and NPUs with their
+    device IPs, the main first (every part gets this same list and writes it as its rank
+    table); None when an address is not an IP or an NPU's device IP is unknown (the
+    scheduler places such replicas only on NPUs with one; the agent refuses a part
+    without a rank table)."""
+    servers: list[RankServer] = []
+    for part, peer in zip(parts, peers, strict=True):
+        facts = observed.nodes.get(part.node)
+        ips = {g.index: g.device_ip for g in facts.gpus} if facts else {}
+        devices = [(i, ips.get(i)) for i in part.gpus]
+        try:
+            ipaddress.ip_address(peer.host)
+        except ValueError:
+            return None
+        if not devices or any(ip is None for _, ip in devices):
+            return None
+        servers.append(RankServer(host=peer.host, devices=[
+            RankDevice(device_id=i, device_ip=ip) for i, ip in devices if ip]))
+    return servers
 
 
 def _args(args: list[str], p: Placement) -> list[str]:
