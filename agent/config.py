@@ -61,6 +61,11 @@ class Tuning(_Strict):
     restart_unhealthy_after_seconds: float = Field(default=120.0, ge=0)
     log_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     log_keep: int = Field(default=3, ge=1)
+    # the API's connections (agent.http): a request, head and body, arrives within this
+    # many seconds; at most this many connections are open; idle ones close after
+    request_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    max_connections: int = Field(default=64, ge=1, le=10000)
+    keep_alive_seconds: float = Field(default=5.0, ge=1, le=3600)
 
 
 class AgentConfig(_Strict):

@@ -121,6 +121,7 @@ async def _serve(cfg: AgentConfig, token: str) -> None:
 
     from agent.api import create_app
     from agent.gpu_metrics import GpuReader
+    from agent.http import agent_protocol
     from agent.reconcile import Reconciler
 
     class Server(uvicorn.Server):
@@ -132,10 +133,15 @@ async def _serve(cfg: AgentConfig, token: str) -> None:
     host, port = cfg.listen_address()
     # h11, not httptools: it bounds a request's head (httptools takes headers of any
     # size, before the token is checked)
-    server = Server(uvicorn.Config(create_app(reconciler, token, GpuReader()), host=host,
-                                   port=port, log_level="warning", access_log=False,
-                                   lifespan="off", http="h11",
-                                   h11_max_incomplete_event_size=MAX_HEAD_BYTES))
+    # (agent.http: JSON for its own 400s, a connection cap, a deadline per request)
+    tuning = cfg.tuning
+    server = Server(uvicorn.Config(
+        create_app(reconciler, token, GpuReader()), host=host, port=port,
+        log_level="warning", access_log=False, lifespan="off",
+        http=agent_protocol(tuning.max_connections, tuning.request_timeout_seconds,
+                            MAX_HEAD_BYTES),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        timeout_keep_alive=int(tuning.keep_alive_seconds)))
     stop = asyncio.Event()
 
     def shutdown() -> None:
