@@ -111,21 +111,24 @@ def find_usage(body: bytes) -> dict[str, Any] | None:
 
 
 def _object_at(body: bytes, start: int) -> dict[str, Any] | None:
-    """The JSON object starting at `body[start]` (at most 4 KiB), if it is one."""
-    depth = 0
-    for end in range(start, min(len(body), start + 4096)):
-        char = body[end]
-        if char == 123:  # {
-            depth += 1
-        elif char == 125:  # }
-            depth -= 1
-            if depth == 0:
-                try:
-                    usage = orjson.loads(body[start:end + 1])
-                except orjson.JSONDecodeError:
-                    return None
-                return usage if isinstance(usage, dict) else None
-    return None
+    """The JSON object starting at `body[start]` (at most 4 KiB), if it is one: it ends at
+    the first `}` where as many `{` as `}` were seen (found with `find` and `count`, not
+    a loop over the bytes: this runs for every answer)."""
+    limit = min(len(body), start + 4096)
+    opened, closed, pos = 1, 0, start + 1
+    while True:
+        end = body.find(b"}", pos, limit)
+        if end < 0:
+            return None
+        opened += body.count(b"{", pos, end)
+        closed += 1
+        if opened == closed:
+            try:
+                usage = orjson.loads(body[start:end + 1])
+            except orjson.JSONDecodeError:
+                return None
+            return usage if isinstance(usage, dict) else None
+        pos = end + 1
 
 
 def has_usage(events: bytes) -> bool:
