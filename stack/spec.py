@@ -60,6 +60,10 @@ SSH_ADDRESS_PATTERN = r"^(@local|[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*)$"
 ADDRESS_PATTERN = r"^[A-Za-z0-9_:\[][A-Za-z0-9_.:%\[\]-]*$"
 USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$"
 HTTP_PATH_PATTERN = r"^/[!-~]*$"
+# files on the controller: plain names, no `..`; the stack's own (kept in git) relative
+_NAME_PART = r"\.?[A-Za-z0-9_+@-][A-Za-z0-9._+@-]*"
+CONTROLLER_FILE_PATTERN = rf"^(~/|/)?{_NAME_PART}(/{_NAME_PART})*$"
+STACK_FILE_PATTERN = rf"^{_NAME_PART}(/{_NAME_PART})*$"
 # NVIDIA installs a branch (`nvidia-open-580`, `nvidia-driver:580-open`): three digits;
 # AMD a ROCm release as repo.radeon.com/amdgpu-install/ names its folders (`6.4`, `6.4.1`).
 NVIDIA_BRANCH = re.compile(r"^[0-9]{3}$")
@@ -111,6 +115,13 @@ RULES: dict[str, tuple[str, str]] = {  # pattern -> (what the value must be, hin
     USER_PATTERN: ("a user name", "letters, digits, `_`, `.` and `-`, e.g. `\"ubuntu\"`."),
     HTTP_PATH_PATTERN: (
         "an HTTP path starting with `/`, without spaces", 'e.g. `health_path = "/health"`.'),
+    CONTROLLER_FILE_PATTERN: (
+        "a file on this machine: a path of plain names (letters, digits, `._+@-`), "
+        "relative, absolute or under `~/`; no `..`",
+        'e.g. `key = "~/.ssh/id_ed25519"`.'),
+    STACK_FILE_PATTERN: (
+        "a file beside stack.toml: a relative path of plain names (letters, digits, "
+        "`._+@-`); no `..`, not absolute", 'e.g. `known_hosts = "known_hosts"`, kept in git.'),
     ENV_VALUE_PATTERN: (
         "a value on one line without control characters", 'e.g. `HIP_PATH = "/opt/rocm"`.'),
     INTERPRETER_PATTERN: (
@@ -139,6 +150,9 @@ SshAddress = Annotated[str, StringConstraints(pattern=SSH_ADDRESS_PATTERN, max_l
 Address = Annotated[str, StringConstraints(pattern=ADDRESS_PATTERN, max_length=253)]
 User = Annotated[str, StringConstraints(pattern=USER_PATTERN, max_length=64)]
 HttpPath = Annotated[str, StringConstraints(pattern=HTTP_PATH_PATTERN, max_length=200)]
+ControllerFile = Annotated[str, StringConstraints(pattern=CONTROLLER_FILE_PATTERN,
+                                                  max_length=500)]
+StackFile = Annotated[str, StringConstraints(pattern=STACK_FILE_PATTERN, max_length=500)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 MAX_REPLICAS = 1000
 MAX_BYTES = 2**60  # 1 EiB: more than any disk or memory, far below what overflows
@@ -198,8 +212,8 @@ class HostSpec(_Strict):
         description="SSH address (name or IP), or `@local` for this machine.")
     user: User | None = Field(None, description="SSH user; default: the current user.")
     port: int = Field(22, ge=1, le=65535, description="SSH port.")
-    key: str | None = Field(None, description="Path to the SSH private key.")
-    known_hosts: str | None = Field(
+    key: ControllerFile | None = Field(None, description="Path to the SSH private key.")
+    known_hosts: ControllerFile | None = Field(
         None, description="SSH known_hosts file for this host; default: ~/.ssh/known_hosts."
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Labels for selectors.")
@@ -210,7 +224,7 @@ class StackSection(_Strict):
 
     name: Name = Field(
         "stack", description="Name of the stack; used in service names and the lock.")
-    inventory: str | None = Field(
+    inventory: StackFile | None = Field(
         None, description="A pyinfra inventory file (relative to stack.toml) listing the hosts."
     )
     prefix: Prefix = Field(
@@ -223,7 +237,7 @@ class StackSection(_Strict):
     port_range: tuple[Port, Port] = Field(
         (40000, 40999), description="Ports given to model instances on each node."
     )
-    known_hosts: str | None = Field(
+    known_hosts: StackFile | None = Field(
         None, description="The known_hosts file (relative to stack.toml, kept in git) that pins "
         "every host's SSH key; `stack hosts trust` writes it. Default: ~/.ssh/known_hosts.",
     )
