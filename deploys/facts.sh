@@ -442,6 +442,22 @@ if [ -n "${HOME:-}" ]; then
 fi
 J="$J]"
 
+# -- build prerequisites the runtime recipes name (deploys/prerequisites.py CHECKED, the
+# same list): `command -v` and `test -e` are builtins, no process started
+J="$J,$NL \"tools\": {"
+sep=""
+for tool in cmake c++ make tar python3 python3.12 xcrun npu-smi /usr/local/cuda/bin/nvcc \
+  /opt/rocm /opt/rocm/llvm/bin/clang /opt/dtk/llvm/bin/clang /usr/local/musa/bin/mcc \
+  /usr/local/Ascend/ascend-toolkit/latest; do
+  case $tool in
+    /*) if [ -e "$tool" ]; then v=true; else v=false; fi ;;
+    *) if has "$tool"; then v=true; else v=false; fi ;;
+  esac
+  J="$J$sep\"$tool\": $v"
+  sep=", "
+done
+J="$J}"
+
 # user and uid from one `id` (POSIX format: uid=N(name) gid=N(name) [euid=N(name)] ...)
 id_out=$(id 2>/dev/null)
 case $id_out in

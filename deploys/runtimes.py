@@ -120,12 +120,17 @@ def install_script(install: RuntimeInstall) -> str:
     return "\n".join(head + body + tail) + "\n"
 
 
+def host_requires(spec: RuntimeSpec, prebuilt: bool) -> list[str]:
+    """What an install needs on the host (`requires`): a prebuilt upload only unpacks."""
+    return [r for r in spec.requires if r == "tar"] if prebuilt else list(spec.requires)
+
+
 def _requires(install: RuntimeInstall) -> list[str]:
     """Stop before anything is removed when a command or path the install needs is
     missing, naming it (exit 6)."""
     q = shlex.quote
     lines = []
-    for need in install.spec.requires:
+    for need in host_requires(install.spec, install.prebuilt):
         test = f"test -e {q(need)}" if need.startswith("/") else \
             f"command -v {q(need)} >/dev/null 2>&1"
         what = f"{install.name} {install.folder} needs {need} on this host"

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
+from deploys.prerequisites import install_commands, plan_prerequisites
 from deploys.probe import HostState
-from deploys.runtimes import RuntimeInstall, install_script
+from deploys.runtimes import RuntimeInstall, host_requires, install_script
 from deploys.services import Service, start_commands, unit_file
 from stack.snapshot import NodeFacts, StackOnHost
 
@@ -163,6 +164,8 @@ def runtime_step(key: str, target: HostTarget, install: RuntimeInstall | None) -
         return Step(key, f"{key} is not used on {target.node}")
     if install.folder in target.facts.runtimes.get(install.name, []):
         return Step(key, f"{install.name} {install.folder} is installed")
+    first = install_commands(plan_prerequisites(host_requires(install.spec, install.prebuilt),
+                                                target.facts))
     uploads = []
     source = target.runtime_uploads.get(install.path)
     if source is not None and install.upload:
@@ -170,7 +173,7 @@ def runtime_step(key: str, target: HostTarget, install: RuntimeInstall | None) -
         mkdir = f"mkdir -p {shlex.quote(str(Path(install.upload).parent))}"
     else:
         mkdir = "true"
-    return Step(key, "", uploads, [mkdir, install_script(install)])
+    return Step(key, "", uploads, [*first, mkdir, install_script(install)])
 
 
 def agent_install_step(target: HostTarget) -> Step:

@@ -13,9 +13,19 @@ from typing import Any
 
 from agent.assignment import Assignment, Instance
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
-from deploys.runtimes import unused_versions
+from deploys.prerequisites import plan_prerequisites
+from deploys.runtimes import host_requires, unused_versions
 from stack.assign import build_router_config, router_config_sha256
-from stack.catalog import Recipe, folder, listed_folders, parse_folder, recipe
+from stack.bundle_target import host_agent_version
+from stack.catalog import (
+    Recipe,
+    folder,
+    listed_folders,
+    parse_folder,
+    prebuilt_on_controller,
+    recipe,
+    recipe_of_folder,
+)
 from stack.env import shown as shown_env
 from stack.hostfiles import HostFile, desired_files, router_fingerprint
 from stack.neighbours import own_record, set_aside
@@ -134,6 +144,25 @@ def _driver_changes(spec: StackSpec, name: str, facts: NodeFacts) -> list[Change
     return out
 
 
+def _runtime_prerequisites(spec: StackSpec, name: str, facts: NodeFacts, runtime: str,
+                           folder: str) -> tuple[tuple[tuple[str, str], ...], str]:
+    """The distro packages apply installs on a node before a runtime, and what it cannot
+    install there (the hint): the same decision apply makes
+    (`deploys.prerequisites.plan_prerequisites`; a build uploaded from the controller
+    needs none of the build tools)."""
+    found = recipe_of_folder(spec, runtime, folder)
+    if found is None:
+        return (), ""
+    prebuilt = prebuilt_on_controller(found, f"{facts.os}-{facts.arch}")
+    pre = plan_prerequisites(host_requires(found.spec, prebuilt), facts)
+    details: list[tuple[str, str]] = []
+    if pre.packages:
+        details.append(("installs first", f"{' '.join(pre.packages)} ({pre.manager})"))
+    if pre.missing:
+        details.append(("missing", ", ".join(pre.what)))
+    return tuple(details), pre.hint(name, runtime) if pre.missing else ""
+
+
 def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
                      needed: dict[tuple[str, str], list[str]]) -> list[Change]:
     out: list[Change] = []
@@ -141,8 +170,9 @@ def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
         if version in facts.runtimes.get(runtime, []):
             continue
         more = f" and {len(users) - 1} more" if len(users) > 1 else ""
+        details, hint = _runtime_prerequisites(spec, name, facts, runtime, version)
         out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.CREATE,
-                          f"needed by {users[0]}{more}", "none", name))
+                          f"needed by {users[0]}{more}", "none", name, details, hint))
     # what apply removes last: the same decision (`deploys.runtimes.unused_versions`)
     for runtime, versions in unused_versions(facts.runtimes, listed_folders(spec),
                                               needed).items():

@@ -100,6 +100,9 @@ class NodeFacts(_Open):
     ports_in_use: list[int] = Field(default_factory=list)  # TCP ports listening (any owner)
     # the stacks this SSH user installed here, ours too (None: an older snapshot)
     stacks: list[StackOnHost] | None = None
+    # build prerequisites present (True) or missing (False), by command name or path
+    # (deploys.prerequisites.CHECKED); None: these facts do not say (an older snapshot)
+    tools: dict[str, bool] | None = None
     # beyond the snapshot's documented fields: what provisioning needs
     user: str = ""  # the SSH user
     sudo_ok: bool = True

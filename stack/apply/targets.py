@@ -11,7 +11,8 @@ from deploys.steps import HostTarget, ModelUpload, agent_paths
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node
 from stack.apply.report import HostReport
-from stack.catalog import Recipe, parse_folder, recipe, vendor_of
+from stack.bundle_target import BundleTarget, bundle_target
+from stack.catalog import Recipe, recipe_of_folder
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import agent_listen, agent_service, render_agent_toml, router_service
 from stack.neighbours import own_record
@@ -35,12 +36,7 @@ def runtime_of(spec: StackSpec, inst: Instance, prefix: str) -> Recipe | None:
     if not inst.runtime_path.startswith(base):
         return None
     name, _, folder = inst.runtime_path[len(base):].partition("/")
-    parsed = parse_folder(spec, name, folder) if folder else None
-    if parsed is None:
-        return None
-    version, variant = parsed
-    found = recipe(spec, name, version, vendor_of(name, variant) if variant else "cpu")
-    return found if isinstance(found, Recipe) else None
+    return recipe_of_folder(spec, name, folder)
 
 
 def resolve_local(spec_source: str, stack_dir: Path) -> Path:

@@ -171,6 +171,16 @@ def vendor_of(name: str, variant: str) -> str:
     return catalogue()[name].variants[variant].vendors[0]
 
 
+def recipe_of_folder(spec: StackSpec, name: str, folder: str) -> Recipe | None:
+    """The recipe that makes `PREFIX/runtimes/NAME/FOLDER` for this stack, or None."""
+    parsed = parse_folder(spec, name, folder) if folder else None
+    if parsed is None:
+        return None
+    version, variant = parsed
+    found = recipe(spec, name, version, vendor_of(name, variant) if variant else "cpu")
+    return found if isinstance(found, Recipe) else None
+
+
 def folder(spec: StackSpec, name: str, version: str, vendor: str) -> str:
     """The folder under `PREFIX/runtimes/NAME/` a node using `vendor` devices runs
     `name` `version` from."""
@@ -189,3 +199,27 @@ def listed_folders(spec: StackSpec) -> dict[str, list[str]]:
         else:
             out[name] = list(table.versions)
     return out
+
+
+def prebuilt_on_controller(found: Recipe, platform: str) -> bool:
+    """True when apply will upload a finished controller build for this `build` recipe
+    (`stack.wheelhouse.prebuilt_bin`) instead of building on the host: known without
+    fetching when the recipe pins the archive's sha256."""
+    from pathlib import Path
+
+    from stack.wheelhouse import prebuilt_bin
+
+    rt = found.spec
+    digest = rt.sha256.get(found.version)
+    if rt.source != "build" or not digest:
+        return False
+    if rt.url:
+        name = rt.url.replace("{version}", found.version).rsplit("/", 1)[-1]
+    elif rt.package:
+        dist = rt.package.split("==", 1)[0].split("[", 1)[0]
+        name = f"{dist.replace('-', '_').lower()}-{found.version}.tar.gz"
+    else:
+        return False
+    return prebuilt_bin(Path(name), digest, rt.cmake_args, rt.targets, rt.subdir,
+                        platform) is not None
+
