@@ -47,6 +47,7 @@ class SchedulerBase:
         self.models: dict[str, ModelState] = {}
         self.eligible: dict[tuple[str, str, int], Eligibility] = {}
         self.usable: dict[tuple[str, str, int, int], list[int]] = {}
+        self.least: dict[tuple[str, str, int, int], dict[int, int]] = {}  # binpack: per class
         self.apart = False  # while set, nodes that run the model already are not candidates
         self.shorter = False  # while set, claims may shorten the context to fit (vLLM, ...)
         from stack.selector import parse_selector
@@ -125,14 +126,17 @@ class SchedulerBase:
     # ---- candidates
 
     def candidates(self, m: ModelState, classes: list[int],
-                   accept: Callable[[NodeState], bool]) -> None:
+                   accept: Callable[[NodeState], bool],
+                   least: Mapping[int, int] | None = None) -> None:
         """The fleet's nodes of `classes` in the model's policy order until `accept` takes
-        one; while `apart`, without the nodes that run a replica of the model."""
+        one; while `apart`, without the nodes that run a replica of the model. `least`:
+        see `Fleet.candidates`."""
         if not self.apart:
-            self.fleet.candidates(classes, m.policy, accept)
+            self.fleet.candidates(classes, m.policy, accept, least)
             return
         self.fleet.candidates(classes, m.policy,
-                              lambda node: node.name not in m.nodes_used and accept(node))
+                              lambda node: node.name not in m.nodes_used and accept(node),
+                              least)
 
     def failed(self, m: ModelState) -> set[tuple[str, int, int, int]]:
         """Layouts that found no nodes for this model (free memory only shrinks)."""

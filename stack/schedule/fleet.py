@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 GiB = 1024**3
 TP_SIZES = (1, 2, 4, 8)
 MAX_NODES_PER_REPLICA = 16
+# a heap entry: ((load or -load, node), the node's version when pushed, node)
+Entry = tuple[tuple[float, str], int, str]
 # backends that may run on the CPU only (cpu_inference) and over RPC workers
 CPU_BACKENDS = ("llama.cpp",)
 
@@ -31,6 +33,16 @@ def gpu_wired_limit(ram_bytes: int) -> int:
     the RAM up to 32 GiB, three quarters above (16 GiB: 10.7 GiB; 192 GiB: 144 GiB).
     `sudo sysctl iogpu.wired_limit_mb=N` raises it; set `reserved_vram` to say less."""
     return ram_bytes * 2 // 3 if ram_bytes <= 32 * GiB else ram_bytes * 3 // 4
+
+
+def free_bucket(free: int) -> int:
+    """The binpack bucket of a node whose largest free GPU has `free` bytes: the largest
+    value of its bucket (buckets hold values alike in their 4 leading bits, 1/8 to 1/16
+    apart), so a node of a bucket below what a part needs per GPU cannot take it."""
+    if free <= 0:
+        return 0
+    shift = max(free.bit_length() - 4, 0)
+    return (((free >> shift) + 1) << shift) - 1
 
 
 def cc_key(value: str | None) -> tuple[int, ...] | None:
@@ -169,7 +181,11 @@ class Fleet:
         self.nodes: dict[str, NodeState] = {}
         self.excluded: dict[str, str] = {}  # node -> why no model goes there
         self.class_members: list[list[str]] = []
-        self.heaps: list[dict[str, list[tuple[tuple[float, str], int, str]]]] = []
+        # per class: one heap for spread; for binpack one heap per bucket of the nodes'
+        # largest free GPU (`free_bucket`), so a search skips the nodes too full to take a
+        # part (binpack's most loaded first would otherwise meet them on every search)
+        self.spread: list[list[Entry]] = []
+        self.binpack: list[dict[int, list[Entry]]] = []
         self.max_gpus = max((len(f.gpus) for f in observed.nodes.values()), default=0)
         class_index: dict[tuple[Any, ...], int] = {}
         for name in sorted(observed.nodes):
@@ -189,7 +205,8 @@ class Fleet:
             if key not in class_index:
                 class_index[key] = len(self.class_members)
                 self.class_members.append([])
-                self.heaps.append({"spread": [], "binpack": []})
+                self.spread.append([])
+                self.binpack.append({})
             node.cls = class_index[key]
             self.class_members[node.cls].append(name)
             self.nodes[name] = node
@@ -240,9 +257,10 @@ class Fleet:
 
     def _push(self, node: NodeState) -> None:
         load = round(node.load(), 9)
-        heaps = self.heaps[node.cls]
-        heapq.heappush(heaps["spread"], ((load, node.name), node.version, node.name))
-        heapq.heappush(heaps["binpack"], ((-load, node.name), node.version, node.name))
+        heapq.heappush(self.spread[node.cls], ((load, node.name), node.version, node.name))
+        bucket = free_bucket(max(node.free.values(), default=0))
+        heapq.heappush(self.binpack[node.cls].setdefault(bucket, []),
+                       ((-load, node.name), node.version, node.name))
 
     def take(self, node: NodeState, model: str, gpus: Iterable[int], need: Need, port: int) -> None:
         """Claim resources on `node` for one part of a replica."""
@@ -289,17 +307,25 @@ class Fleet:
         return None
 
     def candidates(self, classes: Iterable[int], policy: str,
-                   accept: Callable[[NodeState], bool]) -> list[NodeState]:
+                   accept: Callable[[NodeState], bool],
+                   least: Mapping[int, int] | None = None) -> list[NodeState]:
         """Nodes of `classes` in policy order, stopping at the first one `accept` takes.
 
-        Returns the nodes looked at, in order (the accepted one last, if any). Popped heap
-        entries are pushed back, so the heaps stay intact.
+        `least` (binpack): per class, free bytes a node's largest free GPU needs for
+        `accept` to take it at all; the buckets of nodes with less are not looked at (the
+        order of the others is the same). Returns the nodes looked at, in order (the
+        accepted one last, if any). Popped heap entries are pushed back, so the heaps stay
+        intact.
         """
-        heaps = [self.heaps[c][policy] for c in classes]
+        if policy == "spread":
+            heaps = [self.spread[c] for c in classes]
+        else:
+            heaps = [h for c in classes for bucket, h in self.binpack[c].items()
+                     if h and (least is None or bucket >= least.get(c, 0))]
         frontier = [(h[0][0], i) for i, h in enumerate(heaps) if h]
         heapq.heapify(frontier)
         seen: list[NodeState] = []
-        popped: list[tuple[int, tuple[tuple[float, str], int, str]]] = []
+        popped: list[tuple[int, Entry]] = []
         try:
             while frontier:
                 _, i = heapq.heappop(frontier)

@@ -241,7 +241,13 @@ class FreshScheduler(StickyScheduler):
             if key not in self.usable:
                 self.usable[key] = [c for c in classes
                                     if self._layout_possible(m, backend, c, gpus)]
-            self.candidates(m, self.usable[key], accept)
+            least = None
+            if policy == "binpack" and gpus:
+                if key not in self.least:
+                    self.least[key] = {c: self._least_free(m, backend, c, gpus)
+                                       for c in self.usable[key]}
+                least = self.least[key]
+            self.candidates(m, self.usable[key], accept, least)
         if not found:
             self.failed(m).add(layout)
             return None
@@ -251,6 +257,25 @@ class FreshScheduler(StickyScheduler):
         else:  # best fit in used GPUs; a new GPU: the largest, room for what comes next
             found.sort(key=lambda f: (_opened(f[1]), _left(f[1]) * (-1 if _opened(f[1]) else 1)))
         return self.place(m, replica, backend, found[0][1])
+
+    def _least_free(self, m: ModelState, backend: str, cls: int, gpus: int) -> int:
+        """The fewest free bytes a GPU of a node of class `cls` needs for `try_node` to
+        fit a part with `gpus` GPUs on it (per pool: the claim's per-GPU memory, or one
+        layer and the per-device overhead when split by layers; no pool: more than any)."""
+        least: int | None = None
+        for pool in self.eligibility(m, backend, cls).pools:
+            if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
+                continue
+            claim = self.split_claim(m, backend, gpus, pool.memory, 1)
+            if claim is not None:
+                want = claim.device_bytes + claim.layer_bytes
+            else:
+                need = self.need(m, backend, gpus, pool.memory, 1)
+                if isinstance(need, str):
+                    continue
+                want = need.vram
+            least = want if least is None else min(least, want)
+        return (1 << 80) if least is None else least
 
     def _layout_possible(self, m: ModelState, backend: str, cls: int, gpus: int) -> bool:
         """Whether an empty node of class `cls` could hold `gpus` GPUs' worth of the model."""
