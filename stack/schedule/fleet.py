@@ -23,6 +23,8 @@ TP_SIZES = (1, 2, 4, 8)
 MAX_NODES_PER_REPLICA = 16
 # a heap entry: ((load or -load, node), the node's version when pushed, node)
 Entry = tuple[tuple[float, str], int, str]
+# a heap entry: ((load or -load, node), the node's version when pushed, node)
+Entry = tuple[tuple[float, str], int, str]
 # backends that may run on the CPU only (cpu_inference) and over RPC workers
 CPU_BACKENDS = ("llama.cpp",)
 
@@ -33,6 +35,16 @@ def gpu_wired_limit(ram_bytes: int) -> int:
     the RAM up to 32 GiB, three quarters above (16 GiB: 10.7 GiB; 192 GiB: 144 GiB).
     `sudo sysctl iogpu.wired_limit_mb=N` raises it; set `reserved_vram` to say less."""
     return ram_bytes * 2 // 3 if ram_bytes <= 32 * GiB else ram_bytes * 3 // 4
+
+
+def free_bucket(free: int) -> int:
+    """The binpack bucket of a node whose largest free GPU has `free` bytes: the largest
+    value of its bucket (buckets hold values alike in their 4 leading bits, 1/8 to 1/16
+    apart), so a node of a bucket below what a part needs per GPU cannot take it."""
+    if free <= 0:
+        return 0
+    shift = max(free.bit_length() - 4, 0)
+    return (((free >> shift) + 1) << shift) - 1
 
 
 def free_bucket(free: int) -> int:

@@ -277,6 +277,25 @@ class FreshScheduler(StickyScheduler):
             least = want if least is None else min(least, want)
         return (1 << 80) if least is None else least
 
+    def _least_free(self, m: ModelState, backend: str, cls: int, gpus: int) -> int:
+        """The fewest free bytes a GPU of a node of class `cls` needs for `try_node` to
+        fit a part with `gpus` GPUs on it (per pool: the claim's per-GPU memory, or one
+        layer and the per-device overhead when split by layers; no pool: more than any)."""
+        least: int | None = None
+        for pool in self.eligibility(m, backend, cls).pools:
+            if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
+                continue
+            claim = self.split_claim(m, backend, gpus, pool.memory, 1)
+            if claim is not None:
+                want = claim.device_bytes + claim.layer_bytes
+            else:
+                need = self.need(m, backend, gpus, pool.memory, 1)
+                if isinstance(need, str):
+                    continue
+                want = need.vram
+            least = want if least is None else min(least, want)
+        return (1 << 80) if least is None else least
+
     def _layout_possible(self, m: ModelState, backend: str, cls: int, gpus: int) -> bool:
         """Whether an empty node of class `cls` could hold `gpus` GPUs' worth of the model."""
         el = self.eligibility(m, backend, cls)
