@@ -48,7 +48,7 @@ class SchedulerBase:
         self.eligible: dict[tuple[str, str, int], Eligibility] = {}
         self.usable: dict[tuple[str, str, int, int], list[int]] = {}
         self.least: dict[tuple[str, str, int, int], dict[int, int]] = {}  # binpack: per class
-        self.least: dict[tuple[str, str, int, int], dict[int, int]] = {}  # binpack: per class
+        self.searched: dict[tuple[str, str], list[int]] = {}  # (model, backend) -> classes
         self.apart = False  # while set, nodes that run the model already are not candidates
         self.shorter = False  # while set, claims may shorten the context to fit (vLLM, ...)
         from stack.selector import parse_selector

@@ -21,10 +21,9 @@ if TYPE_CHECKING:
 GiB = 1024**3
 TP_SIZES = (1, 2, 4, 8)
 MAX_NODES_PER_REPLICA = 16
-# a heap entry: ((load or -load, node), the node's version when pushed, node)
-Entry = tuple[tuple[float, str], int, str]
-# a heap entry: ((load or -load, node), the node's version when pushed, node)
-Entry = tuple[tuple[float, str], int, str]
+# a heap entry: (load, or -load for binpack; the node's rank in name order; the node's
+# version when pushed): flat numbers, which compare faster than names
+Entry = tuple[float, int, int]
 # backends that may run on the CPU only (cpu_inference) and over RPC workers
 CPU_BACKENDS = ("llama.cpp",)
 
@@ -35,16 +34,6 @@ def gpu_wired_limit(ram_bytes: int) -> int:
     the RAM up to 32 GiB, three quarters above (16 GiB: 10.7 GiB; 192 GiB: 144 GiB).
     `sudo sysctl iogpu.wired_limit_mb=N` raises it; set `reserved_vram` to say less."""
     return ram_bytes * 2 // 3 if ram_bytes <= 32 * GiB else ram_bytes * 3 // 4
-
-
-def free_bucket(free: int) -> int:
-    """The binpack bucket of a node whose largest free GPU has `free` bytes: the largest
-    value of its bucket (buckets hold values alike in their 4 leading bits, 1/8 to 1/16
-    apart), so a node of a bucket below what a part needs per GPU cannot take it."""
-    if free <= 0:
-        return 0
-    shift = max(free.bit_length() - 4, 0)
-    return (((free >> shift) + 1) << shift) - 1
 
 
 def free_bucket(free: int) -> int:
@@ -103,6 +92,7 @@ class NodeState:
     models: dict[str, int] = field(default_factory=dict)  # model -> parts placed here
     files_here: set[str] = field(default_factory=set)  # models whose files are present
     cls: int = 0
+    rank: int = 0  # index in the fleet's nodes, which are in name order
     version: int = 0
     unified: bool = False  # the GPU's memory is the RAM (Apple): one pool, taken by both
     free0: dict[int, int] = field(default_factory=dict)  # `free` before this pass placed any
@@ -191,6 +181,7 @@ class Fleet:
         self.spec = spec
         self.port_lo, self.port_hi = spec.stack.port_range
         self.nodes: dict[str, NodeState] = {}
+        self.ranked: list[NodeState] = []  # the nodes in name order: heap entries' ranks
         self.excluded: dict[str, str] = {}  # node -> why no model goes there
         self.class_members: list[list[str]] = []
         # per class: one heap for spread; for binpack one heap per bucket of the nodes'
@@ -222,6 +213,8 @@ class Fleet:
             node.cls = class_index[key]
             self.class_members[node.cls].append(name)
             self.nodes[name] = node
+            node.rank = len(self.ranked)
+            self.ranked.append(node)
         for node in self.nodes.values():
             self._push(node)
 
@@ -269,10 +262,10 @@ class Fleet:
 
     def _push(self, node: NodeState) -> None:
         load = round(node.load(), 9)
-        heapq.heappush(self.spread[node.cls], ((load, node.name), node.version, node.name))
+        heapq.heappush(self.spread[node.cls], (load, node.rank, node.version))
         bucket = free_bucket(max(node.free.values(), default=0))
         heapq.heappush(self.binpack[node.cls].setdefault(bucket, []),
-                       ((-load, node.name), node.version, node.name))
+                       (-load, node.rank, node.version))
 
     def take(self, node: NodeState, model: str, gpus: Iterable[int], need: Need, port: int) -> None:
         """Claim resources on `node` for one part of a replica."""
@@ -334,7 +327,7 @@ class Fleet:
         else:
             heaps = [h for c in classes for bucket, h in self.binpack[c].items()
                      if h and (least is None or bucket >= least.get(c, 0))]
-        frontier = [(h[0][0], i) for i, h in enumerate(heaps) if h]
+        frontier = [(h[0], i) for i, h in enumerate(heaps) if h]
         heapq.heapify(frontier)
         seen: list[NodeState] = []
         popped: list[tuple[int, Entry]] = []
@@ -343,9 +336,9 @@ class Fleet:
                 _, i = heapq.heappop(frontier)
                 entry = heapq.heappop(heaps[i])
                 if heaps[i]:
-                    heapq.heappush(frontier, (heaps[i][0][0], i))
-                node = self.nodes[entry[2]]
-                if entry[1] != node.version:
+                    heapq.heappush(frontier, (heaps[i][0], i))
+                node = self.ranked[entry[1]]
+                if entry[2] != node.version:
                     continue  # stale: the node changed since this entry was pushed
                 popped.append((i, entry))
                 seen.append(node)

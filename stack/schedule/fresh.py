@@ -89,8 +89,11 @@ class FreshScheduler(StickyScheduler):
         for backend in m.backends:
             if isinstance(m.runtimes[backend], str):
                 continue
-            classes = [c for c in range(len(self.fleet.class_members))
-                       if self._class_usable(m, backend, c)]
+            classes = self.searched.get((m.name, backend))
+            if classes is None:  # the same for every replica, tier and search mode
+                classes = self.searched[(m.name, backend)] = [
+                    c for c in range(len(self.fleet.class_members))
+                    if self._class_usable(m, backend, c)]
             if classes:
                 placed = tier(m, replica, backend, classes)
                 if placed:
@@ -257,25 +260,6 @@ class FreshScheduler(StickyScheduler):
         else:  # best fit in used GPUs; a new GPU: the largest, room for what comes next
             found.sort(key=lambda f: (_opened(f[1]), _left(f[1]) * (-1 if _opened(f[1]) else 1)))
         return self.place(m, replica, backend, found[0][1])
-
-    def _least_free(self, m: ModelState, backend: str, cls: int, gpus: int) -> int:
-        """The fewest free bytes a GPU of a node of class `cls` needs for `try_node` to
-        fit a part with `gpus` GPUs on it (per pool: the claim's per-GPU memory, or one
-        layer and the per-device overhead when split by layers; no pool: more than any)."""
-        least: int | None = None
-        for pool in self.eligibility(m, backend, cls).pools:
-            if len(pool.indices) < gpus or (pool.mixed and gpus < 2):
-                continue
-            claim = self.split_claim(m, backend, gpus, pool.memory, 1)
-            if claim is not None:
-                want = claim.device_bytes + claim.layer_bytes
-            else:
-                need = self.need(m, backend, gpus, pool.memory, 1)
-                if isinstance(need, str):
-                    continue
-                want = need.vram
-            least = want if least is None else min(least, want)
-        return (1 << 80) if least is None else least
 
     def _least_free(self, m: ModelState, backend: str, cls: int, gpus: int) -> int:
         """The fewest free bytes a GPU of a node of class `cls` needs for `try_node` to
