@@ -164,7 +164,7 @@ class Router:
         elif endpoint is not None:
             await self._json(conn, req, ctx, endpoint)
         elif path == b"/v1/models":
-            entry = self._authenticate(conn, req, ctx)
+            entry = self._authenticate(req, ctx)
             body = ctx.tables.models_body[entry.key.name if entry else ""]
             ctx.respond(conn, 200, body, b"application/json")
         elif path == b"/healthz":
@@ -175,16 +175,15 @@ class Router:
         else:
             ctx.respond(conn, 200, await self.render_metrics(), b"text/plain; version=0.0.4")
 
-    def _authenticate(self, conn: ClientConnection, req: Request,
-                      ctx: Context) -> KeyEntry | None:
-        return auth.authenticate(ctx, conn, req.headers.get(b"authorization", b""),
+    def _authenticate(self, req: Request, ctx: Context) -> KeyEntry | None:
+        return auth.authenticate(ctx, req.headers.get(b"authorization", b""),
                                  datetime.now(UTC).date())
 
     # the endpoints that reach a replica
 
     async def _json(self, conn: ClientConnection, req: Request, ctx: Context,
                     endpoint: str) -> None:
-        entry = self._authenticate(conn, req, ctx)
+        entry = self._authenticate(req, ctx)
         body = b"".join(req.body) if len(req.body) != 1 else req.body[0]
         try:
             doc = orjson.loads(body)
@@ -207,7 +206,7 @@ class Router:
             self._settle(ctx)
 
     async def _upload(self, conn: ClientConnection, req: Request, ctx: Context) -> None:
-        entry = self._authenticate(conn, req, ctx)
+        entry = self._authenticate(req, ctx)
         upload, model = await read_upload(req, ctx.tables.config.max_body_bytes)
         name = auth.resolve(ctx, entry, model.decode(errors="replace") if model else None)
         auth.admit(ctx, entry, self.loop_now(), 0, self.metrics)

@@ -9,41 +9,24 @@ from __future__ import annotations
 
 import hashlib
 from datetime import date
-from hmac import compare_digest
 from typing import Any
 
 from router.context import Context
 from router.errors import ApiError, bad_request
 from router.metrics import Metrics
-from router.server import ClientConnection
 from router.tables import KeyEntry
 
-REMEMBERED_HEADER_BYTES = 512
-"""Longest `Authorization` header a connection remembers (with its key's digest)."""
 
-
-def authenticate(ctx: Context, conn: ClientConnection, header: bytes,
-                 today: date) -> KeyEntry | None:
+def authenticate(ctx: Context, header: bytes, today: date) -> KeyEntry | None:
     """The caller's key entry (None when the router has no keys), or a 401.
 
-    The key a request presents is hashed (SHA-256) and the digest looked up in the tables
-    built from the config. A connection remembers its last header that held a valid key,
-    and that key's digest: a keep-alive client sending the same header again is not
-    hashed again, and its digest is still looked up in the tables of the moment (a
-    reload that drops the key refuses it). Nothing else is kept of what clients send:
-    a junk key is never remembered, and each connection holds at most one header."""
+    Every request hashes the key it presents (0.4 us) and looks the digest up in the
+    tables built from the config. Nothing is kept of what clients send: a cache of header
+    values would hold raw keys and grow with every junk key a client makes up."""
     if not ctx.tables.keys:
         ctx.key_name = "_anonymous"
         return None
-    if conn.key_header and compare_digest(header, conn.key_header):
-        entry = ctx.tables.digests.get(conn.key_digest)
-    else:
-        digest = key_digest(header)
-        entry = None
-        if digest is not None:
-            entry = ctx.tables.digests.get(digest)
-            if entry is not None and len(header) <= REMEMBERED_HEADER_BYTES:
-                conn.key_header, conn.key_digest = header, digest
+    entry = _lookup(ctx, header)
     if entry is None:
         ctx.key_name = "_invalid"
         raise ApiError(401, "invalid API key; pass `Authorization: Bearer sk-...`",
@@ -56,13 +39,12 @@ def authenticate(ctx: Context, conn: ClientConnection, header: bytes,
     return entry
 
 
-def key_digest(header: bytes) -> bytes | None:
-    """The SHA-256 digest of the bearer token in an `Authorization` header, or None."""
+def _lookup(ctx: Context, header: bytes) -> KeyEntry | None:
     scheme, _, token = header.partition(b" ")
     if scheme.lower() != b"bearer":
         return None
     token = token.strip()
-    return hashlib.sha256(token).digest() if token else None
+    return ctx.tables.digests.get(hashlib.sha256(token).digest()) if token else None
 
 
 def resolve(ctx: Context, entry: KeyEntry | None, model: Any) -> str:

@@ -161,10 +161,6 @@ class ClientConnection(asyncio.Protocol):
         self.stalled_size = 0
         self.on_pause: Callable[[bool], None] | None = None
         """Set while relaying: called with True/False when the client's buffer fills/drains."""
-        self.key_header = b""
-        self.key_digest = b""
-        """The last valid `Authorization` header of this connection and the digest of its
-        key (`router.auth`): the next request with the same header is not hashed again."""
 
     # asyncio.Protocol
 

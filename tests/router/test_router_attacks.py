@@ -219,9 +219,9 @@ def test_huge_and_countless_junk_keys_leave_no_memory_behind(harness: Harness) -
 
 def test_a_keep_alive_connection_has_its_key_checked_on_every_request(
         harness: Harness) -> None:
-    """The digest of a connection's last valid key is remembered (router.auth): another
-    key on that connection is still refused, a repeated header still a 400, and a key
-    dropped by a reload is refused on the connection that used it."""
+    """Nothing of a key is kept between the requests of a connection: another key on it
+    is refused, a repeated header is a 400, and a key dropped by a reload is refused on
+    the connection that used it."""
     ups = models(harness)
     keys = [{"name": "a", "hash": key_hash("sk-a")}, {"name": "b", "hash": key_hash("sk-b")}]
     port, pid, _, _ = settled(harness, {"models": ups, "keys": keys})
