@@ -272,8 +272,9 @@ def node_facts_from(raw: dict[str, Any], *, address: str = "",
         "ports_in_use": sorted(int(p) for p in raw.get("ports_in_use") or []
                                if isinstance(p, int)),
         "stacks": _stacks(raw),
-        "tools": ({str(k): v for k, v in raw["tools"].items() if isinstance(v, bool)}
-                  if isinstance(raw.get("tools"), dict) else None),
+        "build_tools": ({str(k): v for k, v in raw["build_tools"].items()
+                         if isinstance(v, bool)}
+                        if isinstance(raw.get("build_tools"), dict) else None),
         # beyond the snapshot contract (kept: unknown fields are allowed)
         "pci_accelerators": pci,
         "gpu_problems": problems,

@@ -444,7 +444,7 @@ J="$J]"
 
 # -- build prerequisites the runtime recipes name (deploys/prerequisites.py CHECKED, the
 # same list): `command -v` and `test -e` are builtins, no process started
-J="$J,$NL \"tools\": {"
+J="$J,$NL \"build_tools\": {"
 sep=""
 for tool in cmake c++ make tar python3 python3.12 xcrun npu-smi /usr/local/cuda/bin/nvcc \
   /opt/rocm /opt/rocm/llvm/bin/clang /opt/dtk/llvm/bin/clang /usr/local/musa/bin/mcc \

@@ -1,5 +1,5 @@
 """What a runtime install needs on a host (its recipe's `requires`) against what the host
-has (the `tools` fact): the distro packages apply installs first, and what it cannot.
+has (the `build_tools` fact): the distro packages apply installs first, and what it cannot.
 
 `plan_prerequisites(requires, facts)` is pure and decides both for the plan and for apply:
 - a missing command the distro packages (`cmake`, `c++`, `make`, `tar`, `python3.12`) is
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from stack.snapshot import NodeFacts
 
-# the requirements facts.sh checks (`tools`), in its order; tests/catalog holds this list
+# the requirements facts.sh checks (`build_tools`), in its order; tests/catalog holds this list
 # to the catalogue's `requires` and to facts.sh
 CHECKED = (
     "cmake", "c++", "make", "tar", "python3", "python3.12", "xcrun", "npu-smi",
@@ -75,7 +75,7 @@ def _family(facts: NodeFacts) -> str:
 def plan_prerequisites(requires: list[str] | tuple[str, ...],
                        facts: NodeFacts) -> Prerequisites:
     """The packages to install and the toolkits missing for `requires` on this host."""
-    tools = facts.tools or {}
+    tools = facts.build_tools or {}
     family = _family(facts)
     packages: list[str] = []
     missing: list[str] = []

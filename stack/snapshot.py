@@ -102,7 +102,7 @@ class NodeFacts(_Open):
     stacks: list[StackOnHost] | None = None
     # build prerequisites present (True) or missing (False), by command name or path
     # (deploys.prerequisites.CHECKED); None: these facts do not say (an older snapshot)
-    tools: dict[str, bool] | None = None
+    build_tools: dict[str, bool] | None = None
     # beyond the snapshot's documented fields: what provisioning needs
     user: str = ""  # the SSH user
     sudo_ok: bool = True

@@ -24,7 +24,7 @@ TWO_LINES = '[stack]\nname = "lab"\n[models.m]\nsource = "hf://a/b"\nbackend = "
 def _facts(distro: str, **tools: bool) -> NodeFacts:
     every = dict.fromkeys(CHECKED, True)
     every.update({k.replace("_", "."): v for k, v in tools.items()})
-    return NodeFacts(address="10.0.0.1", distro=distro, tools=every)
+    return NodeFacts(address="10.0.0.1", distro=distro, build_tools=every)
 
 
 def test_facts_sh_checks_exactly_the_listed_requirements_and_they_cover_the_catalogue() -> None:
@@ -42,7 +42,7 @@ def test_facts_sh_reports_tools_on_this_machine(tmp_path: Path) -> None:
     out = subprocess.run(["sh", str(ROOT / "deploys" / "facts.sh")], capture_output=True,
                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
                                                      "STACK_PREFIX": str(tmp_path)})
-    tools = json.loads(out.stdout)["tools"]
+    tools = json.loads(out.stdout)["build_tools"]
     assert list(tools) == list(CHECKED)
     assert tools["tar"] is True and tools["/opt/dtk/llvm/bin/clang"] is False
 
