@@ -15,8 +15,8 @@
 #
 # Cheap by design (it runs on every host at every plan and apply): files are read with the
 # `read` builtin, paths and fields are cut with parameter expansion, and the JSON is built in
-# one variable and written once. A host without accelerators starts 4 processes (uname,
-# nproc, df, id); each vendor tool present adds itself, `timeout` and the encoder.
+# one variable and written once. A host without accelerators starts 5 processes (uname,
+# nproc, df, id, python3); each vendor tool present adds itself, `timeout` and the encoder.
 
 PREFIX="${STACK_PREFIX:-/opt/stack}"
 SYSFS="${STACK_SYSFS_ROOT:-/sys}"
@@ -202,6 +202,21 @@ case $df_out in
     ;;
 esac
 
+# the agent's interpreter: `python3` on this PATH, its major.minor and the C library (one
+# process; a musl host is told by its loader, without one)
+python="" libc=""
+if has python3; then
+  set -f
+  # shellcheck disable=SC2046 # split on purpose: "3.12 glibc 2.36"
+  set -- $(python3 -I -S -c 'import os, sys; n = "CS_GNU_LIBC_VERSION"; print("%d.%d" % sys.version_info[:2], n in getattr(os, "confstr_names", {}) and os.confstr(n) or "")' 2>/dev/null)
+  set +f
+  python=${1:-}
+  [ $# -ge 3 ] && libc="$2 $3"
+  for loader in /lib/ld-musl-*; do
+    [ -e "$loader" ] && [ -z "$libc" ] && libc=musl
+  done
+fi
+
 J="{\"facts_version\": 1, \"os\": "
 jput "$os"
 J="$J, \"distro_id\": "
@@ -214,6 +229,10 @@ J="$J,$NL \"kernel\": "
 jput "$kernel"
 J="$J, \"arch\": "
 jput "$arch"
+J="$J, \"python\": "
+jput "$python"
+J="$J, \"libc\": "
+jput "$libc"
 J="$J, \"hostname\": "
 jput "$hostname"
 J="$J,$NL \"cpu_cores\": ${cores:-1}, \"memory_bytes\": ${memory:-0}, \"disk_path\": "

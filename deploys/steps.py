@@ -185,13 +185,19 @@ def agent_install_step(target: HostTarget) -> Step:
     home = f"{target.prefix.rstrip('/')}/agent"
     tar = f"{home}/bundle.tar"
     wheel = f"wheels/{target.wheel_name}"
-    pip = f"{q(paths['venv'])}/bin/python \"$(ls wheels/pip-*.whl | head -1)\"/pip install --quiet"
+    venv = q(paths["venv"])
+    pip = f"{venv}/bin/python \"$(ls wheels/pip-*.whl | head -1)\"/pip install --quiet"
+    version = "v='import sys; print(sys.version_info[:2])'"
     script = "\n".join([
         "set -eu",
         f"cd {q(home)}",
         "rm -rf wheels && tar -xf bundle.tar && rm -f bundle.tar",
-        f"[ -x {q(paths['venv'])}/bin/python ] || python3 -m venv --without-pip {q(paths['venv'])}",
-        f"{pip} --no-index --find-links wheels {q(wheel)}",
+        # the bundle's wheels are for `python3`: a venv of another Python is made anew
+        version,
+        f"[ -x {venv}/bin/python ] && [ \"$({venv}/bin/python -I -S -c \"$v\")\" = "
+        f"\"$(python3 -I -S -c \"$v\")\" ] || {{ rm -rf {venv}; "
+        f"python3 -m venv --without-pip {venv}; }}",
+        f"{pip} --no-index --find-links wheels -r wheels/requirements.txt",
         f"{pip} --no-index --no-deps --force-reinstall {q(wheel)}",
         "rm -rf wheels",
         f"printf '%s\\n' {q(target.bundle_version)} > .installed",

@@ -105,13 +105,13 @@ def _host_changes(spec: StackSpec, observed: Observed, placements: Placements,
         if facts.reboot_required:
             out.append(Change(f"node.{name}.reboot", Action.UPDATE,
                               "the node reports that a reboot is required", "reboot", name))
-        agent = facts.agent
+        agent, want = facts.agent, host_agent_version(agent_version, facts)
         if agent.version is None:
             out.append(Change(f"node.{name}.agent", Action.CREATE,
-                              f"install the agent {agent_version}", "none", name))
-        elif agent.version != agent_version:
+                              f"install the agent {want}", "none", name))
+        elif agent.version != want:
             out.append(Change(f"node.{name}.agent", Action.UPDATE,
-                              f"agent {agent.version} -> {agent_version}", "none", name))
+                              f"agent {agent.version} -> {want}", "none", name))
         elif not agent.running:
             out.append(Change(f"node.{name}.agent", Action.UPDATE,
                               "the agent is not running", "none", name))

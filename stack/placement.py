@@ -285,7 +285,9 @@ def with_instances(observed: Observed, placements: Placements,
                    spec_hashes: Mapping[str, str] | None = None,
                    agent_version: str | None = None) -> Observed:
     """The facts as they read after a successful apply of `placements`: every reachable
-    node's agent runs exactly the placed instances (ready). For tests and benchmarks."""
+    node's agent runs exactly the placed instances (ready), `agent_version` built for
+    its target if given. For tests and benchmarks."""
+    from stack.bundle_target import host_agent_version
     from stack.snapshot import AgentFacts, InstanceFacts  # the scheduler itself needs neither
 
     hashes = spec_hashes or {}
@@ -307,7 +309,8 @@ def with_instances(observed: Observed, placements: Placements,
         if not facts.reachable:
             nodes[name] = facts
             continue
-        agent = AgentFacts(version=agent_version or facts.agent.version, running=True,
+        version = host_agent_version(agent_version, facts) if agent_version else None
+        agent = AgentFacts(version=version or facts.agent.version, running=True,
                            instances=per_node[name])
         # the instances listen on their ports (and those after them they use)
         listening = {q for i in per_node[name]

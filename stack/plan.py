@@ -214,6 +214,9 @@ def canonical_facts(observed: Observed) -> dict[str, Any]:
             node.pop(key, None)
         if node.get("stacks") is None:  # not read (an older snapshot): hashes as before it
             node.pop("stacks", None)
+        for key in ("python", "libc"):  # not read (an older snapshot): hashes as before
+            if not node.get(key):
+                node.pop(key, None)
         for gpu in node.get("gpus", []):
             for key in VOLATILE_GPU:
                 gpu.pop(key, None)

@@ -81,6 +81,10 @@ class NodeFacts(_Open):
     distro: str = ""
     kernel: str = ""
     arch: str = "x86_64"
+    # `python3` on the SSH user's PATH, which runs the agent: `3.12` ("" unknown or none)
+    python: str = ""
+    # the C library: `glibc 2.36`, `musl` ("" macOS, or unknown); picks the agent's wheels
+    libc: str = ""
     cpu_cores: int = 1
     memory_bytes: int = 0
     disk_free_bytes: int = 0

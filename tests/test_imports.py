@@ -30,7 +30,7 @@ STANDALONE: dict[str, tuple[str, ...]] = {
 # covers the package a module may become (`stack.config` -> `stack/config/`).
 PURE_CORE = ("stack.config", "stack.spec", "stack.selector", "stack.tomlpos", "stack.estimate",
              "stack.schedule", "stack.plan", "stack.changes", "stack.render",
-             "stack.placement", "stack.neighbours")
+             "stack.placement", "stack.neighbours", "stack.bundle_target")
 IO_MODULES = ("stack.observe", "stack.apply", "stack.remote", "stack.wheelhouse", "stack.lock",
               "stack.secrets", "stack.sshtcp", "stack.commands", "stack.cli",
               "stack.monitoring", "stack.pipeline", "stack.estimate.remote",
@@ -165,3 +165,80 @@ def test_lazy_relative_and_from_package_imports_are_seen(
     found = imports_of(source, "stack.estimate.memory", False, "stack/estimate/memory.py",
                        known)
     assert [imp.module for imp in found] == expected
+
+
+# --------------------------------------------------------------------------- the host bundle
+
+# the controller's dependencies that hosts must never need (stack/wheelhouse.py leaves them
+# out of the agent bundle)
+CONTROLLER_ONLY = ("pyinfra", "gevent", "rich", "jinja2", "tomlkit", "gguf", "paramiko",
+                   "numpy")
+# extras beside `host` that a stack may add to its hosts (stack.wheelhouse.SOURCE_EXTRAS)
+HOST_EXTRAS = ("host", "modelscope")
+
+
+def _name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(requirement).name.lower().replace("_", "-")
+
+
+def _installed_closure(requirements: Iterable[str]) -> set[str]:
+    """The distributions `requirements` pull in here (markers of this machine; extras of
+    theirs left out), by normalized name."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        if name in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            todo += [Requirement(r) for r in metadata.requires(req.name) or []]
+        except metadata.PackageNotFoundError:
+            continue
+    return seen
+
+
+def _third_party_imports(package: str) -> list[Import]:
+    import sys
+
+    own = set(_packages())
+    return [imp for importer, imp in _all_imports()
+            if _within(importer, [package])
+            and imp.module.split(".")[0] not in (*sys.stdlib_module_names, *own, "")]
+
+
+@pytest.mark.parametrize("package", ["agent", "router"])
+def test_the_agent_and_router_import_only_what_the_host_extra_installs(package: str) -> None:
+    from importlib import metadata
+
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    closure = _installed_closure(r for extra in HOST_EXTRAS for r in optional[extra])
+    found = metadata.packages_distributions()
+
+    def dists(imp: Import) -> list[str]:  # a module not installed here: named as its dist
+        top = imp.module.split(".")[0]
+        return [d.lower().replace("_", "-") for d in found.get(top, [top])]
+
+    outside = sorted({f"{imp} (from {', '.join(dists(imp))})"
+                      for imp in _third_party_imports(package) if not set(dists(imp)) & closure})
+    assert not outside, ("hosts install only the `host` extra of pyproject.toml (and "
+                         "`modelscope`), but:\n  " + "\n  ".join(outside))
+    assert not closure & set(CONTROLLER_ONLY), "a host requirement pulls in the controller's: " \
+        + ", ".join(sorted(closure & set(CONTROLLER_ONLY)))
+
+
+def test_the_host_extra_is_a_part_of_the_controllers_dependencies() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    host = project["optional-dependencies"]["host"]
+    assert set(host) <= set(project["dependencies"]), (
+        "keep each `host` requirement equal to the one in `dependencies`: "
+        + ", ".join(sorted(set(host) - set(project["dependencies"]))))
+    assert not {_name(r) for r in host} & set(CONTROLLER_ONLY)

@@ -148,7 +148,7 @@ def _host_target(spec: StackSpec, stack_dir: Path, node: Node, desired: Desired,
         node=node.name, prefix=node.prefix, facts=node.facts, probed=node.probed,
         drivers=drivers, runtimes=installs, runtime_uploads=uploads,
         bundle=bundle.tarball, bundle_version=bundle.version,
-        wheel_name=bundle.requirement,
+        wheel_name=bundle.wheel_name,
         agent_toml=render_agent_toml(spec, node.name,
                                      agent_listen(spec, node.name, node.facts),
                                      node.prefix),
@@ -156,6 +156,23 @@ def _host_target(spec: StackSpec, stack_dir: Path, node: Node, desired: Desired,
         agent_service=agent_service(spec, node.prefix, node.manager),
         router_service=router, models=models, stack_record=own_record(spec, node.name),
     )
+
+
+def _bundles(spec: StackSpec, nodes: list[Node],
+             ) -> dict[BundleTarget | None, AgentBundle | StackError]:
+    """The agent bundle of each host target among `nodes` (python3, OS, arch, libc), or
+    why it cannot be built (naming the hosts of that target)."""
+    extras = agent_extras(spec)
+    hosts: dict[BundleTarget | None, list[str]] = {}
+    for node in nodes:
+        hosts.setdefault(bundle_target(node.facts), []).append(node.name)
+    out: dict[BundleTarget | None, AgentBundle | StackError] = {}
+    for target, names in hosts.items():
+        try:
+            out[target] = agent_bundle(extras=extras, target=target, hosts=tuple(names))
+        except StackError as err:
+            out[target] = err
+    return out
 
 
 def host_targets(
@@ -166,11 +183,14 @@ def host_targets(
     target cannot be made (or does not fit its disk) is reported and left out."""
     from stack.secrets import stack_secret
 
-    bundle = agent_bundle(extras=agent_extras(spec))
+    bundles = _bundles(spec, nodes)
     secret = stack_secret(stack_dir)
     targets: dict[str, HostTarget] = {}
     for node in nodes:
         try:
+            bundle = bundles[bundle_target(node.facts)]
+            if isinstance(bundle, StackError):
+                raise bundle
             target = _host_target(spec, stack_dir, node, desired, bundle, secret)
             check_disk(node.name, node.prefix, node.facts, target)
         except StackError as err:

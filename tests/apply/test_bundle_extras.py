@@ -26,15 +26,18 @@ def test_modelscope_is_an_extra_of_the_bundle_only_when_a_model_has_a_modelscope
     assert [d for d in deps if d.startswith("modelscope")] == ["modelscope>=1.9,<2"]
     assert not [d for d in _dependencies(ROOT) if d.startswith("modelscope")]
     assert [d for d in _dependencies(ROOT) if d.startswith("huggingface-hub")]
+    assert not [d for d in _dependencies(ROOT) if d.startswith(("pyinfra", "gevent", "rich"))]
 
     bundle = AgentBundle(tmp_path / "bundle.tar", "v", "modelstack-0.1.0-py3-none-any.whl",
                          ("modelscope",))
     target = HostTarget(
         node="gpu-01", prefix="/opt/stack", facts=NodeFacts(), probed=HostState(),
         drivers=[], runtimes=[], runtime_uploads={},
-        bundle=bundle.tarball, bundle_version="v", wheel_name=bundle.requirement,
+        bundle=bundle.tarball, bundle_version="v", wheel_name=bundle.wheel_name,
         agent_toml="", agent_token="", models=[],
         agent_service=Service("agent", "s", "/opt/stack", ("a",)), router_service=None)
     script = agent_install_step(target).commands[-1]
-    assert "--find-links wheels 'wheels/modelstack-0.1.0-py3-none-any.whl[modelscope]'" \
-        in script
+    # the bundle's requirements.txt lists the extras' requirements; the wheel goes alone
+    assert "--no-index --find-links wheels -r wheels/requirements.txt" in script
+    assert "--no-index --no-deps --force-reinstall " \
+        "wheels/modelstack-0.1.0-py3-none-any.whl" in script

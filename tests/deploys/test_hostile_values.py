@@ -210,7 +210,7 @@ def _render(spec: StackSpec, text: str, sandbox: Path, monkeypatch: pytest.Monke
     plan = make_plan(spec, text.encode(), facts, stack_dir)
     render_plan(plan)
     bundle = AgentBundle(sandbox / "bundle.tar", "0.1.0+test", "modelstack-0.1.0-py3-none-any.whl")
-    monkeypatch.setattr("stack.apply.targets.agent_bundle", lambda extras=(): bundle)
+    monkeypatch.setattr("stack.apply.targets.agent_bundle", lambda **_: bundle)
     desired = desired_state(spec, stack_dir, plan)
     out = Rendered([], {}, [])
     info = lock.LockInfo("lock-1", "ops@ci", "2026-01-01T00:00:00Z", 1)

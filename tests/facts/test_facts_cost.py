@@ -28,7 +28,7 @@ H100 = "nvidia/query-gpu-allfields_csv_h100-80gb-hbm3_590.48.01_linux.csv"
 # every command facts.sh may start (those missing on this machine are left out)
 COMMANDS = ("uname", "nproc", "getconf", "sysctl", "sw_vers", "df", "id", "tr", "sed", "head",
             "awk", "dirname", "basename", "cat", "timeout", "base64", "od", "mktemp", "rm",
-            "mkdir", "modinfo", "mokutil", "needs-restarting", "sudo")
+            "mkdir", "modinfo", "mokutil", "needs-restarting", "sudo", "python3")
 # run only where the tool exists (none of them on a host without accelerators' tools)
 PROBES = {"modinfo", "mokutil", "needs-restarting", "sudo"}
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
@@ -68,14 +68,14 @@ def _calls(log: Path) -> list[str]:
     return [c for c in log.read_text().split() if c not in PROBES] if log.exists() else []
 
 
-def test_a_host_without_accelerator_tools_costs_four_processes(tmp_path: Path) -> None:
+def test_a_host_without_accelerator_tools_costs_five_processes(tmp_path: Path) -> None:
     env, log = _host(tmp_path, ["llama.cpp/b6700", "vllm/0.11.0"], nvidia=False)
     done = subprocess.run(["/bin/sh", str(SCRIPT)], env=env, capture_output=True, text=True,
                           check=True)
     facts = json.loads(done.stdout)
     assert facts["runtimes"] == ["llama.cpp/b6700", "vllm/0.11.0"]
     assert facts["pci"] == ["0x10de:0x030200"] and facts["agent_version"] == "0.1.0"
-    assert sorted(_calls(log)) == ["df", "id", "nproc", "uname"]
+    assert sorted(_calls(log)) == ["df", "id", "nproc", "python3", "uname"]
 
 
 def test_a_vendor_tool_adds_itself_its_timeout_and_the_encoder(tmp_path: Path) -> None:
@@ -83,7 +83,8 @@ def test_a_vendor_tool_adds_itself_its_timeout_and_the_encoder(tmp_path: Path) -
     done = subprocess.run(["/bin/sh", str(SCRIPT)], env=env, capture_output=True, text=True,
                           check=True)
     assert json.loads(done.stdout)["tools"]["nvidia-smi"]["rc"] == 0
-    assert sorted(_calls(log)) == ["base64", "df", "id", "nproc", "timeout", "tr", "uname"]
+    assert sorted(_calls(log)) == ["base64", "df", "id", "nproc", "python3", "timeout", "tr",
+                                   "uname"]
 
 
 def test_only_a_value_that_needs_escaping_costs_tr_and_sed(tmp_path: Path) -> None:
@@ -91,7 +92,7 @@ def test_only_a_value_that_needs_escaping_costs_tr_and_sed(tmp_path: Path) -> No
     done = subprocess.run(["/bin/sh", str(SCRIPT)], env=env, capture_output=True, text=True,
                           check=True)
     assert json.loads(done.stdout)["runtimes"] == ["plain/1", 'we"ird/1\\2']
-    assert sorted(_calls(log)) == ["df", "id", "nproc", "sed", "tr", "uname"]
+    assert sorted(_calls(log)) == ["df", "id", "nproc", "python3", "sed", "tr", "uname"]
 
 
 def _agent(prefix: Path, status: dict[str, object], live: bool) -> subprocess.Popen[bytes]:
@@ -137,8 +138,8 @@ def test_a_running_agents_status_is_its_status_file_and_a_stopped_one_is_asked(
     if live:  # cat and the encoder instead of a Python start
         assert agent.running and [i.id for i in agent.instances] == ["m-0"]
         assert calls.count("stack-agent") == 1  # the one `run` started above
-        assert sorted(calls) == ["base64", "cat", "df", "id", "nproc", "stack-agent",
-                                 "timeout", "tr", "uname"]
+        assert sorted(calls) == ["base64", "cat", "df", "id", "nproc", "python3",
+                                 "stack-agent", "timeout", "tr", "uname"]
     else:  # the pid is gone: `stack-agent status --json` says what is left
         assert not agent.running and agent.instances == []
         assert calls.count("stack-agent") == 2
@@ -210,4 +211,4 @@ def test_the_ascend_nic_addresses_of_hccn_conf_are_read_without_a_process(
                           check=True)
     sent = json.loads(done.stdout)["hccn_conf"]
     assert sent.split() == [f"address_{n}=192.168.10{n % 4}.10{1 - n // 4}" for n in range(8)]
-    assert sorted(_calls(log)) == ["df", "id", "nproc", "uname"]
+    assert sorted(_calls(log)) == ["df", "id", "nproc", "python3", "uname"]
