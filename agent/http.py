@@ -74,7 +74,7 @@ def agent_protocol(max_connections: int, request_timeout: float,
             if self.conn.their_state is h11.IDLE and self.head is not None:
                 self.head = (self.head + data)[:max_head + 4]
                 end = self.head.find(b"\r\n\r\n")
-                if end < 0 and len(self.head) > max_head or end > max_head:
+                if (end < 0 and len(self.head) > max_head) or end > max_head:
                     self.send_400_response("request head too large")
                     return
                 if end >= 0:
