@@ -132,6 +132,12 @@ class Plan:
         return bool(self.changes)
 
     def to_json(self) -> dict[str, Any]:
+        from stack.pipeline import gc_paused  # (stack.pipeline imports this module)
+
+        with gc_paused():  # 10,000 nodes: millions of new objects (docs/benchmarks/plan.md)
+            return self._json()
+
+    def _json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "format_version": self.format_version,
             "stack_sha256": self.stack_sha256,
