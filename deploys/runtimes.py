@@ -150,20 +150,31 @@ def _pip(install: RuntimeInstall) -> list[str]:
     spec = install.spec
     version = install.version
     requirement = (spec.package or f"{install.name}=={{version}}").replace("{version}", version)
-    more = [r.replace("{version}", version) for r in spec.requirements]
+    first = [r.replace("{version}", version) for r in spec.from_extra_index]
+    # what comes from the extra index alone is named again, so its dependencies come too
+    more = first + [r.replace("{version}", version) for r in spec.requirements]
     index = f" --index-url {q(spec.index_url)}" if spec.index_url else ""
+    extra = ""
     if spec.extra_index_url:
-        index += f" --extra-index-url {q(spec.extra_index_url.replace('{version}', version))}"
-    pip = f"{_env_prefix(install)}{q(dest)}/bin/python -m pip install --quiet{index}"
+        extra = f" --extra-index-url {q(spec.extra_index_url.replace('{version}', version))}"
+    head = f"{_env_prefix(install)}{q(dest)}/bin/python -m pip install --quiet{index}"
+    # `from_extra_index`: the extra index is searched for those requirements only
+    pip = head if first else head + extra
+    installs = [f"{head}{extra} --no-deps {' '.join(q(r) for r in first)}"] if first else []
     if spec.no_deps:  # its dependencies first, then the package alone
-        installs = ([f"{pip} {' '.join(q(r) for r in more)}"] if more else []) + \
+        installs += ([f"{pip} {' '.join(q(r) for r in more)}"] if more else []) + \
             [f"{pip} --no-deps {q(requirement)}"]
     else:
-        installs = [f"{pip} {' '.join(q(r) for r in [requirement, *more])}"]
+        installs += [f"{pip} {' '.join(q(r) for r in [requirement, *more])}"]
+    # the patterns are plain names and `*` (stack.spec.SITE_PATH_PATTERN): left unquoted
+    site = f"{q(dest)}/lib/python3*/site-packages"
+    removes = [f"rm -rf {' '.join(f'{site}/{p}' for p in spec.remove_files)}"] \
+        if spec.remove_files else []
     return [
         f"mkdir -p {q(dest)}",
         f"{q(spec.python or 'python3')} -m venv {q(dest)}",
         *installs,
+        *removes,
     ]
 
 

@@ -45,6 +45,9 @@ _FOLDER = r"\.?[A-Za-z0-9_+@-][A-Za-z0-9._+@-]*"  # one folder name, never `.` o
 PREFIX_PATTERN = rf"^(/{_FOLDER})+/?$"
 HOST_PATH_PATTERN = r"^(/\.?[A-Za-z0-9_+@{}-][A-Za-z0-9._+@{}-]*)+/?$"
 SUBDIR_PATTERN = rf"^{_FOLDER}(/{_FOLDER})*/?$"
+# files in a venv's site-packages: plain names and `*`, never `.`, `..` or absolute
+_SITE_PART = r"[A-Za-z0-9_*][A-Za-z0-9_.*+-]*"
+SITE_PATH_PATTERN = rf"^{_SITE_PART}(/{_SITE_PART})*$"
 VERSION_PATTERN = r"^[A-Za-z0-9]+([._+-][A-Za-z0-9]+)*$"
 DRIVER_VERSION_PATTERN = r"^[A-Za-z0-9]+([._-][A-Za-z0-9]+)*$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -82,6 +85,10 @@ RULES: dict[str, tuple[str, str]] = {  # pattern -> (what the value must be, hin
     SUBDIR_PATTERN: (
         "a folder inside the archive (a relative path of plain folder names; no `..`)",
         'e.g. `subdir = "vendor/llama.cpp"`.'),
+    SITE_PATH_PATTERN: (
+        "files in the venv's site-packages: a relative path of plain names and `*` "
+        "(letters, digits, `_.+-*`); no `..`, not absolute",
+        'e.g. `remove_files = ["torchaudio/lib/*.so"]`.'),
     VERSION_PATTERN: (
         "a version of letters and digits separated by `.`, `_`, `+` or `-`",
         'e.g. `"0.11.0"`; each version is a folder on the hosts, '
@@ -135,6 +142,7 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=64)]
 Prefix = Annotated[str, StringConstraints(pattern=PREFIX_PATTERN, max_length=200)]
 HostPath = Annotated[str, StringConstraints(pattern=HOST_PATH_PATTERN, max_length=500)]
 Subdir = Annotated[str, StringConstraints(pattern=SUBDIR_PATTERN, max_length=500)]
+SitePath = Annotated[str, StringConstraints(pattern=SITE_PATH_PATTERN, max_length=300)]
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN, max_length=64)]
 DriverVersion = Annotated[str, StringConstraints(pattern=DRIVER_VERSION_PATTERN, max_length=32)]
 Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
@@ -341,6 +349,13 @@ class RuntimeSpec(_Strict):
     index_url: IndexUrl | None = Field(None, description="pip: package index URL.")
     extra_index_url: IndexUrl | None = Field(
         None, description="pip: an index searched besides PyPI, `{version}` replaced.")
+    from_extra_index: list[Package] = Field(
+        default_factory=list, max_length=20,
+        description="pip: requirements taken from `extra_index_url`: installed first, "
+        "without their dependencies, in a pip call of their own, then named again with "
+        "`requirements` (their dependencies come from the other indexes); the other pip "
+        "calls do not search that index (pip cannot limit an index to some projects), e.g. "
+        "`torch==2.13.0` from PyTorch's CPU index.")
     requirements: list[Package] = Field(
         default_factory=list, max_length=100,
         description="pip: more requirements installed with `package` (`{version}` "
@@ -348,6 +363,11 @@ class RuntimeSpec(_Strict):
     no_deps: bool = Field(
         False, description="pip: install `package` without its dependencies, after "
         "`requirements` (for packages whose own pins do not resolve).")
+    remove_files: list[SitePath] = Field(
+        default_factory=list, max_length=20,
+        description="pip: files removed from the venv's site-packages after the install "
+        "(patterns relative to it), e.g. `torchaudio/lib/*.so`: a native part that cannot "
+        "load on the host and that the library imports without.")
     python: Interpreter | None = Field(
         None, description="pip: the interpreter that makes the venv, e.g. `python3.12` "
         "when the wheels exist for that version only; default `python3`.")

@@ -32,6 +32,7 @@ from stack.spec import (
     Package,
     Requirement,
     RuntimeSpec,
+    SitePath,
     StackSpec,
     VendorName,
     Version,
@@ -49,6 +50,8 @@ class Variant(_Strict):
     default: Version | None = None
     package: Package | None = None
     extra_index_url: IndexUrl | None = None
+    from_extra_index: list[Package] = Field(default_factory=list)
+    remove_files: list[SitePath] = Field(default_factory=list)
     python: Interpreter | None = None
     requirements: list[Package] = Field(default_factory=list)
     cmake_args: list[str] = Field(default_factory=list)

@@ -165,3 +165,13 @@ def test_install_and_removal_scripts_delete_only_below_the_runtime_folder(path: 
     assert deleted
     for target in deleted:
         assert posixpath.normpath(target).startswith(runtimes + install.name + "/"), target
+
+
+@pytest.mark.parametrize("pattern", ["../x", "/etc/passwd", "a/../../b", ".", "a/./b",
+                                     "a b", "a;rm", "$(x)", "a/", ""])
+def test_remove_files_are_plain_names_in_site_packages(pattern: str) -> None:
+    """`remove_files` is left unquoted in the script (for its `*`): nothing else passes."""
+    with pytest.raises(ValueError):
+        RuntimeSpec(versions=["1"], source="pip", remove_files=[pattern])
+    assert RuntimeSpec(versions=["1"], source="pip",
+                       remove_files=["torchaudio/lib/*.so"]).remove_files
