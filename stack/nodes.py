@@ -11,16 +11,19 @@ if TYPE_CHECKING:
 
 def node_settings(spec: StackSpec, node: str) -> NodeSpec:
     """The `[nodes."PATTERN"]` settings of a node (merged by `stack.config`), computed once
-    per loaded stack.toml and set of matching patterns: a fleet of thousands of nodes has a
-    handful of them."""
+    per loaded stack.toml and set of matching patterns (a fleet of thousands of nodes has a
+    handful of them), and looked up by the node's name after its first time."""
     from stack.config import node_settings as merged
 
-    key = (tuple(p for p in spec.nodes if fnmatchcase(node, p)),
-           node if node in spec.hosts else None)
     cache = spec._node_settings
-    if key not in cache:
-        cache[key] = merged(spec, node)
-    return cache[key]
+    found = cache.get((node,))  # by name: planning asks for each node many times
+    if found is None:
+        key = (tuple(p for p in spec.nodes if fnmatchcase(node, p)),
+               node if node in spec.hosts else None)
+        if key not in cache:
+            cache[key] = merged(spec, node)
+        found = cache[(node,)] = cache[key]
+    return found
 
 
 def node_prefix(spec: StackSpec, node: str) -> str:

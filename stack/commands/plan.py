@@ -13,7 +13,6 @@ or the facts have changed. Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -46,9 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hostkeys.add_trust_flag(parser)
 
 
+def plan_json(data: dict[str, Any]) -> bytes:
+    """The plan as indented JSON: orjson, as `json.dumps(indent=2)` encodes in Python
+    (several seconds for a 10,000-node plan) and orjson in C."""
+    import orjson
+
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n"
+
+
 def _write(path: Path, data: dict[str, Any]) -> None:
     try:
-        path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        path.write_bytes(plan_json(data))
     except OSError as exc:
         raise ConfigError(f"`--out {path}` cannot be written: {exc}",
                           hint="check that its folder exists and is writable.") from exc
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         _write(Path(args.out), result.to_json())
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(plan_json(result.to_json()).decode(), end="")
     else:
         print_plan(result, sys.stdout)
         if args.out:
