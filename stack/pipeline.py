@@ -112,17 +112,19 @@ def make_plan(spec: StackSpec, stack_bytes: bytes, observed: Observed, stack_dir
 
     if spec.stack.inventory:  # inline hosts are checked when stack.toml is loaded
         check_pins_against(spec, list(observed.nodes), stack_bytes.decode("utf-8", "replace"))
-    digests = controller_env_digests(spec, stack_bytes, stack_dir)
+    digests = controller_env_digests(spec, stack_bytes, stack_dir, observed)
     with gc_paused():
         evaluated = evaluate_models(spec, stack_dir)
     return plan_evaluated(spec, stack_bytes, observed, evaluated, stack_dir,
                           agent_version(spec), digests)
 
 
-def controller_env_digests(spec: StackSpec, stack_bytes: bytes, stack_dir: Path
-                           ) -> dict[str, str]:
+def controller_env_digests(spec: StackSpec, stack_bytes: bytes, stack_dir: Path,
+                           observed: Observed | None = None) -> dict[str, str]:
     """The digests of the `env` values stack.toml takes from the controller's environment
-    (`stack.env`), keyed by the stack secret; a located error when one is not set."""
+    (`stack.env`), keyed by the stack secret; a located error when one is not set, and
+    an error when the fleet runs instances but this controller has no stack secret (a new
+    one would make every such replica look replaced)."""
     from stack.env import env_digests, env_problems, references
 
     if not references(spec):
@@ -130,8 +132,19 @@ def controller_env_digests(spec: StackSpec, stack_bytes: bytes, stack_dir: Path
     problems = env_problems(spec, os.environ, stack_bytes.decode("utf-8", "replace"))
     if problems:
         raise problems[0]
-    from stack.secrets import stack_secret
+    from stack.secrets import SECRET_ENV, SECRET_FILE, stack_secret
 
+    running = observed is not None and any(n.agent.instances
+                                               for n in observed.nodes.values())
+    if running and not os.environ.get(SECRET_ENV) and not (stack_dir / SECRET_FILE).exists():
+        # a new secret would give other digests than apply's: every replica with a
+        # `from_env` value would show as replaced, wrongly
+        raise ConfigError(
+            "stack.toml takes `env` values from the controller's environment "
+            f"(`from_env`), and there is no stack secret (`${SECRET_ENV}` or "
+            f"`{SECRET_FILE}`) to compare them with what runs without showing them",
+            hint=f"set `{SECRET_ENV}` to the stack secret `stack apply` uses (in CI: the same "
+            "repository secret as the apply job).")
     return env_digests(spec, os.environ, stack_secret(stack_dir))
 
 

@@ -128,3 +128,28 @@ def test_a_from_env_variable_that_is_not_set_is_a_located_error_with_a_hint(
     digests = controller_env_digests(spec, text, tmp_path)
     assert sorted(digests) == ["LAB_HF_TOKEN", "LAB_PROXY_PASSWORD"]
     assert not any(v in json.dumps(digests) for v in FIRST.values())
+
+
+def test_a_fleet_that_runs_instances_is_not_planned_with_a_new_secret(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In CI without `$STACK_SECRET`, a new secret would give other digests than the
+    apply's and every replica would look replaced: the plan refuses instead."""
+    spec, text = load_stack(STACK)
+    monkeypatch.delenv("STACK_SECRET", raising=False)
+    for name, value in FIRST.items():
+        monkeypatch.setenv(name, value)
+    running = load_facts({"nodes": {"cpu-01": {
+        **FACTS["nodes"]["cpu-01"],
+        "agent": {"version": "0.1.0", "running": True,
+                  "instances": [{"id": "gemma-0", "model": "gemma", "backend": "llama.cpp",
+                                 "port": 40000, "state": "ready"}]}}}})
+    with pytest.raises(ConfigError) as refused:
+        controller_env_digests(spec, text, tmp_path, running)
+    assert "no stack secret" in refused.value.message
+    assert "STACK_SECRET" in refused.value.hint
+    assert not (tmp_path / ".stack").exists()  # and none was made
+    # a fleet that runs nothing yet: the first plan makes the secret, as apply would
+    assert controller_env_digests(spec, text, tmp_path, load_facts(FACTS))
+    assert (tmp_path / ".stack" / "secret").exists()
+    monkeypatch.setenv("STACK_SECRET", "x" * 32)
+    assert controller_env_digests(spec, text, tmp_path, running)
