@@ -8,11 +8,9 @@ metadata is wrong or unknown right now), `Placements`, assignments, `Plan`.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,28 +18,10 @@ from pydantic import ValidationError
 
 from stack.errors import ConfigError, MetadataUnavailable, Problem, StackError
 from stack.estimate.types import Evaluation
+from stack.gcpause import gc_paused
 from stack.plan import Plan
 from stack.snapshot import Observed
 from stack.spec import StackSpec
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off while planning, back as it was afterwards.
-
-    Planning a large fleet allocates millions of short-lived objects beside the facts'
-    hundreds of thousands of long-lived ones; each collection of the oldest generation
-    walks them all (about a third of a 10,000-node plan's CPU time, docs/benchmarks/plan.md).
-    Nothing the pipeline builds relies on the collector: its objects are freed by
-    reference counting, and the few cycles (none expected) wait for the next collection.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def agent_version(spec: StackSpec | None = None) -> str:

@@ -132,7 +132,7 @@ class Plan:
         return bool(self.changes)
 
     def to_json(self) -> dict[str, Any]:
-        from stack.pipeline import gc_paused  # (stack.pipeline imports this module)
+        from stack.gcpause import gc_paused
 
         with gc_paused():  # 10,000 nodes: millions of new objects (docs/benchmarks/plan.md)
             return self._json()
