@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from deploys.runtimes import RuntimeInstall, install_script
-from stack.catalog import Recipe, catalogue, default_version, listed_folders, parse_folder, recipe
+from stack.catalog import (
+    Recipe,
+    catalogue,
+    default_version,
+    listed_folders,
+    parse_folder,
+    prebuilt_on_controller,
+    recipe,
+)
 from stack.config import load_text
 from stack.estimate.compat import SUPPORT
 from stack.schedule.runtimes import choose_runtime, runtime_refusal
@@ -100,18 +108,54 @@ def test_a_runtimes_table_with_source_is_one_recipe_everywhere() -> None:
     assert parse_folder(spec, "vllm", "0.11.0-cuda") == ("0.11.0-cuda", "")
 
 
-def test_the_cpu_llama_cpp_recipe_is_the_build_the_setup_script_makes() -> None:
+@pytest.mark.parametrize(("name", "version", "script", "version_var"), [
+    ("llama.cpp", "0.3.36", "setup-llama-cpp", "LLAMA_CPP_PYTHON_VERSION"),
+    ("stable-diffusion.cpp", "0.4.7", "setup-sd-cpp", "SD_CPP_PYTHON_VERSION"),
+])
+def test_the_cpu_recipe_is_the_build_the_setup_script_makes(
+    name: str, version: str, script: str, version_var: str,
+) -> None:
     """So an apply of the default stack uploads the machine's own build (the suite's,
-    the quickstart's) instead of building for 8 minutes on the host."""
-    from stack.wheelhouse import SETUP_LLAMA_CPP_ARGS, SETUP_LLAMA_CPP_TARGETS
+    the quickstart's) instead of building for 8 minutes on the host: the script's cmake
+    args, targets, sdist and folder are the CPU recipe's (`stack.wheelhouse.SETUP_BUILDS`)."""
+    from stack.wheelhouse import SETUP_BUILDS
 
-    found = recipe(load_text(TWO_LINES), "llama.cpp", "0.3.36", "cpu")
+    found = recipe(load_text(TWO_LINES), name, version, "cpu")
     assert isinstance(found, Recipe)
-    assert tuple(found.spec.cmake_args) == SETUP_LLAMA_CPP_ARGS
-    assert tuple(found.spec.targets) == SETUP_LLAMA_CPP_TARGETS
-    script = (Path(__file__).parents[2] / "scripts" / "setup-llama-cpp").read_text()
-    flat = " ".join(script.replace("\\\n", " ").split())
-    assert " ".join(SETUP_LLAMA_CPP_ARGS) in flat
-    assert "--target " + " ".join(SETUP_LLAMA_CPP_TARGETS) in flat
-    assert 'version="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"' in script
-    assert catalogue()["llama.cpp"].default == "0.3.36"
+    [build] = [b for b in SETUP_BUILDS if b.folder == name]
+    assert found.spec.package is not None
+    dist = found.spec.package.split("==", 1)[0].replace("-", "_")
+    assert build.sdist == f"{dist}-"
+    assert (found.spec.subdir, tuple(found.spec.cmake_args), tuple(found.spec.targets)) == (
+        build.subdir, build.args, build.targets)
+    text = (Path(__file__).parents[2] / "scripts" / script).read_text()
+    flat = " ".join(text.replace("\\\n", " ").split())
+    assert " ".join(build.args) in flat
+    assert "--target " + " ".join(build.targets) in flat
+    assert f'version="${{{version_var}:-{version}}}"' in text
+    assert f'/{build.subdir}"' in text and f'dest="$cache/{name}/$version"' in text
+    assert catalogue()[name].default == version
+    digest = found.spec.sha256.get(version)
+    assert digest is None or f'"{digest}"' in text  # a pinned sdist is checked by the script
+
+
+@pytest.mark.parametrize(("name", "version"), [("llama.cpp", "0.3.36"),
+                                               ("stable-diffusion.cpp", "0.4.7")])
+def test_the_setup_scripts_build_is_the_cpu_recipes_prebuilt_build_only(
+    name: str, version: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A finished `scripts/setup-*` build in the cache (`CACHE/NAME/VERSION/bin`,
+    `.complete`) is what apply uploads for the CPU recipe on a host of this OS and arch;
+    never for a GPU variant (other cmake args), another OS or arch, or an unfinished build."""
+    from stack.wheelhouse import platform_tag
+
+    monkeypatch.setenv("MODELSTACK_CACHE", str(tmp_path))
+    spec = load_text(TWO_LINES)
+    cpu, gpu = recipe(spec, name, version, "cpu"), recipe(spec, name, version, "nvidia")
+    assert isinstance(cpu, Recipe) and isinstance(gpu, Recipe)
+    (tmp_path / name / version / "bin").mkdir(parents=True)
+    assert not prebuilt_on_controller(cpu, platform_tag())  # no `.complete` yet
+    (tmp_path / name / version / ".complete").touch()
+    assert prebuilt_on_controller(cpu, platform_tag())
+    assert not prebuilt_on_controller(cpu, "plan9-mips")
+    assert not prebuilt_on_controller(gpu, platform_tag())
