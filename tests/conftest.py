@@ -1,7 +1,9 @@
-"""Shared fixtures: the real llama.cpp binaries and the real test model.
+"""Shared fixtures: the real llama.cpp and stable-diffusion.cpp binaries and the real
+test model.
 
-`scripts/test` builds and exports them (STACK_LLAMA_BIN, STACK_TEST_MODEL); when a test
-is run by hand without them, the same scripts are called (they are cached per machine).
+`scripts/test` builds and exports them (STACK_LLAMA_BIN, STACK_SD_BIN, STACK_TEST_MODEL);
+when a test is run by hand without them, the same scripts are called (they are cached per
+machine), except the stable-diffusion.cpp build, whose tests are skipped then outside CI.
 """
 
 from __future__ import annotations
@@ -39,3 +41,15 @@ def llama_bin() -> Path:
 def gguf_model() -> Path:
     """The Gemma 3 270M Q4_K_M GGUF file (253 MB)."""
     return _from_script("STACK_TEST_MODEL", "setup-model")
+
+
+@pytest.fixture(scope="session")
+def sd_bin() -> Path:
+    """Folder holding stable-diffusion.cpp's `sd-server` and `sd-cli` (the catalogue's CPU
+    recipe, built by `scripts/setup-sd-cpp`). Without STACK_SD_BIN a run by hand skips
+    (the first build takes about 8 minutes); in CI (`CI=true`) the script builds it, as
+    for llama.cpp, and the tests never skip."""
+    if not os.environ.get("STACK_SD_BIN") and os.environ.get("CI") != "true":
+        pytest.skip("STACK_SD_BIN is unset: scripts/test sets it (or export "
+                    "STACK_SD_BIN=$(scripts/setup-sd-cpp))")
+    return _from_script("STACK_SD_BIN", "setup-sd-cpp")

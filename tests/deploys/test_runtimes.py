@@ -1,18 +1,24 @@
 """Runtime installs: the exact script per case (`runtimes/*.json`), and the scripts run
-for real in a temporary prefix (archive, prebuilt, system, interrupted install)."""
+for real in a temporary prefix (archive, prebuilt, system, interrupted install; the
+catalogue's stable-diffusion.cpp CPU recipe from its real build)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import posixpath
 import shlex
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from agent.assignment import Instance
+from agent.commands import Context, build_launch
 from deploys.runtimes import (
     MARKER,
     RuntimeInstall,
@@ -21,7 +27,11 @@ from deploys.runtimes import (
     runtime_path,
     unused_versions,
 )
+from stack.apply.targets import runtime_install
+from stack.catalog import Recipe, prebuilt_on_controller, recipe
+from stack.config import load_text
 from stack.errors import ConfigError
+from stack.snapshot import NodeFacts
 from stack.spec import RuntimeSpec
 
 CASES = sorted((Path(__file__).parent / "runtimes").glob("*.json"))
@@ -97,6 +107,52 @@ def test_an_unmarked_leftover_is_replaced(tmp_path: Path) -> None:
     assert _sh(install_script(install)).returncode == 0
     assert not (Path(install.path) / "half-written").exists()
     assert (Path(install.path) / "bin" / "llama-server").exists()
+
+
+def test_the_cpu_stable_diffusion_cpp_recipe_installs_its_real_build_and_sd_server_runs(
+    tmp_path: Path, sd_bin: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The catalogue's CPU recipe for real: `scripts/setup-sd-cpp` built it with the
+    recipe's cmake args and targets (tests/catalog checks they are the same), apply takes
+    that build as the controller's prebuilt one (`runtime_install`, as for a host of this
+    OS and arch), the recipe's install script puts it in
+    PREFIX/runtimes/stable-diffusion.cpp/0.4.7-cpu, and the agent's sd-server command line
+    (tests/agent/commands/stable_diffusion_cpp.json) parses: sd-server reads its options in
+    order and stops at `--help` with 0 only when every one before it is known."""
+    monkeypatch.setenv("MODELSTACK_CACHE", str(sd_bin.parents[2]))  # CACHE/NAME/VERSION/bin
+    spec = load_text('[stack]\nname = "lab"\n\n[models.sd]\nsource = "/m/sd.gguf"\n'
+                     'backend = "stable-diffusion.cpp"\n')
+    found = recipe(spec, "stable-diffusion.cpp", "0.4.7", "cpu")
+    assert isinstance(found, Recipe)
+    facts = NodeFacts(os=platform.system().lower(), arch=platform.machine())
+    assert prebuilt_on_controller(found, f"{facts.os}-{facts.arch}")  # what the plan says
+    prefix = tmp_path / "p"
+    install, local = runtime_install(tmp_path, found, str(prefix), facts)
+    assert install.prebuilt and local == sd_bin.parent / "bin.tar.gz"
+    assert install.upload is not None
+    Path(install.upload).parent.mkdir(parents=True)
+    shutil.copy(local, install.upload)  # what apply's upload does
+    result = subprocess.run(["sh", "-c", install_script(install)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert install.path == f"{prefix}/runtimes/stable-diffusion.cpp/0.4.7-cpu"
+    assert (Path(install.path) / MARKER).exists()
+    for binary in ("sd-server", "sd-cli"):
+        assert os.access(Path(install.path) / "bin" / binary, os.X_OK)
+
+    case = json.loads((Path(__file__).parents[1] / "agent" / "commands" /
+                       "stable_diffusion_cpp.json").read_text())
+    inst = Instance.model_validate({**case["instance"], "runtime_path": install.path})
+    launch = build_launch(inst, Context(case["model_path"], str(tmp_path / "instances")))
+    assert launch.argv[0] == f"{install.path}/bin/sd-server"
+    ran = subprocess.run([*launch.argv, "--help"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, **launch.env})
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    for option in ("--listen-ip", "--listen-port", "--model", "--steps"):
+        assert option in ran.stdout
+    unknown = subprocess.run([*launch.argv, "--no-such-option", "--help"], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, **launch.env})
+    assert unknown.returncode != 0  # so the 0 above says every option was known
 
 
 def test_system_runtime_links_bin_after_checking_the_binary(tmp_path: Path) -> None:
