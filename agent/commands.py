@@ -284,7 +284,9 @@ def build_stable_diffusion_cpp(inst: Instance, ctx: Context) -> Launch:
             "--listen-port", str(inst.port), *inst.args]
     env = {"LD_LIBRARY_PATH": f"{inst.runtime_path}/bin:{inst.runtime_path}/lib",
            **device_env(inst)}
-    return Launch(argv, {**env, **inst.environment()}, _health(inst, Health("tcp")))
+    # sd-server serves no /health (404); /v1/models answers 200 once the model is loaded
+    return Launch(argv, {**env, **inst.environment()},
+                  _health(inst, Health("http", "/v1/models")))
 
 
 def build_mindie(inst: Instance, ctx: Context) -> Launch:

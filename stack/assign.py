@@ -30,7 +30,8 @@ from stack.snapshot import Observed
 from stack.spec import ModelSpec, StackSpec
 
 # health paths the router probes where a backend does not answer on /health
-HEALTH_PATHS = {"mindie": "/info"}
+# (stable-diffusion.cpp's sd-server 0.4.7 answers 404 on /health, 200 on /v1/models)
+HEALTH_PATHS = {"mindie": "/info", "stable-diffusion.cpp": "/v1/models"}
 # backends whose gpu_memory_utilization the scheduler's claim decides
 UTILIZATION_BACKENDS = ("vllm", "sglang")
 

@@ -183,3 +183,36 @@ def test_a_partial_offload_main_gets_ngl_for_the_layers_on_its_gpus() -> None:
     assert p.cpu_layers == 9 and p.split == (23,)
     (inst,) = build_assignments(spec, placements, facts, Path("/ctl"), None)["gpu-01"].instances
     assert inst.args == ["--jinja", "-ngl", "24"]
+
+
+def test_the_router_probes_sd_server_on_a_path_it_serves() -> None:
+    """sd-server 0.4.7 answers 404 on /health (the replica would be ejected and image
+    requests get 503); the router probes /v1/models, which it answers, unless the model
+    sets its own health_path."""
+    spec, _ = load_stack("""\
+[stack]
+name = "lab"
+prefix = "/srv/stack"
+
+[models.sd]
+source = "/data/models/sd1-tiny"
+kind = "image"
+backend = "stable-diffusion.cpp"
+
+[models.own]
+source = "/data/models/sd1-other"
+kind = "image"
+backend = "stable-diffusion.cpp"
+health_path = "/"
+""")
+    facts = load_facts({"nodes": {"gpu-01": {
+        "address": "10.0.0.21", "memory_bytes": 10**11, "disk_free_bytes": 10**13,
+        "gpus": {"model": "l40s", "count": 2}}}})
+    placements = schedule(spec, load_evaluations(
+        {name: {"weights": "1GiB", "kind": "image", "backends": ["stable-diffusion.cpp"],
+                "vendors": {"stable-diffusion.cpp": ["nvidia"]}}
+         for name in ("sd", "own")}), facts)
+    assignments = build_assignments(spec, placements, facts, Path("/ctl"), None)
+    config = build_router_config(spec, placements, assignments)
+    paths = {m.name: [r.health_path for r in m.replicas] for m in config.models}
+    assert paths == {"sd": ["/v1/models"], "own": ["/"]}
