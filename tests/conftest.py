@@ -53,3 +53,11 @@ def sd_bin() -> Path:
         pytest.skip("STACK_SD_BIN is unset: scripts/test sets it (or export "
                     "STACK_SD_BIN=$(scripts/setup-sd-cpp))")
     return _from_script("STACK_SD_BIN", "setup-sd-cpp")
+
+
+@pytest.fixture(scope="session")
+def sd_model() -> Path:
+    """The image-generation test model: a random-weight SD 1.x tiny UNet in the diffusers
+    layout (model_index.json; unet/, vae/, text_encoder/), written with numpy by
+    `scripts/setup-sd-model` into the per-machine cache (about 1 GB, ~9 s the first time)."""
+    return _from_script("STACK_SD_MODEL", "setup-sd-model")

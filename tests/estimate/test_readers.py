@@ -129,3 +129,28 @@ def test_empty_folder_is_a_source_error(tmp_path: Path) -> None:
         read_metadata(str(tmp_path), tmp_path)
     assert "holds neither config.json nor a GGUF file" in info.value.message
     assert "config.json is enough" in info.value.hint
+
+
+def test_diffusers_folder_is_an_image_model_for_stable_diffusion_cpp(sd_model: Path) -> None:
+    """The random-weight SD 1.x tiny UNet (model_index.json; unet/, vae/, text_encoder/):
+    kind image, every component's safetensors counted, served by stable-diffusion.cpp."""
+    from stack.estimate.evaluation import evaluate
+    from tests.schedule.cases_lib import load_stack
+
+    shapes = json.loads((Path(__file__).parents[1] / "fixtures" /
+                         "sd1-tiny-unet-shapes.json").read_text())
+    elements = sum(_prod(shape) for tensors in shapes.values() for _, shape in tensors.values())
+    meta = read_metadata(str(sd_model), sd_model.parent)
+    assert (meta.kind, meta.format) == ("image", "safetensors")
+    assert meta.architecture == "StableDiffusionPipeline"
+    assert meta.weights_bytes == 2 * elements  # all float16
+    spec, _ = load_stack(f'[stack]\nname = "lab"\n\n[models.sd]\nsource = "{sd_model}"\n')
+    evaluation = evaluate("sd", spec.models["sd"], meta)
+    assert (evaluation.kind, evaluation.backends) == ("image", ("stable-diffusion.cpp",))
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
