@@ -20,6 +20,7 @@ from stack.placement import (
 )
 from stack.schedule.fleet import (
     CPU_BACKENDS,
+    CPU_SINGLE_BACKENDS,
     Eligibility,
     Fleet,
     ModelState,
@@ -110,7 +111,7 @@ class SchedulerBase:
         if (m.spec.gpu.vendor and "cpu" not in m.spec.gpu.vendor) or m.spec.gpu.name \
                 or m.spec.gpu.min_memory or m.spec.gpu.min_compute_capability:
             cpu_reason = "the GPU selector rules out the CPU"
-        elif backend not in CPU_BACKENDS:
+        elif backend not in CPU_BACKENDS and backend not in CPU_SINGLE_BACKENDS:
             cpu_reason = f"{backend} does not run on the CPU"
         elif not node.settings.cpu_inference:
             cpu_reason = "CPU inference is off (`cpu_inference = false`)"

@@ -26,6 +26,8 @@ MAX_NODES_PER_REPLICA = 16
 Entry = tuple[float, int, int]
 # backends that may run on the CPU only (cpu_inference) and over RPC workers
 CPU_BACKENDS = ("llama.cpp",)
+# backends that may also run a replica on one node's CPU alone (no layer split, no RPC)
+CPU_SINGLE_BACKENDS = ("stable-diffusion.cpp",)
 
 
 def gpu_wired_limit(ram_bytes: int) -> int:

@@ -11,6 +11,7 @@ from stack.placement import (
 )
 from stack.schedule.fleet import (
     CPU_BACKENDS,
+    CPU_SINGLE_BACKENDS,
     MAX_NODES_PER_REPLICA,
     RAY_BACKENDS,
     TP_SIZES,
@@ -182,6 +183,8 @@ class FreshScheduler(StickyScheduler):
 
     def _place_on_cpu(self, m: ModelState, replica: int, backend: str,
                       classes: list[int]) -> Placement | None:
+        if backend in CPU_SINGLE_BACKENDS:
+            return self._place_single(m, replica, backend, classes, 0)
         if backend not in CPU_BACKENDS:
             return None
         return self._place_single(m, replica, backend, classes, 0) or \
