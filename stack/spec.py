@@ -312,7 +312,8 @@ class NodeSpec(_Strict):
     reserved_vram: Bytes = Field(0, description="VRAM per GPU kept free of models.")
     reserved_ram: Bytes = Field(0, description="RAM kept free of models.")
     cpu_inference: bool = Field(
-        False, description="Allow models to run on the CPU of these hosts (llama.cpp)."
+        False, description="Allow models to run on the CPU of these hosts (llama.cpp, "
+                           "stable-diffusion.cpp)."
     )
     address: Address | None = Field(
         None, description="Private address backends bind to; default: the SSH address."
