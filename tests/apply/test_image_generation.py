@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fleet import Fleet, run_stack, stack_session  # tests/ is on sys.path (tests/conftest.py)
 
@@ -100,3 +101,13 @@ def test_apply_serves_a_diffusers_folder_and_images_generate_returns_a_png(
     assert _png_size(png) == (64, 64)
     assert b"Steps: 2," in png and b"Seed: 42" in png  # sd-server's parameters text chunk
     print(f"apply {applied:.0f} s, images.generate {time.monotonic() - started - applied:.0f} s")
+
+    # the router's probes (every 5 s, ejected after 3 failures) keep the replica up: with
+    # /health, which sd-server answers 404, it was ejected after 15 s and requests got 503
+    time.sleep(17)
+    health = httpx.get(world["url"].removesuffix("/v1") + "/healthz", timeout=10).json()
+    assert health == {"status": "ok", "replicas_up": 1}, health
+    again = client.images.generate(model="sd", prompt=PROMPT, size="64x64",
+                                   response_format="b64_json")
+    assert again.data and again.data[0].b64_json
+    assert _png_size(base64.b64decode(again.data[0].b64_json)) == (64, 64)
