@@ -57,11 +57,17 @@ class RuntimeInstall:
     @property
     def folder(self) -> str:
         """The folder under `PREFIX/runtimes/NAME/`."""
-        return f"{self.version}-{self.variant}" if self.variant else self.version
+        return runtime_folder(self.version, self.variant)
 
     @property
     def path(self) -> str:
         return runtime_path(self.prefix, self.name, self.folder)
+
+
+def runtime_folder(version: str, variant: str) -> str:
+    """The folder of a runtime version: `VERSION`, or `VERSION-VARIANT` for a catalogue
+    recipe's accelerator variant (`0.3.36-cuda`)."""
+    return f"{version}-{variant}" if variant else version
 
 
 def runtime_path(prefix: str, name: str, version: str) -> str:

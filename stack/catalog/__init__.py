@@ -1,8 +1,6 @@
 """The runtime catalogue (`runtimes.toml` beside this file): a recipe per backend and
 accelerator, so a model needs no `[runtimes]` table.
 
-- `runtime_table(spec, name)`: the `[runtimes.NAME]` stack.toml has, else the catalogue's
-  entry for the backend `name` at its default version (what `choose_runtime` sees).
 - `recipe(spec, name, version, vendor)`: what one node installs for a runtime version whose
   replica uses `vendor` devices: the folder under `PREFIX/runtimes/NAME/` and the resolved
   recipe (a `RuntimeSpec` with `source` set), or why there is none.
@@ -24,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from deploys.runtimes import runtime_folder
 from stack.spec import (
     EnvName,
     EnvValue,
@@ -86,25 +85,13 @@ class Recipe:
 
     @property
     def folder(self) -> str:
-        return f"{self.version}-{self.variant}" if self.variant else self.version
+        return runtime_folder(self.version, self.variant)
 
 
 def from_catalogue(spec: StackSpec, name: str) -> bool:
     """True when the runtime `name` installs from the catalogue's recipes."""
     table = spec.runtimes.get(name)
     return name in catalogue() and (table is None or table.source is None)
-
-
-def runtime_table(spec: StackSpec, name: str) -> RuntimeSpec | None:
-    """`[runtimes.NAME]`, else the catalogue's entry for the backend `name` (its versions:
-    the default)."""
-    table = spec.runtimes.get(name)
-    if table is not None:
-        return table
-    entry = catalogue().get(name)
-    if entry is None:
-        return None
-    return RuntimeSpec.model_validate({"versions": [entry.default], "source": entry.source})
 
 
 def variant_for(name: str, vendor: str) -> tuple[str, Variant] | None:
@@ -136,7 +123,8 @@ def recipe(spec: StackSpec, name: str, version: str, vendor: str) -> Recipe | st
     found = variant_for(name, vendor)
     if found is None:
         return (f"the runtime catalogue has no {name} build for {vendor} devices "
-                f"(it has: {', '.join(sorted(entry.variants))})")
+                f"(it has {', '.join(sorted(entry.variants))}; a `[runtimes]` recipe with "
+                "`source` can add one)")
     variant, v = found
     return Recipe(name, version, variant, _merged(entry, v, spec.runtimes.get(name), version))
 
@@ -197,7 +185,7 @@ def listed_folders(spec: StackSpec) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, table in spec.runtimes.items():
         if from_catalogue(spec, name):
-            out[name] = [f"{v}-{variant}" for v in table.versions
+            out[name] = [runtime_folder(v, variant) for v in table.versions
                          for variant in catalogue()[name].variants]
         else:
             out[name] = list(table.versions)

@@ -22,7 +22,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from stack.catalog import Entry, Recipe, catalogue, from_catalogue, recipe, runtime_table
+from stack.catalog import (
+    Entry,
+    Recipe,
+    catalogue,
+    default_version,
+    from_catalogue,
+    recipe,
+)
 from stack.snapshot import NodeFacts, Observed
 from stack.spec import StackSpec
 
@@ -98,22 +105,15 @@ def node_rows(spec: StackSpec, observed: Observed) -> list[dict[str, Any]]:
         for vendor in _devices(spec, name, facts):
             got: dict[str, str] = {}
             for backend in _backends(spec):
-                table = runtime_table(spec, backend)
-                if table is None:
+                table = spec.runtimes.get(backend)
+                version = table.versions[-1] if table else default_version(backend, vendor)
+                if version is None:
                     got[backend] = f"no [runtimes] entry for `{backend}`"
                     continue
-                version = (table.versions[-1] if backend in spec.runtimes
-                           else catalog_default(backend, vendor))
                 found = recipe(spec, backend, version, vendor)
                 got[backend] = found.folder if isinstance(found, Recipe) else found
             rows.append({"node": name, "devices": vendor, "runtimes": got})
     return rows
-
-
-def catalog_default(backend: str, vendor: str) -> str:
-    from stack.catalog import default_version
-
-    return default_version(backend, vendor) or catalogue()[backend].default
 
 
 def run(args: argparse.Namespace) -> int:

@@ -55,13 +55,11 @@ def choose_runtime(spec: StackSpec, backend: str,
 def runtime_refusal(spec: StackSpec, runtime: tuple[str, str | None] | str,
                     vendor: str) -> str | None:
     """Why the runtime cannot be installed for `vendor` devices (`cpu`: none): a catalogue
-    runtime without a variant for that vendor; None when it can."""
-    from stack.catalog import catalogue, from_catalogue, variant_for
+    runtime without a variant for that vendor (`stack.catalog.recipe`'s reason); None
+    when it can."""
+    from stack.catalog import from_catalogue, recipe
 
-    if isinstance(runtime, str) or not from_catalogue(spec, runtime[0]):
+    if isinstance(runtime, str) or runtime[1] is None or not from_catalogue(spec, runtime[0]):
         return None
-    if variant_for(runtime[0], vendor) is None:
-        have = ", ".join(sorted(catalogue()[runtime[0]].variants))
-        return (f"the runtime catalogue has no {runtime[0]} build for {vendor} devices "
-                f"(it has {have}; a `[runtimes]` recipe with `source` can add one)")
-    return None
+    found = recipe(spec, runtime[0], runtime[1], vendor)
+    return found if isinstance(found, str) else None
