@@ -78,7 +78,7 @@ def install_seconds(tree: Path, info: dict[str, str], work: Path) -> float:
     shutil.rmtree(prefix, ignore_errors=True)
     commands = json.loads(in_tree(tree, SCRIPT, json.dumps(info), str(prefix)))
     (prefix / "agent").mkdir(parents=True)
-    shutil.copy(info["tarball"], prefix / "agent" / "bundle.tar")
+    shutil.copy(info["tarball"], prefix / "agent" / Path(info["tarball"]).name)
     start = time.perf_counter()
     for command in commands:
         subprocess.run(["sh", "-c", command], check=True, capture_output=True)
@@ -107,13 +107,17 @@ def main() -> int:
             times["before"].append(install_seconds(old_tree, old, work))
             times["after"].append(install_seconds(ROOT, new, work))
         print(f"baseline {args.baseline}: {old['version']}; after: {new['version']}")
-        print(f"{'':8} {'tarball':>12} {'wheels':>7} {'install (median)':>17}")
+        print(f"{'':8} {'tarball':>12} {'extracted':>12} {'wheels':>7} "
+              f"{'install (median)':>17}")
         for name, bundle in (("before", old), ("after", new)):
-            listing = subprocess.run(["tar", "-tf", bundle["tarball"]], check=True,
-                                     capture_output=True, text=True).stdout.split()
-            wheels = sum(1 for p in listing if p.endswith(".whl"))
+            listing = [line.split() for line in subprocess.run(
+                ["tar", "-tvf", bundle["tarball"]], check=True, capture_output=True,
+                text=True).stdout.splitlines()]
+            wheels = sum(1 for row in listing if row[-1].endswith(".whl"))
+            extracted = sum(int(row[2]) for row in listing)
             median = (f"{statistics.median(times[name]):.1f} s" if times[name] else "-")
-            print(f"{name:8} {sizes[name] / 1e6:9.1f} MB {wheels:7} {median:>17}")
+            print(f"{name:8} {sizes[name] / 1e6:9.1f} MB {extracted / 1e6:9.1f} MB "
+                  f"{wheels:7} {median:>17}")
         ratio = sizes["after"] / sizes["before"]
         print(f"size after/before: {ratio:.3f} (target <= {TARGET_RATIO:.3f}: "
               f"{'met' if ratio <= TARGET_RATIO else 'not met'})")

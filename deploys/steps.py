@@ -68,7 +68,7 @@ class HostTarget:
     drivers: list[DriverRequest]
     runtimes: list[RuntimeInstall]  # versions this host needs, with uploads resolved
     runtime_uploads: dict[str, Path]  # runtime path -> controller file to upload first
-    bundle: Path
+    bundle: Path  # the agent bundle's tarball (`stack.wheelhouse.AgentBundle`)
     bundle_version: str
     wheel_name: str
     agent_toml: str
@@ -77,6 +77,7 @@ class HostTarget:
     router_service: Service | None
     models: list[ModelUpload]
     stack_record: StackOnHost | None = None  # the host's record of this stack, if kept
+    bundle_bytes: int = 0  # what the bundle's wheels take on the host once extracted
 
 
 def sha256_text(content: bytes) -> str:
@@ -183,7 +184,7 @@ def agent_install_step(target: HostTarget) -> Step:
         return Step("agent-install", f"agent {target.bundle_version} is installed")
     q = shlex.quote
     home = f"{target.prefix.rstrip('/')}/agent"
-    tar = f"{home}/bundle.tar"
+    tar = f"{home}/bundle.tar.xz"
     wheel = f"wheels/{target.wheel_name}"
     venv = q(paths["venv"])
     pip = f"{venv}/bin/python \"$(ls wheels/pip-*.whl | head -1)\"/pip install --quiet"
@@ -191,7 +192,11 @@ def agent_install_step(target: HostTarget) -> Step:
     script = "\n".join([
         "set -eu",
         f"cd {q(home)}",
-        "rm -rf wheels && tar -xf bundle.tar && rm -f bundle.tar",
+        # xz by python3's lzma: hosts need no xz binary
+        "rm -rf wheels",
+        "python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), "
+        "sys.stdout.buffer)' bundle.tar.xz | tar -xf -",
+        "rm -f bundle.tar.xz",
         # the bundle's wheels are for `python3`: a venv of another Python is made anew
         version,
         f"[ -x {venv}/bin/python ] && [ \"$({venv}/bin/python -I -S -c \"$v\")\" = "

@@ -148,7 +148,7 @@ def _host_target(spec: StackSpec, stack_dir: Path, node: Node, desired: Desired,
         node=node.name, prefix=node.prefix, facts=node.facts, probed=node.probed,
         drivers=drivers, runtimes=installs, runtime_uploads=uploads,
         bundle=bundle.tarball, bundle_version=bundle.version,
-        wheel_name=bundle.wheel_name,
+        wheel_name=bundle.wheel_name, bundle_bytes=bundle.unpacked_bytes,
         agent_toml=render_agent_toml(spec, node.name,
                                      agent_listen(spec, node.name, node.facts),
                                      node.prefix),
@@ -207,7 +207,8 @@ def upload_bytes(target: HostTarget) -> int:
     total = 0
     if target.probed.sidecars.get(agent_paths(target.prefix)["bundle"]) \
             != target.bundle_version:
-        total += 3 * target.bundle.stat().st_size  # the tarball, its wheels, the venv
+        packed = target.bundle.stat().st_size  # the tarball, its wheels, the venv
+        total += packed + 2 * max(packed, target.bundle_bytes)
     for install in target.runtimes:
         if install.folder in target.facts.runtimes.get(install.name, []):
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,10 @@ def test_a_full_disk_is_named_with_the_host_and_a_hint(tmp_path: Path) -> None:
 def test_enough_disk_passes(tmp_path: Path) -> None:
     target = _target(tmp_path, free=10**9, model_size=50_000)
     check_disk("gpu-01", "/opt/stack", target.facts, target)
+
+
+def test_the_bundle_counts_as_its_extracted_wheels_and_the_venv(tmp_path: Path) -> None:
+    # an xz tarball takes a fraction of its wheels: both they and the venv are counted
+    target = dataclasses.replace(_target(tmp_path, free=10**9, model_size=50_000),
+                                 bundle_bytes=4_700)
+    assert upload_bytes(target) == 1000 + 2 * 4_700 + 50_000
