@@ -101,6 +101,21 @@ def bundle_target(facts: NodeFacts) -> BundleTarget | None:
     return BundleTarget(facts.python, facts.os, facts.arch, facts.libc, macos)
 
 
+# what to do about a host no agent can be installed on (`agent_problem`)
+AGENT_HINT = "install python3 3.11 or newer there and put it first on the SSH user's PATH."
+
+
+def agent_problem(facts: NodeFacts) -> str | None:
+    """Why no agent can be installed on this host, from its facts (no `python3`, one too
+    old, an OS the bundle is not built for); None when one can, or the facts do not say."""
+    if not facts.python:
+        tools = facts.build_tools or {}
+        return ("it has no `python3` on the SSH user's PATH"
+                if tools.get("python3") is False else None)
+    target = bundle_target(facts)
+    return target.problem() if target is not None else None
+
+
 def for_target(agent: str, target: BundleTarget | None) -> str:
     """The agent version `agent` (`0.1.0+HASH[.extras]`) built for `target`
     (`...@py3.12-linux-x86_64-glibc2.36`); unchanged without one."""

@@ -16,7 +16,7 @@ from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboo
 from deploys.prerequisites import plan_prerequisites
 from deploys.runtimes import host_requires, unused_versions
 from stack.assign import build_router_config, router_config_sha256
-from stack.bundle_target import host_agent_version
+from stack.bundle_target import AGENT_HINT, agent_problem, host_agent_version
 from stack.catalog import (
     Recipe,
     folder,
@@ -106,7 +106,13 @@ def _host_changes(spec: StackSpec, observed: Observed, placements: Placements,
             out.append(Change(f"node.{name}.reboot", Action.UPDATE,
                               "the node reports that a reboot is required", "reboot", name))
         agent, want = facts.agent, host_agent_version(agent_version, facts)
-        if agent.version is None:
+        problem = agent_problem(facts)
+        if problem is not None:
+            # the same refusal apply makes (stack.wheelhouse.agent_bundle)
+            out.append(Change(f"node.{name}.agent", Action.UPDATE,
+                              f"blocked: no agent can be installed: {problem}", "none", name,
+                              hint=AGENT_HINT))
+        elif agent.version is None:
             out.append(Change(f"node.{name}.agent", Action.CREATE,
                               f"install the agent {want}", "none", name))
         elif agent.version != want:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 from router.config import is_loopback, parse_listen
+from stack.nodes import router_nodes
 from stack.snapshot import Observed
 from stack.spec import StackSpec
 
@@ -43,15 +43,6 @@ class Targets:
     stack: str
     routers: tuple[Target, ...]
     agents: tuple[Target, ...]
-
-
-def router_nodes(spec: StackSpec, observed: Observed) -> list[str]:
-    """The nodes running a router: those matching `router.hosts`, or all when it is empty."""
-    names = sorted(observed.nodes)
-    globs = spec.router.hosts
-    if not globs:
-        return names
-    return [n for n in names if any(fnmatchcase(n, g) for g in globs)]
 
 
 def _hostport(host: str, port: int) -> str:
@@ -130,4 +121,4 @@ def render_scrape_config(targets: Targets, token_dir: str) -> str:
 
 
 __all__ = ["AGENT_JOB", "ROUTER_JOB", "Target", "Targets", "render_scrape_config",
-           "router_nodes", "scrape_targets", "token_path"]
+           "scrape_targets", "token_path"]

@@ -12,10 +12,8 @@ or written there, and `stack plan` and `stack apply` exit 1 with the reason.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 from stack.hostfiles import agent_port
-from stack.nodes import node_prefix
+from stack.nodes import node_prefix, router_host
 from stack.plan import HostProblem
 from stack.snapshot import NodeFacts, Observed, StackOnHost
 from stack.spec import StackSpec
@@ -30,7 +28,7 @@ def own_record(spec: StackSpec, node: str) -> StackOnHost:
 def _router_port(spec: StackSpec, node: str) -> int | None:
     """The port of `[router] listen` when `node` is a router host (as the scheduler picks
     them: a glob of `router.hosts` matches, or there are none)."""
-    if spec.router.hosts and not any(fnmatchcase(node, g) for g in spec.router.hosts):
+    if not router_host(spec, node):
         return None
     port = spec.router.listen.rpartition(":")[2]
     return int(port) if port.isdigit() else None

@@ -6,6 +6,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from stack.snapshot import Observed
     from stack.spec import NodeSpec, StackSpec
 
 
@@ -29,3 +30,17 @@ def node_settings(spec: StackSpec, node: str) -> NodeSpec:
 def node_prefix(spec: StackSpec, node: str) -> str:
     """The install prefix on `node`, without a trailing slash."""
     return (node_settings(spec, node).prefix or spec.stack.prefix).rstrip("/")
+
+
+def router_host(spec: StackSpec, node: str) -> bool:
+    """Whether `[router] hosts` takes `node`: a glob of it matches, or it names none."""
+    return not spec.router.hosts or any(fnmatchcase(node, g) for g in spec.router.hosts)
+
+
+def router_nodes(spec: StackSpec, observed: Observed) -> list[str]:
+    """The nodes running a router (`router_host`), by name; never one no agent can be
+    installed on (`stack.bundle_target.agent_problem`: the router is in its bundle)."""
+    from stack.bundle_target import agent_problem
+
+    return [n for n in sorted(observed.nodes)
+            if router_host(spec, n) and agent_problem(observed.nodes[n]) is None]

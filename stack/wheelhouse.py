@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stack.bundle_target import BundleTarget, for_target
+from stack.bundle_target import AGENT_HINT, BundleTarget, for_target
 from stack.errors import ApplyError
 from stack.spec import StackSpec
 
@@ -300,9 +300,7 @@ def _agent_bundle(root: Path, extras: tuple[str, ...], target: BundleTarget | No
     problem = build_for.problem()
     if problem is not None:
         names = ", ".join(f"`{h}`" for h in hosts) or "this host"
-        raise ApplyError(f"no agent can be installed on {names}: {problem}",
-                         hint="install python3 3.11 or newer there and put it first on the "
-                         "SSH user's PATH.")
+        raise ApplyError(f"no agent can be installed on {names}: {problem}", hint=AGENT_HINT)
     version = bundle_version(root, extras, target)
     (cache_dir() / "wheelhouse").mkdir(parents=True, exist_ok=True)
     wheel = _project_wheel(root)

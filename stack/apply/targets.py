@@ -11,7 +11,7 @@ from deploys.steps import HostTarget, ModelUpload, agent_paths
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node
 from stack.apply.report import HostReport
-from stack.bundle_target import BundleTarget, bundle_target
+from stack.bundle_target import AGENT_HINT, BundleTarget, agent_problem, bundle_target
 from stack.catalog import Recipe, recipe_of_folder
 from stack.errors import ApplyError, StackError
 from stack.hostfiles import agent_listen, agent_service, render_agent_toml, router_service
@@ -165,7 +165,8 @@ def _bundles(spec: StackSpec, nodes: list[Node],
     extras = agent_extras(spec)
     hosts: dict[BundleTarget | None, list[str]] = {}
     for node in nodes:
-        hosts.setdefault(bundle_target(node.facts), []).append(node.name)
+        if agent_problem(node.facts) is None:
+            hosts.setdefault(bundle_target(node.facts), []).append(node.name)
     out: dict[BundleTarget | None, AgentBundle | StackError] = {}
     for target, names in hosts.items():
         try:
@@ -187,6 +188,11 @@ def host_targets(
     secret = stack_secret(stack_dir)
     targets: dict[str, HostTarget] = {}
     for node in nodes:
+        problem = agent_problem(node.facts)
+        if problem is not None:  # what the plan shows as a blocked agent
+            reports[node.name].fail(f"no agent can be installed on `{node.name}`: {problem}",
+                                    AGENT_HINT)
+            continue
         try:
             bundle = bundles[bundle_target(node.facts)]
             if isinstance(bundle, StackError):

@@ -44,6 +44,7 @@ class SchedulerBase:
     def __init__(self, spec: StackSpec, evaluations: Mapping[str, Evaluation],
                  observed: Observed) -> None:
         self.spec = spec
+        self.observed = observed
         self.fleet = Fleet(spec, observed)
         self.models: dict[str, ModelState] = {}
         self.eligible: dict[tuple[str, str, int], Eligibility] = {}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
+from stack.bundle_target import agent_problem
 from stack.estimate.types import Claim, Evaluation
 from stack.nodes import node_settings
 from stack.placement import RAY_BACKENDS as RAY_BACKENDS  # the schedulers import it here
@@ -204,6 +205,10 @@ class Fleet:
                 self.excluded[name] = (
                     f"runs {facts.os}, which pyinfra 3 cannot manage (no model is placed "
                     "there)")
+                continue
+            problem = agent_problem(facts)
+            if problem is not None:
+                self.excluded[name] = f"no agent can be installed: {problem}"
                 continue
             node = self._node(name, facts)
             key = self._class_key(node)

@@ -5,9 +5,9 @@ cannot be placed. The scheduler is layered: `base` <- `sticky` <- `fresh` <- `re
 from __future__ import annotations
 
 from collections.abc import Mapping
-from fnmatch import fnmatchcase
 
 from stack.errors import Problem
+from stack.nodes import router_nodes
 from stack.placement import (
     Placement,
     Placements,
@@ -69,8 +69,4 @@ class Scheduler(ReasonsScheduler):
                                                   n))
 
     def _routers(self) -> tuple[str, ...]:
-        names = sorted({*self.fleet.nodes, *self.fleet.excluded})
-        globs = self.spec.router.hosts
-        if not globs:
-            return tuple(names)
-        return tuple(n for n in names if any(fnmatchcase(n, g) for g in globs))
+        return tuple(router_nodes(self.spec, self.observed))
