@@ -148,8 +148,10 @@ class _Scanner:
 
     def key_value(self, table: Path) -> None:
         start = self.i
-        path = (*table, *self.dotted_key())
-        self.out.keys.setdefault(path, self.pos(start))
+        names = self.dotted_key()
+        path = (*table, *names)
+        for end in range(1, len(names) + 1):  # `a.b = 1` writes the table `a` here too
+            self.out.keys.setdefault((*table, *names[:end]), self.pos(start))
         self.skip(newlines=False)
         if self.peek() != "=":
             raise ValueError("expected =")
