@@ -467,7 +467,7 @@ J="$J,$NL \"build_tools\": {"
 sep=""
 for tool in cmake c++ make tar python3 python3.12 xcrun npu-smi /usr/local/cuda/bin/nvcc \
   /opt/rocm /opt/rocm/llvm/bin/clang /opt/dtk/llvm/bin/clang /usr/local/musa/bin/mcc \
-  /usr/local/Ascend/ascend-toolkit/latest; do
+  /usr/local/Ascend/ascend-toolkit/latest glslc /usr/include/vulkan/vulkan.h; do
   case $tool in
     /*) if [ -e "$tool" ]; then v=true; else v=false; fi ;;
     *) if has "$tool"; then v=true; else v=false; fi ;;

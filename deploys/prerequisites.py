@@ -2,8 +2,9 @@
 has (the `build_tools` fact): the distro packages apply installs first, and what it cannot.
 
 `plan_prerequisites(requires, facts)` is pure and decides both for the plan and for apply:
-- a missing command the distro packages (`cmake`, `c++`, `make`, `tar`, `python3.12`) is
-  installed with apt or dnf before the runtime (`install_commands`);
+- a missing command or header the distro packages (`cmake`, `c++`, `make`, `tar`,
+  `python3.12`, Vulkan's `glslc` and headers) is installed with apt or dnf before the
+  runtime (`install_commands`);
 - a missing toolkit (the CUDA toolkit's `nvcc`, ROCm's or DTK's clang, MUSA, CANN) is not
   something apply installs: the plan names the host, the path and the package to install;
 - what the facts do not say (an older snapshot, a requirement facts.sh does not check) is
@@ -23,7 +24,7 @@ CHECKED = (
     "cmake", "c++", "make", "tar", "python3", "python3.12", "xcrun", "npu-smi",
     "/usr/local/cuda/bin/nvcc", "/opt/rocm", "/opt/rocm/llvm/bin/clang",
     "/opt/dtk/llvm/bin/clang", "/usr/local/musa/bin/mcc",
-    "/usr/local/Ascend/ascend-toolkit/latest",
+    "/usr/local/Ascend/ascend-toolkit/latest", "glslc", "/usr/include/vulkan/vulkan.h",
 )
 # command -> its package per distro family (Debian/Ubuntu apt, RHEL family dnf)
 PACKAGES: dict[str, dict[str, str]] = {
@@ -33,6 +34,8 @@ PACKAGES: dict[str, dict[str, str]] = {
     "tar": {"debian": "tar", "rhel": "tar"},
     "python3": {"debian": "python3-venv", "rhel": "python3"},
     "python3.12": {"debian": "python3.12-venv", "rhel": "python3.12"},
+    "glslc": {"debian": "glslc", "rhel": "glslc"},
+    "/usr/include/vulkan/vulkan.h": {"debian": "libvulkan-dev", "rhel": "vulkan-loader-devel"},
 }
 # what to install by hand for what apply does not install
 TOOLKITS: dict[str, str] = {

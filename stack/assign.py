@@ -144,6 +144,8 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
         # worker in rank order (itself included), so it can find its own rank
         part_peers = peers[1:] if k == 0 else peers
         env, secret_env = nodes.env(part.node, p.model, runtime.env if runtime else {})
+        if isinstance(found, Recipe) and found.device_env and part.gpus:
+            env = {**env, found.device_env: ",".join(str(g) for g in part.gpus)}
         out.append((part.node, Instance(
             id=iid, model=p.model, replica=p.replica, source=model.source,
             model_path=paths[(p.model, prefix)], kind=p.kind,

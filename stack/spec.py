@@ -392,6 +392,11 @@ class RuntimeSpec(_Strict):
         None, description="system: folder holding the binaries, `{version}` replaced.")
     env: dict[EnvName, str] = Field(
         default_factory=dict, description="Environment for the runtime.")
+    variant: dict[VendorName, Name] = Field(
+        default_factory=dict,
+        description="Without `source`: the runtime catalogue's variant for nodes of a "
+        "vendor instead of its default, e.g. `{ amd = \"vulkan\" }` (`stack runtimes` "
+        "lists the variants and the vendors that may take each).")
 
 
 class GpuSelector(_Strict):

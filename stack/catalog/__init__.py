@@ -45,7 +45,11 @@ _ADDED = ("cmake_args", "requires", "requirements")
 class Variant(_Strict):
     """One accelerator's recipe: what it adds to or changes in the backend's common one."""
 
-    vendors: list[VendorName] = Field(min_length=1)
+    vendors: list[VendorName] = Field(default_factory=list)  # whose default it is
+    # vendors whose nodes take it when `[runtimes.NAME] variant` names it for them
+    chosen_by: list[VendorName] = Field(default_factory=list)
+    # the variable that picks its devices, set beside the vendor's (Vulkan's own numbering)
+    device_env: EnvName | None = None
     default: Version | None = None
     package: Package | None = None
     extra_index_url: IndexUrl | None = None
@@ -82,6 +86,7 @@ class Recipe:
     version: str
     variant: str  # "" for a stack.toml recipe (one build everywhere)
     spec: RuntimeSpec
+    device_env: str = ""  # the variant's own devices variable (`Variant.device_env`)
 
     @property
     def folder(self) -> str:
@@ -95,11 +100,35 @@ def from_catalogue(spec: StackSpec, name: str) -> bool:
 
 
 def variant_for(name: str, vendor: str) -> tuple[str, Variant] | None:
-    """The catalogue's variant of runtime `name` for `vendor` devices (`cpu`: none)."""
+    """The catalogue's default variant of runtime `name` for `vendor` devices (`cpu`: none)."""
     for variant, v in catalogue()[name].variants.items():
         if vendor in v.vendors:
             return variant, v
     return None
+
+
+def variant_refusal(name: str, vendor: str, variant: str) -> str | None:
+    """Why `[runtimes.NAME] variant` cannot give `vendor` nodes `variant`, or None."""
+    entry = catalogue()[name]
+    found = entry.variants.get(variant)
+    if found is None:
+        return (f"the runtime catalogue has no {name} variant `{variant}` (it has "
+                f"{', '.join(sorted(entry.variants))})")
+    if vendor not in (*found.vendors, *found.chosen_by):
+        takers = ", ".join([*found.vendors, *found.chosen_by])
+        return f"{name}'s `{variant}` variant is for {takers} devices, not {vendor}"
+    return None
+
+
+def _chosen(spec: StackSpec, name: str, vendor: str) -> tuple[str, Variant] | None:
+    """The variant `vendor` nodes get: the one `[runtimes.NAME] variant` names for them
+    (checked by stack.config), else the catalogue's default for them."""
+    table = spec.runtimes.get(name)
+    choice = next((v for k, v in table.variant.items() if k == vendor), None) \
+        if table is not None else None
+    if choice is not None and variant_refusal(name, vendor, choice) is None:
+        return choice, catalogue()[name].variants[choice]
+    return variant_for(name, vendor)
 
 
 def default_version(name: str, vendor: str) -> str | None:
@@ -120,19 +149,26 @@ def recipe(spec: StackSpec, name: str, version: str, vendor: str) -> Recipe | st
             return f"no `[runtimes]` entry named `{name}`"
         return Recipe(name, version, "", table)
     entry = catalogue()[name]
-    found = variant_for(name, vendor)
+    found = _chosen(spec, name, vendor)
     if found is None:
         return (f"the runtime catalogue has no {name} build for {vendor} devices "
                 f"(it has {', '.join(sorted(entry.variants))}; a `[runtimes]` recipe with "
                 "`source` can add one)")
-    variant, v = found
-    return Recipe(name, version, variant, _merged(entry, v, spec.runtimes.get(name), version))
+    return _catalogue_recipe(spec, name, version, found[0])
+
+
+def _catalogue_recipe(spec: StackSpec, name: str, version: str, variant: str) -> Recipe:
+    entry = catalogue()[name]
+    chosen = entry.variants[variant]
+    return Recipe(name, version, variant, _merged(entry, chosen, spec.runtimes.get(name),
+                                                  version), chosen.device_env or "")
 
 
 def _merged(entry: Entry, variant: Variant, table: RuntimeSpec | None,
             version: str) -> RuntimeSpec:
-    common: dict[str, Any] = entry.model_dump(exclude={"default", "variants", "versions"})
-    for key, value in variant.model_dump(exclude={"vendors", "default"},
+    common: dict[str, Any] = entry.model_dump(
+        exclude={"default", "variants", "variant", "versions"})
+    for key, value in variant.model_dump(exclude={"vendors", "chosen_by", "default", "device_env"},
                                          exclude_unset=True).items():
         if key in _ADDED:
             common[key] = [*common.get(key, []), *value]
@@ -157,19 +193,16 @@ def parse_folder(spec: StackSpec, name: str, folder: str) -> tuple[str, str] | N
     return version, variant
 
 
-def vendor_of(name: str, variant: str) -> str:
-    """A vendor a catalogue variant serves (what `recipe` is called with again)."""
-    return catalogue()[name].variants[variant].vendors[0]
-
-
 def recipe_of_folder(spec: StackSpec, name: str, folder: str) -> Recipe | None:
     """The recipe that makes `PREFIX/runtimes/NAME/FOLDER` for this stack, or None."""
     parsed = parse_folder(spec, name, folder) if folder else None
     if parsed is None:
         return None
     version, variant = parsed
-    found = recipe(spec, name, version, vendor_of(name, variant) if variant else "cpu")
-    return found if isinstance(found, Recipe) else None
+    if not variant:
+        found = recipe(spec, name, version, "cpu")
+        return found if isinstance(found, Recipe) else None
+    return _catalogue_recipe(spec, name, version, variant)
 
 
 def folder(spec: StackSpec, name: str, version: str, vendor: str) -> str:

@@ -63,7 +63,8 @@ def _how(entry: Entry, variant: str) -> str:
 
 
 def catalogue_rows(spec: StackSpec) -> list[dict[str, Any]]:
-    """Per catalogue runtime and variant: vendors, the version this stack installs, how."""
+    """Per catalogue runtime and variant: the vendors this stack gives it, those that may
+    take it by `[runtimes.NAME] variant`, the version this stack installs, how."""
     rows = []
     for name, entry in catalogue().items():
         table = spec.runtimes.get(name)
@@ -74,7 +75,13 @@ def catalogue_rows(spec: StackSpec) -> list[dict[str, Any]]:
                 versions = ", ".join(table.versions) + " (pinned in stack.toml)"
             else:
                 versions = (v.default or entry.default) + " (default)"
-            rows.append({"runtime": name, "variant": variant, "vendors": list(v.vendors),
+            # `[runtimes.NAME] variant` moves a vendor from its default to another
+            picked = dict(table.variant) if table is not None and table.source is None \
+                else {}
+            uses = [x for x in v.vendors if picked.get(x, variant) == variant]
+            uses += [x for x, c in picked.items() if c == variant and x not in uses]
+            rows.append({"runtime": name, "variant": variant, "vendors": uses,
+                         "chosen_by": [x for x in v.chosen_by if x not in uses],
                          "versions": versions, "how": _how(entry, variant)})
     return rows
 
@@ -141,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
     table = Table("runtime", "variant", "vendors", "versions", "how it installs",
                   title="Runtime catalogue", title_justify="left")
     for row in rows:
-        table.add_row(row["runtime"], row["variant"], ", ".join(row["vendors"]),
+        vendors = ", ".join(row["vendors"])
+        if row["chosen_by"]:
+            vendors += ("; " if vendors else "") + "by `variant`: " + ", ".join(row["chosen_by"])
+        table.add_row(row["runtime"], row["variant"], vendors,
                       row["versions"], row["how"])
     console.print(table)
     if nodes is not None:

@@ -15,6 +15,7 @@ from stack.spec import (
     NVIDIA_BRANCH,
     NVIDIA_FULL_VERSION,
     ROCM_RELEASE,
+    RuntimeSpec,
     StackSpec,
 )
 from stack.tomlpos import locate
@@ -175,6 +176,7 @@ def _check_runtimes(spec: StackSpec, report: Report) -> None:
                        f"{type(runtime).model_fields[field].description}"
                        + (" Or name the package whose sdist is the archive: "
                           "`package = \"NAME=={version}\"`." if field == "url" else ""))
+        _check_variants(name, runtime, report)
         for version in runtime.sha256:
             if version not in runtime.versions:
                 path: Loc = ("runtimes", name, "sha256", version)
@@ -192,6 +194,27 @@ def _check_runtimes(spec: StackSpec, report: Report) -> None:
                        f"`[runtimes]` table of `{model.backend}` installs",
                        "add it to that runtime's `versions`, or use one of: "
                        + ", ".join(f"`{v}`" for v in sorted(versions[model.backend])) + ".")
+
+
+def _check_variants(name: str, runtime: RuntimeSpec, report: Report) -> None:
+    """`[runtimes.NAME] variant`: a catalogue variant that takes that vendor's nodes."""
+    from stack.catalog import catalogue, variant_refusal
+
+    for vendor, choice in runtime.variant.items():
+        path: Loc = ("runtimes", name, "variant", vendor)
+        if runtime.source is not None or name not in catalogue():
+            report.add(path, f"`{dotted(path)}` picks a variant of the runtime catalogue's "
+                       f"recipe, but `{dotted(('runtimes', name))}` has its own `source`",
+                       "remove `variant`, or remove `source` to install from the catalogue.",
+                       at_key=True)
+            continue
+        why = variant_refusal(name, vendor, choice)
+        if why is not None:
+            takers = [v for v, entry in catalogue()[name].variants.items()
+                      if vendor in (*entry.vendors, *entry.chosen_by)]
+            report.add(path, f"`{dotted(path)}` is `{choice}`: {why}",
+                       f"use one of: {', '.join(f'`{t}`' for t in takers)}, or remove it."
+                       if takers else "remove it.")
 
 
 def _check_drivers(spec: StackSpec, report: Report) -> None:

@@ -43,7 +43,10 @@ def test_every_vendor_a_backend_runs_on_has_a_recipe_and_no_recipe_is_for_others
     for name, entry in catalogue().items():
         have = {v for variant in entry.variants.values() for v in variant.vendors}
         assert SUPPORT[name].vendors - have == NOT_IN_CATALOGUE.get(name, set()), name
-        assert have <= SUPPORT[name].vendors, name
+        chosen = {v for variant in entry.variants.values() for v in variant.chosen_by}
+        assert have | chosen <= SUPPORT[name].vendors, name
+        for variant, v in entry.variants.items():
+            assert v.vendors or v.chosen_by, f"{name} {variant} is for no vendor"
 
 
 def test_a_vendor_has_one_variant_per_backend() -> None:
@@ -54,9 +57,14 @@ def test_a_vendor_has_one_variant_per_backend() -> None:
 
 @pytest.mark.parametrize(("name", "variant"), VARIANTS, ids=[f"{n}-{v}" for n, v in VARIANTS])
 def test_install_commands_per_accelerator(name: str, variant: str) -> None:
-    spec = load_text(TWO_LINES)
-    vendor = catalogue()[name].variants[variant].vendors[0]
+    entry = catalogue()[name].variants[variant]
+    vendor = (entry.vendors or entry.chosen_by)[0]
     version = default_version(name, vendor)
+    assert version is not None
+    # a variant no vendor defaults to is picked in stack.toml
+    spec = load_text(TWO_LINES + (f'\n[runtimes."{name}"]\nversions = ["{version}"]\n'
+                                  f'variant = {{ {vendor} = "{variant}" }}\n'
+                                  if not entry.vendors else ""))
     assert version is not None
     found = recipe(spec, name, version, vendor)
     assert isinstance(found, Recipe), found
