@@ -209,6 +209,32 @@ def _fetch_hf_file(source: Source, folder: Path) -> Path:
                     hint="check the file name and `HF_TOKEN` for gated models.") from exc
 
 
+def hub_file_size(source: Source, filename: str) -> int:
+    """The size of one file of a hub repo, asked of the hub (one request, no download):
+    for weights the metadata files do not describe (CTranslate2's `model.bin`)."""
+    if source.scheme != "hf" or source.repo is None:
+        raise MetadataUnavailable(
+            f"the size of `{filename}` in `{source.text}` is not known on the controller",
+            hint="download the model once on the controller (the library's cache is read), "
+                 "or serve it from a `local://` folder.")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        found = HfApi().get_paths_info(source.repo, [filename], revision=source.revision)
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        error = MetadataUnavailable if _transient(exc) else SourceError
+        raise error(f"cannot read the size of `{filename}` in `{source.text}` from Hugging "
+                    f"Face: {exc}", hint="check the repository name and revision, and "
+                    "`HF_TOKEN` for gated models; set `HF_ENDPOINT` for a mirror.") from exc
+    size = next((getattr(f, "size", None) for f in found), None)
+    if not isinstance(size, int):
+        raise SourceError(f"`{source.text}` has no `{filename}`",
+                          hint="point at a CTranslate2 model folder (model.bin and "
+                               "config.json).")
+    return size
+
+
 def _transient(exc: Exception) -> bool:
     """Whether a hub error says "not now" (no answer, timeout, gated, server error) rather
     than "no such thing" (404, a bad name): the model's running replicas are kept then."""

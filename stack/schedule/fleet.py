@@ -28,7 +28,7 @@ Entry = tuple[float, int, int]
 # backends that may run on the CPU only (cpu_inference) and over RPC workers
 CPU_BACKENDS = ("llama.cpp",)
 # backends that may also run a replica on one node's CPU alone (no layer split, no RPC)
-CPU_SINGLE_BACKENDS = ("stable-diffusion.cpp",)
+CPU_SINGLE_BACKENDS = ("stable-diffusion.cpp", "vox-box")
 
 
 def gpu_wired_limit(ram_bytes: int) -> int:
