@@ -62,12 +62,40 @@ def model_path(name: str, source: str, prefix: str, stack_dir: Path) -> str | No
     if source.startswith("local://"):
         rest = source[len("local://"):]
         local = Path(rest) if rest.startswith("/") else stack_dir / rest
-        if local.is_dir() or (not local.exists() and not PurePosixPath(rest).suffix):
+        if local.is_dir():
+            gguf = _gguf_folder(local)
+            return str(folder / gguf.name) if gguf is not None else str(folder)
+        if not local.exists() and not PurePosixPath(rest).suffix:
             return str(folder)
         return str(folder / PurePosixPath(rest).name)
     if source.startswith("/"):
         return source
     return None
+
+
+def _gguf_folder(local: Path) -> Path | None:
+    """The main GGUF of a `local://` folder of GGUF files (no config.json or
+    model_index.json beside them), which llama.cpp loads by file; None for other folders."""
+    from stack.estimate.read import pick_gguf
+
+    if (local / "config.json").exists() or (local / "model_index.json").exists():
+        return None
+    return pick_gguf(local)
+
+
+def folder_mmproj(source: str, stack_dir: Path) -> str | None:
+    """The vision projector of a `local://` folder of GGUF files (`mmproj*.gguf` beside the
+    model, when it is the only one): what `--mmproj` gets when stack.toml names none."""
+    from stack.estimate.read import pick_mmproj
+
+    if not source.startswith("local://"):
+        return None
+    rest = source[len("local://"):]
+    local = Path(rest) if rest.startswith("/") else stack_dir / rest
+    if not local.is_dir() or _gguf_folder(local) is None:
+        return None
+    found = pick_mmproj(local)
+    return found.name if found is not None else None
 
 
 def local_checksum(source: str, stack_dir: Path) -> str | None:
@@ -156,7 +184,8 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             host=peers[k].host, port=part.port,
             api_key=_api_key(secret, iid) if k == 0 else None,
             context=p.context, role=role, peers=part_peers if p.workers else [],
-            health_path=model.health_path, command=model.command, mmproj=model.mmproj,
+            health_path=model.health_path, command=model.command,
+            mmproj=model.mmproj or folder_mmproj(model.source, stack_dir),
             gpu_memory_utilization=gpu_memory_utilization(model, p) if part.gpus else None,
             # the main runs llama-server, which places the layers (`--tensor-split`)
             layer_split=list(p.split) if k == 0 and p.split else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 from agent.assignment import Assignment, Instance
@@ -117,9 +118,14 @@ def model_uploads(assignment: Assignment, stack_dir: Path) -> list[ModelUpload]:
         source = resolve_local(inst.source, stack_dir)
         files = ([source] if source.is_file()
                  else sorted(p for p in source.rglob("*") if p.is_file()))
+        # a folder goes to PREFIX/models/NAME; its model_path is that folder, or the main
+        # GGUF in it (a folder of GGUF files, which llama.cpp loads by file)
+        folder = inst.model_path
+        if source.is_dir() and (source / posixpath.basename(folder)).is_file():
+            folder = posixpath.dirname(folder)
         for path in files:
             dest = inst.model_path if source.is_file() else (
-                f"{inst.model_path}/{path.relative_to(source).as_posix()}")
+                f"{folder}/{path.relative_to(source).as_posix()}")
             uploads[dest] = ModelUpload(path, dest, sha256_file(path))
     return list(uploads.values())
 
