@@ -33,7 +33,8 @@ _FORMS = (
 
 # Files the estimator reads; weights are never downloaded for an estimate.
 METADATA_FILES = ("config.json", "model.safetensors.index.json", "model_index.json",
-                  "params.json", "adapter_config.json")
+                  "params.json", "adapter_config.json", "cosyvoice.yaml", "cosyvoice2.yaml",
+                  "cosyvoice3.yaml")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ SUPPORT: dict[str, BackendSupport] = {
     "vox-box": BackendSupport("vox-box", frozenset({"nvidia", "cpu"}),
                               frozenset({"linux", "darwin"}), _ARCHES, (6, 0),
                               frozenset({"speech-to-text", "text-to-speech"}),
-                              frozenset({"safetensors", "config-only", "gguf", "ctranslate2"})),
+                              frozenset({"safetensors", "config-only", "gguf", "ctranslate2",
+                                         "pytorch"})),
     "stable-diffusion.cpp": BackendSupport(
         "stable-diffusion.cpp", frozenset({"nvidia", "amd", "apple", "cpu"}),
         frozenset({"linux", "darwin", "windows"}), _ARCHES, (5, 0), frozenset({"image"}),

@@ -235,9 +235,20 @@ def _sliding(cfg: dict[str, Any], s: _Shape) -> tuple[int, int]:
     return window, s.layers
 
 
+# text-to-speech configs vox-box serves: Bark (`BarkModel`) and Dia, whose config.json has
+# no architecture but a `data` table of audio token values
+_TTS_ARCHES = ("BarkModel", "ForTextToSpeech", "ForTextToWaveform")
+_DIA_AUDIO_KEYS = frozenset({"audio_bos_value", "audio_eos_value", "audio_pad_value",
+                             "delay_pattern"})
+
+
 def _kind(cfg: dict[str, Any], arch: str, model_type: str) -> str:
     if model_type == "whisper" or "SpeechSeq2Seq" in arch or "Whisper" in arch:
         return "speech-to-text"
+    data = cfg.get("data")
+    if any(t in arch for t in _TTS_ARCHES) or model_type in ("bark", "dia") or (
+            isinstance(data, dict) and data.keys() >= _DIA_AUDIO_KEYS):
+        return "text-to-speech"
     if arch.endswith("ForSequenceClassification"):
         return "rerank"
     # a bare `*Model` (no head) embeds; `GPT2LMHeadModel` ends in Model but generates

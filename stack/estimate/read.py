@@ -95,6 +95,8 @@ def _from_folder(folder: Path, source: str, shards: list[Path] | None,
     config_path = folder / "config.json"
     if (folder / "model_index.json").exists():
         return _diffusion(folder, source)
+    if any((folder / name).exists() for name in COSYVOICE_CONFIGS):
+        return _cosyvoice(folder, source)
     if not config_path.exists():
         gguf = pick_gguf(folder)
         if gguf is not None:
@@ -156,6 +158,23 @@ def _diffusion(folder: Path, source: str) -> ModelMeta:
         params=totals.elements, weights_bytes=totals.bytes, layers=0, hidden_size=0,
         attention_heads=0, kv_heads=0, head_dim=0, vocab_size=0, max_context=0,
         kv_bytes_per_token=0, files_bytes=totals.bytes,
+    )
+
+
+# CosyVoice (text-to-speech, vox-box): a YAML config and PyTorch checkpoints, no config.json
+COSYVOICE_CONFIGS = ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
+
+
+def _cosyvoice(folder: Path, source: str) -> ModelMeta:
+    """A CosyVoice folder: text-to-speech, its weights the checkpoints beside the config
+    (`*.pt`, `*.onnx`, `*.safetensors`); only its config: weights unknown (zero)."""
+    files = [p for pattern in ("*.pt", "*.onnx", "*.safetensors") for p in folder.glob(pattern)]
+    size = sum(p.stat().st_size for p in files)
+    return ModelMeta(
+        source=source, format="pytorch" if files else "config-only", architecture="cosyvoice",
+        kind="text-to-speech", params=0, weights_bytes=size, layers=0, hidden_size=0,
+        attention_heads=0, kv_heads=0, head_dim=0, vocab_size=0, max_context=0,
+        kv_bytes_per_token=0, files_bytes=size,
     )
 
 
