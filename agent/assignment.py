@@ -182,6 +182,9 @@ class Instance(_Strict):
     health_path: HttpPath | None = None
     command: Template | None = None  # custom backend template
     mmproj: Text | None = None
+    # stable-diffusion.cpp: the parts a diffusion model loads beside it (`--vae PATH`, ...)
+    components: dict[Literal["vae", "clip_l", "clip_g", "t5xxl", "llm"], Text] = Field(
+        default_factory=dict, max_length=5)
     gpu_memory_utilization: Fraction | None = None
     # llama.cpp split by whole layers (set by the scheduler): layers per device, this
     # node's GPUs (in `devices.indices` order; one entry for its CPU when it has none)
@@ -194,11 +197,15 @@ class Instance(_Strict):
     rank_table: list[RankServer] | None = Field(default=None, max_length=MAX_ITEMS)
 
     @model_serializer(mode="wrap")
-    def _without_unset_rank_table(self, handler: SerializerFunctionWrapHandler) -> Any:
-        # an instance that does not span MindIE nodes is written (and planned) as before
+    def _without_unset_extras(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # an instance that does not span MindIE nodes, or has no diffusion components, is
+        # written (and planned, and fingerprinted) as before those fields existed
         data = handler(self)
-        if isinstance(data, dict) and data.get("rank_table", "") is None:
-            del data["rank_table"]
+        if isinstance(data, dict):
+            if data.get("rank_table", "") is None:
+                del data["rank_table"]
+            if data.get("components", None) == {}:
+                del data["components"]
         return data
 
     @field_validator("runtime_path")

@@ -280,8 +280,12 @@ def build_vox_box(inst: Instance, ctx: Context) -> Launch:
 
 def build_stable_diffusion_cpp(inst: Instance, ctx: Context) -> Launch:
     """stable-diffusion.cpp's `sd-server` for image generation."""
-    argv = [_bin(inst, "sd-server"), "-m", ctx.model_path, "--listen-ip", inst.host,
-            "--listen-port", str(inst.port), *inst.args]
+    # a model that comes without its text encoders is a diffusion model alone (FLUX, SD3)
+    alone = bool(inst.components.keys() & {"clip_l", "clip_g", "t5xxl", "llm"})
+    argv = [_bin(inst, "sd-server"), "--diffusion-model" if alone else "-m", ctx.model_path]
+    for part, path in sorted(inst.components.items()):
+        argv += [f"--{part}", _relative_to_model(ctx, path)]
+    argv += ["--listen-ip", inst.host, "--listen-port", str(inst.port), *inst.args]
     env = {"LD_LIBRARY_PATH": f"{inst.runtime_path}/bin:{inst.runtime_path}/lib",
            **device_env(inst)}
     # sd-server serves no /health (404); /v1/models answers 200 once the model is loaded

@@ -186,6 +186,7 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             context=p.context, role=role, peers=part_peers if p.workers else [],
             health_path=model.health_path, command=model.command,
             mmproj=model.mmproj or folder_mmproj(model.source, stack_dir),
+            components=dict(model.components),
             gpu_memory_utilization=gpu_memory_utilization(model, p) if part.gpus else None,
             # the main runs llama-server, which places the layers (`--tensor-split`)
             layer_split=list(p.split) if k == 0 and p.split else None,

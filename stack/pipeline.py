@@ -73,12 +73,15 @@ class Evaluations:
 def evaluate_models(spec: StackSpec, stack_dir: Path) -> Evaluations:
     """Read each model's metadata and size it."""
     from stack.estimate import evaluate, read_metadata
+    from stack.estimate.read import with_parts
 
     out = Evaluations()
     for name in sorted(spec.models):
         model = spec.models[name]
         try:
-            out.evaluations[name] = evaluate(name, model, read_metadata(model.source, stack_dir))
+            meta = with_parts(read_metadata(model.source, stack_dir), name,
+                              {str(k): v for k, v in model.components.items()}, stack_dir)
+            out.evaluations[name] = evaluate(name, model, meta)
         except MetadataUnavailable as err:
             out.unknown[name] = err.message
         except StackError as err:

@@ -36,6 +36,8 @@ VendorName = Literal[
     "nvidia", "amd", "apple", "ascend", "hygon", "mthreads", "iluvatar", "cambricon", "cpu"
 ]
 Policy = Literal["spread", "binpack"]
+# what a stable-diffusion.cpp diffusion model loads beside it (its `--vae`, `--clip_l`, ...)
+DiffusionPart = Literal["vae", "clip_l", "clip_g", "t5xxl", "llm"]
 
 # Every string that reaches a path, a shell command or a template on the hosts has a
 # pattern here (and is quoted where it is used, too). `RULES` says each pattern in words,
@@ -458,6 +460,13 @@ class ModelSpec(_Strict):
         None, description="llama.cpp vision: the multimodal projector, a path beside the "
         "model's GGUF (or absolute on the host); default: the one `mmproj*.gguf` in a "
         "`local://` folder of GGUF files.")
+    components: dict[DiffusionPart, Subdir] = Field(
+        default_factory=dict,
+        description="stable-diffusion.cpp: the parts a diffusion model that comes alone "
+        "(FLUX, SD3, Wan, Qwen-Image GGUFs) loads beside it, by role (`vae`, `clip_l`, "
+        "`clip_g`, `t5xxl`, `llm`), paths beside the model file, e.g. `{ vae = "
+        "\"ae.safetensors\", clip_l = \"clip_l.safetensors\", t5xxl = "
+        "\"t5xxl_fp16.safetensors\" }`; uploaded with a `local://` model file.")
     offload: Literal["auto", "full", "none"] = Field(
         "auto",
         description="llama.cpp: layers on accelerators. `auto`: all, else as many as fit (at "

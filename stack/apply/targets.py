@@ -116,6 +116,12 @@ def model_uploads(assignment: Assignment, stack_dir: Path) -> list[ModelUpload]:
         if not inst.source.startswith("local://") or not inst.model_path:
             continue
         source = resolve_local(inst.source, stack_dir)
+        if source.is_file():  # and the files it loads beside it: a projector, components
+            for rel in (inst.mmproj or "", *inst.components.values()):
+                beside = source.parent / rel if rel and not rel.startswith("/") else None
+                if beside is not None and beside.is_file():
+                    dest = posixpath.join(posixpath.dirname(inst.model_path), rel)
+                    uploads[dest] = ModelUpload(beside, dest, sha256_file(beside))
         files = ([source] if source.is_file()
                  else sorted(p for p in source.rglob("*") if p.is_file()))
         # a folder goes to PREFIX/models/NAME; its model_path is that folder, or the main

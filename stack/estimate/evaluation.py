@@ -122,6 +122,13 @@ def evaluate(name: str, model: ModelSpec, meta: ModelMeta) -> ModelEvaluation:
     if meta.kind == "vlm-projector":
         raise EstimateError(f"`models.{name}.source` is a multimodal projector, not a model",
                             hint="point `source` at the model GGUF and set `mmproj`.")
+    if kind == "image" and meta.extra.get("diffusion_only") and not (
+            model.components.keys() & {"clip_l", "clip_g", "t5xxl", "llm"}):
+        raise EstimateError(
+            f"`models.{name}.source` is a {meta.architecture} diffusion model alone: "
+            "stable-diffusion.cpp needs its text encoders and VAE beside it",
+            hint="list them in `components`, e.g. `{ vae = \"ae.safetensors\", clip_l = "
+                 "\"clip_l.safetensors\", t5xxl = \"t5xxl_fp16.safetensors\" }` for FLUX.")
     if model.backend == "custom":
         backends: tuple[str, ...] = ("custom",)
     elif model.backend is not None:

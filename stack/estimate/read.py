@@ -10,7 +10,7 @@ from typing import Any
 from stack.errors import SourceError
 from stack.estimate.gguf_header import GgufHeader, read_gguf_header
 from stack.estimate.model_config import meta_from_config
-from stack.estimate.safetensors import WeightTotals, read_safetensors
+from stack.estimate.safetensors import WeightTotals, read_safetensors, read_safetensors_header
 from stack.estimate.types import ModelMeta
 from stack.sources import Source, fetch_metadata, parse_source
 
@@ -33,12 +33,47 @@ def read_metadata(source: str, base_dir: Path) -> ModelMeta:
     return read_path(fetch_metadata(parsed, base_dir), parsed.text, parsed)
 
 
+def with_parts(meta: ModelMeta, name: str, parts: dict[str, str],
+               base_dir: Path) -> ModelMeta:
+    """`meta` with the files `models.NAME.components` loads beside the model (a VAE, text
+    encoders) counted in its weights: from the controller for a `local://` model, asked of
+    the hub for an `hf://` file; a part that is not there is an error naming the key."""
+    from dataclasses import replace
+    from posixpath import dirname, join
+
+    from stack.sources import hub_file_size
+
+    if not parts:
+        return meta
+    parsed = parse_source(meta.source)
+    total = 0
+    for role, rel in sorted(parts.items()):
+        if parsed.scheme == "local":
+            path = parsed.local_path(base_dir)
+            found = (path.parent if path.is_file() else path) / rel
+            if not found.is_file():
+                raise SourceError(
+                    f"`models.{name}.components.{role}` is `{rel}`, which is not beside "
+                    f"the model on the controller ({found})",
+                    hint="put the file beside the model file, or fix the path.")
+            total += found.stat().st_size
+        else:
+            total += hub_file_size(replace(parsed, file=join(dirname(parsed.file or ""), rel)),
+                                   rel)
+    return replace(meta, weights_bytes=meta.weights_bytes + total,
+                   files_bytes=meta.files_bytes + total)
+
+
 def read_path(path: Path, source: str, parsed: Source | None = None) -> ModelMeta:
     """Metadata from a controller file or folder."""
     if path.is_file():
         if path.suffix == ".gguf":
             return meta_from_gguf(_gguf_parts(path), source)
         if path.suffix == ".safetensors":
+            if not (path.parent / "config.json").exists():
+                checkpoint = _single_checkpoint(path, source)
+                if checkpoint is not None:
+                    return checkpoint
             return _from_folder(path.parent, source, [path])
         if path.name == "config.json":
             return _from_folder(path.parent, source, None)
@@ -100,9 +135,7 @@ def _from_folder(folder: Path, source: str, shards: list[Path] | None,
     if not config_path.exists():
         gguf = pick_gguf(folder)
         if gguf is not None:
-            meta = meta_from_gguf(_gguf_parts(gguf), source)
-            return _replace(meta, kind="vlm") if meta.kind == "llm" and any(
-                "mmproj" in p.name.lower() for p in folder.glob("*.gguf")) else meta
+            return meta_from_gguf(_gguf_parts(gguf), source)  # a vlm with an mmproj beside
         raise SourceError(f"`{source}` holds neither config.json nor a GGUF file ({folder})",
                           hint="point at a model folder (config.json is enough) or a .gguf file.")
     config = _load_json(config_path)
@@ -158,6 +191,38 @@ def _diffusion(folder: Path, source: str) -> ModelMeta:
         params=totals.elements, weights_bytes=totals.bytes, layers=0, hidden_size=0,
         attention_heads=0, kv_heads=0, head_dim=0, vocab_size=0, max_context=0,
         kv_bytes_per_token=0, files_bytes=totals.bytes,
+    )
+
+
+# GGUF architectures of diffusion models (the converters of ComfyUI-GGUF and
+# stable-diffusion.cpp write them): image generation, not LLMs. Those after `sdxl` hold the
+# diffusion model alone; stable-diffusion.cpp needs their VAE and text encoders beside them
+DIFFUSION_ARCHES = ("sd1", "sd2", "sdxl", "flux", "sd3", "aura", "wan", "ltxv", "hyvid",
+                    "chroma", "lumina2", "qwen_image")
+DIFFUSION_ONLY = DIFFUSION_ARCHES[3:]
+# a single-file checkpoint's tensor names: SD 1.x/2.x/XL hold the UNet and the VAE
+# (`model.diffusion_model.`, `first_stage_model.`); FLUX (`double_blocks.`) and SD3
+# (`joint_blocks.`) files the diffusion model alone, with or without that prefix
+_FULL_CHECKPOINT = ("model.diffusion_model.", "first_stage_model.")
+_DIFFUSION_BLOCKS = {"double_blocks.": "flux", "joint_blocks.": "sd3"}
+
+
+def _single_checkpoint(path: Path, source: str) -> ModelMeta | None:
+    """A single-file diffusion checkpoint (no config.json beside it), or None."""
+    names = [n for n in read_safetensors_header(path) if n != "__metadata__"]
+    full = all(any(n.startswith(p) for n in names) for p in _FULL_CHECKPOINT)
+    arch = "stable-diffusion" if full else next(
+        (a for block, a in _DIFFUSION_BLOCKS.items() for n in names
+         if n.removeprefix("model.diffusion_model.").startswith(block)), None)
+    if arch is None:
+        return None
+    totals = read_safetensors([path])
+    return ModelMeta(
+        source=source, format="safetensors", architecture=arch, kind="image",
+        params=totals.elements, weights_bytes=totals.bytes, layers=0, hidden_size=0,
+        attention_heads=0, kv_heads=0, head_dim=0, vocab_size=0, max_context=0,
+        kv_bytes_per_token=0, files_bytes=path.stat().st_size,
+        extra={"diffusion_only": not full},
     )
 
 
@@ -235,6 +300,8 @@ def _per_layer(fields: dict[str, object], key: str, layers: int, default: int) -
 def _gguf_kind(h: GgufHeader, arch: str) -> str:
     if str(h.fields.get("general.type", "")) == "mmproj" or arch == "clip":
         return "vlm-projector"
+    if arch in DIFFUSION_ARCHES:
+        return "image"
     pooling = h.fields.get(f"{arch}.pooling_type")
     if pooling == 4 or f"{arch}.classifier.output_labels" in h.fields:
         return "rerank"
@@ -300,6 +367,7 @@ def meta_from_gguf(parts: list[Path], source: str) -> ModelMeta:
             "tied_output": not _tensor_bytes(headers, "output.weight"),
             "output_bytes": _tensor_bytes(headers, "output.weight"),
             "mmproj_bytes": sum(p.stat().st_size for p in mmproj),
+            "diffusion_only": arch in DIFFUSION_ONLY,
         },
     )
 
