@@ -81,6 +81,8 @@ class ModelEvaluation:
                 memory.mindie_claim(self.meta, c, gpus * nodes, gpu_memory_bytes), gpus, nodes))
         if nodes > 1:
             return f"{backend} replicas stay on one node"
+        if backend == "stable-diffusion.cpp":
+            return memory.diffusion_claim(self.meta, self.spec.args, gpus, gpu_memory_bytes)
         return memory.simple_claim(backend, self.meta, gpus, gpu_memory_bytes)
 
     def _fit_context(self, context: int, gpu_memory_bytes: int | None,

@@ -40,9 +40,27 @@ CACHE_TYPE_BYTES: dict[str, float] = {
 # the other backends: weights * factor + fixed overhead
 SIMPLE_RULES: dict[str, tuple[float, int]] = {
     "vox-box": (1.2, 1 * GiB),
-    "stable-diffusion.cpp": (1.0, 2 * GiB),
     "custom": (1.2, 1 * GiB),
 }
+# stable-diffusion.cpp: the VAE decoder's compute buffer per output pixel (f32; the
+# AutoencoderKL decoder SD 1.x/2.x/XL and FLUX share, ch 128), measured with sd-cli 0.4.7
+# -v on CPU: "vae compute buffer size" 26.00 MB at 64x64 and 104.00 MB at 128x128, 6,656
+# bytes a pixel both times (1.7 GB at 512x512, 7.0 GB at 1024x1024)
+SD_VAE_BYTES_PER_PIXEL = 6656
+# `--vae-tiling` decodes tiles of 32x32 latents: 256x256 pixels at a time
+SD_VAE_TILE = 256
+# the image side a diffusion model is claimed for: its native resolution, by the
+# architecture the estimator read (diffusers pipeline class, GGUF architecture, single
+# file); anything else 1024
+SD_IMAGE_SIDE = {
+    "StableDiffusionPipeline": 512, "sd1": 512,
+    "StableDiffusion2Pipeline": 768, "sd2": 768,
+}
+SD_DEFAULT_SIDE = 1024
+# the diffusion model's own activations and the runtime beyond weights and VAE decoding
+# (measured on the tiny test UNet at 64x64: 67 MB of RSS over the weights; a full-size
+# UNet or DiT at its native size takes more, and is not measured here)
+SD_OVERHEAD = 1 * GiB
 MINDIE_OVERHEAD = 3 * GiB
 MINDIE_UTILIZATION = 0.9
 
@@ -367,14 +385,34 @@ def mindie_claim(meta: ModelMeta, context: int, tp: int, gpu_memory_bytes: int |
                  detail=f"weights {gib(weights)} + KV {gib(kv)} + runtime {gib(MINDIE_OVERHEAD)}")
 
 
+def diffusion_claim(meta: ModelMeta, args: list[str], gpus: int,
+                    gpu_memory_bytes: int | None) -> Claim | str:
+    """stable-diffusion.cpp: every weight (diffusion model, VAE, text encoders) + the VAE
+    decoding an image of the model's native size (or one tile with `--vae-tiling`) + the
+    runtime, on one device."""
+    side = SD_IMAGE_SIDE.get(meta.architecture, SD_DEFAULT_SIDE)
+    tiled = "--vae-tiling" in args
+    vae = SD_VAE_BYTES_PER_PIXEL * (SD_VAE_TILE ** 2 if tiled else side * side)
+    detail = (f"weights {gib(meta.weights_bytes)} + VAE decoding "
+              f"{'a tile' if tiled else f'{side}x{side}'} {gib(vae)} + {gib(SD_OVERHEAD)}")
+    return _one_device("stable-diffusion.cpp", meta, meta.weights_bytes + vae + SD_OVERHEAD,
+                       detail, gpus, gpu_memory_bytes)
+
+
 def simple_claim(backend: str, meta: ModelMeta, gpus: int, gpu_memory_bytes: int | None
                  ) -> Claim | str:
-    """vox-box, stable-diffusion.cpp, custom: weights x factor + overhead on one device."""
+    """vox-box, custom: weights x factor + overhead on one device."""
     factor, overhead = SIMPLE_RULES[backend]
-    need = int(meta.weights_bytes * factor) + overhead
+    detail = f"weights {gib(meta.weights_bytes)} x {factor:g} + {gib(overhead)}"
+    return _one_device(backend, meta, int(meta.weights_bytes * factor) + overhead, detail,
+                       gpus, gpu_memory_bytes)
+
+
+def _one_device(backend: str, meta: ModelMeta, need: int, detail: str, gpus: int,
+                gpu_memory_bytes: int | None) -> Claim | str:
+    """A replica of `need` bytes on one GPU (or the CPU's RAM), or why not."""
     if gpus > 1:
         return f"{backend} runs a replica on one GPU, not {gpus}"
-    detail = f"weights {gib(meta.weights_bytes)} x {factor:g} + {gib(overhead)}"
     if gpus == 0:
         return Claim(backend=backend, gpus=0, nodes=1, vram_bytes_per_gpu=0, ram_bytes=need,
                      disk_bytes=meta.files_bytes, detail="RAM: " + detail)

@@ -205,15 +205,20 @@ DIFFUSION_ONLY = DIFFUSION_ARCHES[3:]
 # (`joint_blocks.`) files the diffusion model alone, with or without that prefix
 _FULL_CHECKPOINT = ("model.diffusion_model.", "first_stage_model.")
 _DIFFUSION_BLOCKS = {"double_blocks.": "flux", "joint_blocks.": "sd3"}
+_FULL_TEXT_ENCODERS = (("conditioner.embedders.", "sdxl"), ("cond_stage_model.model.", "sd2"))
 
 
 def _single_checkpoint(path: Path, source: str) -> ModelMeta | None:
     """A single-file diffusion checkpoint (no config.json beside it), or None."""
     names = [n for n in read_safetensors_header(path) if n != "__metadata__"]
     full = all(any(n.startswith(p) for n in names) for p in _FULL_CHECKPOINT)
-    arch = "stable-diffusion" if full else next(
-        (a for block, a in _DIFFUSION_BLOCKS.items() for n in names
-         if n.removeprefix("model.diffusion_model.").startswith(block)), None)
+    arch: str | None
+    if full:  # by the text encoder: SDXL's two, SD 2.x's OpenCLIP, else SD 1.x's CLIP
+        arch = next((a for prefix, a in _FULL_TEXT_ENCODERS for n in names
+                     if n.startswith(prefix)), "sd1")
+    else:
+        arch = next((a for block, a in _DIFFUSION_BLOCKS.items() for n in names
+                     if n.removeprefix("model.diffusion_model.").startswith(block)), None)
     if arch is None:
         return None
     totals = read_safetensors([path])

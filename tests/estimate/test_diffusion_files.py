@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -56,7 +57,7 @@ def test_single_file_checkpoints_are_image_models(tmp_path: Path) -> None:
         "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"])
     meta = read_path(full, "local://v1-5.safetensors")
     assert (meta.kind, meta.architecture, meta.extra["diffusion_only"]) == (
-        "image", "stable-diffusion", False)
+        "image", "sd1", False)
     assert meta.weights_bytes == 3 * 32
     alone = _safetensors(tmp_path / "flux1-dev.safetensors", [
         "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"])
@@ -109,3 +110,23 @@ def test_components_count_in_the_weights_and_travel_with_the_model(tmp_path: Pat
     assert sorted(u.dest for u in uploads) == [
         "/opt/stack/models/flux/ae.safetensors", "/opt/stack/models/flux/clip_l.safetensors",
         "/opt/stack/models/flux/flux1.gguf", "/opt/stack/models/flux/t5xxl.safetensors"]
+
+
+def test_the_diffusion_claim_decodes_an_image_of_the_native_size(tmp_path: Path) -> None:
+    from stack.estimate.memory import SD_VAE_BYTES_PER_PIXEL, GiB, diffusion_claim
+
+    sdxl = _safetensors(tmp_path / "sdxl.safetensors", [
+        "model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_in.weight",
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"])
+    meta = read_path(sdxl, "local://sdxl.safetensors")
+    assert meta.architecture == "sdxl"
+    big = replace(meta, weights_bytes=7 * GiB)
+    vae = SD_VAE_BYTES_PER_PIXEL * 1024 * 1024  # 6.5 GiB: SDXL decodes 1024x1024
+    on_cpu = diffusion_claim(big, [], 0, None)
+    assert not isinstance(on_cpu, str) and on_cpu.ram_bytes == 7 * GiB + vae + 1 * GiB
+    assert "VAE decoding 1024x1024" in on_cpu.detail
+    # 14.5 GiB does not fit a 12 GiB GPU; decoding in tiles does
+    assert diffusion_claim(big, [], 1, 12 * GiB) == "needs 14.5 GiB on one GPU, 12.0 GiB available"
+    tiled = diffusion_claim(big, ["--vae-tiling"], 1, 12 * GiB)
+    assert not isinstance(tiled, str)
+    assert tiled.vram_bytes_per_gpu == 8 * GiB + SD_VAE_BYTES_PER_PIXEL * 256 * 256
