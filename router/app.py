@@ -44,6 +44,9 @@ JSON_ENDPOINTS = {
     b"/v1/embeddings": "embeddings",
     b"/v1/rerank": "rerank",
     b"/rerank": "rerank",
+    b"/v2/rerank": "rerank",
+    b"/score": "score",
+    b"/v1/score": "score",
     b"/v1/audio/speech": "speech",
     b"/v1/images/generations": "images",
 }

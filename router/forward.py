@@ -26,6 +26,10 @@ from router.replicas import ReplicaState
 from router.server import ClientConnection, Request
 from router.upstream import Exchange, UpstreamError, request_head
 
+UPSTREAM_PATHS = {b"/v2/rerank": b"/v1/rerank"}
+"""Paths a replica is asked on another path: Cohere's v2 rerank request is the same as the
+v1 (Jina) one, which every rerank backend serves (llama-server has no /v2/rerank)."""
+
 log = logging.getLogger("stack-router")
 
 
@@ -121,6 +125,7 @@ class Forwarder:
         """Send the request; return once the first body byte (or the end) has arrived."""
         pool = replica.pool
         content_type = req.headers.get(b"content-type", b"application/json")
+        path = UPSTREAM_PATHS.get(req.url, req.url)
         for _ in range(2):
             upstream = pool.take_idle()
             fresh = upstream is None
@@ -128,11 +133,11 @@ class Forwarder:
                 upstream = await pool.connect(config.timeouts.connect)
             ex = Exchange(self.loop)
             if isinstance(body, Upload):
-                upstream.send(ex, request_head(req.method, req.url, pool, replica.api_key,
+                upstream.send(ex, request_head(req.method, path, pool, replica.api_key,
                                                content_type, body.length))
                 await body.send(upstream)
             else:
-                upstream.send(ex, request_head(req.method, req.url, pool, replica.api_key,
+                upstream.send(ex, request_head(req.method, path, pool, replica.api_key,
                                                content_type, len(body)) + body)
             try:
                 await ex.wait(ex.first, config.timeouts.first_byte, idle=False)

@@ -4,9 +4,10 @@ file, once as it is (its GGUF metadata says BERT with mean pooling: an embedding
 once with `kind = "rerank"`, both on the catalogue's llama.cpp on the host's CPU. Through
 the router, the official `openai` client's `embeddings.create` puts "kitten" nearer to
 "cat" than "stock market" (cosine 0.79 against 0.19, the same as a numpy BERT forward pass
-of the safetensors weights gives), and `/v1/rerank` and `/rerank` answer in the Jina/Cohere
-shape. MiniLM has no classifier head, so the rerank scores mean nothing: the shape is what
-is proven. A plan afterwards is empty.
+of the safetensors weights gives), and `/v1/rerank`, `/rerank` and Cohere's `/v2/rerank`
+(which the router asks on llama-server's /v1/rerank) answer in the Jina/Cohere shape.
+MiniLM has no classifier head, so the rerank scores mean nothing: the shape is what is
+proven. A plan afterwards is empty.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def test_embeddings_put_kitten_nearer_to_cat_than_stock_market(world: dict[str, 
     assert reply.usage.prompt_tokens == 10  # [CLS] word(s) [SEP] each
 
 
-@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
 def test_rerank_answers_in_the_jina_cohere_shape(world: dict[str, Any], path: str) -> None:
     base = world["url"].removesuffix("/v1")
     documents = ["kitten", "stock market", "a small cat"]

@@ -117,6 +117,23 @@ def test_speech_is_relayed_as_it_comes_and_images_are_forwarded(harness: Harness
     assert counts["/v1/audio/speech"] == 2 and counts["/v1/images/generations"] == 1
 
 
+def test_cohere_v2_rerank_and_vllm_score_are_routed(harness: Harness) -> None:
+    up = harness.upstream("--api-key", "inst")
+    r = harness.router({"models": [
+        {"name": "ranker", "kind": "rerank", "replicas": [replica("a", up, "inst")]}]})
+    base = f"http://127.0.0.1:{r.port}"
+    body = {"model": "ranker", "query": "cat", "documents": ["kitten", "stock market"]}
+    for path in ("/v2/rerank", "/score", "/v1/score"):
+        reply = httpx.post(base + path, json=body, timeout=10,
+                           headers={"Authorization": "Bearer none"})
+        assert reply.status_code == 200, (path, reply.text)
+    counts = stats(up, "inst")
+    # Cohere's v2 request is the v1 one, which every rerank backend serves (llama-server
+    # has no /v2/rerank); /score is vLLM's own and goes as it is
+    assert counts.get("/v1/rerank") == 1 and "/v2/rerank" not in counts
+    assert counts.get("/score") == 1 and counts.get("/v1/score") == 1
+
+
 def self_signed(tmp: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 that is its own CA, and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
