@@ -697,12 +697,11 @@ targets = ["llama-server", "ggml-rpc-server"]
 '''
 
 
-def gemma_stack_toml(fleet: Fleet, name: str, model: Path, sdist: Path | None, key_hash: str,
-                     router: str | None = None) -> tuple[str, str]:
-    """A stack.toml serving `model` (the test GGUF) on llama.cpp (one replica, CPU) with a
-    router on `router` (default: the first host), and the router's OpenAI base URL; with
-    `sdist`, llama.cpp is built from it (`llama_runtime_toml`), without, the runtime
-    catalogue's recipe serves it (no `[runtimes]` table)."""
+def cpu_stack_toml(fleet: Fleet, name: str, models: str, key_hash: str,
+                   router: str | None = None) -> tuple[str, str]:
+    """A stack.toml named `name` serving the `models` tables on the hosts' CPUs, one test
+    key, a router on `router` (default: the first host); and the router's OpenAI base
+    URL."""
     router = router or next(iter(fleet.hosts))
     address = fleet.hosts[router].address
     port = fleet.free_port(router)
@@ -715,13 +714,7 @@ port_range = [{low}, {low + 40}]
 [nodes."*"]
 cpu_inference = true
 
-{llama_runtime_toml(sdist) if sdist else ""}
-[models.gemma]
-source = "local://{model}"
-backend = "llama.cpp"
-context = 1024
-args = ["-t", "1"]
-
+{models}
 [router]
 hosts = ["{router}"]
 listen = "{address}:{port}"
@@ -731,6 +724,37 @@ name = "test"
 hash = "{key_hash}"
 '''
     return text, f"http://{address}:{port}/v1"
+
+
+def gemma_stack_toml(fleet: Fleet, name: str, model: Path, sdist: Path | None, key_hash: str,
+                     router: str | None = None) -> tuple[str, str]:
+    """`cpu_stack_toml` serving `model` (the test GGUF) on llama.cpp (one replica, CPU);
+    with `sdist`, llama.cpp is built from it (`llama_runtime_toml`), without, the runtime
+    catalogue's recipe serves it (no `[runtimes]` table)."""
+    models = f'''{llama_runtime_toml(sdist) if sdist else ""}
+[models.gemma]
+source = "local://{model}"
+backend = "llama.cpp"
+context = 1024
+args = ["-t", "1"]
+'''
+    return cpu_stack_toml(fleet, name, models, key_hash, router)
+
+
+@contextlib.contextmanager
+def one_host_stack(work: Path, name: str, models: str) -> Iterator[dict[str, Any]]:
+    """A started one-host loopback fleet under `work` with `cpu_stack_toml(models)` in
+    `work/stack.toml`, inside `stack_session`: yields `fleet`, `dir`, `key` (the test key)
+    and `url` (the router's OpenAI base URL); destroyed and stopped on the way out."""
+    from stack.secrets import generate_key, hash_key
+
+    fleet = Fleet(1, root=work / "fleet")
+    fleet.start()
+    key = generate_key()
+    text, url = cpu_stack_toml(fleet, name, models, hash_key(key))
+    (work / "stack.toml").write_text(text)
+    with stack_session(fleet, work, f"{name}-secret-0123456789abcdef"):
+        yield {"fleet": fleet, "dir": work, "key": key, "url": url}
 
 
 @pytest.fixture

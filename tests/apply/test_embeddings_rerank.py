@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fleet import Fleet, run_stack, stack_session
-
-from stack.secrets import generate_key, hash_key
+from fleet import one_host_stack, run_stack
 
 pytestmark = pytest.mark.integration
 
@@ -31,23 +28,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
           embedding_model: Path) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("embed")
-    fleet = Fleet(1, root=work / "fleet")
-    fleet.start()
-    key = generate_key()
-    router = next(iter(fleet.hosts))
-    address = fleet.hosts[router].address
-    port = fleet.free_port(router)
-    low = random.randint(41000, 59000)
-    (work / "stack.toml").write_text(f'''[stack]
-name = "embedtest"
-port_range = [{low}, {low + 40}]
-
-{fleet.inventory_toml()}
-[nodes."*"]
-cpu_inference = true
-
-[models.minilm]
+    models = f'''[models.minilm]
 source = "local://{embedding_model}"
 args = ["-t", "1"]
 
@@ -55,18 +36,9 @@ args = ["-t", "1"]
 source = "local://{embedding_model}"
 kind = "rerank"
 args = ["-t", "1"]
-
-[router]
-hosts = ["{router}"]
-listen = "{address}:{port}"
-
-[[keys]]
-name = "test"
-hash = "{hash_key(key)}"
-''')
-    with stack_session(fleet, work, "embed-test-secret-0123456789abcdef"):
-        yield {"fleet": fleet, "dir": work, "key": key,
-               "url": f"http://{address}:{port}/v1"}
+'''
+    with one_host_stack(tmp_path_factory.mktemp("embed"), "embedtest", models) as world:
+        yield world
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

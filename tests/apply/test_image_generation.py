@@ -15,7 +15,6 @@ sd-server takes its generation settings inside the prompt (`<sd_cpp_extra_args>`
 from __future__ import annotations
 
 import base64
-import random
 import struct
 import time
 from collections.abc import Iterator
@@ -25,9 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fleet import Fleet, run_stack, stack_session  # tests/ is on sys.path (tests/conftest.py)
-
-from stack.secrets import generate_key, hash_key
+from fleet import one_host_stack, run_stack  # tests/ is on sys.path (tests/conftest.py)
 
 pytestmark = pytest.mark.integration
 
@@ -38,40 +35,15 @@ PROMPT = ('a red apple <sd_cpp_extra_args>{"seed":42,"sample_params":{"sample_st
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, sd_bin: Path,
           sd_model: Path) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("image")
-    fleet = Fleet(1, root=work / "fleet")
-    fleet.start()
-    key = generate_key()
-    router = next(iter(fleet.hosts))
-    address = fleet.hosts[router].address
-    port = fleet.free_port(router)
-    low = random.randint(41000, 59000)
-    (work / "stack.toml").write_text(f'''[stack]
-name = "imagetest"
-port_range = [{low}, {low + 40}]
-
-{fleet.inventory_toml()}
-[nodes."*"]
-cpu_inference = true
-
-[models.sd]
+    models = f'''[models.sd]
 source = "local://{sd_model}"
 args = ["-t", "2"]
-
-[router]
-hosts = ["{router}"]
-listen = "{address}:{port}"
-
-[[keys]]
-name = "test"
-hash = "{hash_key(key)}"
-''')
+'''
     with pytest.MonkeyPatch.context() as patch:
         # the catalogue's CPU recipe is uploaded from scripts/setup-sd-cpp's build
         patch.setenv("MODELSTACK_CACHE", str(sd_bin.parents[2]))  # CACHE/NAME/VERSION/bin
-        with stack_session(fleet, work, "image-test-secret-0123456789abcdef"):
-            yield {"fleet": fleet, "dir": work, "key": key,
-                   "url": f"http://{address}:{port}/v1"}
+        with one_host_stack(tmp_path_factory.mktemp("image"), "imagetest", models) as world:
+            yield world
 
 
 def _png_size(data: bytes) -> tuple[int, int]:

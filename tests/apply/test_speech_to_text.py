@@ -16,7 +16,6 @@ host (pip's cache makes a second run faster).
 
 from __future__ import annotations
 
-import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,9 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import SENTENCE_WORDS
-from fleet import Fleet, run_stack, stack_session
-
-from stack.secrets import generate_key, hash_key
+from fleet import one_host_stack, run_stack
 
 pytestmark = pytest.mark.integration
 
@@ -35,36 +32,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory,
           whisper_model: Path) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("speech")
-    fleet = Fleet(1, root=work / "fleet")
-    fleet.start()
-    key = generate_key()
-    router = next(iter(fleet.hosts))
-    address = fleet.hosts[router].address
-    port = fleet.free_port(router)
-    low = random.randint(41000, 59000)
-    (work / "stack.toml").write_text(f'''[stack]
-name = "speechtest"
-port_range = [{low}, {low + 40}]
-
-{fleet.inventory_toml()}
-[nodes."*"]
-cpu_inference = true
-
-[models.whisper]
+    models = f'''[models.whisper]
 source = "local://{whisper_model}"
-
-[router]
-hosts = ["{router}"]
-listen = "{address}:{port}"
-
-[[keys]]
-name = "test"
-hash = "{hash_key(key)}"
-''')
-    with stack_session(fleet, work, "speech-test-secret-0123456789abcdef"):
-        yield {"fleet": fleet, "dir": work, "key": key,
-               "url": f"http://{address}:{port}/v1"}
+'''
+    with one_host_stack(tmp_path_factory.mktemp("speech"), "speechtest", models) as world:
+        yield world
 
 
 @pytest.mark.timeout(2400)

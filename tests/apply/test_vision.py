@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import random
 import shutil
 import struct
 import subprocess
@@ -26,9 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import Fleet, run_stack, stack_session
-
-from stack.secrets import generate_key, hash_key
+from fleet import one_host_stack, run_stack
 
 pytestmark = pytest.mark.integration
 
@@ -62,37 +59,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
         shutil.copy(gguf_model, model / gguf_model.name)
     subprocess.run([sys.executable, str(ROOT / "tests" / "fixtures" / "gemma3_mmproj.py"),
                     str(model / "mmproj-gemma3-random.gguf")], check=True, timeout=120)
-    fleet = Fleet(1, root=work / "fleet")
-    fleet.start()
-    key = generate_key()
-    router = next(iter(fleet.hosts))
-    address = fleet.hosts[router].address
-    port = fleet.free_port(router)
-    low = random.randint(41000, 59000)
-    (work / "stack.toml").write_text(f'''[stack]
-name = "visiontest"
-port_range = [{low}, {low + 40}]
-
-{fleet.inventory_toml()}
-[nodes."*"]
-cpu_inference = true
-
-[models.gemma]
+    models = '''[models.gemma]
 source = "local://gemma-vision"
 context = 2048
 args = ["-t", "2"]
-
-[router]
-hosts = ["{router}"]
-listen = "{address}:{port}"
-
-[[keys]]
-name = "test"
-hash = "{hash_key(key)}"
-''')
-    with stack_session(fleet, work, "vision-test-secret-0123456789abcdef"):
-        yield {"fleet": fleet, "dir": work, "key": key,
-               "url": f"http://{address}:{port}/v1"}
+'''
+    with one_host_stack(work, "visiontest", models) as world:
+        yield world
 
 
 def test_the_plan_reads_a_vision_language_model(world: dict[str, Any]) -> None:
