@@ -50,6 +50,12 @@ def node_host(spec: StackSpec, observed: Observed, node: str) -> str:
     return "127.0.0.1"
 
 
+def resolve_local(source: str, stack_dir: Path) -> Path:
+    """`local://PATH` -> the controller path (relative to stack.toml, or `local:///abs`)."""
+    rest = source[len("local://"):]
+    return Path(rest) if rest.startswith("/") else stack_dir / rest
+
+
 def model_path(name: str, source: str, prefix: str, stack_dir: Path) -> str | None:
     """Where a model's files are on a host.
 
@@ -61,7 +67,7 @@ def model_path(name: str, source: str, prefix: str, stack_dir: Path) -> str | No
     folder = PurePosixPath(prefix) / "models" / name
     if source.startswith("local://"):
         rest = source[len("local://"):]
-        local = Path(rest) if rest.startswith("/") else stack_dir / rest
+        local = resolve_local(source, stack_dir)
         if local.is_dir():
             gguf = _gguf_folder(local)
             return str(folder / gguf.name) if gguf is not None else str(folder)
@@ -90,8 +96,7 @@ def folder_mmproj(source: str, stack_dir: Path) -> str | None:
 
     if not source.startswith("local://"):
         return None
-    rest = source[len("local://"):]
-    local = Path(rest) if rest.startswith("/") else stack_dir / rest
+    local = resolve_local(source, stack_dir)
     if not local.is_dir() or _gguf_folder(local) is None:
         return None
     found = pick_mmproj(local)
@@ -105,8 +110,7 @@ def local_checksum(source: str, stack_dir: Path) -> str | None:
         return None
     from stack.wheelhouse import sha256_file
 
-    rest = source[len("local://"):]
-    local = Path(rest) if rest.startswith("/") else stack_dir / rest
+    local = resolve_local(source, stack_dir)
     if local.is_file():
         return sha256_file(local)
     if not local.is_dir():

@@ -12,6 +12,7 @@ from deploys.steps import HostTarget, ModelUpload, agent_paths
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node
 from stack.apply.report import HostReport
+from stack.assign import resolve_local
 from stack.bundle_target import AGENT_HINT, BundleTarget, agent_problem, bundle_target
 from stack.catalog import Recipe, recipe_of_folder
 from stack.errors import ApplyError, StackError
@@ -38,13 +39,6 @@ def runtime_of(spec: StackSpec, inst: Instance, prefix: str) -> Recipe | None:
         return None
     name, _, folder = inst.runtime_path[len(base):].partition("/")
     return recipe_of_folder(spec, name, folder)
-
-
-def resolve_local(spec_source: str, stack_dir: Path) -> Path:
-    """`local://PATH` -> the controller path (relative to stack.toml, or `local:///abs`)."""
-    rest = spec_source[len("local://"):]
-    path = Path(rest)
-    return path if path.is_absolute() else stack_dir / path
 
 
 def runtime_install(
