@@ -24,6 +24,7 @@ from router.multipart import Upload
 from router.relay import Mode, relay
 from router.replicas import ReplicaState
 from router.server import ClientConnection, Request
+from router.transcripts import render
 from router.upstream import Exchange, UpstreamError, request_head
 
 UPSTREAM_PATHS = {b"/v2/rerank": b"/v1/rerank"}
@@ -105,9 +106,14 @@ class Forwarder:
                 replica.answered(sent)
                 ctx.overhead_base = ex.last_data - sent
                 result = ex.body()
+                content_type = ex.content_type or b"application/json"
                 if ex.status < 300:
                     ctx.usage.count(result)
-                ctx.respond(conn, ex.status, result, ex.content_type or b"application/json")
+                    if isinstance(body, Upload) and body.renders is not None:
+                        made = render(body.renders, result)
+                        result, content_type = made if made is not None else (result,
+                                                                              content_type)
+                ctx.respond(conn, ex.status, result, content_type)
                 return None
             replica.answered(sent)
             if ctx.model is not None:

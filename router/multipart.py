@@ -1,5 +1,6 @@
 """Multipart uploads (`/v1/audio/transcriptions`): the head of the body is read until the
-`model` field is complete, then the rest is streamed upstream without buffering it.
+`model` field is complete (and `response_format`, or the file's part, is reached), then the
+rest is streamed upstream without buffering it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from router.upstream import UpstreamConnection
 
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.IGNORECASE)
 _NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
+RENDERED = (b"text", b"srt", b"vtt")
+"""Transcription formats the router makes from verbose_json (backends differ on them:
+vox-box answers each with a JSON string)."""
 
 
 def boundary(content_type: bytes) -> bytes | None:
@@ -21,8 +25,8 @@ def boundary(content_type: bytes) -> bytes | None:
     return match.group(1).strip() if match else None
 
 
-def find_field(head: bytes, boundary: bytes, name: bytes) -> bytes | None:
-    """The value of form field `name` if `head` holds it whole, else None (read more)."""
+def _field_span(head: bytes, boundary: bytes, name: bytes) -> tuple[int, int] | None:
+    """Where the value of form field `name` is in `head`, if `head` holds it whole."""
     delimiter = b"--" + boundary
     pos = head.find(delimiter)
     while pos >= 0:
@@ -36,20 +40,36 @@ def find_field(head: bytes, boundary: bytes, name: bytes) -> bytes | None:
         value_end = head.find(b"\r\n" + delimiter, end_headers + 4)
         match = _NAME.search(part_headers)
         if match and match.group(1) == name:
-            return head[end_headers + 4:value_end] if value_end >= 0 else None
+            return (end_headers + 4, value_end) if value_end >= 0 else None
         if value_end < 0:
             return None
         pos = value_end + 2
     return None
 
 
+def find_field(head: bytes, boundary: bytes, name: bytes) -> bytes | None:
+    """The value of form field `name` if `head` holds it whole, else None (read more)."""
+    span = _field_span(head, boundary, name)
+    return head[span[0]:span[1]] if span is not None else None
+
+
+def _settled(head: bytes, boundary: bytes) -> bool:
+    """Whether `head` shows `response_format`, or reaches the file (or the end) first."""
+    return (b'filename="' in head or b"--" + boundary + b"--" in head
+            or _field_span(head, boundary, b"response_format") is not None)
+
+
 class Upload:
     """A multipart body: the head read to find `model`, then the rest streamed."""
 
-    def __init__(self, head: bytes, stream: BodyStream, length: int | None) -> None:
+    def __init__(self, head: bytes, stream: BodyStream, length: int | None,
+                 renders: bytes | None = None) -> None:
         self.head = head
         self.stream = stream
         self.length = length
+        self.renders = renders
+        """The `response_format` the router makes from the replica's verbose_json
+        (`router.transcripts`), which the replica is asked for instead."""
         self.consumed = False
         """Sending started: the body cannot be sent to another replica."""
 
@@ -85,19 +105,29 @@ async def read_upload(req: Request, max_bytes: int) -> tuple[Upload, bytes | Non
         raise bad_request("the upload must be multipart/form-data")
     head: list[bytes] = []
     size, model = 0, None
-    while model is None:
+    while model is None or not _settled(b"".join(head), found):
         piece = await stream.read()
         if piece is None:
             break
         head.append(piece)
         size += len(piece)
+        if size > max_bytes and model is not None:
+            break  # the model is known: the rest is streamed as it is
         if size > max_bytes:
             req.keep_alive = False
             raise ApiError(413, f"the upload has no `model` field within the router's "
                            f"`max_body_bytes` ({max_bytes} bytes); put `model` before the file",
                            "invalid_request_error", "request_too_large")
         model = find_field(b"".join(head), found, b"model")
-    length = req.headers.get(b"content-length")
-    upload = Upload(b"".join(head), stream,
-                    int(length) if length is not None and length.isdigit() else None)
-    return upload, model
+    header = req.headers.get(b"content-length")
+    length = int(header) if header is not None and header.isdigit() else None
+    whole = b"".join(head)
+    span = _field_span(whole, found, b"response_format")
+    renders = whole[span[0]:span[1]].strip() if span is not None else None
+    if span is None or renders not in RENDERED:
+        return Upload(whole, stream, length), model
+    # the replica is asked for verbose_json, which the router renders as text, srt or vtt
+    whole = whole[:span[0]] + b"verbose_json" + whole[span[1]:]
+    if length is not None:
+        length += len(b"verbose_json") - (span[1] - span[0])
+    return Upload(whole, stream, length, renders), model

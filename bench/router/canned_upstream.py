@@ -7,8 +7,9 @@ Prints `canned: listening on PORT` once it listens. Answers:
   an SSE stream of `--chunks` chunks (plus a usage chunk when
   `stream_options.include_usage` is set).
 - `POST /v1/embeddings`: a fixed vector; `POST /v1/audio/transcriptions`: the number of
-  body bytes received; `POST /v1/audio/speech`: `SPEECH` (audio/mpeg) in 4 chunked
-  pieces, `"canned_gap": S` seconds apart; `POST /v1/images/generations`: one image
+  body bytes received (and two segments when `response_format` is `verbose_json`);
+  `POST /v1/audio/speech`: `SPEECH` (audio/mpeg) in 4 chunked pieces, `"canned_gap": S`
+  seconds apart; `POST /v1/images/generations`: one image
   whose `b64_json` is `IMAGE_B64`; `GET /health`: ok.
 Faults, per request through extra body fields: `"canned_status": 503` answers that status,
 `"canned_die_after": N` kills the connection after N stream chunks, `"canned_delay": S`
@@ -113,7 +114,12 @@ class Server(asyncio.Protocol):
             self.send(200, json.dumps(self.stats).encode())
             return
         if path == b"/v1/audio/transcriptions":
-            self.send(200, json.dumps({"text": "canned", "bytes": len(raw)}).encode())
+            answer: dict[str, object] = {"text": "canned", "bytes": len(raw)}
+            if b'name="response_format"\r\n\r\nverbose_json\r\n' in raw:
+                answer.update(duration=2.5, segments=[
+                    {"id": 0, "start": 0.0, "end": 1.25, "text": " canned"},
+                    {"id": 1, "start": 1.25, "end": 2.5, "text": " words"}])
+            self.send(200, json.dumps(answer).encode())
             return
         try:
             doc = json.loads(raw) if raw else {}

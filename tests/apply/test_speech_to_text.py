@@ -6,9 +6,9 @@ CTranslate2 Whisper model (speech-to-text, weights the size of model.bin), the s
 picks vox-box and places it on the host's CPU, apply installs the catalogue's vox-box CPU
 recipe with pip on the host and starts it, and the official `openai` client's
 `audio.transcriptions.create` gets the words of a sentence espeak-ng spoke, through the
-router, as json and as verbose_json (with segment times). vox-box 0.0.21 answers `text` and
-`srt` with the transcript as a JSON string (no subtitles): those two formats are not served
-to the OpenAI contract yet (docs/runtimes.md). A plan afterwards is empty.
+router, as json, verbose_json (with segment times), text and srt. vox-box 0.0.21 answers
+`text` and `srt` with the transcript as a JSON string; the router asks it for verbose_json
+and renders those (router/transcripts.py). A plan afterwards is empty.
 
 About 3 minutes on 2 cores, most of it pip installing vox-box and CPU torch (1.7 GB) on the
 host (pip's cache makes a second run faster).
@@ -77,6 +77,17 @@ def test_apply_serves_whisper_and_the_client_transcribes(
                                                      response_format="verbose_json")
     assert "fox" in verbose.text.lower() and verbose.segments, verbose
     assert verbose.segments[0].end > verbose.segments[0].start >= 0
+    # vox-box answers text and srt with a JSON string: the router asks it for verbose_json
+    # and renders them, as OpenAI's API answers them
+    with spoken_wav.open("rb") as audio:
+        plain = client.audio.transcriptions.create(model="whisper", file=audio,
+                                                   response_format="text")
+    assert isinstance(plain, str) and plain == verbose.text.strip() + "\n", plain
+    with spoken_wav.open("rb") as audio:
+        srt = client.audio.transcriptions.create(model="whisper", file=audio,
+                                                 response_format="srt")
+    assert isinstance(srt, str) and srt.startswith("1\n00:00:0"), srt
+    assert " --> 00:00:0" in srt and "fox" in srt.lower(), srt
     with capsys.disabled():
         print(f"\nspeech-to-text: apply {applied:.0f} s (vox-box install included), "
               f"first transcription {first:.1f} s")

@@ -224,6 +224,32 @@ def test_transcription_upload_is_streamed_to_the_replica(harness: Harness) -> No
     assert result.http_response.json()["bytes"] > 300_000
 
 
+def test_transcription_text_srt_and_vtt_are_made_from_verbose_json(harness: Harness) -> None:
+    up = harness.upstream()
+    r = harness.router({"models": [{"name": "whisper", "kind": "stt",
+                                    "replicas": [replica("a", up)]}]})
+    audio = Path(harness.tmp / "b.wav")
+    audio.write_bytes(b"RIFF" + b"\0" * 50_000)
+    c = client(r.port)
+
+    def ask(fmt: str) -> httpx.Response:
+        return c.audio.transcriptions.with_raw_response.create(
+            model="whisper", file=audio.open("rb"), response_format=fmt).http_response
+
+    # the replica is asked for verbose_json (its answer has segments) and gets the whole
+    # file: the router's Content-Length follows the rewritten field
+    text = ask("text")
+    assert (text.text, text.headers["content-type"]) == ("canned\n", "text/plain; charset=utf-8")
+    assert ask("srt").text == ("1\n00:00:00,000 --> 00:00:01,250\ncanned\n\n"
+                               "2\n00:00:01,250 --> 00:00:02,500\nwords\n")
+    assert ask("vtt").text == ("WEBVTT\n\n00:00:00.000 --> 00:00:01.250\ncanned\n\n"
+                               "00:00:01.250 --> 00:00:02.500\nwords\n")
+    plain = ask("json").json()
+    assert plain["text"] == "canned" and "segments" not in plain and plain["bytes"] > 50_000
+    verbose = ask("verbose_json").json()
+    assert [s["text"] for s in verbose["segments"]] == [" canned", " words"]
+
+
 def test_bad_config_and_public_listen_without_keys_refuse_to_start(tmp_path: Path) -> None:
     path = tmp_path / "router.json"
     path.write_text('{"listen": "0.0.0.0:0"}')
