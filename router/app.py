@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -30,6 +31,7 @@ from router.forward import Forwarder
 from router.metrics import Metrics, ReplicaGauge, combine
 from router.multipart import read_upload
 from router.relay import Mode
+from router.rendering import image_urls, transcript
 from router.replicas import ReplicaState
 from router.server import ClientConnection, Request
 from router.shared import SharedState
@@ -201,6 +203,10 @@ class Router:
         if stream and ask_for_usage(doc):
             ctx.usage.drop = True
             body = orjson.dumps(doc)
+        if endpoint == "images" and doc.get("response_format") == "url":
+            doc["response_format"] = "b64_json"  # the router makes the URL (a data: URL)
+            body = orjson.dumps(doc)
+            ctx.render = image_urls
         mode: Mode = "sse" if stream else "raw" if endpoint in RAW_RELAY else "buffer"
         affinity = self._affinity(req, doc)
         try:
@@ -213,6 +219,8 @@ class Router:
         upload, model = await read_upload(req, ctx.tables.config.max_body_bytes)
         name = auth.resolve(ctx, entry, model.decode(errors="replace") if model else None)
         auth.admit(ctx, entry, self.loop_now(), 0, self.metrics)
+        if upload.renders is not None:
+            ctx.render = partial(transcript, upload.renders)
         try:
             await self.forwarder.forward(conn, ctx, name, upload, "buffer", None)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from router.limits import Limiter
 from router.server import ClientConnection, Request
@@ -15,7 +16,8 @@ OVERHEAD_HEADER = b"x-modelstack-overhead-ms"
 class Context:
     """Per-request bookkeeping: who asked for which model, what was answered, tokens used."""
 
-    __slots__ = ("key_name", "limiter", "model", "overhead_base", "req", "reservation", "sent",
+    __slots__ = ("key_name", "limiter", "model", "overhead_base", "render", "req",
+                 "reservation", "sent",
                  "status", "tables", "usage")
 
     def __init__(self, req: Request, tables: Tables) -> None:
@@ -32,6 +34,9 @@ class Context:
         self.reservation = (0, 0)
         self.overhead_base = 0.0
         """Seconds spent waiting on the upstream, subtracted from the overhead."""
+        self.render: Callable[[bytes], tuple[bytes, bytes] | None] | None = None
+        """Makes the answer the client asked for from the replica's buffered 2xx answer
+        (`router.rendering`): (body, content type), or None to pass it on as it is."""
 
     def overhead_header(self, now: float) -> bytes:
         ms = max(0.0, (now - self.req.started - self.overhead_base) * 1000)

@@ -24,7 +24,6 @@ from router.multipart import Upload
 from router.relay import Mode, relay
 from router.replicas import ReplicaState
 from router.server import ClientConnection, Request
-from router.transcripts import render
 from router.upstream import Exchange, UpstreamError, request_head
 
 UPSTREAM_PATHS = {b"/v2/rerank": b"/v1/rerank"}
@@ -109,10 +108,9 @@ class Forwarder:
                 content_type = ex.content_type or b"application/json"
                 if ex.status < 300:
                     ctx.usage.count(result)
-                    if isinstance(body, Upload) and body.renders is not None:
-                        made = render(body.renders, result)
-                        result, content_type = made if made is not None else (result,
-                                                                              content_type)
+                    made = ctx.render(result) if ctx.render is not None else None
+                    if made is not None:
+                        result, content_type = made
                 ctx.respond(conn, ex.status, result, content_type)
                 return None
             replica.answered(sent)

@@ -69,7 +69,7 @@ class Upload:
         self.length = length
         self.renders = renders
         """The `response_format` the router makes from the replica's verbose_json
-        (`router.transcripts`), which the replica is asked for instead."""
+        (`router.rendering`), which the replica is asked for instead."""
         self.consumed = False
         """Sending started: the body cannot be sent to another replica."""
 

@@ -88,3 +88,9 @@ def test_apply_serves_a_diffusers_folder_and_images_generate_returns_a_png(
             ["64x64", "64x64", "128x64"]))
     sizes = [_png_size(base64.b64decode(r.data[0].b64_json or "")) for r in replies if r.data]
     assert sizes == [(64, 64), (64, 64), (128, 64)]
+    # a `url` answer: sd-server serves none, the router answers a data: URL of the PNG
+    linked = client.images.generate(model="sd", prompt=PROMPT, size="64x64",
+                                    response_format="url")
+    assert linked.data and (linked.data[0].url or "").startswith("data:image/png;base64,")
+    png = base64.b64decode((linked.data[0].url or "").partition(",")[2])
+    assert _png_size(png) == (64, 64)

@@ -8,7 +8,7 @@ recipe with pip on the host and starts it, and the official `openai` client's
 `audio.transcriptions.create` gets the words of a sentence espeak-ng spoke, through the
 router, as json, verbose_json (with segment times), text and srt. vox-box 0.0.21 answers
 `text` and `srt` with the transcript as a JSON string; the router asks it for verbose_json
-and renders those (router/transcripts.py). A plan afterwards is empty.
+and renders those (router/rendering.py). A plan afterwards is empty.
 
 About 3 minutes on 2 cores, most of it pip installing vox-box and CPU torch (1.7 GB) on the
 host (pip's cache makes a second run faster).

@@ -111,10 +111,14 @@ def test_speech_is_relayed_as_it_comes_and_images_are_forwarded(harness: Harness
     image = c.images.generate(model="img", prompt="a red pixel")
     assert image.data is not None and image.data[0].revised_prompt == "a red pixel"
     assert (image.data[0].b64_json or "").startswith("iVBORw0KGgo")  # a PNG
+    # sd-server serves no URLs: the router asks for b64_json and answers a data: URL
+    linked = c.images.generate(model="img", prompt="a red pixel", response_format="url")
+    assert linked.data is not None and linked.data[0].b64_json is None
+    assert (linked.data[0].url or "").startswith("data:image/png;base64,iVBORw0KGgo")
     with pytest.raises(openai.NotFoundError):
         c.images.generate(model="no-such-model", prompt="x")
     counts = stats(up, "inst")
-    assert counts["/v1/audio/speech"] == 2 and counts["/v1/images/generations"] == 1
+    assert counts["/v1/audio/speech"] == 2 and counts["/v1/images/generations"] == 2
 
 
 def test_cohere_v2_rerank_and_vllm_score_are_routed(harness: Harness) -> None:

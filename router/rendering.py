@@ -1,7 +1,12 @@
-"""Transcriptions in `text`, `srt` and `vtt`, made by the router from the replica's
-`verbose_json` answer (`router.multipart` asks for it instead), so that every speech-to-text
-backend answers those formats as OpenAI's API does: the text alone, SubRip and WebVTT
-subtitles, each `text/plain`."""
+"""Answers the router makes from the replica's, where backends differ from OpenAI's API
+(`Context.render`, applied to a buffered 2xx answer):
+
+- transcriptions in `text`, `srt` and `vtt` from the replica's `verbose_json`
+  (`router.multipart` asks for it instead): the text alone, SubRip and WebVTT subtitles,
+  each `text/plain` (vox-box answers those with a JSON string);
+- images as `url` from the replica's `b64_json` (sd-server serves no URLs): a `data:` URL
+  holding the image, so that the router keeps no image after the answer.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def _segments(doc: dict[str, Any]) -> list[tuple[float, float, str]]:
     return out
 
 
-def render(wanted: bytes, body: bytes) -> tuple[bytes, bytes] | None:
+def transcript(wanted: bytes, body: bytes) -> tuple[bytes, bytes] | None:
     """(body, content type) of the transcript in `wanted` (`text`, `srt`, `vtt`) from a
     verbose_json answer; None when `body` is not one (it is passed on as it is)."""
     try:
@@ -51,3 +56,25 @@ def render(wanted: bytes, body: bytes) -> tuple[bytes, bytes] | None:
     if vtt:
         return ("WEBVTT\n\n" + "\n".join(cues)).encode(), TEXT_PLAIN
     return "\n".join(f"{n}\n{cue}" for n, cue in enumerate(cues, 1)).encode(), TEXT_PLAIN
+
+
+# base64 openings of the image formats a backend may answer with
+_IMAGE_TYPES = {"iVBORw0KGgo": "image/png", "/9j/": "image/jpeg", "UklGR": "image/webp"}
+
+
+def image_urls(body: bytes) -> tuple[bytes, bytes] | None:
+    """The images answer with each `b64_json` as a `data:` URL in `url`; None when `body`
+    is not an images answer."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        return None
+    for item in doc["data"]:
+        if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
+            data = item.pop("b64_json")
+            kind = next((t for head, t in _IMAGE_TYPES.items() if data.startswith(head)),
+                        "image/png")
+            item["url"] = f"data:{kind};base64,{data}"
+    return orjson.dumps(doc), b"application/json"
