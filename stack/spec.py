@@ -47,6 +47,8 @@ _FOLDER = r"\.?[A-Za-z0-9_+@-][A-Za-z0-9._+@-]*"  # one folder name, never `.` o
 PREFIX_PATTERN = rf"^(/{_FOLDER})+/?$"
 HOST_PATH_PATTERN = r"^(/\.?[A-Za-z0-9_+@{}-][A-Za-z0-9._+@{}-]*)+/?$"
 SUBDIR_PATTERN = rf"^{_FOLDER}(/{_FOLDER})*/?$"
+# a file beside a model (relative: uploaded with a `local://` model file) or on the hosts
+MODEL_FILE_PATTERN = rf"^/?{_FOLDER}(/{_FOLDER})*$"
 # files in a venv's site-packages: plain names and `*`, never `.`, `..` or absolute
 _SITE_PART = r"[A-Za-z0-9_*][A-Za-z0-9_.*+-]*"
 SITE_PATH_PATTERN = rf"^{_SITE_PART}(/{_SITE_PART})*$"
@@ -87,6 +89,9 @@ RULES: dict[str, tuple[str, str]] = {  # pattern -> (what the value must be, hin
     SUBDIR_PATTERN: (
         "a folder inside the archive (a relative path of plain folder names; no `..`)",
         'e.g. `subdir = "vendor/llama.cpp"`.'),
+    MODEL_FILE_PATTERN: (
+        "a file beside the model (a relative path of plain names; no `..`) or an absolute "
+        "path on the hosts", 'e.g. `mmproj = "mmproj-model-f16.gguf"`.'),
     SITE_PATH_PATTERN: (
         "files in the venv's site-packages: a relative path of plain names and `*` "
         "(letters, digits, `_.+-*`); no `..`, not absolute",
@@ -144,6 +149,7 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=64)]
 Prefix = Annotated[str, StringConstraints(pattern=PREFIX_PATTERN, max_length=200)]
 HostPath = Annotated[str, StringConstraints(pattern=HOST_PATH_PATTERN, max_length=500)]
 Subdir = Annotated[str, StringConstraints(pattern=SUBDIR_PATTERN, max_length=500)]
+ModelFile = Annotated[str, StringConstraints(pattern=MODEL_FILE_PATTERN, max_length=500)]
 SitePath = Annotated[str, StringConstraints(pattern=SITE_PATH_PATTERN, max_length=300)]
 Version = Annotated[str, StringConstraints(pattern=VERSION_PATTERN, max_length=64)]
 DriverVersion = Annotated[str, StringConstraints(pattern=DRIVER_VERSION_PATTERN, max_length=32)]
@@ -456,7 +462,7 @@ class ModelSpec(_Strict):
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="vLLM/SGLang: fraction of each GPU's memory to claim."
     )
-    mmproj: str | None = Field(
+    mmproj: ModelFile | None = Field(
         None, description="llama.cpp vision: the multimodal projector, a path beside the "
         "model's GGUF (or absolute on the host); default: the one `mmproj*.gguf` in a "
         "`local://` folder of GGUF files.")
