@@ -17,6 +17,15 @@ import orjson
 TEXT_PLAIN = b"text/plain; charset=utf-8"
 
 
+def _object(body: bytes) -> dict[str, Any] | None:
+    """The replica's answer as a JSON object, or None."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def _stamp(seconds: float, comma: bool) -> str:
     millis = max(0, round(seconds * 1000))
     hours, rest = divmod(millis, 3_600_000)
@@ -42,11 +51,8 @@ def _segments(doc: dict[str, Any]) -> list[tuple[float, float, str]]:
 def transcript(wanted: bytes, body: bytes) -> tuple[bytes, bytes] | None:
     """(body, content type) of the transcript in `wanted` (`text`, `srt`, `vtt`) from a
     verbose_json answer; None when `body` is not one (it is passed on as it is)."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+    doc = _object(body)
+    if doc is None or not isinstance(doc.get("text"), str):
         return None
     if wanted == b"text":
         return doc["text"].strip().encode() + b"\n", TEXT_PLAIN
@@ -65,11 +71,8 @@ _IMAGE_TYPES = {"iVBORw0KGgo": "image/png", "/9j/": "image/jpeg", "UklGR": "imag
 def image_urls(body: bytes) -> tuple[bytes, bytes] | None:
     """The images answer with each `b64_json` as a `data:` URL in `url`; None when `body`
     is not an images answer."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+    doc = _object(body)
+    if doc is None or not isinstance(doc.get("data"), list):
         return None
     for item in doc["data"]:
         if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
