@@ -74,7 +74,8 @@ def model_reason(backend: str, meta: ModelMeta, kind: str) -> str | None:
     if support is None:
         return f"unknown backend `{backend}`"
     if meta.format not in support.formats:
-        fmt = {"gguf": "GGUF files", "ctranslate2": "CTranslate2 models"}.get(
+        fmt = {"gguf": "GGUF files", "ctranslate2": "CTranslate2 models",
+               "onnx": "ONNX models", "pytorch": "PyTorch checkpoints"}.get(
             meta.format, "safetensors models")
         return f"{support.label} does not serve {fmt}"
     if kind not in support.kinds:

@@ -83,6 +83,8 @@ class ModelEvaluation:
             return f"{backend} replicas stay on one node"
         if backend == "stable-diffusion.cpp":
             return memory.diffusion_claim(self.meta, self.spec.args, gpus, gpu_memory_bytes)
+        if backend == "vox-box" and self.meta.architecture == "whisper":
+            return memory.whisper_claim(self.meta, gpus, gpu_memory_bytes)
         return memory.simple_claim(backend, self.meta, gpus, gpu_memory_bytes)
 
     def _fit_context(self, context: int, gpu_memory_bytes: int | None,

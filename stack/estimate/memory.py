@@ -61,6 +61,24 @@ SD_DEFAULT_SIDE = 1024
 # (measured on the tiny test UNet at 64x64: 67 MB of RSS over the weights; a full-size
 # UNet or DiT at its native size takes more, and is not measured here)
 SD_OVERHEAD = 1 * GiB
+# Whisper on vox-box (faster-whisper, CTranslate2). Measured with vox-box 0.0.21 on CPU,
+# tiny.en (real) and a random-weight model of Whisper small's shape, one 6.5 s clip:
+# - CTranslate2 computes in float32 on a CPU: a float16 model.bin's weights double (its
+#   own warning says so); int8 ones stay int8. On a GPU they stay as stored.
+# - the process besides the weights (Python, torch, the tokenizer): 451 and 483 MB idle
+WHISPER_RUNTIME = 512 * MiB
+# - decoding keeps each hypothesis's self-attention K and V for every decoder layer up to
+#   the longest output (target positions) and one cross-attention K and V over the encoder
+#   frames (source positions); faster-whisper decodes 5 hypotheses (beam_size and best_of
+#   both default to 5). Peak over idle: 147 MB (tiny.en), 326 MB (small's shape)
+WHISPER_HYPOTHESES = 5
+WHISPER_WORK = 128 * MiB  # decoding beyond those caches: audio, features, encoder
+# Claim = weights + runtime + caches + work: 868 MB for tiny.en (peak RSS 749 MB), 1.91 GB
+# for small's shape (peak 1.79 GB). A model.bin the controller has not read (a hub repo
+# outside its cache) is given the shape of the largest official Whisper whose parameters
+# its size could hold at one byte each (width, decoder layers, parameters)
+WHISPER_SHAPES = ((384, 4, 39_000_000), (512, 6, 74_000_000), (768, 12, 244_000_000),
+                  (1024, 24, 769_000_000), (1280, 32, 1_550_000_000))
 MINDIE_OVERHEAD = 3 * GiB
 MINDIE_UTILIZATION = 0.9
 
@@ -397,6 +415,29 @@ def diffusion_claim(meta: ModelMeta, args: list[str], gpus: int,
               f"{'a tile' if tiled else f'{side}x{side}'} {gib(vae)} + {gib(SD_OVERHEAD)}")
     return _one_device("stable-diffusion.cpp", meta, meta.weights_bytes + vae + SD_OVERHEAD,
                        detail, gpus, gpu_memory_bytes)
+
+
+def whisper_claim(meta: ModelMeta, gpus: int, gpu_memory_bytes: int | None) -> Claim | str:
+    """faster-whisper (vox-box): the weights as the device holds them + the decoding caches
+    of every hypothesis + the runtime, on one device."""
+    width, layers = _extra_int(meta, "d_model"), _extra_int(meta, "decoder_layers")
+    stored = _extra_int(meta, "element_bytes")
+    assumed = not (width and layers and stored)
+    if assumed:  # the largest official shape the file's size could hold, stored in 16 bits
+        width, layers, _ = next((s for s in reversed(WHISPER_SHAPES)
+                                 if s[2] <= meta.weights_bytes), WHISPER_SHAPES[0])
+        stored = 2
+    element = 4 if gpus == 0 or stored == 4 else 2  # CTranslate2's compute type
+    weights = meta.weights_bytes * element // stored if stored >= 2 else meta.weights_bytes
+    target = _extra_int(meta, "target_positions") or 448
+    source = _extra_int(meta, "source_positions") or 1500
+    caches = layers * 2 * width * element * (WHISPER_HYPOTHESES * target + source)
+    need = weights + caches + WHISPER_WORK + WHISPER_RUNTIME
+    detail = (f"weights {gib(weights)} + decoding caches {gib(caches)} "
+              f"({WHISPER_HYPOTHESES} hypotheses, {layers} layers x {width}"
+              f"{', shape assumed from the size' if assumed else ''}) + "
+              f"{gib(WHISPER_WORK + WHISPER_RUNTIME)}")
+    return _one_device("vox-box", meta, need, detail, gpus, gpu_memory_bytes)
 
 
 def simple_claim(backend: str, meta: ModelMeta, gpus: int, gpu_memory_bytes: int | None

@@ -184,6 +184,14 @@ def _whisper_params(cfg: dict[str, Any], s: _Shape) -> int:
     return conv + pos + encoder + decoder + s.vocab * d
 
 
+def _whisper_shape(cfg: dict[str, Any], s: _Shape, dtype_bytes: int) -> dict[str, int]:
+    """What the Whisper estimate needs (as read from a CTranslate2 model.bin)."""
+    return {"d_model": s.hidden, "decoder_layers": _int(cfg, "decoder_layers"),
+            "source_positions": _int(cfg, "max_source_positions", default=1500),
+            "target_positions": _int(cfg, "max_target_positions", default=448),
+            "element_bytes": dtype_bytes}
+
+
 @dataclass(frozen=True)
 class ConfigCount:
     """Parameters counted from a config: all, active per token, and linear (quantizable)."""
@@ -320,6 +328,7 @@ def meta_from_config(
         "sliding_layers": sliding_layers,
         "encoder_only": encoder_only,
         "dtype": str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        **(_whisper_shape(cfg, s, dtype_bytes) if model_type == "whisper" else {}),
         **(extra or {}),
     }
     return ModelMeta(

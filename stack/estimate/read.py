@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stack.errors import SourceError
+from stack.estimate.ctranslate2 import Variable, read_ct2_header
 from stack.estimate.gguf_header import GgufHeader, read_gguf_header
 from stack.estimate.model_config import meta_from_config
 from stack.estimate.safetensors import WeightTotals, read_safetensors, read_safetensors_header
@@ -77,6 +78,8 @@ def read_path(path: Path, source: str, parsed: Source | None = None) -> ModelMet
             return _from_folder(path.parent, source, [path])
         if path.name == "config.json":
             return _from_folder(path.parent, source, None)
+        if path.suffix == ".onnx":
+            return _onnx(path.parent, source, [path])
         raise SourceError(f"`{source}` is a file the estimator cannot read ({path.name})",
                           hint="point at a .gguf or .safetensors file, or a model folder "
                                "with config.json.")
@@ -136,12 +139,17 @@ def _from_folder(folder: Path, source: str, shards: list[Path] | None,
         gguf = pick_gguf(folder)
         if gguf is not None:
             return meta_from_gguf(_gguf_parts(gguf), source)  # a vlm with an mmproj beside
+        if _onnx_graphs(folder):
+            return _onnx(folder, source, _onnx_graphs(folder))
         raise SourceError(f"`{source}` holds neither config.json nor a GGUF file ({folder})",
                           hint="point at a model folder (config.json is enough) or a .gguf file.")
     config = _load_json(config_path)
     if _is_ctranslate2(config):
         return _ctranslate2(folder, source, config, parsed)
     totals = _weights(folder, shards)
+    onnx = _onnx_graphs(folder)
+    if onnx and not (totals and totals.bytes) and not _index_total(folder):
+        return _onnx(folder, source, onnx, config)
     extra: dict[str, object] = {}
     if totals is not None and totals.bytes:
         extra["bytes_by_dtype"] = dict(totals.bytes_by_dtype)
@@ -183,6 +191,9 @@ def _index_total(folder: Path) -> int:
 def _diffusion(folder: Path, source: str) -> ModelMeta:
     """Diffusers folders (model_index.json): weights are every component's safetensors."""
     files = sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*.safetensors"))
+    onnx = _onnx_graphs(folder)
+    if onnx and not files:
+        return _onnx(folder, source, onnx, kind="image")
     totals = read_safetensors(files) if files else WeightTotals()
     index = _load_json(folder / "model_index.json")
     return ModelMeta(
@@ -231,6 +242,43 @@ def _single_checkpoint(path: Path, source: str) -> ModelMeta | None:
     )
 
 
+# ONNX exports (Optimum's `model.onnx`, or `onnx/model.onnx` beside variants such as
+# `model_fp16.onnx` and `model_quantized.onnx`; diffusers' `unet/model.onnx`, ...) with
+# their external data beside them: no catalogue backend serves them, a `custom` one can
+_ONNX_DATA = ("{name}_data", "{name}.data", "weights.pb")
+
+
+def _onnx_graphs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.onnx")) + sorted(folder.glob("*/*.onnx"))
+
+
+def _onnx_bytes(graph: Path) -> int:
+    """A graph's file and its external data (`model.onnx_data`, `model.onnx.data`, a
+    diffusers component's `weights.pb`)."""
+    data = [graph.parent / pattern.format(name=graph.name) for pattern in _ONNX_DATA]
+    return graph.stat().st_size + sum(p.stat().st_size for p in data if p.is_file())
+
+
+def _onnx(folder: Path, source: str, graphs: list[Path], config: dict[str, Any] | None = None,
+          kind: str | None = None) -> ModelMeta:
+    """An ONNX model: its kind from config.json (or the caller), else `unknown` (stack.toml's
+    `kind` says). Its weights: every component's graph for a diffusers pipeline, else the
+    largest of the variants a server would load one of; on disk, all of them."""
+    sizes = [_onnx_bytes(g) for g in graphs]
+    weights = sum(sizes) if kind == "image" else max(sizes)
+    if config is None and (folder / "config.json").exists():
+        config = _load_json(folder / "config.json")
+    if config is not None:
+        meta = meta_from_config(config, source, weights_bytes=weights, files_bytes=sum(sizes),
+                                format="onnx")
+        return _replace(meta, kind=kind or meta.kind)
+    return ModelMeta(
+        source=source, format="onnx", architecture="onnx", kind=kind or "unknown", params=0,
+        weights_bytes=weights, layers=0, hidden_size=0, attention_heads=0, kv_heads=0,
+        head_dim=0, vocab_size=0, max_context=0, kv_bytes_per_token=0,
+        files_bytes=sum(sizes))
+
+
 # CosyVoice (text-to-speech, vox-box): a YAML config and PyTorch checkpoints, no config.json
 COSYVOICE_CONFIGS = ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
 
@@ -261,13 +309,18 @@ def _is_ctranslate2(config: dict[str, Any]) -> bool:
 def _ctranslate2(folder: Path, source: str, config: dict[str, Any],
                  parsed: Source | None) -> ModelMeta:
     """A CTranslate2 Whisper folder (faster-whisper's format: model.bin, config.json,
-    tokenizer and vocabulary): speech-to-text, its weights the size of model.bin (from
-    the folder, else asked of the hub)."""
+    tokenizer and vocabulary): speech-to-text, its shape from model.bin's header when the
+    file is here, else only its size (asked of the hub)."""
     from stack.sources import hub_file_size
 
     weights = folder / "model.bin"
+    shape: dict[str, int] = {}
+    params = 0
     if weights.exists():
         size = weights.stat().st_size
+        variables = read_ct2_header(weights)
+        shape = _ct2_whisper_shape(variables)
+        params = sum(v.n_bytes // v.element_bytes for v in variables.values() if v.dims)
     elif parsed is not None and parsed.scheme in ("hf", "modelscope"):
         size = hub_file_size(parsed, "model.bin")
     else:
@@ -276,10 +329,36 @@ def _ctranslate2(folder: Path, source: str, config: dict[str, Any],
                                "tokenizer files.")
     return ModelMeta(
         source=source, format="ctranslate2", architecture="whisper", kind="speech-to-text",
-        params=0, weights_bytes=size, layers=0, hidden_size=0, attention_heads=0,
-        kv_heads=0, head_dim=0, vocab_size=0, max_context=0, kv_bytes_per_token=0,
-        files_bytes=size, extra={"alignment_heads": len(config.get("alignment_heads", []))},
+        params=params, weights_bytes=size, layers=0, hidden_size=shape.get("d_model", 0),
+        attention_heads=0, kv_heads=0, head_dim=0, vocab_size=0, max_context=0,
+        kv_bytes_per_token=0, files_bytes=size,
+        extra={"alignment_heads": len(config.get("alignment_heads", [])), **shape},
     )
+
+
+_DECODER_LAYER = re.compile(r"^decoder/layer_(\d+)/")
+
+
+def _ct2_whisper_shape(variables: dict[str, Variable]) -> dict[str, int]:
+    """What the Whisper estimate needs from model.bin (WHISPER_SHAPE_KEYS): the width, the
+    decoder's layers, both position counts and the stored element size."""
+    embeddings = variables.get("decoder/embeddings/weight")
+    if embeddings is None or len(embeddings.dims) != 2:
+        raise SourceError("model.bin has no `decoder/embeddings/weight` of two dimensions",
+                          hint="point at a CTranslate2 Whisper model (faster-whisper's "
+                               "format).")
+    layers = {m.group(1) for name in variables if (m := _DECODER_LAYER.match(name))}
+
+    def positions(name: str, default: int) -> int:
+        found = variables.get(name)
+        return found.dims[0] if found is not None and found.dims else default
+
+    return {
+        "d_model": embeddings.dims[1], "decoder_layers": len(layers),
+        "source_positions": positions("encoder/position_encodings/encodings", 1500),
+        "target_positions": positions("decoder/position_encodings/encodings", 448),
+        "element_bytes": embeddings.element_bytes,
+    }
 
 
 def _replace(meta: ModelMeta, **changes: object) -> ModelMeta:
