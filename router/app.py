@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
@@ -31,11 +32,11 @@ from router.forward import Forwarder
 from router.metrics import Metrics, ReplicaGauge, combine
 from router.multipart import read_upload
 from router.relay import Mode
-from router.rendering import image_urls, transcript
+from router.rendering import TRANSCRIPT_FORMATS, image_urls, transcript
 from router.replicas import ReplicaState
 from router.server import ClientConnection, Request
 from router.shared import SharedState
-from router.tables import KeyEntry, build_tables
+from router.tables import KeyEntry, build_tables, model_entry
 from router.usage import ask_for_usage, estimate_tokens
 
 log = logging.getLogger("stack-router")
@@ -43,6 +44,8 @@ log = logging.getLogger("stack-router")
 JSON_ENDPOINTS = {
     b"/v1/chat/completions": "chat",
     b"/v1/completions": "completions",
+    b"/v1/responses": "responses",
+    b"/v1/messages": "messages",
     b"/v1/embeddings": "embeddings",
     b"/v1/rerank": "rerank",
     b"/rerank": "rerank",
@@ -52,13 +55,30 @@ JSON_ENDPOINTS = {
     b"/v1/audio/speech": "speech",
     b"/v1/images/generations": "images",
 }
-UPLOAD_ENDPOINTS = {b"/v1/audio/transcriptions": "transcriptions"}
+UPLOAD_ENDPOINTS = {
+    b"/v1/audio/transcriptions": "transcriptions",
+    b"/v1/audio/translations": "transcriptions",
+    b"/v1/images/edits": "images",
+}
+"""Multipart endpoints; translations answer as transcriptions do, edits as generations."""
 GET_ENDPOINTS = {b"/v1/models": b"GET", b"/healthz": b"GET", b"/metrics": b"GET"}
 """The other paths and the method each takes (another gets a 405 with `Allow`)."""
-STREAMABLE = {"chat", "completions"}
+MODEL_PATH = b"/v1/models/"
+"""`/v1/models/{id}` (GET): one model of the key's list, answered by the router."""
+STREAMABLE = {"chat", "completions", "responses", "messages"}
 """Endpoints whose `stream: true` means an SSE response with token usage to count."""
+USAGE_OPTION = {"chat", "completions"}
+"""Streams that end with a usage chunk only when asked (`stream_options`)."""
 RAW_RELAY = {"speech"}
 """Endpoints whose (binary) response is relayed as it comes, without usage."""
+
+
+def alias_members(served: str, asked: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The `"model"` members an answer names the served model with (compact, as llama.cpp
+    and vLLM write them, and spaced), each with the one naming the alias instead."""
+    name, alias = orjson.dumps(served), orjson.dumps(asked)
+    return tuple((b'"model"%s%s' % (sep, name), b'"model"%s%s' % (sep, alias))
+                 for sep in (b":", b": "))
 
 
 class Router:
@@ -157,6 +177,8 @@ class Router:
             return
         endpoint = endpoint or UPLOAD_ENDPOINTS.get(path)
         allowed = b"POST" if endpoint is not None else GET_ENDPOINTS.get(path)
+        if allowed is None and path.startswith(MODEL_PATH):
+            allowed = b"GET"
         if allowed is None:
             raise ApiError(404, f"unknown path {path.decode(errors='replace')}",
                            "invalid_request_error", "not_found")
@@ -172,6 +194,8 @@ class Router:
             entry = self._authenticate(req, ctx)
             body = ctx.tables.models_body[entry.key.name if entry else ""]
             ctx.respond(conn, 200, body, b"application/json")
+        elif path.startswith(MODEL_PATH):
+            self._model(conn, req, ctx)
         elif path == b"/healthz":
             up = sum(1 for rs in ctx.tables.replicas.values() for r in rs
                      if r.health.state == "up")
@@ -196,17 +220,25 @@ class Router:
             raise bad_request(f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise bad_request("the request body must be a JSON object")
-        model = auth.resolve(ctx, entry, doc.get("model"))
+        asked = doc.get("model")
+        model = auth.resolve(ctx, entry, asked)
         auth.admit(ctx, entry, self.loop_now(),
                    estimate_tokens(len(body), doc, endpoint in STREAMABLE), self.metrics)
         stream = endpoint in STREAMABLE and doc.get("stream") is True
-        if stream and ask_for_usage(doc):
+        changed = False
+        if asked != model:  # an alias: replicas serve the model's name alone
+            doc["model"] = model
+            ctx.alias = alias_members(model, str(asked))
+            changed = True
+        if stream and endpoint in USAGE_OPTION and ask_for_usage(doc):
             ctx.usage.drop = True
-            body = orjson.dumps(doc)
+            changed = True
         if endpoint == "images" and doc.get("response_format") == "url":
             doc["response_format"] = "b64_json"  # the router makes the URL (a data: URL)
-            body = orjson.dumps(doc)
             ctx.render = image_urls
+            changed = True
+        if changed:
+            body = orjson.dumps(doc)
         mode: Mode = "sse" if stream else "raw" if endpoint in RAW_RELAY else "buffer"
         affinity = self._affinity(req, doc)
         try:
@@ -214,13 +246,34 @@ class Router:
         finally:
             self._settle(ctx)
 
+    def _model(self, conn: ClientConnection, req: Request, ctx: Context) -> None:
+        """`/v1/models/{id}`: the model (a name or an alias) as `/v1/models` lists it."""
+        entry = self._authenticate(req, ctx)
+        asked = unquote_to_bytes(req.path[len(MODEL_PATH):]).decode(errors="replace")
+        target = ctx.tables.routes.get(asked)
+        if target is None or (entry is not None and entry.allowed is not None
+                              and target not in entry.allowed):
+            raise ApiError(404, f"the model `{asked[:200]}` does not exist",
+                           "invalid_request_error", "model_not_found", "model")
+        ctx.respond(conn, 200, orjson.dumps(model_entry(asked)), b"application/json")
+
     async def _upload(self, conn: ClientConnection, req: Request, ctx: Context) -> None:
         entry = self._authenticate(req, ctx)
         upload, model = await read_upload(req, ctx.tables.config.max_body_bytes)
-        name = auth.resolve(ctx, entry, model.decode(errors="replace") if model else None)
+        asked = model.decode(errors="replace") if model else None
+        name = auth.resolve(ctx, entry, asked)
         auth.admit(ctx, entry, self.loop_now(), 0, self.metrics)
-        if upload.renders is not None:
-            ctx.render = partial(transcript, upload.renders)
+        if asked != name:  # an alias: replicas serve the model's name alone
+            upload.set(b"model", name.encode())
+            ctx.alias = alias_members(name, str(asked))
+        how = upload.field(b"response_format")
+        how = how.strip() if how is not None else None
+        if UPLOAD_ENDPOINTS[req.path] == "transcriptions" and how in TRANSCRIPT_FORMATS:
+            upload.set(b"response_format", b"verbose_json")  # rendered from it
+            ctx.render = partial(transcript, how)
+        elif UPLOAD_ENDPOINTS[req.path] == "images" and how == b"url":
+            upload.set(b"response_format", b"b64_json")  # the router makes a data: URL
+            ctx.render = image_urls
         try:
             await self.forwarder.forward(conn, ctx, name, upload, "buffer", None)
         finally:

@@ -16,9 +16,8 @@ OVERHEAD_HEADER = b"x-modelstack-overhead-ms"
 class Context:
     """Per-request bookkeeping: who asked for which model, what was answered, tokens used."""
 
-    __slots__ = ("key_name", "limiter", "model", "overhead_base", "render", "req",
-                 "reservation", "sent",
-                 "status", "tables", "usage")
+    __slots__ = ("alias", "key_name", "limiter", "model", "overhead_base", "render", "req",
+                 "reservation", "sent", "status", "tables", "usage")
 
     def __init__(self, req: Request, tables: Tables) -> None:
         self.req = req
@@ -37,6 +36,17 @@ class Context:
         self.render: Callable[[bytes], tuple[bytes, bytes] | None] | None = None
         """Makes the answer the client asked for from the replica's buffered 2xx answer
         (`router.rendering`): (body, content type), or None to pass it on as it is."""
+        self.alias: tuple[tuple[bytes, bytes], ...] = ()
+        """The request named its model by an alias, which the replica does not know (it
+        serves the model's name): the JSON `"model"` members to give the client back."""
+
+    def named_as_asked(self, data: bytes) -> bytes:
+        """`data` with the model's name in its `"model"` members put back to the alias the
+        client asked for (answers and stream events, compact or spaced JSON)."""
+        for served, asked in self.alias:
+            if served in data:
+                data = data.replace(served, asked)
+        return data
 
     def overhead_header(self, now: float) -> bytes:
         ms = max(0.0, (now - self.req.started - self.overhead_base) * 1000)

@@ -111,6 +111,8 @@ class Forwarder:
                     made = ctx.render(result) if ctx.render is not None else None
                     if made is not None:
                         result, content_type = made
+                if ctx.alias:
+                    result = ctx.named_as_asked(result)
                 ctx.respond(conn, ex.status, result, content_type)
                 return None
             replica.answered(sent)

@@ -1,6 +1,7 @@
-"""Multipart uploads (`/v1/audio/transcriptions`): the head of the body is read until the
-`model` field is complete (and `response_format`, or the file's part, is reached), then the
-rest is streamed upstream without buffering it.
+"""Multipart uploads (`/v1/audio/transcriptions`, `/v1/audio/translations`,
+`/v1/images/edits`): the head of the body is read until the `model` field is complete (and
+`response_format`, or a file's part, is reached), then the rest is streamed upstream
+without buffering it. Fields of the head may be rewritten before it goes (`Upload.set`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from router.upstream import UpstreamConnection
 
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.IGNORECASE)
 _NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
-RENDERED = (b"text", b"srt", b"vtt")
-"""Transcription formats the router makes from verbose_json (backends differ on them:
-vox-box answers each with a JSON string)."""
 
 
 def boundary(content_type: bytes) -> bytes | None:
@@ -63,15 +61,25 @@ class Upload:
     """A multipart body: the head read to find `model`, then the rest streamed."""
 
     def __init__(self, head: bytes, stream: BodyStream, length: int | None,
-                 renders: bytes | None = None) -> None:
+                 boundary: bytes) -> None:
         self.head = head
         self.stream = stream
         self.length = length
-        self.renders = renders
-        """The `response_format` the router makes from the replica's verbose_json
-        (`router.rendering`), which the replica is asked for instead."""
+        self.boundary = boundary
         self.consumed = False
         """Sending started: the body cannot be sent to another replica."""
+
+    def field(self, name: bytes) -> bytes | None:
+        """The value of a form field of the head, if the head holds it."""
+        return find_field(self.head, self.boundary, name)
+
+    def set(self, name: bytes, value: bytes) -> None:
+        """Give a field of the head (which holds it) another value; the length follows."""
+        span = _field_span(self.head, self.boundary, name)
+        assert span is not None
+        self.head = self.head[:span[0]] + value + self.head[span[1]:]
+        if self.length is not None:
+            self.length += len(value) - (span[1] - span[0])
 
     async def send(self, conn: UpstreamConnection) -> None:
         """Write the head and the rest of the body (chunked when the length is unknown)."""
@@ -121,13 +129,4 @@ async def read_upload(req: Request, max_bytes: int) -> tuple[Upload, bytes | Non
         model = find_field(b"".join(head), found, b"model")
     header = req.headers.get(b"content-length")
     length = int(header) if header is not None and header.isdigit() else None
-    whole = b"".join(head)
-    span = _field_span(whole, found, b"response_format")
-    renders = whole[span[0]:span[1]].strip() if span is not None else None
-    if span is None or renders not in RENDERED:
-        return Upload(whole, stream, length), model
-    # the replica is asked for verbose_json, which the router renders as text, srt or vtt
-    whole = whole[:span[0]] + b"verbose_json" + whole[span[1]:]
-    if length is not None:
-        length += len(b"verbose_json") - (span[1] - span[0])
-    return Upload(whole, stream, length, renders), model
+    return Upload(b"".join(head), stream, length, found), model

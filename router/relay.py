@@ -14,7 +14,7 @@ from typing import Literal
 from router.context import Context
 from router.server import ClientConnection
 from router.upstream import Exchange, UpstreamConnection, UpstreamError
-from router.usage import Usage, has_usage, take_usage
+from router.usage import has_usage, take_usage
 
 Mode = Literal["buffer", "sse", "raw"]
 """How a response reaches the client: held whole, relayed by SSE event, relayed raw."""
@@ -24,12 +24,13 @@ MID_STREAM_ERROR = (b'data: {"error":{"message":"the model replica failed mid-st
 
 
 class SseRelay:
-    """Passes SSE events through whole, reading usage and dropping the usage-only chunk
-    the router asked for when the client did not."""
+    """Passes SSE events through whole, reading usage, dropping the usage-only chunk the
+    router asked for when the client did not, and naming the model as the client did."""
 
-    def __init__(self, conn: ClientConnection, usage: Usage) -> None:
+    def __init__(self, conn: ClientConnection, ctx: Context) -> None:
         self.conn = conn
-        self.usage = usage
+        self.usage = ctx.usage
+        self.ctx = ctx if ctx.alias else None
         self.buf = b""
 
     def feed(self, data: bytes) -> None:
@@ -43,14 +44,19 @@ class SseRelay:
             self.buf = data
             return
         complete, self.buf = data[:cut + 2], data[cut + 2:]
-        if has_usage(complete):
-            complete = take_usage(complete, self.usage)
-        self.conn.chunk(complete)
+        self._send(complete)
 
     def flush(self) -> None:
         if self.buf:
             rest, self.buf = self.buf, b""
-            self.conn.chunk(take_usage(rest, self.usage) if has_usage(rest) else rest)
+            self._send(rest)
+
+    def _send(self, events: bytes) -> None:
+        if has_usage(events):
+            events = take_usage(events, self.usage)
+        if self.ctx is not None:
+            events = self.ctx.named_as_asked(events)
+        self.conn.chunk(events)
 
 
 async def relay(conn: ClientConnection, ctx: Context, ex: Exchange, mode: Mode, sent: float,
@@ -62,7 +68,7 @@ async def relay(conn: ClientConnection, ctx: Context, ex: Exchange, mode: Mode, 
     conn.start_chunked(ex.status, content_type, ctx.overhead_header(time.monotonic()))
     ctx.sent = True
     ctx.status = ex.status
-    sse = SseRelay(conn, ctx.usage) if mode == "sse" else None
+    sse = SseRelay(conn, ctx) if mode == "sse" else None
     for piece in ex.chunks:
         if sse is not None:
             sse.feed(piece)

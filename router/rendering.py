@@ -2,7 +2,7 @@
 (`Context.render`, applied to a buffered 2xx answer):
 
 - transcriptions in `text`, `srt` and `vtt` from the replica's `verbose_json`
-  (`router.multipart` asks for it instead): the text alone, SubRip and WebVTT subtitles,
+  (which the router asks for instead): the text alone, SubRip and WebVTT subtitles,
   each `text/plain` (vox-box answers those with a JSON string);
 - images as `url` from the replica's `b64_json` (sd-server serves no URLs): a `data:` URL
   holding the image, so that the router keeps no image after the answer.
@@ -15,6 +15,9 @@ from typing import Any
 import orjson
 
 TEXT_PLAIN = b"text/plain; charset=utf-8"
+TRANSCRIPT_FORMATS = (b"text", b"srt", b"vtt")
+"""Transcript formats the router makes from verbose_json (backends differ on them:
+vox-box answers each with a JSON string)."""
 
 
 def _object(body: bytes) -> dict[str, Any] | None:

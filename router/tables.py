@@ -99,14 +99,18 @@ def _keys(config: RouterConfig, old: Tables | None, routes: dict[str, str],
     return keys
 
 
+def model_entry(name: str) -> dict[str, object]:
+    """One model of a `/v1/models` list (and the `/v1/models/{id}` answer)."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "modelstack"}
+
+
 def _models_bodies(config: RouterConfig, routes: dict[str, str],
                    keys: dict[str, KeyEntry]) -> dict[str, bytes]:
     """The `/v1/models` answer of each key name ("" when there are no keys)."""
     bodies: dict[str, bytes] = {}
     for name, allowed_set in ([("", None)] if not config.keys
                               else [(e.key.name, e.allowed) for e in keys.values()]):
-        data = [{"id": alias, "object": "model", "created": 0, "owned_by": "modelstack"}
-                for alias, target in routes.items()
+        data = [model_entry(alias) for alias, target in routes.items()
                 if allowed_set is None or target in allowed_set]
         bodies[name] = orjson.dumps({"object": "list", "data": data})
     return bodies

@@ -40,21 +40,29 @@ class Usage:
 
     def add(self, usage: dict[str, Any]) -> None:
         """Count one `usage` object (`completion_tokens` may be missing: total - prompt).
-        A count that is negative, absurd or not an integer is ignored, so a replica's
-        answer never makes a counter go back."""
-        # the checks of `_count` written out: this runs for every answer
+        A stream's usage objects are running totals (vLLM's continuous usage, Anthropic's
+        `message_start` then `message_delta`): the largest count of each kind is kept. A
+        count that is negative, absurd or not an integer is ignored, so a replica's answer
+        never makes a counter go back."""
+        # the checks of `_count` written out: this runs for every answer. The Responses
+        # and Messages APIs say `input_tokens` and `output_tokens`
         prompt = usage.get("prompt_tokens")
+        if prompt is None:
+            prompt = usage.get("input_tokens")
         if type(prompt) is int and 0 <= prompt <= TOKEN_LIMIT:
-            self.prompt_tokens += prompt
+            if prompt > self.prompt_tokens:
+                self.prompt_tokens = prompt
         else:
             prompt = None
         completion = usage.get("completion_tokens")
-        if type(completion) is int and 0 <= completion <= TOKEN_LIMIT:
-            self.completion_tokens += completion
-        elif prompt is not None:
+        if completion is None:
+            completion = usage.get("output_tokens")
+        if not (type(completion) is int and 0 <= completion <= TOKEN_LIMIT):
             total = _count(usage.get("total_tokens"))
-            if total is not None and total >= prompt:
-                self.completion_tokens += total - prompt
+            completion = total - prompt if prompt is not None and total is not None \
+                and total >= prompt else 0
+        if completion > self.completion_tokens:
+            self.completion_tokens = completion
 
     def count(self, body: bytes) -> None:
         """Count the usage of a whole JSON response body, if it has one."""
@@ -71,10 +79,11 @@ def estimate_tokens(body_size: int, doc: dict[str, Any], generates: bool) -> int
     the completion's `max_tokens` (DEFAULT_MAX_TOKENS when a `generates` endpoint
     does not say). A `max_tokens` that is no token count is refused with a 400: a
     negative one would reserve negative tokens, freeing the key's budget."""
-    if doc.get("max_tokens") is None and doc.get("max_completion_tokens") is None:
+    if doc.get("max_tokens") is None and doc.get("max_completion_tokens") is None \
+            and doc.get("max_output_tokens") is None:
         return body_size // 4 + (DEFAULT_MAX_TOKENS if generates else 0)
     max_tokens = None
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = doc.get(field)
         if value is not None:
             max_tokens = _count(value)
@@ -157,6 +166,8 @@ def take_usage(events: bytes, usage: Usage) -> bytes:
             kept.append(event)
             continue
         found = doc.get("usage") if isinstance(doc, dict) else None
+        if found is None:  # nested: a Responses `response.completed` or Messages start
+            found = find_usage(payload)
         if isinstance(found, dict):
             usage.add(found)
         if usage.drop and isinstance(doc, dict) and not doc.get("choices"):

@@ -187,7 +187,7 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             devices=Devices(vendor=part.vendor, indices=list(part.gpus)),
             host=peers[k].host, port=part.port,
             api_key=_api_key(secret, iid) if k == 0 else None,
-            context=p.context, role=role, peers=part_peers if p.workers else [],
+            context=p.context or None, role=role, peers=part_peers if p.workers else [],
             health_path=model.health_path, command=model.command,
             mmproj=model.mmproj or folder_mmproj(model.source, stack_dir),
             components=dict(model.components),

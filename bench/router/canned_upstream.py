@@ -10,7 +10,13 @@ Prints `canned: listening on PORT` once it listens. Answers:
   body bytes received (and two segments when `response_format` is `verbose_json`);
   `POST /v1/audio/speech`: `SPEECH` (audio/mpeg) in 4 chunked pieces, `"canned_gap": S`
   seconds apart; `POST /v1/images/generations`: one image
-  whose `b64_json` is `IMAGE_B64`; `GET /health`: ok.
+  whose `b64_json` is `IMAGE_B64`; `POST /v1/images/edits` (multipart): the same, with the
+  `response_format` it was asked for; `POST /v1/audio/translations`: as transcriptions;
+  `POST /v1/responses` and `/v1/messages`: a Responses / Anthropic Messages answer, with
+  `"stream": true` their event streams (usage in `response.completed`, `message_start`
+  and `message_delta`); `GET /health`: ok.
+`--served-name NAME` answers 404 (as vLLM does) to a request whose `model` (JSON or form
+field) is another name.
 Faults, per request through extra body fields: `"canned_status": 503` answers that status,
 `"canned_die_after": N` kills the connection after N stream chunks, `"canned_delay": S`
 waits S seconds before answering, `"canned_usage": {...}` answers that usage (a chat
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from typing import cast
 
@@ -52,6 +59,41 @@ def chunk(model: str, i: int, usage: bool) -> bytes:
     if usage:
         doc["usage"] = None
     return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def responses(model: str) -> list[dict[str, object]]:
+    """The Responses API's stream (its events, `response.completed` last but one) and,
+    last, its whole answer."""
+    usage = {"input_tokens": 12, "output_tokens": 4, "total_tokens": 16}
+    done: dict[str, object] = {
+        "id": "resp_canned", "object": "response", "created_at": 1, "status": "completed",
+        "model": model, "output": [{"type": "message", "id": "msg_canned", "status":
+                                    "completed", "role": "assistant", "content": [
+            {"type": "output_text", "text": "Hello from the canned upstream.",
+             "annotations": []}]}], "usage": usage}
+    return [{"type": "response.created", "sequence_number": 0,
+             "response": {**done, "status": "in_progress", "output": [], "usage": None}},
+            {"type": "response.output_text.delta", "sequence_number": 1, "item_id":
+             "msg_canned", "output_index": 0, "content_index": 0, "delta": "Hello"},
+            {"type": "response.completed", "sequence_number": 2, "response": done}, done]
+
+
+def messages(model: str) -> list[dict[str, object]]:
+    """The Anthropic Messages stream (usage in `message_start` and `message_delta`) and,
+    last, its whole answer."""
+    message: dict[str, object] = {
+        "id": "msg_canned", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "Hello from the canned upstream."}],
+        "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 6}}
+    return [{"type": "message_start", "message": {**message, "content": [],
+                                                  "usage": {"input_tokens": 12,
+                                                            "output_tokens": 0}}},
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "text_delta", "text": "Hello"}},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+             "usage": {"output_tokens": 6}},
+            {"type": "message_stop"}, message]
 
 
 class Server(asyncio.Protocol):
@@ -113,7 +155,19 @@ class Server(asyncio.Protocol):
         if path == b"/stats":
             self.send(200, json.dumps(self.stats).encode())
             return
-        if path == b"/v1/audio/transcriptions":
+        multipart = path in (b"/v1/audio/transcriptions", b"/v1/audio/translations",
+                             b"/v1/images/edits")
+        served = self.opts.served_name
+        if served and multipart and f'name="model"\r\n\r\n{served}\r\n'.encode() not in raw:
+            self.send(404, b'{"error":{"message":"The model does not exist.","code":404}}')
+            return
+        if path == b"/v1/images/edits":
+            how = re.search(rb'name="response_format"\r\n\r\n([^\r]*)\r\n', raw)
+            self.send(200, json.dumps({"created": 1, "data": [{"b64_json": IMAGE_B64}],
+                                       "asked": how.group(1).decode() if how else None,
+                                       "bytes": len(raw)}).encode())
+            return
+        if multipart:
             answer: dict[str, object] = {"text": "canned", "bytes": len(raw)}
             if b'name="response_format"\r\n\r\nverbose_json\r\n' in raw:
                 answer.update(duration=2.5, segments=[
@@ -134,6 +188,18 @@ class Server(asyncio.Protocol):
             self.send(status, b'{"error":{"message":"canned failure","type":"server_error"}}')
             return
         model = str(doc.get("model", "canned"))
+        if served and model != served:
+            self.send(404, json.dumps({"error": {
+                "message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+                "code": 404}}).encode())
+            return
+        if path in (b"/v1/responses", b"/v1/messages"):
+            events = responses(model) if path == b"/v1/responses" else messages(model)
+            if doc.get("stream"):
+                await self.events(events[:-1])
+            else:
+                self.send(200, json.dumps(events[-1]).encode())
+            return
         if path == b"/v1/audio/speech":
             await self.speech(float(doc.get("canned_gap", 0)))
         elif path == b"/v1/images/generations":
@@ -147,6 +213,21 @@ class Server(asyncio.Protocol):
             await self.stream(model, doc)
         else:
             self.send(200, completion(model, doc.get("canned_usage")))
+
+    async def events(self, events: list[dict[str, object]]) -> None:
+        """An SSE stream of named events (`event:` and `data:` lines), as the Responses and
+        Messages APIs stream."""
+        assert self.transport is not None
+        t = self.transport
+        t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\nx-canned-port: %d\r\n\r\n" % self.opts.port_real)
+        for event in events:
+            data = b"event: %s\ndata: %s\n\n" % (str(event["type"]).encode(),
+                                                  json.dumps(event).encode())
+            t.write(b"%x\r\n%s\r\n" % (len(data), data))
+        t.write(b"0\r\n\r\n")
+        if not self.keep_alive:
+            t.close()
 
     async def speech(self, gap: float) -> None:
         assert self.transport is not None
@@ -216,6 +297,7 @@ def main() -> None:
     parser.add_argument("--api-key", default="")
     parser.add_argument("--status", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--served-name", default="")
     opts = parser.parse_args()
     try:
         import uvloop

@@ -106,8 +106,10 @@ def _render(data: dict[str, Any]) -> None:
                   + (f", {data['quantization']}" if data["quantization"] else "") + ")")
     table.add_row("parameters", f"{params / 1e9:.3f} B" if params >= 1e8 else f"{params:,}")
     table.add_row("weights", gib(data["weights_bytes"]))
-    table.add_row("KV cache", f"{data['kv_bytes_per_token']:,} B/token (16-bit)")
-    table.add_row("context", f"{data['context']:,} tokens (training {data['max_context']:,})")
+    if data["context"]:  # a backend that runs with a context length
+        table.add_row("KV cache", f"{data['kv_bytes_per_token']:,} B/token (16-bit)")
+        table.add_row("context", f"{data['context']:,} tokens (training "
+                                 f"{data['max_context']:,})")
     table.add_row("backends", ", ".join(data["backends"]))
     if data.get("reason"):
         table.add_row(data["backend"], f"[red]{data['reason']}[/red]")

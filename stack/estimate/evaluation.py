@@ -19,10 +19,15 @@ LLAMA_DEFAULT_CONTEXT = 8192
 # GPUs runs with the largest multiple of CONTEXT_STEP that fits, but never below this.
 CONTEXT_FLOOR = 4096
 CONTEXT_STEP = 1024
+# the backends that run with a context length (llama.cpp `-c`, vLLM `--max-model-len`,
+# SGLang `--context-length`, MindIE `maxSeqLen`); the others have none to show or pass
+CONTEXT_BACKENDS = frozenset({"llama.cpp", "vllm", "sglang", "mindie"})
 
 
 def default_context(backend: str, meta: ModelMeta) -> int:
-    """The context a backend runs with when `context` is not set."""
+    """The context a backend runs with when `context` is not set (0: it takes none)."""
+    if backend not in CONTEXT_BACKENDS:
+        return 0
     training = meta.max_context or 2048
     if backend == "llama.cpp":
         return min(training, LLAMA_DEFAULT_CONTEXT)
@@ -41,7 +46,9 @@ class ModelEvaluation:
     spec: ModelSpec
 
     def context_for(self, backend: str) -> int:
-        """The context `backend` would run this model with."""
+        """The context `backend` would run this model with (0: it takes none)."""
+        if backend not in CONTEXT_BACKENDS:
+            return 0
         return self.spec.context or default_context(backend, self.meta)
 
     def claim(self, backend: str, gpus: int, gpu_memory_bytes: int | None,
@@ -148,6 +155,6 @@ def evaluate(name: str, model: ModelSpec, meta: ModelMeta) -> ModelEvaluation:
             raise EstimateError(
                 f"no backend serves `models.{name}` ({kind}, {meta.format})",
                 hint="set `backend = \"custom\"` with a `command`, or use another source.")
-    context = model.context or default_context(backends[0], meta)
-    return ModelEvaluation(name=name, meta=meta, kind=kind, context=context,
-                           backends=backends, spec=model)
+    evaluation = ModelEvaluation(name=name, meta=meta, kind=kind, context=0,
+                                 backends=backends, spec=model)
+    return replace(evaluation, context=evaluation.context_for(backends[0]))

@@ -40,11 +40,17 @@ source = "local://{whisper_model}"
 
 
 @pytest.mark.timeout(2400)
-def test_the_plan_places_whisper_on_vox_box(world: dict[str, Any]) -> None:
+def test_the_plan_places_whisper_on_vox_box(world: dict[str, Any], whisper_model: Path) -> None:
     plan = run_stack("plan", cwd=world["dir"])
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "node.node-01.runtime.vox-box@0.0.21-cpu will be created" in plan.stdout, plan.stdout
     assert "backend: vox-box 0.0.21 (cpu build from the runtime catalogue)" in plan.stdout
+    # tiny.en's claim from its model.bin (docs/estimate.md), and no context: vox-box has none
+    assert "claim:   0.8 GiB RAM\n" in plan.stdout and "context:" not in plan.stdout
+    estimate = run_stack("estimate", str(whisper_model), "--gpus", "0", cwd=world["dir"])
+    assert estimate.returncode == 0, estimate.stdout + estimate.stderr
+    assert ("RAM: weights 144 MiB + decoding caches 44 MiB (5 hypotheses, 4 layers x 384) "
+            "+ 640 MiB") in " ".join(estimate.stdout.split()), estimate.stdout
 
 
 @pytest.mark.timeout(2400)
