@@ -93,8 +93,10 @@ class Router:
         self.slot = slot
         """This worker's number when `shared` (several workers)."""
         self.tables = build_tables(config, None, loop, shared, slot)
-        self.forwarder = Forwarder(loop, random.Random(seed), self.metrics,
-                                   lambda model: self.tables.replicas.get(model, ()))
+        self.forwarder = Forwarder(
+            loop, random.Random(seed), self.metrics,
+            lambda model: self.tables.replicas.get(model, ()),
+            lambda: self.tables.config.balancing == "round-robin")
         self.inflight = 0
 
     def reload(self, config: RouterConfig) -> None:

@@ -1,7 +1,7 @@
 """Choosing a replica: least outstanding requests, power of two choices among ties,
-optional affinity bounded by load.
+optional affinity bounded by load; or weighted round robin.
 
-Pure: the caller passes the replicas' loads and a random source.
+Pure: the caller passes the replicas' loads and a random source (or their turns).
 """
 
 from __future__ import annotations
@@ -61,3 +61,18 @@ def _score(affinity: str, replica: str) -> int:
     """
     digest = hashlib.blake2b(f"{affinity}\0{replica}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def in_turn(weights: Sequence[int], turns: list[int]) -> int:
+    """Weighted round robin, smoothly interleaved (as nginx does): every candidate moves
+    up by its weight, the one furthest ahead is chosen and moves back by the total. Over
+    any sum-of-weights requests each candidate is chosen `weight` times. `turns` (one per
+    candidate, kept by the caller between calls) is updated in place."""
+    total, best = 0, 0
+    for i, weight in enumerate(weights):
+        turns[i] += weight
+        total += weight
+        if turns[i] > turns[best]:
+            best = i
+    turns[best] -= total
+    return best

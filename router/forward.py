@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from random import Random
 
-from router.balance import Load, choose
+from router.balance import Load, choose, in_turn
 from router.config import RouterConfig
 from router.context import Context
 from router.errors import ApiError
@@ -37,8 +37,11 @@ class Forwarder:
     """Sends requests to replicas: picks one, fails over, answers or relays."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, rng: Random, metrics: Metrics,
-                 replicas: Callable[[str], Sequence[ReplicaState]]) -> None:
+                 replicas: Callable[[str], Sequence[ReplicaState]],
+                 round_robin: Callable[[], bool]) -> None:
         self.loop = loop
+        self.round_robin = round_robin
+        """Whether the config loaded now says `balancing = "round-robin"`."""
         self.rng = rng
         self.metrics = metrics
         self.replicas = replicas
@@ -53,6 +56,12 @@ class Forwarder:
                       if r not in tried and r.health.available(now)]
         if len(candidates) == 1:
             return candidates[0]
+        if affinity is None and self.round_robin():
+            turns = [r.turn for r in candidates]
+            chosen = candidates[in_turn([r.config.weight for r in candidates], turns)]
+            for r, turn in zip(candidates, turns, strict=True):
+                r.turn = turn
+            return chosen
         index = choose([Load(r.config.id, r.in_flight(), r.config.weight, r.latency)
                         for r in candidates], self.rng, affinity)
         return None if index is None else candidates[index]

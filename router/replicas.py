@@ -28,7 +28,7 @@ class ReplicaState:
     """A replica and what this process knows about it."""
 
     __slots__ = ("api_key", "config", "health", "latency", "load", "model", "outstanding",
-                 "pool", "slot")
+                 "pool", "slot", "turn")
 
     def __init__(self, model: str, config: Replica, config_all: RouterConfig,
                  loop: asyncio.AbstractEventLoop, shared: SharedState | None = None,
@@ -41,6 +41,8 @@ class ReplicaState:
         self.outstanding = 0
         """Requests this process has in flight on the replica."""
         self.latency = 0.0
+        self.turn = 0
+        """Its place in this process's weighted round robin (`router.balance.in_turn`)."""
         self.slot = slot
         self.load: memoryview | None = None
         """With several workers: every worker's requests in flight on it (shared memory)."""

@@ -312,7 +312,7 @@ def build_router_config(spec: StackSpec, placements: Placements,
             kind = model.kind or p.kind
             replicas.append(Replica(
                 id=p.id, url=f"http://{_url_host(inst.host)}:{inst.port}",
-                api_key=inst.api_key,
+                api_key=inst.api_key, weight=node_settings(spec, p.node).weight,
                 health_path=model.health_path or HEALTH_PATHS.get(p.backend, "/health")))
         routes.append(RouteModel(name=name, aliases=list(model.aliases), kind=kind,
                                  replicas=replicas))

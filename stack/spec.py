@@ -317,6 +317,12 @@ class NodeSpec(_Strict):
     drivers: dict[VendorName, DriverSpec] = Field(
         default_factory=dict, description="Drivers to install or verify, per vendor."
     )
+    weight: int = Field(
+        1, ge=1, le=1000,
+        description="Share of requests the router gives a replica whose main runs on these "
+        "hosts, relative to the same model's other replicas (2: twice as many, for GPUs "
+        "twice as fast).",
+    )
     reserved_vram: Bytes = Field(0, description="VRAM per GPU kept free of models.")
     reserved_ram: Bytes = Field(0, description="RAM kept free of models.")
     cpu_inference: bool = Field(
@@ -536,7 +542,8 @@ class RouterSpec(_Strict):
         default_factory=lambda: Timeouts.model_validate({}), description="Timeouts."
     )
     balancing: Literal["least-outstanding", "round-robin"] = Field(
-        "least-outstanding", description="How a replica is chosen."
+        "least-outstanding", description="How a replica is chosen: the fewest requests in "
+        "flight per unit of `weight`, or in turn, each as often as its `weight` says."
     )
     affinity: Literal["none", "user", "header"] = Field(
         "none", description="Session affinity: by the `user` field or a header."

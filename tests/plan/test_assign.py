@@ -216,3 +216,16 @@ health_path = "/"
     config = build_router_config(spec, placements, assignments)
     paths = {m.name: [r.health_path for r in m.replicas] for m in config.models}
     assert paths == {"sd": ["/v1/models"], "own": ["/"]}
+
+
+def test_a_nodes_weight_is_the_router_weight_of_the_replicas_it_runs() -> None:
+    spec, _ = load_stack(STACK.replace('[nodes."gpu-02"]\n', '[nodes."gpu-02"]\nweight = 3\n')
+                         .replace('backend = "vllm"\n', 'backend = "vllm"\nreplicas = 2\n', 1))
+    facts = load_facts(FACTS)
+    placements = schedule(spec, load_evaluations(EVALUATIONS), facts)
+    config = build_router_config(spec, placements, build_assignments(
+        spec, placements, facts, Path("/ctl"), None))
+    nodes = {p.id: p.node for p in placements.placements}
+    weights = {r.id: r.weight for m in config.models for r in m.replicas}
+    assert {nodes["tiny-0"], nodes["tiny-1"]} == {"gpu-01", "gpu-02"}
+    assert weights == {rid: 3 if nodes[rid] == "gpu-02" else 1 for rid in weights}

@@ -20,6 +20,8 @@ from cryptography.x509.oid import NameOID
 from openai.types.chat import ChatCompletionMessageParam
 from router_harness import Harness, Proc, replica, stats
 
+from router.balance import in_turn
+
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
 SPEECH = b"ID3canned-audio" + bytes(range(256)) * 64
@@ -180,3 +182,43 @@ def test_tls_with_the_openai_client(harness: Harness) -> None:
         untrusting.models.list()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{r.port}/v1/models", timeout=3)
+
+
+def test_in_turn_interleaves_by_weight() -> None:
+    turns = [0, 0, 0]
+    order = [in_turn([5, 1, 1], turns) for _ in range(14)]
+    assert order[:7] == [0, 0, 1, 0, 2, 0, 0] and order[7:] == order[:7]  # nginx's order
+    assert turns == [0, 0, 0]  # back where it started after each round of 7
+
+
+def test_round_robin_takes_turns_by_weight_and_skips_a_failed_replica(
+        harness: Harness) -> None:
+    a, b, c = harness.upstream(), harness.upstream(), harness.upstream()
+    models = [{"name": "m", "replicas": [
+        {**replica("a", a), "weight": 2}, replica("b", b), replica("c", c)]}]
+    r = harness.router({"balancing": "round-robin", "models": models})
+    cl = client(r.port)
+    for _ in range(12):
+        cl.chat.completions.create(model="m", messages=MSG)
+    assert chats(a, b, c) == [6, 3, 3]  # exactly, one request at a time
+    c.stop()
+    for _ in range(12):
+        cl.chat.completions.create(model="m", messages=MSG)  # c's turns fail over
+    added = [n - m for n, m in zip(chats(a, b), [6, 3], strict=True)]
+    assert sum(added) == 12 and added[0] > added[1], added
+
+
+def test_least_outstanding_does_not_take_turns(harness: Harness) -> None:
+    """Without `round-robin`, idle replicas tie and are picked at random: the exact
+    turns above are the round robin's."""
+    procs = [harness.upstream() for _ in range(3)]
+    models = [{"name": "m", "replicas": [replica(str(i), p) for i, p in enumerate(procs)]}]
+    r = harness.router({"models": models})
+    cl = client(r.port)
+    counts = []
+    for _ in range(5):
+        before = chats(*procs)
+        for _ in range(12):
+            cl.chat.completions.create(model="m", messages=MSG)
+        counts.append([n - m for n, m in zip(chats(*procs), before, strict=True)])
+    assert any(c != [4, 4, 4] for c in counts), counts
