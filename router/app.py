@@ -36,6 +36,7 @@ from router.rendering import TRANSCRIPT_FORMATS, image_urls, transcript
 from router.replicas import ReplicaState
 from router.server import ClientConnection, Request
 from router.shared import SharedState
+from router.store import Store
 from router.tables import KeyEntry, build_tables, model_entry
 from router.usage import ask_for_usage, estimate_tokens
 
@@ -93,6 +94,8 @@ class Router:
         self.slot = slot
         """This worker's number when `shared` (several workers)."""
         self.tables = build_tables(config, None, loop, shared, slot)
+        self.store = Store(config.limits.store) if config.limits.store else None
+        """The limit store every router host shares (`limits.store`), if there is one."""
         self.forwarder = Forwarder(
             loop, random.Random(seed), self.metrics,
             lambda model: self.tables.replicas.get(model, ()),
@@ -101,6 +104,11 @@ class Router:
 
     def reload(self, config: RouterConfig) -> None:
         self.tables = build_tables(config, self.tables, self.loop, self.shared, self.slot)
+        url = config.limits.store
+        if (self.store.url if self.store else None) != url:
+            if self.store is not None:
+                self.store.close()
+            self.store = Store(url) if url else None
 
     def gauges(self) -> list[ReplicaGauge]:
         return [ReplicaGauge(r.model, r.config.id, r.outstanding, r.health.state == "up")
@@ -109,13 +117,19 @@ class Router:
     def _replicas(self) -> list[ReplicaState]:
         return [r for rs in self.tables.replicas.values() for r in rs]
 
+    def _store_state(self) -> None:
+        store = self.store
+        self.metrics.store = [int(store.up), store.changes] if store is not None else [-1, 0]
+
     def snapshot(self) -> bytes:
         """This worker's counters, for the sibling that answers `/metrics`."""
+        self._store_state()
         return self.metrics.snapshot(self.gauges())
 
     async def render_metrics(self) -> bytes:
         """`/metrics`: this process's counters, plus its siblings' with several workers."""
         if self.shared is None:
+            self._store_state()
             return self.metrics.render(self.gauges())
         peers = await self.shared.gather(self.slot)
         total = Metrics()
@@ -162,7 +176,7 @@ class Router:
         finally:
             self.inflight -= 1
             if ctx.status and ctx.model is not None:
-                self.metrics.request(ctx.model, ctx.key_name, ctx.status,
+                self.metrics.request(ctx.model, ctx.key_name, ctx.user_name, ctx.status,
                                      time.monotonic() - req.started)
 
     async def _dispatch(self, conn: ClientConnection, req: Request, ctx: Context) -> None:
@@ -224,8 +238,7 @@ class Router:
             raise bad_request("the request body must be a JSON object")
         asked = doc.get("model")
         model = auth.resolve(ctx, entry, asked)
-        auth.admit(ctx, entry, self.loop_now(),
-                   estimate_tokens(len(body), doc, endpoint in STREAMABLE), self.metrics)
+        await self._admit(ctx, entry, estimate_tokens(len(body), doc, endpoint in STREAMABLE))
         stream = endpoint in STREAMABLE and doc.get("stream") is True
         changed = False
         if asked != model:  # an alias: replicas serve the model's name alone
@@ -264,7 +277,7 @@ class Router:
         upload, model = await read_upload(req, ctx.tables.config.max_body_bytes)
         asked = model.decode(errors="replace") if model else None
         name = auth.resolve(ctx, entry, asked)
-        auth.admit(ctx, entry, self.loop_now(), 0, self.metrics)
+        await self._admit(ctx, entry, 0)
         if asked != name:  # an alias: replicas serve the model's name alone
             upload.set(b"model", name.encode())
             ctx.alias = alias_members(name, str(asked))
@@ -281,6 +294,10 @@ class Router:
         finally:
             self._settle(ctx)
 
+    async def _admit(self, ctx: Context, entry: KeyEntry | None, estimate: int) -> None:
+        await auth.admit(ctx, entry, self.loop_now(), estimate, self.metrics, self.store,
+                         self.tables.config.limits.on_store_down == "refuse")
+
     def _affinity(self, req: Request, doc: dict[str, Any]) -> str | None:
         how = self.tables.config.affinity
         if how == "user":
@@ -296,5 +313,5 @@ class Router:
         auth.settle(ctx, self.loop_now())
         usage = ctx.usage
         if ctx.model is not None and (usage.prompt_tokens or usage.completion_tokens):
-            self.metrics.usage(ctx.model, ctx.key_name, usage.prompt_tokens,
+            self.metrics.usage(ctx.model, ctx.key_name, ctx.user_name, usage.prompt_tokens,
                                usage.completion_tokens)

@@ -8,13 +8,16 @@ raises an `ApiError` in OpenAI's shape when the request may not go on.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from datetime import date
 from typing import Any
 
 from router.context import Context
 from router.errors import ApiError, bad_request
+from router.limits import Verdict
 from router.metrics import Metrics
-from router.tables import KeyEntry
+from router.store import Store
+from router.tables import KeyEntry, Limited
 
 
 def authenticate(ctx: Context, header: bytes, today: date) -> KeyEntry | None:
@@ -32,6 +35,7 @@ def authenticate(ctx: Context, header: bytes, today: date) -> KeyEntry | None:
         raise ApiError(401, "invalid API key; pass `Authorization: Bearer sk-...`",
                        "invalid_request_error", "invalid_api_key")
     ctx.key_name = entry.key.name
+    ctx.user_name = entry.key.user or ""
     expires = entry.key.expires
     if expires is not None and today > expires:
         raise ApiError(401, f"API key `{entry.key.name}` expired on {expires.isoformat()}",
@@ -62,21 +66,59 @@ def resolve(ctx: Context, entry: KeyEntry | None, model: Any) -> str:
     return name
 
 
-def admit(ctx: Context, entry: KeyEntry | None, now: float, estimate: int,
-          metrics: Metrics) -> None:
-    """Count the request against the key's limits (reserving `estimate` tokens), or a 429."""
-    if entry is None or (entry.key.rpm is None and entry.key.tpm is None):
+async def admit(ctx: Context, entry: KeyEntry | None, now: float, estimate: int,
+                metrics: Metrics, store: Store | None, refuse_without_store: bool) -> None:
+    """Count the request against its key's limits and its user's (reserving `estimate`
+    tokens), or a 429. With a shared `store` the count is the store's, one round trip for
+    both; while it does not answer, this router's (or a 503 when `refuse_without_store`)."""
+    if entry is None or not entry.limited:
         return
-    verdict = entry.limiter.admit(now, estimate)
+    verdict = None
+    if store is not None:
+        verdict = await store.admit([(x.shared_id, x.rpm, x.tpm) for x in entry.limited],
+                                    estimate)
+        if verdict is None:
+            metrics.store_fallback("refuse" if refuse_without_store else "local")
+            if refuse_without_store:
+                raise ApiError(503, "the shared limit store does not answer and "
+                               "`limits.on_store_down` is `refuse`; retry in a moment",
+                               "server_error", "limit_store_unavailable", retry_after=1)
+        else:
+            ctx.store, ctx.reservations = store, (verdict.reservation,)
+    if verdict is None:
+        verdict, ctx.reservations = _admit_here(entry.limited, now, estimate)
     if not verdict.ok:
-        metrics.limited(entry.key.name, verdict.reason)
-        raise ApiError(429, f"the key `{entry.key.name}` is over its {verdict.reason} limit;"
-                       f" retry in {verdict.retry_after} s", "rate_limit_error",
+        who = entry.limited[verdict.whose]
+        metrics.limited(entry.key.name, verdict.reason if who.who == "key"
+                        else f"user_{verdict.reason}")
+        holder = "" if who.who == "key" else f" (the key `{entry.key.name}`'s)"
+        raise ApiError(429, f"the {who.who} `{who.name}`{holder} is over its {verdict.reason} "
+                       f"limit; retry in {verdict.retry_after} s", "rate_limit_error",
                        "rate_limit_exceeded", retry_after=verdict.retry_after)
-    ctx.limiter, ctx.reservation = entry.limiter, verdict.reservation
+    ctx.limited = entry.limited
+
+
+def _admit_here(limited: tuple[Limited, ...], now: float, estimate: int
+                ) -> tuple[Verdict, tuple[tuple[int, int], ...]]:
+    """Admit against each identity's windows in this router (the verdict, and each one's
+    reservation); one that refuses takes back the admissions before it."""
+    taken: list[tuple[int, int]] = []
+    for i, x in enumerate(limited):
+        verdict = x.limiter.admit(now, estimate)
+        if not verdict.ok:
+            for earlier, reservation in zip(limited, taken, strict=False):
+                earlier.limiter.cancel(now, reservation)
+            return replace(verdict, whose=i), ()
+        taken.append(verdict.reservation)
+    return verdict, tuple(taken)
 
 
 def settle(ctx: Context, now: float) -> None:
-    """Replace the key's reserved tokens by the ones the request really used."""
-    if ctx.limiter is not None:
-        ctx.limiter.settle(now, ctx.reservation, ctx.usage.total())
+    """Replace the reserved tokens by the ones the request really used."""
+    used = ctx.usage.total()
+    if ctx.store is not None:
+        ctx.store.settle([x.shared_id for x in ctx.limited if x.tpm is not None],
+                         ctx.reservations[0], used)
+        return
+    for x, reservation in zip(ctx.limited, ctx.reservations, strict=False):
+        x.limiter.settle(now, reservation, used)

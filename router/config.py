@@ -42,16 +42,38 @@ class RouteModel(_Strict):
     replicas: list[Replica] = Field(default_factory=list)
 
 
+class User(_Strict):
+    """Someone who holds keys: the models all of them may use, and quotas they share."""
+
+    name: str
+    models: list[str] = Field(default_factory=list)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
 class Key(_Strict):
     """An API key, by hash only."""
 
     name: str
     owner: str | None = None
+    user: str | None = None
     hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     models: list[str] = Field(default_factory=list)
     rpm: int | None = None
     tpm: int | None = None
     expires: date | None = None
+
+
+class Limits(_Strict):
+    """Where `rpm`/`tpm` windows are counted: in this router (per host), or in a Redis
+    every router host shares."""
+
+    store: str | None = Field(
+        default=None, pattern=r"^redis://[^\s]+$",
+        description="`redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`; none: this host alone.")
+    on_store_down: Literal["local", "refuse"] = Field(
+        default="local", description="While the store does not answer: count in this router "
+        "alone, or refuse limited requests with a 503.")
 
 
 class Timeouts(_Strict):
@@ -107,14 +129,26 @@ class RouterConfig(_Strict):
     clients: Clients = Field(default_factory=Clients)
     models: list[RouteModel] = Field(default_factory=list)
     keys: list[Key] = Field(default_factory=list)
+    users: list[User] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        # `clients` is written only when it differs from the defaults: router.json files
-        # written before it existed (and their fingerprints in plans) stay byte for byte
+        # what was added later is written only when it differs from its default:
+        # router.json files written before it existed (and their fingerprints in plans)
+        # stay byte for byte
         data: dict[str, object] = handler(self)
         if self.clients == Clients():
             data.pop("clients", None)
+        if self.limits == Limits():
+            data.pop("limits", None)
+        if not self.users:
+            data.pop("users", None)
+        keys = data.get("keys")
+        if isinstance(keys, list):
+            for key in keys:
+                if isinstance(key, dict) and key.get("user") is None:
+                    key.pop("user", None)
         return data
 
 
@@ -228,7 +262,7 @@ def check(config: RouterConfig) -> tuple[str, str, str] | None:
     """Rules the schema cannot express: (dotted key, message, hint) of the first broken one."""
     names: dict[str, str] = {}  # filled by _check_models, which runs whole before _check_keys
     return (_check_listen(config) or _check_tls(config) or _check_models(config, names)
-            or _check_keys(config, names))
+            or _check_users(config, names) or _check_keys(config, names))
 
 
 def _check_listen(config: RouterConfig) -> tuple[str, str, str] | None:
@@ -270,13 +304,31 @@ def _check_models(config: RouterConfig, names: dict[str, str]) -> tuple[str, str
     return None
 
 
+def _check_users(config: RouterConfig, names: dict[str, str]) -> tuple[str, str, str] | None:
+    seen: set[str] = set()
+    for i, user in enumerate(config.users):
+        if user.name in seen:
+            return (f"users.{i}.name", f"repeats the user name {user.name!r}",
+                    "give every user a unique name.")
+        seen.add(user.name)
+        for j, allowed in enumerate(user.models):
+            if allowed not in names:
+                return (f"users.{i}.models.{j}", f"names the unknown model {allowed!r}",
+                        "use a model name or alias from `models`.")
+    return None
+
+
 def _check_keys(config: RouterConfig, names: dict[str, str]) -> tuple[str, str, str] | None:
     key_names: set[str] = set()
+    users = {user.name for user in config.users}
     for i, key in enumerate(config.keys):
         if key.name in key_names:
             return (f"keys.{i}.name", f"repeats the key name {key.name!r}",
                     "give every key a unique name.")
         key_names.add(key.name)
+        if key.user is not None and key.user not in users:
+            return (f"keys.{i}.user", f"names the unknown user {key.user!r}",
+                    "add the user to `users`, or remove `user` from the key.")
         for j, allowed in enumerate(key.models):
             if allowed not in names:
                 return (f"keys.{i}.models.{j}", f"names the unknown model {allowed!r}",

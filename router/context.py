@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from router.limits import Limiter
 from router.server import ClientConnection, Request
-from router.tables import Tables
+from router.store import Store
+from router.tables import Limited, Tables
 from router.usage import Usage
 
 OVERHEAD_HEADER = b"x-modelstack-overhead-ms"
@@ -16,8 +16,8 @@ OVERHEAD_HEADER = b"x-modelstack-overhead-ms"
 class Context:
     """Per-request bookkeeping: who asked for which model, what was answered, tokens used."""
 
-    __slots__ = ("alias", "key_name", "limiter", "model", "overhead_base", "render", "req",
-                 "reservation", "sent", "status", "tables", "usage")
+    __slots__ = ("alias", "key_name", "limited", "model", "overhead_base", "render", "req",
+                 "reservations", "sent", "status", "store", "tables", "usage", "user_name")
 
     def __init__(self, req: Request, tables: Tables) -> None:
         self.req = req
@@ -25,12 +25,18 @@ class Context:
         """The config as it was when the request came in."""
         self.model: str | None = None
         self.key_name = ""
+        self.user_name = ""
+        """The user holding the request's key, if it has one (a metrics label)."""
         self.status = 0
         self.sent = False
         """The status line went out: an error can no longer be answered."""
         self.usage = Usage()
-        self.limiter: Limiter | None = None
-        self.reservation = (0, 0)
+        self.limited: tuple[Limited, ...] = ()
+        """What the request was admitted against (its key, its user), to settle."""
+        self.reservations: tuple[tuple[int, int], ...] = ()
+        """(second, tokens reserved) of each of them, or one: the shared store's."""
+        self.store: Store | None = None
+        """The shared store that admitted the request, if one did."""
         self.overhead_base = 0.0
         """Seconds spent waiting on the upstream, subtracted from the overhead."""
         self.render: Callable[[bytes], tuple[bytes, bytes] | None] | None = None

@@ -80,6 +80,8 @@ class Verdict:
     retry_after: int = 0
     reservation: tuple[int, int] = (0, 0)
     """(second, tokens reserved)."""
+    whose: int = 0
+    """Which of the request's limited identities refused it (0: its key, 1: its user)."""
 
 
 class Limiter(Protocol):
@@ -88,6 +90,8 @@ class Limiter(Protocol):
     def admit(self, now: float, estimate: int) -> Verdict: ...
 
     def settle(self, now: float, reservation: tuple[int, int], used: int) -> None: ...
+
+    def cancel(self, now: float, reservation: tuple[int, int]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -120,3 +124,9 @@ class KeyLimiter:
         now_second = math.floor(now)
         if now_second - second < WINDOW:
             self.tokens.adjust(second, now_second, used - reserved)
+
+    def cancel(self, now: float, reservation: tuple[int, int]) -> None:
+        """Take back an admission (another limit of the request refused it)."""
+        second = reservation[0]
+        self.requests.adjust(second, math.floor(now), -1)
+        self.settle(now, reservation, 0)

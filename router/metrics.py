@@ -1,7 +1,7 @@
 """Prometheus metrics of one router process, rendered as text format 0.0.4.
 
 Hand-rolled counters (plain dicts) because they sit on the hot path. Labels are bounded:
-model names from the config, key names (never keys), status classes, replica ids. With
+model names from the config, key and user names (never keys), status classes, replica ids. With
 several workers, `snapshot` and `merge` carry one worker's counters to the one that
 answers `/metrics` (router/shared.py).
 """
@@ -46,16 +46,23 @@ class ReplicaGauge:
 class Metrics:
     """All counters of this process."""
 
-    requests: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    requests: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    """(model, key, user or "", status class) -> requests."""
     latency: dict[str, Histogram] = field(default_factory=dict)
     ttft: dict[str, Histogram] = field(default_factory=dict)
-    tokens: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    tokens: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    """(model, key, user or "", prompt or completion) -> tokens."""
     retries: dict[str, int] = field(default_factory=dict)
     rate_limited: dict[tuple[str, str], int] = field(default_factory=dict)
     ejections: dict[tuple[str, str], int] = field(default_factory=dict)
+    store_fallbacks: dict[str, int] = field(default_factory=dict)
+    """Requests admitted here (`local`) or refused (`refuse`) while the store was down."""
+    store: list[int] = field(default_factory=lambda: [-1, 0])
+    """The shared limit store as this process sees it: up (1), down (0), none (-1); and
+    how often it changed."""
 
-    def request(self, model: str, key: str, status: int, seconds: float) -> None:
-        label = (model, key, f"{status // 100}xx")
+    def request(self, model: str, key: str, user: str, status: int, seconds: float) -> None:
+        label = (model, key, user, f"{status // 100}xx")
         self.requests[label] = self.requests.get(label, 0) + 1
         hist = self.latency.get(model)
         if hist is None:
@@ -68,9 +75,9 @@ class Metrics:
             hist = self.ttft[model] = Histogram()
         hist.observe(seconds)
 
-    def usage(self, model: str, key: str, prompt: int, completion: int) -> None:
+    def usage(self, model: str, key: str, user: str, prompt: int, completion: int) -> None:
         for kind, value in (("prompt", prompt), ("completion", completion)):
-            label = (model, key, kind)
+            label = (model, key, user, kind)
             self.tokens[label] = self.tokens.get(label, 0) + value
 
     def retried(self, model: str) -> None:
@@ -79,6 +86,9 @@ class Metrics:
     def limited(self, key: str, limit: str) -> None:
         label = (key, limit)
         self.rate_limited[label] = self.rate_limited.get(label, 0) + 1
+
+    def store_fallback(self, action: str) -> None:
+        self.store_fallbacks[action] = self.store_fallbacks.get(action, 0) + 1
 
     def ejected(self, model: str, replica: str) -> None:
         label = (model, replica)
@@ -94,6 +104,8 @@ class Metrics:
             "retries": self.retries,
             "rate_limited": [[*k, n] for k, n in self.rate_limited.items()],
             "ejections": [[*k, n] for k, n in self.ejections.items()],
+            "store_fallbacks": self.store_fallbacks,
+            "store": self.store,
             "replicas": [[g.model, g.replica, g.in_flight, g.up] for g in replicas],
         })
 
@@ -105,8 +117,14 @@ class Metrics:
             for *label, n in doc[name]:
                 key = tuple(label)
                 table[key] = table.get(key, 0) + n
-        for model, n in doc["retries"].items():
-            self.retries[model] = self.retries.get(model, 0) + n
+        for name in ("retries", "store_fallbacks"):
+            by_label: dict[str, int] = getattr(self, name)
+            for label, n in doc[name].items():
+                by_label[label] = by_label.get(label, 0) + n
+        up, changes = doc["store"]
+        if up >= 0:  # up only while every worker has it up
+            self.store[0] = up if self.store[0] < 0 else min(self.store[0], up)
+        self.store[1] += changes
         for name in ("latency", "ttft"):
             hists: dict[str, Histogram] = getattr(self, name)
             for model, (counts, total) in doc[name].items():
@@ -123,10 +141,11 @@ class Metrics:
         def head(name: str, kind: str, text: str) -> None:
             out.append(f"# HELP {p}{name} {text}\n# TYPE {p}{name} {kind}\n")
 
-        head("requests_total", "counter", "Requests by model, key name and status class.")
-        for (model, key, cls), n in sorted(self.requests.items()):
+        head("requests_total", "counter",
+             "Requests by model, key name, user (of keys that have one) and status class.")
+        for (model, key, user, cls), n in sorted(self.requests.items()):
             out.append(f'{p}requests_total{{model="{_esc(model)}",key="{_esc(key)}",'
-                       f'status="{cls}"}} {n}\n')
+                       f'{_user(user)}status="{cls}"}} {n}\n')
         for name, hists, text in (
             ("request_duration_seconds", self.latency, "Time from request to last byte."),
             ("time_to_first_token_seconds", self.ttft, "Time to the first streamed chunk."),
@@ -140,20 +159,32 @@ class Metrics:
                                f"{running}\n")
                 out.append(f'{p}{name}_sum{{model="{_esc(model)}"}} {hist.total:.6f}\n')
                 out.append(f'{p}{name}_count{{model="{_esc(model)}"}} {running}\n')
-        head("tokens_total", "counter", "Prompt and completion tokens by model and key name.")
-        for (model, key, kind), n in sorted(self.tokens.items()):
+        head("tokens_total", "counter",
+             "Prompt and completion tokens by model, key name and user.")
+        for (model, key, user, kind), n in sorted(self.tokens.items()):
             out.append(f'{p}tokens_total{{model="{_esc(model)}",key="{_esc(key)}",'
-                       f'type="{kind}"}} {n}\n')
+                       f'{_user(user)}type="{kind}"}} {n}\n')
         head("retries_total", "counter", "Requests retried on another replica.")
         for model, n in sorted(self.retries.items()):
             out.append(f'{p}retries_total{{model="{_esc(model)}"}} {n}\n')
-        head("rate_limited_total", "counter", "Requests refused by a key's rpm or tpm limit.")
+        head("rate_limited_total", "counter",
+             "Requests refused by a key's (or its user's: user_rpm, user_tpm) limit.")
         for (key, limit), n in sorted(self.rate_limited.items()):
             out.append(f'{p}rate_limited_total{{key="{_esc(key)}",limit="{limit}"}} {n}\n')
         head("replica_ejections_total", "counter", "Replicas ejected after failures.")
         for (model, replica), n in sorted(self.ejections.items()):
             out.append(f'{p}replica_ejections_total{{model="{_esc(model)}",'
                        f'replica="{_esc(replica)}"}} {n}\n')
+        if self.store[0] >= 0:
+            head("limit_store_up", "gauge", "1 while the shared limit store answers.")
+            out.append(f"{p}limit_store_up {self.store[0]}\n")
+            head("limit_store_changes_total", "counter",
+                 "Times the shared limit store went down or came back.")
+            out.append(f"{p}limit_store_changes_total {self.store[1]}\n")
+            head("limit_store_fallbacks_total", "counter", "Limited requests admitted by "
+                 "this router alone (local) or refused (refuse) while the store was down.")
+            for action, n in sorted(self.store_fallbacks.items()):
+                out.append(f'{p}limit_store_fallbacks_total{{action="{action}"}} {n}\n')
         gauges = list(replicas)
         head("replica_in_flight", "gauge", "Requests outstanding on a replica.")
         for g in gauges:
@@ -177,6 +208,11 @@ def combine(gauges: Iterable[ReplicaGauge]) -> list[ReplicaGauge]:
         merged[(g.model, g.replica)] = g if prev is None else ReplicaGauge(
             g.model, g.replica, prev.in_flight + g.in_flight, prev.up and g.up)
     return list(merged.values())
+
+
+def _user(user: str) -> str:
+    """The `user` label and its comma, for keys that belong to a user."""
+    return f'user="{_esc(user)}",' if user else ""
 
 
 def _esc(value: str) -> str:

@@ -226,3 +226,11 @@ class SharedKeyLimiter:
             self.inner.settle(now, reservation, used)
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, at)
+
+    def cancel(self, now: float, reservation: tuple[int, int]) -> None:
+        fd, at = self.state.fd, self.lock_at
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, at)
+        try:
+            self.inner.cancel(now, reservation)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, at)

@@ -1,5 +1,6 @@
 """The router's tables, derived from one config: routes (names and aliases), each model's
-replicas, the keys with their limiters, and the `/v1/models` answer of each key.
+replicas, the keys with their limiters (and their users'), and the `/v1/models` answer of
+each key.
 
 Rebuilt on reload; replicas and limiters that did not change carry over, so requests in
 flight finish on the objects they started with and limit windows keep counting.
@@ -8,22 +9,39 @@ flight finish on the objects they started with and limit windows keep counting.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 
 import orjson
 
-from router.config import Key, RouterConfig
+from router.config import Key, RouterConfig, User
 from router.limits import KeyLimiter, Limiter
 from router.replicas import ReplicaState
 from router.shared import SharedState
 
 
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """One identity a request is counted against: its key, or the user holding the key."""
+
+    who: str
+    """How errors and metrics name it: "key" or "user"."""
+    name: str
+    limiter: Limiter
+    """Its windows in this router (per process, or per host with several workers)."""
+    shared_id: str
+    """Its name in the shared store: `key:` + the key's hash, or `user:` + the name."""
+    rpm: int | None
+    tpm: int | None
+
+
 @dataclass(slots=True)
 class KeyEntry:
     key: Key
-    limiter: Limiter
+    limited: tuple[Limited, ...]
+    """The identities with limits the key's requests count against (key, then user)."""
     allowed: frozenset[str] | None
-    """Resolved model names the key may use; None means all."""
+    """Resolved model names the key may use (its own list and its user's); None: all."""
 
 
 @dataclass(slots=True)
@@ -82,21 +100,42 @@ def _replicas(config: RouterConfig, old: Tables | None, loop: asyncio.AbstractEv
 
 def _keys(config: RouterConfig, old: Tables | None, routes: dict[str, str],
           shared: SharedState | None) -> dict[str, KeyEntry]:
-    """Key hash -> entry; a key whose limits did not change keeps its limiter."""
-    old_keys = old.keys if old else {}
+    """Key hash -> entry; a key or user whose limits did not change keeps its limiter."""
+    old_limited = {(x.who, x.name): x for e in (old.keys.values() if old else ())
+                   for x in e.limited}
+    users = {user.name: user for user in config.users}
+
+    def limited(who: str, name: str, ident: str, rpm: int | None,
+                tpm: int | None) -> Limited | None:
+        if rpm is None and tpm is None:
+            return None
+        prev = old_limited.get((who, name))
+        if prev is not None and (prev.shared_id, prev.rpm, prev.tpm) == (ident, rpm, tpm):
+            return prev
+        limiter: Limiter | None = None
+        if shared is not None:  # by a hash: the shared table's slots are 32 bytes
+            limiter = shared.limiter("sha256:" + hashlib.sha256(ident.encode()).hexdigest(),
+                                     rpm, tpm)
+        return Limited(who, name, limiter or KeyLimiter(rpm, tpm), ident, rpm, tpm)
+
+    user_limits = {name: limited("user", name, f"user:{name}", user.rpm, user.tpm)
+                   for name, user in users.items()}
     keys: dict[str, KeyEntry] = {}
     for key in config.keys:
-        prev_entry = old_keys.get(key.hash)
-        limiter: Limiter | None = None
-        if prev_entry and (prev_entry.key.rpm, prev_entry.key.tpm) == (key.rpm, key.tpm):
-            limiter = prev_entry.limiter
-        elif shared is not None and (key.rpm is not None or key.tpm is not None):
-            limiter = shared.limiter(key.hash, key.rpm, key.tpm)
-        if limiter is None:
-            limiter = KeyLimiter(key.rpm, key.tpm)
-        allowed = frozenset(routes[m] for m in key.models) if key.models else None
-        keys[key.hash] = KeyEntry(key, limiter, allowed)
+        user = users.get(key.user) if key.user is not None else None
+        found = (limited("key", key.name, f"key:{key.hash}", key.rpm, key.tpm),
+                 user_limits[user.name] if user is not None else None)
+        keys[key.hash] = KeyEntry(key, tuple(x for x in found if x is not None),
+                                  _allowed(key, user, routes))
     return keys
+
+
+def _allowed(key: Key, user: User | None, routes: dict[str, str]) -> frozenset[str] | None:
+    """The models a key may use: its own list, within its user's; None: every model."""
+    lists = [frozenset(routes[m] for m in models)
+             for models in (key.models, user.models if user is not None else [])
+             if models]
+    return frozenset.intersection(*lists) if lists else None
 
 
 def model_entry(name: str) -> dict[str, object]:

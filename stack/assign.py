@@ -22,7 +22,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from agent.assignment import Assignment, Devices, Instance, Peer, RankDevice, RankServer, SecretEnv
-from router.config import Health, Key, Replica, RouteModel, RouterConfig, Timeouts
+from router.config import (
+    Health,
+    Key,
+    Limits,
+    Replica,
+    RouteModel,
+    RouterConfig,
+    Timeouts,
+    User,
+)
 from stack.catalog import Recipe, recipe
 from stack.nodes import node_prefix, node_settings
 from stack.placement import Placement, Placements, Worker
@@ -324,8 +333,11 @@ def build_router_config(spec: StackSpec, placements: Placements,
         health=Health(), balancing=r.balancing, affinity=r.affinity,
         affinity_header=r.affinity_header, retries=r.retries, max_body_bytes=r.max_body_bytes,
         models=routes,
-        keys=[Key(name=k.name, owner=k.owner, hash=k.hash, models=list(k.models), rpm=k.rpm,
-                  tpm=k.tpm, expires=k.expires) for k in spec.keys],
+        keys=[Key(name=k.name, owner=k.owner, user=k.user, hash=k.hash, models=list(k.models),
+                  rpm=k.rpm, tpm=k.tpm, expires=k.expires) for k in spec.keys],
+        users=[User(name=name, models=list(u.models), rpm=u.rpm, tpm=u.tpm)
+               for name, u in sorted(spec.users.items())],
+        limits=Limits(store=r.limits.store, on_store_down=r.limits.on_store_down),
     )
 
 

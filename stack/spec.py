@@ -12,6 +12,7 @@ from datetime import date
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -524,6 +525,24 @@ class AgentSpec(_Strict):
     log_keep: int = Field(3, ge=1, le=100, description="Rotated logs kept per instance.")
 
 
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"redis://[^\s/@]+(/[0-9]{1,2})?", value):
+        raise ValueError("must be `redis://HOST[:PORT][/DB]`, e.g. `redis://10.0.0.5:6379/0`")
+    return value
+
+
+class LimitsSpec(_Strict):
+    """`[router.limits]`: where limit windows are counted."""
+
+    store: Annotated[str | None, AfterValidator(_redis_url)] = Field(
+        None, description="`redis://HOST[:PORT][/DB]` shared by "
+        "every router host (a password in the URL would be in stack.toml: keep the store on "
+        "the private network); none: each router counts alone.")
+    on_store_down: Literal["local", "refuse"] = Field(
+        "local", description="While the store does not answer: count in each router alone "
+        "(`local`), or refuse limited requests with a 503 (`refuse`).")
+
+
 class RouterSpec(_Strict):
     """`[router]`: the OpenAI-compatible endpoint."""
 
@@ -551,6 +570,21 @@ class RouterSpec(_Strict):
     affinity_header: str = Field("x-session-id", description="Header used by `header` affinity.")
     retries: int = Field(2, ge=0, le=10, description="Retries on another replica before 1st byte.")
     max_body_bytes: Bytes = Field(32 * 1024**2, description="Largest request body.")
+    limits: LimitsSpec = Field(
+        default_factory=lambda: LimitsSpec.model_validate({}),
+        description="Where keys' and users' `rpm`/`tpm` are counted (a Redis every router "
+        "host shares, or each router alone).")
+
+
+class UserSpec(_Strict):
+    """`[users.NAME]`: someone who holds keys; the models and quotas all of them share."""
+
+    models: list[str] = Field(default_factory=list,
+                              description="Models the user's keys may use; empty: all.")
+    rpm: int | None = Field(None, ge=1, le=10**9,
+                            description="Requests per minute over all the user's keys.")
+    tpm: int | None = Field(None, ge=1, le=10**12,
+                            description="Tokens per minute over all the user's keys.")
 
 
 class KeySpec(_Strict):
@@ -558,6 +592,7 @@ class KeySpec(_Strict):
 
     name: Name = Field(description="Key name.")
     owner: str | None = Field(None, description="Who holds the key.")
+    user: Name | None = Field(None, description="The `[users.NAME]` the key belongs to.")
     hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="`sha256:` + hex digest.")
     models: list[str] = Field(default_factory=list, description="Allowed models; empty: all.")
     rpm: int | None = Field(None, ge=1, le=10**9, description="Requests per minute.")
@@ -585,6 +620,8 @@ class StackSpec(_Strict):
         description="The agent on every host.",
     )
     keys: list[KeySpec] = Field(default_factory=list, description="API keys.")
+    users: dict[Name, UserSpec] = Field(
+        default_factory=dict, description="Users: keys' holders with shared quotas.")
     # Merged `[nodes."PATTERN"]` settings by set of matching patterns, filled by
     # `stack.nodes.node_settings`: computed once per loaded stack.toml, not per call.
     _node_settings: dict[tuple[object, ...], NodeSpec] = PrivateAttr(default_factory=dict)

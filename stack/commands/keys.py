@@ -38,11 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("name", help="name of the key (letters, digits, _ . -)")
     create.add_argument("--models", help="comma-separated models it may use (default: all)")
     create.add_argument("--owner", help="who holds the key")
+    create.add_argument("--user", help="the [users.NAME] it belongs to (shares its quotas)")
     create.add_argument("--rpm", type=int, help="requests per minute")
     create.add_argument("--tpm", type=int, help="tokens per minute")
     create.add_argument("--expires", help="last day the key works, YYYY-MM-DD")
     listing = actions.add_parser("list", help="show the keys (never the keys themselves)")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument("--user", help="only the keys of this [users.NAME]")
     revoke = actions.add_parser("revoke", help="remove a key from stack.toml")
     revoke.add_argument("name", help="name of the key")
     for action in (create, listing, revoke):  # `-f` also after the action
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.keys_action == "create":
         return _create(path, args)
     if args.keys_action == "list":
-        return _list(path, args.json, date.today())
+        return _list(path, args.json, date.today(), args.user)
     return _revoke(path, args.name)
 
 
@@ -92,6 +94,8 @@ def _new_entry(spec: StackSpec, args: argparse.Namespace, today: date) -> dict[s
     entry: dict[str, Any] = {"name": name, "hash": ""}  # the caller sets the hash
     if args.owner:
         entry["owner"] = args.owner
+    if args.user:
+        entry["user"] = _user(spec, args.user)
     if args.models:
         entry["models"] = _models(spec, args.models)
     for flag in ("rpm", "tpm"):
@@ -118,6 +122,14 @@ def _models(spec: StackSpec, text: str) -> list[str]:
                               hint=f"did you mean `{close[0]}`?" if close else
                               "give model names or aliases from `[models]`, separated by commas.")
     return models
+
+
+def _user(spec: StackSpec, name: str) -> str:
+    if name not in spec.users:
+        known = ", ".join(f"`{u}`" for u in sorted(spec.users)) or "there are none"
+        raise ConfigError(f"`--user`: `{name}` is not a `[users.NAME]` table in stack.toml",
+                          hint=f"add `[users.{name}]` first (users: {known}).")
+    return name
 
 
 def _expiry(text: str, today: date) -> date:
@@ -237,16 +249,19 @@ def _cut_table(text: str, index: int) -> str | None:
 # ---------------------------------------------------------------------------- list
 
 
-def _list(path: Path, as_json: bool, today: date) -> int:
+def _list(path: Path, as_json: bool, today: date, user: str | None = None) -> int:
     spec = load_text(read_text(path), path.name, base_dir=path.parent)
-    rows = [_row(key, today) for key in spec.keys]
+    if user is not None:
+        _user(spec, user)
+    rows = [_row(key, today) for key in spec.keys if user is None or key.user == user]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("No keys. Create one with `stack keys create NAME`.")
+        print(f"No keys of the user `{user}`." if user else
+              "No keys. Create one with `stack keys create NAME`.")
         return 0
-    columns = ["name", "owner", "models", "rpm", "tpm", "expires", "expired"]
+    columns = ["name", "owner", "user", "models", "rpm", "tpm", "expires", "expired"]
     cells = [[_cell(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     for line in [columns, *cells]:
@@ -256,7 +271,7 @@ def _list(path: Path, as_json: bool, today: date) -> int:
 
 def _row(key: KeySpec, today: date) -> dict[str, Any]:
     return {
-        "name": key.name, "owner": key.owner, "models": key.models,
+        "name": key.name, "owner": key.owner, "user": key.user, "models": key.models,
         "rpm": key.rpm, "tpm": key.tpm,
         "expires": key.expires.isoformat() if key.expires else None,
         "expired": key.expires is not None and key.expires < today,

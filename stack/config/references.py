@@ -291,10 +291,23 @@ def _check_keys(spec: StackSpec, report: Report) -> None:
                        "earlier key's", "remove the copy; a key must have one name.")
         names.add(key.name)
         hashes.add(key.hash)
-        for m_index, model in enumerate(key.models):
-            if model not in api_names:
-                path: Loc = ("keys", index, "models", m_index)
-                guess = suggest(model, sorted(api_names))
-                report.add(path, f"`{dotted(path)}` is `{model}`, which is not a model",
-                           f"did you mean `{guess}`?" if guess else
-                           "list model names or aliases from `[models]`.")
+        _check_models_listed(("keys", index, "models"), key.models, api_names, report)
+        if key.user is not None and key.user not in spec.users:
+            guess = suggest(key.user, sorted(spec.users))
+            report.add(("keys", index, "user"), f"`keys[{index}].user` is `{key.user}`, "
+                       "which is not a `[users.NAME]` table",
+                       f"did you mean `{guess}`?" if guess else
+                       f"add `[users.{key.user}]` (its models and quotas), or remove `user`.")
+    for name, user in spec.users.items():
+        _check_models_listed(("users", name, "models"), user.models, api_names, report)
+
+
+def _check_models_listed(base: Loc, models: list[str], api_names: set[str],
+                         report: Report) -> None:
+    for m_index, model in enumerate(models):
+        if model not in api_names:
+            path: Loc = (*base, m_index)
+            guess = suggest(model, sorted(api_names))
+            report.add(path, f"`{dotted(path)}` is `{model}`, which is not a model",
+                       f"did you mean `{guess}`?" if guess else
+                       "list model names or aliases from `[models]`.")

@@ -138,13 +138,13 @@ def test_list_shows_limits_and_expiry(
                     'fb9"\n')
     assert run(["keys", "list", "-f", str(path)]) == 0
     assert capsys.readouterr().out == (
-        "name  owner  models  rpm  tpm  expires     expired\n"
-        "ops   -      all     -    -    -           no\n"
-        "old   bo     qwen    5    -    2001-01-01  yes\n"
+        "name  owner  user  models  rpm  tpm  expires     expired\n"
+        "ops   -      -     all     -    -    -           no\n"
+        "old   bo     -     qwen    5    -    2001-01-01  yes\n"
     )
     assert run(["keys", "list", "--json", "-f", str(path)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[1] == {"name": "old", "owner": "bo", "models": ["qwen"], "rpm": 5,
+    assert rows[1] == {"name": "old", "owner": "bo", "user": None, "models": ["qwen"], "rpm": 5,
                        "tpm": None, "expires": "2001-01-01", "expired": True}
     assert "hash" not in rows[0]
 
