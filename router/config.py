@@ -262,7 +262,8 @@ def check(config: RouterConfig) -> tuple[str, str, str] | None:
     """Rules the schema cannot express: (dotted key, message, hint) of the first broken one."""
     names: dict[str, str] = {}  # filled by _check_models, which runs whole before _check_keys
     return (_check_listen(config) or _check_tls(config) or _check_models(config, names)
-            or _check_users(config, names) or _check_keys(config, names))
+            or _check_users(config, names) or _check_keys(config, names)
+            or _check_store(config))
 
 
 def _check_listen(config: RouterConfig) -> tuple[str, str, str] | None:
@@ -301,6 +302,24 @@ def _check_models(config: RouterConfig, names: dict[str, str]) -> tuple[str, str
             if not _names_host_and_port(replica.url.removeprefix("http://").rstrip("/")):
                 return (f"models.{i}.replicas.{k}.url", f"must be http://HOST:PORT, got "
                         f"{replica.url!r}", "write the port explicitly.")
+    return None
+
+
+def _check_store(config: RouterConfig) -> tuple[str, str, str] | None:
+    from urllib.parse import urlsplit
+
+    url = config.limits.store
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        port, path = parts.port, parts.path.strip("/")
+    except ValueError as exc:
+        return ("limits.store", f"is not a redis:// URL: {exc}",
+                "write `redis://HOST[:PORT][/DB]`, e.g. `redis://10.0.0.5:6379/0`.")
+    if not parts.hostname or (path and not path.isdigit()) or port == 0:
+        return ("limits.store", f"must be `redis://HOST[:PORT][/DB]`, got {url!r}",
+                "e.g. `redis://10.0.0.5:6379/0`.")
     return None
 
 

@@ -141,6 +141,7 @@ class Connection:
         self.waiting: deque[asyncio.Future[object]] = deque()
         self.task = asyncio.get_running_loop().create_task(self._read())
         self.closed = False
+        self.why: BaseException | None = None
 
     async def _read(self) -> None:
         try:
@@ -165,7 +166,7 @@ class Connection:
     def close(self, exc: BaseException | None = None) -> None:
         if self.closed:
             return
-        self.closed = True
+        self.closed, self.why = True, exc
         self.writer.close()
         for future in self.waiting:
             if not future.done():
@@ -241,8 +242,12 @@ class Store:
 
     async def ready(self) -> bool:
         """Whether the store can be used now (reconnecting at most once a second)."""
-        if self.conn is not None and not self.conn.closed:
-            return True
+        if self.conn is not None:
+            if not self.conn.closed:
+                return True
+            why = self.conn.why
+            self._down("the connection closed" if why is None or isinstance(
+                why, asyncio.IncompleteReadError) else why)
         if time.monotonic() < self.next_try:
             return False
         self.next_try = time.monotonic() + RETRY

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import time
 from pathlib import Path
@@ -31,8 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+_USER = re.compile(r'[{,]user="((?:[^"\\]|\\.)*)"')
+
+
 def parse_router_metrics(text: str) -> dict[str, float]:
-    """Totals of the router's request and token counters in a Prometheus text page."""
+    """Totals of the router's request and token counters in a Prometheus text page, and
+    per user (`user:NAME:requests`, `user:NAME:tokens`) for keys that have one."""
     totals = {"requests": 0.0, "tokens": 0.0}
     for line in text.splitlines():
         if line.startswith("#") or " " not in line:
@@ -43,18 +48,29 @@ def parse_router_metrics(text: str) -> dict[str, float]:
             number = float(value)
         except ValueError:
             continue
-        if metric == METRIC_PREFIX + "requests_total":
-            totals["requests"] += number
-        elif metric == METRIC_PREFIX + "tokens_total":
-            totals["tokens"] += number
+        kind = {METRIC_PREFIX + "requests_total": "requests",
+                METRIC_PREFIX + "tokens_total": "tokens"}.get(metric)
+        if kind is None:
+            continue
+        totals[kind] += number
+        user = _USER.search(name)
+        if user is not None:
+            label = f"user:{user.group(1)}:{kind}"
+            totals[label] = totals.get(label, 0.0) + number
     return totals
 
 
-def rates(first: dict[str, float], second: dict[str, float], seconds: float) -> dict[str, float]:
-    """Requests/s and tokens/s between two samples."""
+def rates(first: dict[str, float], second: dict[str, float], seconds: float) -> dict[str, Any]:
+    """Requests/s and tokens/s between two samples, in all and per user."""
     span = max(seconds, 1e-6)
-    return {"requests_per_second": round((second["requests"] - first["requests"]) / span, 2),
-            "tokens_per_second": round((second["tokens"] - first["tokens"]) / span, 2)}
+
+    def rate(name: str) -> float:
+        return round((second.get(name, 0.0) - first.get(name, 0.0)) / span, 2)
+
+    users = sorted({k.split(":")[1] for k in second if k.startswith("user:")})
+    return {"requests_per_second": rate("requests"), "tokens_per_second": rate("tokens"),
+            "users": {u: {"requests_per_second": rate(f"user:{u}:requests"),
+                          "tokens_per_second": rate(f"user:{u}:tokens")} for u in users}}
 
 
 def _router_sample(host: Host, prefix: str, listen: str) -> dict[str, float] | None:
@@ -165,6 +181,9 @@ def render(console: Console, status: dict[str, Any]) -> None:
             console.print(f"router on {name} ({router['listen']}): "
                           f"{router['requests_per_second']} requests/s, "
                           f"{router['tokens_per_second']} tokens/s", highlight=False)
+            for user, got in router.get("users", {}).items():
+                console.print(f"  user {user}: {got['requests_per_second']} requests/s, "
+                              f"{got['tokens_per_second']} tokens/s", highlight=False)
         else:
             console.print(f"router on {name} ({router['listen']}): not answering",
                           highlight=False)
