@@ -7,7 +7,8 @@ time). One script checks every identity of a request and, only when all have roo
 counts the request in each: an admission is one round trip and atomic across hosts.
 Settling a request's tokens is a second script, sent without waiting for its answer.
 
-The client speaks RESP over one connection per worker, requests pipelined in order. A
+The client speaks RESP over one connection per worker (an asyncio protocol parsing the
+replies from its buffer), requests pipelined in order. A
 store that does not answer within `timeout` is down: by `on_store_down` the request is
 counted by this process alone (`local`) or refused with a 503 (`refuse`); the worker
 tries to reconnect once a second and shares again when it can. Each change is logged and
@@ -114,60 +115,95 @@ def _command(*args: bytes) -> bytes:
     return b"".join(out)
 
 
-async def _reply(reader: asyncio.StreamReader) -> object:
-    """One RESP2 reply: a string, an int, None, a list of replies, or a StoreError."""
-    line = (await reader.readuntil(b"\r\n"))[:-2]
-    kind, rest = line[:1], line[1:]
+class IncompleteReply(Exception):
+    """The buffer ends inside a reply: wait for more bytes."""
+
+
+MAX_REPLY = 1 << 20
+"""Bytes of replies the connection buffers; more unparsed is no reply of ours."""
+
+
+def parse_reply(buf: bytes, pos: int = 0) -> tuple[object, int]:
+    """One RESP2 reply at `buf[pos:]`: (a string, an int, None, a list of replies, or a
+    StoreError; the position after it). `IncompleteReply` when the reply is not all there."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise IncompleteReply
+    kind, rest = buf[pos:pos + 1], buf[pos + 1:end]
+    pos = end + 2
     if kind == b"+":
-        return rest
+        return rest, pos
     if kind == b"-":
-        return StoreError(rest.decode(errors="replace"))
+        return StoreError(rest.decode(errors="replace")), pos
     if kind == b":":
-        return int(rest)
+        return int(rest), pos
     if kind == b"$":
         n = int(rest)
-        return None if n < 0 else (await reader.readexactly(n + 2))[:-2]
+        if n < 0:
+            return None, pos
+        if len(buf) < pos + n + 2:
+            raise IncompleteReply
+        return buf[pos:pos + n], pos + n + 2
     if kind == b"*":
         n = int(rest)
-        return None if n < 0 else [await _reply(reader) for _ in range(n)]
-    raise StoreError(f"unexpected reply {line[:40]!r}")
+        items = []
+        for _ in range(max(n, 0)):
+            item, pos = parse_reply(buf, pos)
+            items.append(item)
+        return (items if n >= 0 else None), pos
+    raise StoreError(f"unexpected reply {(kind + rest)[:40]!r}")
 
 
-class Connection:
+class Connection(asyncio.Protocol):
     """One RESP connection; calls are pipelined and answered in order."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
         self.waiting: deque[asyncio.Future[object]] = deque()
-        self.task = asyncio.get_running_loop().create_task(self._read())
+        self.buf = b""
         self.closed = False
         self.why: BaseException | None = None
 
-    async def _read(self) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        pos = 0
         try:
-            while True:
-                reply = await _reply(self.reader)
+            while pos < len(buf):
+                reply, pos = parse_reply(buf, pos)
                 if self.waiting:
                     future = self.waiting.popleft()
                     if not future.done():
                         future.set_result(reply)
-        except (OSError, asyncio.IncompleteReadError, ValueError, StoreError) as exc:
+        except IncompleteReply:
+            pass
+        except (ValueError, StoreError) as exc:
             self.close(exc)
+            return
+        self.buf = buf[pos:]
+        if len(self.buf) > MAX_REPLY:
+            self.close(StoreError("a reply larger than any this router asks for"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(exc)
 
     def call(self, *args: bytes) -> asyncio.Future[object]:
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        if self.closed:
+        if self.closed or self.transport is None:
             future.set_exception(StoreError("the connection is closed"))
             return future
         self.waiting.append(future)
-        self.writer.write(_command(*args))
+        self.transport.write(_command(*args))
         return future
 
     def close(self, exc: BaseException | None = None) -> None:
         if self.closed:
             return
         self.closed, self.why = True, exc
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
         for future in self.waiting:
             if not future.done():
                 future.set_exception(StoreError(f"the store went away: {exc}"))
@@ -202,8 +238,8 @@ class Store:
         return f"{self.host}:{self.port}/{self.db}"
 
     async def _connect(self) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        conn = Connection(reader, writer)
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(Connection, self.host, self.port)
         try:
             if self.password is not None:
                 auth = [self.username.encode()] if self.username else []
@@ -218,10 +254,13 @@ class Store:
         self.conn = conn
 
     async def _wait(self, future: asyncio.Future[object]) -> object:
+        """The answer, or a StoreError after `timeout` (a timer, not a task per call)."""
+        timer = asyncio.get_running_loop().call_later(self.timeout, _expire, future,
+                                                       self.timeout)
         try:
-            return await asyncio.wait_for(future, self.timeout)
-        except TimeoutError as exc:
-            raise StoreError(f"no answer within {self.timeout:g} s") from exc
+            return await future
+        finally:
+            timer.cancel()
 
     @staticmethod
     def _check(reply: object) -> object:
@@ -246,8 +285,7 @@ class Store:
             if not self.conn.closed:
                 return True
             why = self.conn.why
-            self._down("the connection closed" if why is None or isinstance(
-                why, asyncio.IncompleteReadError) else why)
+            self._down(why or "the connection closed")
         if time.monotonic() < self.next_try:
             return False
         self.next_try = time.monotonic() + RETRY
@@ -308,6 +346,11 @@ class Store:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def _expire(future: asyncio.Future[object], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(StoreError(f"no answer within {timeout:g} s"))
 
 
 def _ignore(future: asyncio.Future[object]) -> None:

@@ -229,3 +229,26 @@ def test_a_nodes_weight_is_the_router_weight_of_the_replicas_it_runs() -> None:
     weights = {r.id: r.weight for m in config.models for r in m.replicas}
     assert {nodes["tiny-0"], nodes["tiny-1"]} == {"gpu-01", "gpu-02"}
     assert weights == {rid: 3 if nodes[rid] == "gpu-02" else 1 for rid in weights}
+
+
+def test_users_keys_and_the_shared_store_reach_router_json() -> None:
+    users = ('[users.alice]\nmodels = ["gpt-big"]\nrpm = 60\n\n[router.limits]\n'
+             'store = "redis://10.0.0.5:6379/2"\non_store_down = "refuse"\n\n[[keys]]\n'
+             'name = "laptop"\nuser = "alice"\nhash = "sha256:' + "0" * 64 + '"\n')
+    spec, _ = load_stack(STACK + users)
+    facts = load_facts(FACTS)
+    placements = schedule(spec, load_evaluations(EVALUATIONS), facts)
+    config = build_router_config(spec, placements, build_assignments(
+        spec, placements, facts, Path("/ctl"), None))
+    assert [(u.name, u.models, u.rpm, u.tpm) for u in config.users] == [
+        ("alice", ["gpt-big"], 60, None)]
+    assert [(k.name, k.user) for k in config.keys] == [("laptop", "alice")]
+    assert (config.limits.store, config.limits.on_store_down) == (
+        "redis://10.0.0.5:6379/2", "refuse")
+    # without users or a store router.json keeps the bytes it had before they existed
+    plain, _ = load_stack(STACK + '\n[[keys]]\nname = "ci"\nhash = "sha256:' + "1" * 64 + '"\n')
+    body = build_router_config(plain, placements, build_assignments(
+        plain, placements, facts, Path("/ctl"), None)).model_dump(mode="json")
+    assert "users" not in body and "limits" not in body
+    assert body["keys"] == [{"name": "ci", "owner": None, "hash": "sha256:" + "1" * 64,
+                             "models": [], "rpm": None, "tpm": None, "expires": None}]

@@ -18,6 +18,8 @@ import httpx
 import pytest
 from router_harness import Harness, Proc, key_hash, metric, replica, stats
 
+from router.store import IncompleteReply, StoreError, parse_reply
+
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 
@@ -176,3 +178,23 @@ def test_with_refuse_a_limited_request_gets_a_503_while_redis_is_down(
     assert post(a.port, "sk-free").status_code == 200  # keys without limits go on
     assert metric(a.port, "modelstack_router_limit_store_fallbacks_total",
                   action="refuse") == 1
+
+
+@pytest.mark.parametrize(("data", "reply"), [
+    (b"+OK\r\n", b"OK"), (b":42\r\n", 42), (b"$-1\r\n", None), (b"$3\r\nabc\r\n", b"abc"),
+    (b"*3\r\n:1\r\n:1700000000\r\n:25\r\n", [1, 1700000000, 25]), (b"*-1\r\n", None),
+])
+def test_resp_replies_parse_whole_and_wait_for_the_rest(data: bytes, reply: object) -> None:
+    assert parse_reply(data) == (reply, len(data))
+    for cut in range(1, len(data) - 1):  # every prefix is incomplete, never misread
+        with pytest.raises(IncompleteReply):
+            parse_reply(data[:cut])
+
+
+def test_a_resp_error_or_junk_is_a_store_error() -> None:
+    error, _ = parse_reply(b"-NOSCRIPT No matching script\r\n")
+    assert isinstance(error, StoreError) and str(error).startswith("NOSCRIPT")
+    with pytest.raises(StoreError):
+        parse_reply(b"?what\r\n")
+    with pytest.raises(ValueError):
+        parse_reply(b":12x\r\n")
