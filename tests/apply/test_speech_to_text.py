@@ -27,6 +27,7 @@ from conftest import SENTENCE_WORDS
 from fleet import one_host_stack, run_stack
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,45 @@ def test_apply_serves_whisper_and_the_client_transcribes(
     with capsys.disabled():
         print(f"\nspeech-to-text: apply {applied:.0f} s (vox-box install included), "
               f"first transcription {first:.1f} s")
+
+
+# vox-box's own command-line parser (its `start` sub-command, as `vox-box` builds it), then
+# its argument check, over a line given as arguments; exit 2 on an unknown flag
+VOX_BOX_PARSER = """
+import argparse, sys
+from vox_box.cmd import setup_start_cmd
+from vox_box.cmd.start import validate_args
+parser = argparse.ArgumentParser(conflict_handler="resolve")
+setup_start_cmd(parser.add_subparsers())
+validate_args(parser.parse_args(sys.argv[1:]))
+print("parsed")
+"""
+
+
+@pytest.mark.timeout(600)
+def test_the_cuda_line_parses_with_vox_boxs_own_parser(world: dict[str, Any]) -> None:
+    """The agent's CUDA line for Whisper (tests/agent/commands/vox_box_whisper.json), which
+    cannot run here, through vox-box's real parser in the runtime apply installed; with a
+    misspelt flag it is refused (docs/backends.md)."""
+    import json
+
+    from agent.assignment import Instance
+    from agent.commands import Context, build_launch
+
+    case = json.loads((ROOT / "tests" / "agent" / "commands" / "vox_box_whisper.json")
+                      .read_text())
+    argv = build_launch(Instance.model_validate(case["instance"]),
+                        Context(case["model_path"], "/opt/stack/state/instances")).argv
+    assert "cuda:0" in argv
+    runtime = world["fleet"].hosts["node-01"].prefix / "runtimes" / "vox-box" / "0.0.21-cpu"
+    python = str(runtime / "bin" / "python")
+    ok = subprocess.run([python, "-c", VOX_BOX_PARSER, *argv[1:]], capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0 and ok.stdout.strip() == "parsed", ok.stdout + ok.stderr
+    misspelt = [a + "t" if a == "--data-dir" else a for a in argv[1:]]
+    refused = subprocess.run([python, "-c", VOX_BOX_PARSER, *misspelt], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "unrecognized arguments: --data-dirt" in refused.stderr
 
 
 def test_a_plan_after_apply_is_empty(world: dict[str, Any]) -> None:
