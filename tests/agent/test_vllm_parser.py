@@ -1,0 +1,111 @@
+"""Every `vllm serve` line the agent builds (each vLLM case in `commands/`, the Ray head's
+included) is accepted by vLLM's own parser, at the catalogue's default version
+(`scripts/setup-vllm-parser`: vLLM without its CUDA packages over the CPU torch wheel,
+`VLLM_TARGET_DEVICE=cpu`). vLLM prints the settings it parsed (`non-default args: {...}`)
+before it looks for the model, which does not exist here: the flags placement relies on
+are read back from that and compared, so a version that renames one fails here rather
+than in a production apply. A misspelt flag is refused. The API key, given to vLLM in
+`VLLM_API_KEY` (kept out of the process list), must be a variable vLLM reads."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.assignment import Instance
+from agent.commands import Context, build_launch
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = sorted((Path(__file__).parent / "commands").glob("vllm_*.json"))
+REFUSED = ("error: unrecognized arguments", "error: argument", "invalid choice")
+
+
+@pytest.fixture(scope="module")
+def vllm_bin() -> Path:
+    """The bin folder of the parser-only vLLM venv. Without STACK_VLLM_PARSER a run by
+    hand skips (the first install takes minutes and 5 GB); scripts/test sets it, and in
+    CI (`CI=true`) the script installs it when unset, never skips."""
+    from conftest import _from_script
+
+    if not os.environ.get("STACK_VLLM_PARSER") and os.environ.get("CI") != "true":
+        pytest.skip("STACK_VLLM_PARSER is unset: scripts/test sets it (or export "
+                    "STACK_VLLM_PARSER=$(scripts/setup-vllm-parser))")
+    return _from_script("STACK_VLLM_PARSER", "setup-vllm-parser")
+
+
+def serve_args(case_file: Path) -> list[str] | None:
+    """The arguments after `vllm serve` in a case's command line (inside the Ray head's
+    `sh -c` too), or None for a case that starts no vLLM (a Ray worker)."""
+    case = json.loads(case_file.read_text())
+    inst = Instance.model_validate(case["instance"])
+    argv = build_launch(inst, Context(case["model_path"], "/opt/stack/state/instances")).argv
+    if argv[:2] == ["/bin/sh", "-c"]:
+        argv = shlex.split(argv[2].split("&& exec ", 1)[1])
+    if Path(argv[0]).name != "vllm":
+        return None
+    assert argv[1] == "serve"
+    return argv[2:]
+
+
+def parse(vllm_bin: Path, args: list[str], tmp: Path) -> tuple[str, dict[str, Any] | None]:
+    """vLLM's output for `vllm serve ARGS` and the settings it says it parsed."""
+    done = subprocess.run([str(vllm_bin / "vllm"), "serve", *args], capture_output=True,
+                          text=True, timeout=300, cwd=tmp, errors="replace",
+                          env={**os.environ, "VLLM_TARGET_DEVICE": "cpu",
+                               "HF_HUB_OFFLINE": "1"})
+    output = done.stdout + done.stderr
+    line = next((ln for ln in output.splitlines() if "non-default args: " in ln), None)
+    if line is None or any(r in output for r in REFUSED):
+        return output, None
+    return output, ast.literal_eval(line.split("non-default args: ", 1)[1])
+
+
+SERVE = [c for c in CASES if serve_args(c) is not None]
+
+
+def test_the_vllm_cases_are_covered() -> None:
+    assert [c.stem for c in SERVE] == ["vllm_env_from_the_controller", "vllm_ray_head",
+                                       "vllm_tensor_parallel"]
+
+
+@pytest.mark.parametrize("case_file", SERVE, ids=[c.stem for c in SERVE])
+def test_vllm_parses_each_line(case_file: Path, vllm_bin: Path, tmp_path: Path) -> None:
+    args = serve_args(case_file) or []
+    output, parsed = parse(vllm_bin, args, tmp_path)
+    assert parsed is not None, output[-3000:]
+    assert parsed["model"] == args[0] and parsed["served_model_name"] == [args[2]]
+
+
+def test_the_flags_placement_relies_on_mean_what_we_mean(vllm_bin: Path,
+                                                         tmp_path: Path) -> None:
+    """The Ray head's line has every layout flag; each is read back as the setting."""
+    head = next(c for c in SERVE if c.stem == "vllm_ray_head")
+    tp = next(c for c in SERVE if c.stem == "vllm_tensor_parallel")
+    _, parsed = parse(vllm_bin, serve_args(head) or [], tmp_path)
+    assert parsed is not None
+    assert (parsed["tensor_parallel_size"], parsed["pipeline_parallel_size"],
+            parsed["distributed_executor_backend"], parsed["host"], parsed["port"]) == (
+        2, 2, "ray", "10.0.0.1", 40020)
+    _, parsed = parse(vllm_bin, serve_args(tp) or [], tmp_path)
+    assert parsed is not None
+    assert (parsed["max_model_len"], parsed["gpu_memory_utilization"],
+            parsed["tensor_parallel_size"]) == (8192, 0.85, 4)
+    reads = subprocess.run([str(vllm_bin / "python"), "-c",
+                            "import vllm.envs as e; print('VLLM_API_KEY' in "
+                            "e.environment_variables)"], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
+    assert reads.stdout.strip().splitlines()[-1] == "True", reads.stdout + reads.stderr
+
+
+def test_a_misspelt_flag_is_refused(vllm_bin: Path, tmp_path: Path) -> None:
+    args = [a + "s" if a == "--served-model-name" else a
+            for a in serve_args(SERVE[0]) or []]
+    output, parsed = parse(vllm_bin, args, tmp_path)
+    assert parsed is None and "unrecognized arguments: --served-model-names" in output
