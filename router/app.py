@@ -31,6 +31,7 @@ from router.errors import ApiError, bad_request
 from router.forward import Forwarder
 from router.metrics import Metrics, ReplicaGauge, combine
 from router.multipart import read_upload
+from router.prefix import prefix_key
 from router.relay import Mode
 from router.rendering import TRANSCRIPT_FORMATS, image_urls, transcript
 from router.replicas import ReplicaState
@@ -256,6 +257,8 @@ class Router:
             body = orjson.dumps(doc)
         mode: Mode = "sse" if stream else "raw" if endpoint in RAW_RELAY else "buffer"
         affinity = self._affinity(req, doc)
+        if affinity is None and ctx.tables.config.balancing == "prefix":
+            affinity = prefix_key(endpoint, doc)
         try:
             await self.forwarder.forward(conn, ctx, model, body, mode, affinity)
         finally:

@@ -1,5 +1,6 @@
 """Choosing a replica: least outstanding requests, power of two choices among ties,
-optional affinity bounded by load; or weighted round robin.
+optional affinity (a session, or a prompt's first block: `router.prefix`) bounded by
+load; or weighted round robin.
 
 Pure: the caller passes the replicas' loads and a random source (or their turns).
 """

@@ -121,7 +121,7 @@ class RouterConfig(_Strict):
     tls_key: str | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
     health: Health = Field(default_factory=Health)
-    balancing: Literal["least-outstanding", "round-robin"] = "least-outstanding"
+    balancing: Literal["least-outstanding", "round-robin", "prefix"] = "least-outstanding"
     affinity: Literal["none", "user", "header"] = "none"
     affinity_header: str = "x-session-id"
     retries: int = Field(default=2, ge=0)

@@ -560,9 +560,13 @@ class RouterSpec(_Strict):
     timeouts: Timeouts = Field(
         default_factory=lambda: Timeouts.model_validate({}), description="Timeouts."
     )
-    balancing: Literal["least-outstanding", "round-robin"] = Field(
+    balancing: Literal["least-outstanding", "round-robin", "prefix"] = Field(
         "least-outstanding", description="How a replica is chosen: the fewest requests in "
-        "flight per unit of `weight`, or in turn, each as often as its `weight` says."
+        "flight per unit of `weight`; in turn, each as often as its `weight` says; or "
+        "`prefix`: prompts starting with the same 1,024 characters (a long system prompt, "
+        "a conversation so far) go to the same replica, whose prompt cache holds them, "
+        "unless it carries over 25% more than the average load (plus one); shorter "
+        "prompts by load."
     )
     affinity: Literal["none", "user", "header"] = Field(
         "none", description="Session affinity: by the `user` field or a header."
