@@ -56,6 +56,18 @@ def sd_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def vllm_bin() -> Path:
+    """The bin folder of a vLLM install that only parses (`scripts/setup-vllm-parser`: no
+    CUDA packages, the CPU torch wheel; about 5 GB). Without STACK_VLLM_PARSER a run by
+    hand skips (the first install takes minutes); scripts/test sets it, and in CI
+    (`CI=true`) the script installs it when unset, never skips."""
+    if not os.environ.get("STACK_VLLM_PARSER") and os.environ.get("CI") != "true":
+        pytest.skip("STACK_VLLM_PARSER is unset: scripts/test sets it (or export "
+                    "STACK_VLLM_PARSER=$(scripts/setup-vllm-parser))")
+    return _from_script("STACK_VLLM_PARSER", "setup-vllm-parser")
+
+
+@pytest.fixture(scope="session")
 def sd_model() -> Path:
     """The image-generation test model: a random-weight SD 1.x tiny UNet in the diffusers
     layout (model_index.json; unet/, vae/, text_encoder/), written with numpy by

@@ -22,22 +22,8 @@ import pytest
 from agent.assignment import Instance
 from agent.commands import Context, build_launch
 
-ROOT = Path(__file__).resolve().parents[2]
 CASES = sorted((Path(__file__).parent / "commands").glob("vllm_*.json"))
 REFUSED = ("error: unrecognized arguments", "error: argument", "invalid choice")
-
-
-@pytest.fixture(scope="module")
-def vllm_bin() -> Path:
-    """The bin folder of the parser-only vLLM venv. Without STACK_VLLM_PARSER a run by
-    hand skips (the first install takes minutes and 5 GB); scripts/test sets it, and in
-    CI (`CI=true`) the script installs it when unset, never skips."""
-    from conftest import _from_script
-
-    if not os.environ.get("STACK_VLLM_PARSER") and os.environ.get("CI") != "true":
-        pytest.skip("STACK_VLLM_PARSER is unset: scripts/test sets it (or export "
-                    "STACK_VLLM_PARSER=$(scripts/setup-vllm-parser))")
-    return _from_script("STACK_VLLM_PARSER", "setup-vllm-parser")
 
 
 def serve_args(case_file: Path) -> list[str] | None:
