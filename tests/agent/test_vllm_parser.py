@@ -22,6 +22,7 @@ import pytest
 from agent.assignment import Instance
 from agent.commands import Context, build_launch
 
+ROOT = Path(__file__).resolve().parents[2]
 CASES = sorted((Path(__file__).parent / "commands").glob("vllm_*.json"))
 REFUSED = ("error: unrecognized arguments", "error: argument", "invalid choice")
 
@@ -95,3 +96,51 @@ def test_a_misspelt_flag_is_refused(vllm_bin: Path, tmp_path: Path) -> None:
             for a in serve_args(SERVE[0]) or []]
     output, parsed = parse(vllm_bin, args, tmp_path)
     assert parsed is None and "unrecognized arguments: --served-model-names" in output
+
+
+def ray_lines(case_file: Path) -> list[list[str]]:
+    """The `ray` command lines of a case: a worker's `ray start`, the head's `ray start`
+    (inside its `sh -c`), and the `ray stop` that stops either."""
+    case = json.loads(case_file.read_text())
+    inst = Instance.model_validate(case["instance"])
+    launch = build_launch(inst, Context(case["model_path"], "/opt/stack/state/instances"))
+    argv = launch.argv
+    if argv[:2] == ["/bin/sh", "-c"]:
+        argv = shlex.split(argv[2].split(" && exec ", 1)[0])
+    lines = [argv] if Path(argv[0]).name == "ray" else []
+    return lines + ([launch.stop_argv] if launch.stop_argv else [])
+
+
+RAY = [c for c in CASES if ray_lines(c)]
+
+
+def ray_parses(vllm_bin: Path, line: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
+    """`ray SUBCOMMAND ARGS --help`: click reads every option (an unknown one, or one
+    missing its value, is an error) and then only prints the help."""
+    return subprocess.run([str(vllm_bin / "ray"), *line[1:], "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp)
+
+
+@pytest.mark.parametrize("case_file", RAY, ids=[c.stem for c in RAY])
+def test_rays_own_parser_takes_the_ray_lines(case_file: Path, vllm_bin: Path,
+                                             tmp_path: Path) -> None:
+    for line in ray_lines(case_file):
+        done = ray_parses(vllm_bin, line, tmp_path)
+        assert done.returncode == 0 and f"Usage: ray {line[1]}" in done.stdout, (
+            line, done.stdout + done.stderr)
+    start = ray_lines(case_file)[0]
+    misspelt = [a.replace("--node-ip-address", "--node-ip-adress") for a in start]
+    refused = ray_parses(vllm_bin, misspelt, tmp_path)
+    assert refused.returncode == 2 and "No such option '--node-ip-adress'" in refused.stderr
+
+
+def test_the_vllm_runtime_installs_the_ray_those_lines_run(vllm_bin: Path) -> None:
+    """vLLM does not depend on Ray; the catalogue's vLLM recipe installs it, at the version
+    whose parser is checked here."""
+    import tomllib
+
+    recipe = tomllib.loads((ROOT / "stack" / "catalog" / "runtimes.toml").read_text())["vllm"]
+    ray = [r for r in recipe["requirements"] if r.startswith("ray==")]
+    version = subprocess.run([str(vllm_bin / "ray"), "--version"], capture_output=True,
+                             text=True, timeout=300).stdout
+    assert ray and ray[0].removeprefix("ray==") in version, (ray, version)
