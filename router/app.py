@@ -257,10 +257,11 @@ class Router:
             body = orjson.dumps(doc)
         mode: Mode = "sse" if stream else "raw" if endpoint in RAW_RELAY else "buffer"
         affinity = self._affinity(req, doc)
-        if affinity is None and ctx.tables.config.balancing == "prefix":
+        learned = affinity is None and ctx.tables.config.balancing == "prefix"
+        if learned:
             affinity = prefix_key(endpoint, doc)
         try:
-            await self.forwarder.forward(conn, ctx, model, body, mode, affinity)
+            await self.forwarder.forward(conn, ctx, model, body, mode, affinity, learned)
         finally:
             self._settle(ctx)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from random import Random
 
@@ -28,11 +28,16 @@ class Load:
     """Moving average of recent response times in seconds: the tie breaker."""
 
 
-def choose(candidates: Sequence[Load], rng: Random, affinity: str | None = None) -> int | None:
-    """Index of the replica to use, or None when there is no candidate."""
+def choose(candidates: Sequence[Load], rng: Random, affinity: str | None = None,
+           homes: MutableMapping[str, str] | None = None) -> int | None:
+    """Index of the replica to use, or None when there is no candidate. With `homes`
+    (prefix keys -> the replica that took the key first) an affinity is learned rather
+    than hashed."""
     if not candidates:
         return None
     if affinity is not None:
+        if homes is not None:
+            return _learned(candidates, affinity, homes, rng)
         return _affine(candidates, affinity)
     best = min(c.outstanding / c.weight for c in candidates)
     tied = [i for i, c in enumerate(candidates) if c.outstanding / c.weight == best]
@@ -42,10 +47,31 @@ def choose(candidates: Sequence[Load], rng: Random, affinity: str | None = None)
     return a if candidates[a].latency <= candidates[b].latency else b
 
 
+def _bound(candidates: Sequence[Load]) -> int:
+    total = sum(c.outstanding for c in candidates)
+    return math.ceil((total + 1) * (1 + AFFINITY_SLACK) / len(candidates))
+
+
+def _learned(candidates: Sequence[Load], key: str, homes: MutableMapping[str, str],
+             rng: Random) -> int:
+    """The key's home while it is under the bound; a key seen first (or whose home is
+    gone) goes to the least loaded replica, which becomes its home."""
+    home = homes.get(key)
+    for i, c in enumerate(candidates):
+        if c.id == home:
+            if c.outstanding + 1 <= _bound(candidates):
+                return i
+            break
+    index = choose(candidates, rng)
+    assert index is not None
+    if home is None or all(c.id != home for c in candidates):
+        homes[key] = candidates[index].id
+    return index
+
+
 def _affine(candidates: Sequence[Load], affinity: str) -> int:
     """Rendezvous hashing: the first replica in the key's order that is under the bound."""
-    total = sum(c.outstanding for c in candidates)
-    bound = math.ceil((total + 1) * (1 + AFFINITY_SLACK) / len(candidates))
+    bound = _bound(candidates)
     order = sorted(range(len(candidates)), key=lambda i: _score(affinity, candidates[i].id),
                    reverse=True)
     for i in order:

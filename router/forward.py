@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from random import Random
 
@@ -31,6 +32,18 @@ UPSTREAM_PATHS = {b"/v2/rerank": b"/v1/rerank"}
 v1 (Jina) one, which every rerank backend serves (llama-server has no /v2/rerank)."""
 
 log = logging.getLogger("stack-router")
+HOMES = 65536
+"""Prefix keys whose home a worker remembers (the least recently used are forgotten)."""
+
+
+class Homes(OrderedDict[str, str]):
+    """A bounded map of prefix keys to replica ids: no client can make it grow."""
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > HOMES:
+            self.popitem(last=False)
 
 
 class Forwarder:
@@ -47,9 +60,11 @@ class Forwarder:
         self.replicas = replicas
         """A model's replicas in the config loaded now: a retry after a reload picks
         among the new ones."""
+        self.homes: Homes = Homes()
+        """Prefix keys -> the replica that took each first (`balancing = "prefix"`)."""
 
-    def pick(self, model: str, tried: list[ReplicaState],
-             affinity: str | None) -> ReplicaState | None:
+    def pick(self, model: str, tried: list[ReplicaState], affinity: str | None,
+             learned: bool = False) -> ReplicaState | None:
         """An available replica of `model` not tried yet, by the balancing rules."""
         now = time.monotonic()
         candidates = [r for r in self.replicas(model)
@@ -63,16 +78,18 @@ class Forwarder:
                 r.turn = turn
             return chosen
         index = choose([Load(r.config.id, r.in_flight(), r.config.weight, r.latency)
-                        for r in candidates], self.rng, affinity)
+                        for r in candidates], self.rng, affinity,
+                       self.homes if learned else None)
         return None if index is None else candidates[index]
 
     async def forward(self, conn: ClientConnection, ctx: Context, model: str,
-                      body: bytes | Upload, mode: Mode, affinity: str | None) -> None:
+                      body: bytes | Upload, mode: Mode, affinity: str | None,
+                      learned: bool = False) -> None:
         """Answer the request from a replica of `model`, or raise a 503."""
         tried: list[ReplicaState] = []
         last: Exchange | None = None
         for attempt in range(ctx.tables.config.retries + 1):
-            replica = self.pick(model, tried, affinity)
+            replica = self.pick(model, tried, affinity, learned)
             if replica is None:
                 break
             if attempt:

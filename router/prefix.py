@@ -2,8 +2,8 @@
 
 A replica's prompt cache (llama-server's slots and `--cache-ram`, vLLM's and SGLang's
 prefix caches) saves the prefill of a prompt whose start it has already seen. Sending
-requests that start alike to the same replica (`router.balance`, rendezvous hashing
-bounded by load) keeps those caches warm and makes them add up rather than each hold the
+requests that start alike to the same replica (`router.balance`: the key's home, learned
+per worker, bounded by load) keeps those caches warm and makes them add up rather than each hold the
 same prompts.
 
 The key is a hash of the prompt's first PREFIX_BLOCK characters in a canonical form: for
@@ -11,8 +11,8 @@ chat (and Anthropic messages) each message's role and text in order (text parts'
 image part by its URL, other parts as a bare separator), for completions the prompt, for
 responses the `instructions` then the `input`. One block and no more: requests sharing a
 system prompt of at least a block get the same key whatever follows, a conversation keeps
-its key as it grows, and the key needs no state, so every worker and every router host
-picks the same replica. A prompt shorter than a block has no key and is balanced by load.
+its key as it grows, and the key itself needs no state (every worker and every router host
+computes the same one). A prompt shorter than a block has no key and is balanced by load.
 
 Pure and bounded: every step but a message's first part adds at least one character, so
 at most 2 * PREFIX_BLOCK steps and PREFIX_BLOCK characters are read whatever the document

@@ -272,3 +272,28 @@ def test_least_outstanding_ignores_the_prefix(harness: Harness) -> None:
     assert added((a, b), before)[busy[0]] == 0
     thread.join(20)
     assert errors == []
+
+
+def test_a_new_key_goes_to_the_least_loaded_replica_which_becomes_its_home() -> None:
+    """`balancing = "prefix"` learns each key's home: first seen, the least loaded
+    replica (so new prompts spread by load, not by a hash that may put several on one
+    replica); after that the home while it is under the bound."""
+    homes: dict[str, str] = {}
+    loads = [Load("a", 3), Load("b", 0), Load("c", 2)]
+    assert choose(loads, random.Random(0), "k1", homes) == 1 and homes == {"k1": "b"}
+    even = [Load("a", 1), Load("b", 1), Load("c", 1)]  # 2 <= ceil(4 * 1.25 / 3) = 2
+    assert choose(even, random.Random(0), "k1", homes) == 1  # home, within the bound
+    over = [Load("a", 0), Load("b", 3), Load("c", 0)]  # 4 > ceil(4 * 1.25 / 3) = 2
+    spilled = choose(over, random.Random(0), "k1", homes)
+    assert spilled in (0, 2) and homes == {"k1": "b"}  # the home stays where the cache is
+    gone = [Load("a", 0), Load("c", 1)]  # its home left the config: a new home
+    assert choose(gone, random.Random(0), "k1", homes) == 0 and homes == {"k1": "a"}
+
+
+def test_the_homes_a_worker_remembers_are_bounded() -> None:
+    from router.forward import HOMES, Homes
+
+    homes = Homes()
+    for i in range(HOMES + 10):
+        homes[f"key-{i}"] = "a"
+    assert len(homes) == HOMES and "key-0" not in homes and f"key-{HOMES + 9}" in homes
