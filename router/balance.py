@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import MutableMapping, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from random import Random
 
@@ -28,8 +29,32 @@ class Load:
     """Moving average of recent response times in seconds: the tie breaker."""
 
 
+HOMES = 65536
+"""Prefix keys whose home a worker remembers (the least recently used are forgotten)."""
+
+
+class Homes(OrderedDict[str, str]):
+    """Prefix keys -> the replica each lives on, bounded (no client can make it grow),
+    with how many keys each replica holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __setitem__(self, key: str, value: str) -> None:
+        old = self.get(key)
+        if old is not None:
+            self.counts[old] -= 1
+        super().__setitem__(key, value)
+        self.counts[value] = self.counts.get(value, 0) + 1
+        self.move_to_end(key)
+        if len(self) > HOMES:
+            _, gone = self.popitem(last=False)
+            self.counts[gone] -= 1
+
+
 def choose(candidates: Sequence[Load], rng: Random, affinity: str | None = None,
-           homes: MutableMapping[str, str] | None = None) -> int | None:
+           homes: Homes | None = None) -> int | None:
     """Index of the replica to use, or None when there is no candidate. With `homes`
     (prefix keys -> the replica that took the key first) an affinity is learned rather
     than hashed."""
@@ -52,20 +77,22 @@ def _bound(candidates: Sequence[Load]) -> int:
     return math.ceil((total + 1) * (1 + AFFINITY_SLACK) / len(candidates))
 
 
-def _learned(candidates: Sequence[Load], key: str, homes: MutableMapping[str, str],
-             rng: Random) -> int:
-    """The key's home while it is under the bound; a key seen first (or whose home is
-    gone) goes to the least loaded replica, which becomes its home."""
+def _learned(candidates: Sequence[Load], key: str, homes: Homes, rng: Random) -> int:
+    """The key's home while it is under the bound; else the least loaded replica. A key
+    seen first (or whose home is gone) gets the least loaded replica holding the fewest
+    keys as its home, so the prompts to cache spread evenly."""
     home = homes.get(key)
     for i, c in enumerate(candidates):
         if c.id == home:
             if c.outstanding + 1 <= _bound(candidates):
                 return i
-            break
-    index = choose(candidates, rng)
-    assert index is not None
-    if home is None or all(c.id != home for c in candidates):
-        homes[key] = candidates[index].id
+            index = choose(candidates, rng)
+            assert index is not None
+            return index
+    low = min(c.outstanding / c.weight for c in candidates)
+    tied = [i for i, c in enumerate(candidates) if c.outstanding / c.weight == low]
+    index = min(tied, key=lambda i: (homes.counts.get(candidates[i].id, 0), rng.random()))
+    homes[key] = candidates[index].id
     return index
 
 

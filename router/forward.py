@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from random import Random
 
-from router.balance import Load, choose, in_turn
+from router.balance import Homes, Load, choose, in_turn
 from router.config import RouterConfig
 from router.context import Context
 from router.errors import ApiError
@@ -32,18 +31,6 @@ UPSTREAM_PATHS = {b"/v2/rerank": b"/v1/rerank"}
 v1 (Jina) one, which every rerank backend serves (llama-server has no /v2/rerank)."""
 
 log = logging.getLogger("stack-router")
-HOMES = 65536
-"""Prefix keys whose home a worker remembers (the least recently used are forgotten)."""
-
-
-class Homes(OrderedDict[str, str]):
-    """A bounded map of prefix keys to replica ids: no client can make it grow."""
-
-    def __setitem__(self, key: str, value: str) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        if len(self) > HOMES:
-            self.popitem(last=False)
 
 
 class Forwarder:

@@ -12,7 +12,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from router_harness import Harness, Proc, metric, replica, stats
 
-from router.balance import Load, choose
+from router.balance import HOMES, Homes, Load, choose
 from router.prefix import PREFIX_BLOCK, prefix_key
 
 CHAT = "/v1/chat/completions"
@@ -278,7 +278,7 @@ def test_a_new_key_goes_to_the_least_loaded_replica_which_becomes_its_home() -> 
     """`balancing = "prefix"` learns each key's home: first seen, the least loaded
     replica (so new prompts spread by load, not by a hash that may put several on one
     replica); after that the home while it is under the bound."""
-    homes: dict[str, str] = {}
+    homes = Homes()
     loads = [Load("a", 3), Load("b", 0), Load("c", 2)]
     assert choose(loads, random.Random(0), "k1", homes) == 1 and homes == {"k1": "b"}
     even = [Load("a", 1), Load("b", 1), Load("c", 1)]  # 2 <= ceil(4 * 1.25 / 3) = 2
@@ -288,12 +288,15 @@ def test_a_new_key_goes_to_the_least_loaded_replica_which_becomes_its_home() -> 
     assert spilled in (0, 2) and homes == {"k1": "b"}  # the home stays where the cache is
     gone = [Load("a", 0), Load("c", 1)]  # its home left the config: a new home
     assert choose(gone, random.Random(0), "k1", homes) == 0 and homes == {"k1": "a"}
+    # new keys on idle replicas: the one holding the fewest keys, so keys spread evenly
+    for i in range(6):
+        choose([Load("a", 0), Load("b", 0), Load("c", 0)], random.Random(i), f"n{i}", homes)
+    assert sorted(homes.counts.values()) == [2, 2, 3]
 
 
 def test_the_homes_a_worker_remembers_are_bounded() -> None:
-    from router.forward import HOMES, Homes
-
     homes = Homes()
     for i in range(HOMES + 10):
         homes[f"key-{i}"] = "a"
     assert len(homes) == HOMES and "key-0" not in homes and f"key-{HOMES + 9}" in homes
+    assert homes.counts == {"a": HOMES}
