@@ -168,6 +168,8 @@ class Instance(_Strict):
     backend_version: Version | None = None
     runtime_path: Text = Field(
         description="Folder of the runtime version (binaries, venv); empty: none.")
+    # the recipe that folder is installed by: a new one (reinstalled) restarts the process
+    runtime_recipe: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
     args: list[Arg] = Field(default_factory=list, max_length=MAX_ITEMS)
     env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=MAX_ITEMS)
     # values from the controller's environment (HF_TOKEN ...): filled only on the host
@@ -220,11 +222,12 @@ class Instance(_Strict):
         The API key is left out: the controller computes this at plan time, where the
         stack's secret (from which keys are derived) may be absent, as in CI on a PR.
         Values from the controller's environment are left out for the same reason (and
-        never enter a plan); their digests count. An unset `layer_split` or `source_sha256`
-        and an empty `secret_env` are left out too, so instances from before those fields
-        keep their fingerprint.
+        never enter a plan); their digests count. An unset `layer_split`, `source_sha256`,
+        `rank_table` or `runtime_recipe` and an empty `secret_env` are left out too, so
+        instances from before those fields keep their fingerprint.
         """
-        exclude = {"api_key"} | {name for name in ("layer_split", "source_sha256", "rank_table")
+        exclude = {"api_key"} | {name for name in ("layer_split", "source_sha256", "rank_table",
+                                                   "runtime_recipe")
                                  if getattr(self, name) is None}
         if not self.secret_env:
             exclude.add("secret_env")

@@ -163,6 +163,21 @@ def _runtimes(raw: dict[str, Any]) -> dict[str, list[str]]:
     return {name: sorted(versions) for name, versions in sorted(runtimes.items())}
 
 
+def _runtime_recipes(raw: dict[str, Any]) -> dict[str, dict[str, str]] | None:
+    """`NAME/FOLDER=DIGEST` items: the recipe each runtime folder was made by (None: the
+    script did not say, an older one)."""
+    items = raw.get("runtime_recipes")
+    if not isinstance(items, list):
+        return None
+    recipes: dict[str, dict[str, str]] = {}
+    for item in items:
+        where, _, digest = str(item).rpartition("=")
+        name, _, folder = where.partition("/")
+        if name and folder and digest:
+            recipes.setdefault(name, {})[folder] = digest
+    return recipes
+
+
 def _managed(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """`state/managed` as the script printed it, with the hashes of what is there now."""
     entry = raw.get("managed")
@@ -264,6 +279,7 @@ def node_facts_from(raw: dict[str, Any], *, address: str = "",
         "labels": dict(labels or {}),
         "gpus": facts_gpus,
         "runtimes": _runtimes(raw),
+        "runtime_recipes": _runtime_recipes(raw),
         "agent": _agent(raw),
         "reboot_required": reboot,
         "secure_boot": secure,

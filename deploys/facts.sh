@@ -347,15 +347,27 @@ jput "$PREFIX"
 J="$J, \"runtimes\": ["
 
 # -- what stack installed under the prefix -----------------------------------------------
+# and the recipe each was made by (its marker's second line, `recipe DIGEST`), kept in R
 sep=""
+R=""
 for marker in "$PREFIX"/runtimes/*/*/.installed; do
   [ -f "$marker" ] || continue
   version_dir=${marker%/.installed}
   name_dir=${version_dir%/*}
   J="$J$sep"
   jput "${name_dir##*/}/${version_dir##*/}"
+  line2=""
+  { IFS= read -r _ && IFS= read -r line2; } <"$marker" 2>/dev/null || true
+  case $line2 in
+    "recipe "*[!0-9a-f]* | "recipe ") ;;
+    "recipe "*)
+      kept=$J; J="$R$sep"
+      jput "${name_dir##*/}/${version_dir##*/}=${line2#recipe }"
+      R=$J; J=$kept ;;
+  esac
   sep=", "
 done
+J="$J], \"runtime_recipes\": [${R#, }"
 read_first "$PREFIX/agent/.installed"
 J="$J], \"agent_version\": "
 jput "$REPLY"

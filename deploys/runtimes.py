@@ -4,7 +4,9 @@
 version, tested as data (`tests/deploys/runtimes/*.json`). Every script works in a
 temporary folder beside the destination, moves it into place, and writes the marker
 `.installed` last, so an interrupted install is never taken for a finished one; an
-unmarked folder left by an interrupted run is removed first.
+unmarked folder left by an interrupted run is removed first. The marker's second line is
+`recipe DIGEST` (`recipe_digest`): a folder made by another recipe (the catalogue added a
+requirement, stack.toml changed an index) is installed again, and the plan says so.
 
 The layout the agent relies on: `RUNTIME/bin/llama-server`, `RUNTIME/bin/ggml-rpc-server`
 (with their `.so` files beside them); a pip runtime is a venv at `RUNTIME` itself
@@ -24,6 +26,8 @@ Sources:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shlex
 from collections.abc import Collection, Iterable, Mapping
@@ -33,6 +37,13 @@ from stack.errors import ConfigError
 from stack.spec import PREFIX_PATTERN, RuntimeSpec
 
 MARKER = ".installed"
+# what a runtime folder is made from: a change to any of these installs it again
+# (`requires` is only checked, `env` and `backend` are the instance's, `versions` lists
+# the folders)
+RECIPE_FIELDS = frozenset({
+    "source", "package", "index_url", "extra_index_url", "from_extra_index", "requirements",
+    "no_deps", "remove_files", "python", "build_env", "url", "subdir", "cmake_args",
+    "targets", "path"})
 # a runtime's name and version are one folder name each, never `.` or `..`
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _PREFIX = re.compile(PREFIX_PATTERN)
@@ -62,6 +73,29 @@ class RuntimeInstall:
     @property
     def path(self) -> str:
         return runtime_path(self.prefix, self.name, self.folder)
+
+    @property
+    def digest(self) -> str:
+        return recipe_digest(self.spec, self.version, self.variant)
+
+
+def recipe_digest(spec: RuntimeSpec, version: str, variant: str) -> str:
+    """16 hex digits naming what makes one runtime folder: the recipe's fields that
+    change the install (`RECIPE_FIELDS`), for this version and variant."""
+    body = spec.model_dump(mode="json", include=set(RECIPE_FIELDS))
+    body.update(version=version, variant=variant, sha256=spec.sha256.get(version))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def installed(installed_recipes: Mapping[str, Mapping[str, str]] | None,
+              runtimes: Mapping[str, Collection[str]], name: str, folder: str,
+              digest: str) -> bool:
+    """True when a host's facts show `NAME/FOLDER` installed by the recipe `digest`.
+    Facts that do not report recipes (`None`: a snapshot from before them) take an
+    installed folder for the recipe's."""
+    if folder not in runtimes.get(name, ()):
+        return False
+    return installed_recipes is None or installed_recipes.get(name, {}).get(folder) == digest
 
 
 def runtime_folder(version: str, variant: str) -> str:
@@ -103,9 +137,11 @@ def install_script(install: RuntimeInstall) -> str:
     dest = install.path
     tmp = f"{dest}.tmp"
     marker = f"{dest}/{MARKER}"
+    recipe = f"recipe {install.digest}"
     head = [
         "set -eu",
-        f"if [ -f {q(marker)} ]; then exit 0; fi",
+        f"if [ -f {q(marker)} ] && [ \"$(sed -n 2p {q(marker)})\" = {q(recipe)} ]; then "
+        "exit 0; fi",
         *_requires(install),
         f"rm -rf {q(dest)} {q(tmp)}",
     ]
@@ -122,7 +158,7 @@ def install_script(install: RuntimeInstall) -> str:
         body = _fetch(install, tmp) + _extract(install, tmp)
     if source != "pip":
         body += [f"mv {q(tmp)} {q(dest)}"]
-    tail = [f"printf '%s\\n' {q(fingerprint(install))} > {q(marker)}"]
+    tail = [f"printf '%s\\n' {q(fingerprint(install))} {q(recipe)} > {q(marker)}"]
     return "\n".join(head + body + tail) + "\n"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
 from deploys.prerequisites import install_commands, plan_prerequisites
 from deploys.probe import HostState
-from deploys.runtimes import RuntimeInstall, host_requires, install_script
+from deploys.runtimes import RuntimeInstall, host_requires, install_script, installed
 from deploys.services import Service, start_commands, unit_file
 from stack.snapshot import NodeFacts, StackOnHost
 
@@ -163,7 +163,9 @@ def driver_step(target: HostTarget) -> Step:
 def runtime_step(key: str, target: HostTarget, install: RuntimeInstall | None) -> Step:
     if install is None:
         return Step(key, f"{key} is not used on {target.node}")
-    if install.folder in target.facts.runtimes.get(install.name, []):
+    facts = target.facts
+    if installed(facts.runtime_recipes, facts.runtimes, install.name, install.folder,
+                 install.digest):
         return Step(key, f"{install.name} {install.folder} is installed")
     first = install_commands(plan_prerequisites(host_requires(install.spec, install.prebuilt),
                                                 target.facts))

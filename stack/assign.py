@@ -191,6 +191,7 @@ def _instances(spec: StackSpec, nodes: _Nodes, paths: dict[tuple[str, str], str 
             id=iid, model=p.model, replica=p.replica, source=model.source,
             model_path=paths[(p.model, prefix)], kind=p.kind,
             backend=p.backend, backend_version=p.backend_version, runtime_path=runtime_path,
+            runtime_recipe=found.digest if isinstance(found, Recipe) else None,
             args=_args(model.args, p) if k == 0 else list(model.args),
             env=env, secret_env=secret_env,
             devices=Devices(vendor=part.vendor, indices=list(part.gpus)),

@@ -14,7 +14,7 @@ from typing import Any
 from agent.assignment import Assignment, Instance
 from deploys.drivers import Blocked, DriverRequest, driver_commands, needs_reboot
 from deploys.prerequisites import plan_prerequisites
-from deploys.runtimes import host_requires, unused_versions
+from deploys.runtimes import host_requires, installed, unused_versions
 from stack.assign import build_router_config, router_config_sha256
 from stack.bundle_target import AGENT_HINT, agent_problem, host_agent_version
 from stack.catalog import (
@@ -173,12 +173,25 @@ def _runtime_changes(spec: StackSpec, name: str, facts: NodeFacts,
                      needed: dict[tuple[str, str], list[str]]) -> list[Change]:
     out: list[Change] = []
     for (runtime, version), users in sorted(needed.items()):
-        if version in facts.runtimes.get(runtime, []):
+        found = recipe_of_folder(spec, runtime, version)
+        have = version in facts.runtimes.get(runtime, [])
+        if have and (found is None or installed(facts.runtime_recipes, facts.runtimes,
+                                                runtime, version, found.digest)):
             continue
         more = f" and {len(users) - 1} more" if len(users) > 1 else ""
         details, hint = _runtime_prerequisites(spec, name, facts, runtime, version)
-        out.append(Change(f"node.{name}.runtime.{runtime}@{version}", Action.CREATE,
-                          f"needed by {users[0]}{more}", "none", name, details, hint))
+        address = f"node.{name}.runtime.{runtime}@{version}"
+        if not have:
+            out.append(Change(address, Action.CREATE, f"needed by {users[0]}{more}", "none",
+                              name, details, hint))
+            continue
+        assert found is not None and facts.runtime_recipes is not None
+        was = facts.runtime_recipes.get(runtime, {}).get(version)
+        why = (f"its recipe changed ({was} -> {found.digest}): installed again"
+               if was else f"installed by an older stack that did not record its recipe: "
+               f"installed again as {found.digest}")
+        out.append(Change(address, Action.REPLACE, why, "restart", name,
+                          (*details, ("used by", f"{users[0]}{more}")), hint))
     # what apply removes last: the same decision (`deploys.runtimes.unused_versions`)
     for runtime, versions in unused_versions(facts.runtimes, listed_folders(spec),
                                               needed).items():
@@ -225,9 +238,22 @@ def _replace_reasons(p: Placement, want: dict[str, tuple[str, Instance]],
             if facts.spec_hash is not None and facts.spec_hash != inst.spec_hash():
                 files = facts.source_sha256 is not None \
                     and facts.source_sha256 != inst.source_sha256
-                reasons.append("model files changed" if files else "args or env changed")
+                reasons.append("model files changed" if files
+                               else "its runtime is installed again (recipe changed)"
+                               if _runtime_reinstalled(observed, have[iid].node, inst)
+                               else "args or env changed")
                 break
     return reasons
+
+
+def _runtime_reinstalled(observed: Observed, node: str, inst: Instance) -> bool:
+    """True when `inst`'s runtime folder on `node` was made by another recipe than the one
+    it is to run from (the plan's runtime change installs it again)."""
+    facts = observed.nodes.get(node)
+    if facts is None or facts.runtime_recipes is None or inst.runtime_recipe is None:
+        return False
+    name, folder = inst.runtime_path.rstrip("/").split("/")[-2:]
+    return facts.runtime_recipes.get(name, {}).get(folder) != inst.runtime_recipe
 
 
 def _instance_changes(spec: StackSpec, observed: Observed, placements: Placements,

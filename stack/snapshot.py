@@ -91,6 +91,9 @@ class NodeFacts(_Open):
     labels: dict[str, str] = Field(default_factory=dict)
     gpus: list[GpuFacts] = Field(default_factory=list)
     runtimes: dict[str, list[str]] = Field(default_factory=dict)
+    # the recipe digest each runtime folder was installed by, per name and folder (a folder
+    # missing: installed by an older stack; None: these facts do not say)
+    runtime_recipes: dict[str, dict[str, str]] | None = None
     agent: AgentFacts = Field(default_factory=AgentFacts)
     reachable: bool = True
     error: str | None = None  # why the node could not be read (unreachable, refused key)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.assignment import Assignment, Instance
 from deploys.drivers import DriverRequest
-from deploys.runtimes import RuntimeInstall
+from deploys.runtimes import RuntimeInstall, installed
 from deploys.steps import HostTarget, ModelUpload, agent_paths
 from stack.apply.desired import Desired
 from stack.apply.hosts import Node
@@ -221,8 +221,10 @@ def upload_bytes(target: HostTarget) -> int:
             != target.bundle_version:
         packed = target.bundle.stat().st_size  # the tarball, its wheels, the venv
         total += packed + 2 * max(packed, target.bundle_bytes)
+    facts = target.facts
     for install in target.runtimes:
-        if install.folder in target.facts.runtimes.get(install.name, []):
+        if installed(facts.runtime_recipes, facts.runtimes, install.name, install.folder,
+                     install.digest):
             continue
         local = target.runtime_uploads.get(install.path)
         size = local.stat().st_size if local is not None else 0

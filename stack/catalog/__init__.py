@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from deploys.runtimes import runtime_folder
+from deploys.runtimes import recipe_digest, runtime_folder
 from stack.spec import (
     EnvName,
     EnvValue,
@@ -91,6 +91,11 @@ class Recipe:
     @property
     def folder(self) -> str:
         return runtime_folder(self.version, self.variant)
+
+    @property
+    def digest(self) -> str:
+        """What the folder's marker records (`deploys.runtimes.recipe_digest`)."""
+        return recipe_digest(self.spec, self.version, self.variant)
 
 
 def from_catalogue(spec: StackSpec, name: str) -> bool:

@@ -10,7 +10,10 @@
    is clean after;
 4. the model moves to a version C whose server never becomes ready while B leaves
    `versions` in the same apply: apply fails on the host and B is not removed; pinned back
-   to B (listed again), the host converges.
+   to B (listed again), the host converges;
+5. B's recipe changes (its `path`): the plan installs B again (a replace, with the old and
+   new recipe digests) and restarts the replica that runs from it; apply does both, and
+   the plan is clean after.
 
 Both runtimes are `source = "system"` with `path = ".../{version}"`: each version's
 folder links to the `llama_bin` fixture (cheap to install), so the instance's command line
@@ -22,6 +25,7 @@ itself is tested first without hosts (`unused_versions`, `remove_unused_runtimes
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +55,8 @@ A, B, C = "b6500", "b6700", "b6800"
 RUNTIMES = "runtimes/llama.cpp"
 
 
-def stack_toml(world: dict[str, Any], versions: list[str], pinned: str) -> str:
+def stack_toml(world: dict[str, Any], versions: list[str], pinned: str,
+               system: Path | None = None) -> str:
     return f'''[stack]
 name = "rtversions"
 port_range = [{world["low"]}, {world["low"] + 40}]
@@ -62,7 +67,7 @@ cpu_inference = true
 
 [runtimes."llama.cpp"]
 source = "system"
-path = "{world["system"]}/{{version}}"
+path = "{system or world["system"]}/{{version}}"
 versions = {json.dumps(versions)}
 
 [models.gemma]
@@ -96,14 +101,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
     key = generate_key()
     listen, url = router_endpoint(fleet, "node-01")
     world = {"fleet": fleet, "dir": work, "key": key, "key_hash": hash_key(key),
-             "system": system, "model": gguf_model, "low": random.randint(41000, 59000),
+             "system": system, "llama_bin": llama_bin, "model": gguf_model, "low": random.randint(41000, 59000),
              "listen": listen, "url": url, "prefix": fleet.hosts["node-01"].prefix}
     with stack_session(fleet, work, "rtversions-test-secret-0123456789abcdef"):
         yield world
 
 
-def write(world: dict[str, Any], versions: list[str], pinned: str) -> None:
-    (world["dir"] / "stack.toml").write_text(stack_toml(world, versions, pinned))
+def write(world: dict[str, Any], versions: list[str], pinned: str,
+          system: Path | None = None) -> None:
+    (world["dir"] / "stack.toml").write_text(stack_toml(world, versions, pinned, system))
 
 
 def plan_changes(world: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -223,6 +229,26 @@ def test_4_a_version_is_kept_while_its_replacement_is_not_ready(world: dict[str,
     assert installed(world, B) and not (world["prefix"] / RUNTIMES / C).exists()
     _, binary = gemma(world)
     assert binary == f"{world['prefix']}/{RUNTIMES}/{B}/bin/llama-server"
+    assert_clean(world)
+
+
+@pytest.mark.integration
+def test_5_a_changed_recipe_installs_the_version_again_and_restarts_its_replica(
+        world: dict[str, Any]) -> None:
+    pid, _ = gemma(world)
+    moved = system_runtimes(world["dir"] / "system-moved", world["llama_bin"], (B,))
+    write(world, [B], B, system=moved)
+    changes = plan_changes(world)
+    runtime = f"node.node-01.runtime.llama.cpp@{B}"
+    assert set(changes) == {runtime, "model.gemma.replica[0]"}, changes
+    assert changes[runtime]["action"] == "replace"
+    assert "its recipe changed" in changes[runtime]["reason"]
+    assert changes["model.gemma.replica[0]"]["reason"] == \
+        "its runtime is installed again (recipe changed)"
+    apply(world)
+    assert os.readlink(world["prefix"] / RUNTIMES / B / "bin") == str(moved / B)
+    new_pid, binary = gemma(world)
+    assert new_pid != pid and binary == f"{world['prefix']}/{RUNTIMES}/{B}/bin/llama-server"
     assert_clean(world)
 
 

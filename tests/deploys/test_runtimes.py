@@ -17,12 +17,15 @@ from pathlib import Path
 
 import pytest
 
+import deploys
 from agent.assignment import Instance
 from agent.commands import Context, build_launch
 from deploys.runtimes import (
     MARKER,
     RuntimeInstall,
     install_script,
+    installed,
+    recipe_digest,
     removal_script,
     runtime_path,
     unused_versions,
@@ -231,3 +234,67 @@ def test_remove_files_are_plain_names_in_site_packages(pattern: str) -> None:
         RuntimeSpec(versions=["1"], source="pip", remove_files=[pattern])
     assert RuntimeSpec(versions=["1"], source="pip",
                        remove_files=["torchaudio/lib/*.so"]).remove_files
+
+
+def test_the_recipe_digest_follows_what_makes_the_folder_and_nothing_else() -> None:
+    base = RuntimeSpec(versions=["0.33.0"], source="pip", package="vllm=={version}",
+                       requirements=["ray==2.60.0"])
+    digest = recipe_digest(base, "0.33.0", "cuda")
+    same = [base.model_copy(update={"versions": ["0.33.0", "0.34.0"]}),
+            base.model_copy(update={"requires": ["python3"], "env": {"A": "1"}})]
+    assert [recipe_digest(s, "0.33.0", "cuda") for s in same] == [digest, digest]
+    other = [base.model_copy(update={"requirements": []}),
+             base.model_copy(update={"extra_index_url": "https://example.org/simple"}),
+             base.model_copy(update={"sha256": {"0.33.0": "ab" * 32}})]
+    digests = {recipe_digest(s, "0.33.0", "cuda") for s in other}
+    digests |= {recipe_digest(base, "0.34.0", "cuda"), recipe_digest(base, "0.33.0", "rocm")}
+    assert digest not in digests and len(digests) == 5
+    # another version's checksum does not touch this one
+    assert recipe_digest(base.model_copy(update={"sha256": {"0.34.0": "ab" * 32}}),
+                         "0.33.0", "cuda") == digest
+
+
+def test_a_folder_counts_as_installed_only_by_its_own_recipe() -> None:
+    runtimes = {"vllm": ["0.33.0-cuda"]}
+    assert installed({"vllm": {"0.33.0-cuda": "a" * 16}}, runtimes, "vllm", "0.33.0-cuda",
+                     "a" * 16)
+    assert not installed({"vllm": {"0.33.0-cuda": "a" * 16}}, runtimes, "vllm",
+                         "0.33.0-cuda", "b" * 16)
+    assert not installed({}, runtimes, "vllm", "0.33.0-cuda", "a" * 16)  # an older marker
+    assert installed(None, runtimes, "vllm", "0.33.0-cuda", "a" * 16)  # facts do not say
+    assert not installed(None, runtimes, "vllm", "0.34.0-cuda", "a" * 16)
+
+
+def test_a_changed_recipe_installs_the_folder_again_and_facts_read_its_digest(
+        tmp_path: Path) -> None:
+    old, new = tmp_path / "bin-old", tmp_path / "bin-new"
+    for folder in (old, new):
+        folder.mkdir()
+        (folder / "llama-server").write_text(f"#!/bin/sh\necho {folder.name}\n")
+        (folder / "llama-server").chmod(0o755)
+
+    def install(path: Path) -> RuntimeInstall:
+        spec = RuntimeSpec(versions=["b1"], source="system", path=str(path))
+        return RuntimeInstall(name="llama.cpp", version="b1", prefix=str(tmp_path), spec=spec)
+
+    first = install(old)
+    assert _sh(install_script(first)).returncode == 0
+    marker = Path(first.path) / MARKER
+    assert marker.read_text().splitlines()[1] == f"recipe {first.digest}"
+    stamp = marker.stat().st_mtime_ns
+    assert _sh(install_script(first)).returncode == 0 and marker.stat().st_mtime_ns == stamp
+    second = install(new)
+    assert second.digest != first.digest
+    assert _sh(install_script(second)).returncode == 0
+    assert marker.read_text().splitlines()[1] == f"recipe {second.digest}"
+    ran = subprocess.run([str(Path(second.path) / "bin" / "llama-server")], text=True,
+                         capture_output=True, check=True)
+    assert ran.stdout.strip() == "bin-new"
+    # facts.sh reports each folder's recipe; an older marker (one line) reports none
+    (tmp_path / "runtimes" / "vllm" / "0.1").mkdir(parents=True)
+    (tmp_path / "runtimes" / "vllm" / "0.1" / MARKER).write_text("pip vllm==0.1\n")
+    raw = json.loads(subprocess.run(
+        ["sh", str(Path(deploys.__file__).parent / "facts.sh")], capture_output=True,
+        text=True, check=True, env={**os.environ, "STACK_PREFIX": str(tmp_path)}).stdout)
+    assert raw["runtimes"] == ["llama.cpp/b1", "vllm/0.1"]
+    assert raw["runtime_recipes"] == [f"llama.cpp/b1={second.digest}"]

@@ -106,8 +106,9 @@ def _written(steps: list[Step]) -> dict[str, bytes]:
                     src, dst = paths[1:3]
                     for path in [p for p in disk if p == src or p.startswith(src + "/")]:
                         disk[dst + path[len(src):]] = disk.pop(path)
-                elif words[1:2] == ["%s\\n"] and words[3:4] == [">"]:
-                    disk[paths[4]] = (words[2] + "\n").encode()
+                elif words[1:2] == ["%s\\n"] and ">" in words[3:]:
+                    at = words.index(">")
+                    disk[paths[at + 1]] = "".join(w + "\n" for w in words[2:at]).encode()
     return disk
 
 
@@ -131,13 +132,18 @@ def _sidecar(content: bytes) -> str:
 def _facts_after(target: HostTarget, case: dict[str, Any], steps: list[Step]) -> NodeFacts:
     """The facts after the run: runtimes whose marker the steps wrote, plus `facts_after`."""
     runtimes = {k: list(v) for k, v in target.facts.runtimes.items()}
+    recipes = {k: dict(v) for k, v in (target.facts.runtime_recipes or {}).items()}
     base = f"{target.prefix.rstrip('/')}/runtimes/"
-    for path in _written(steps):
+    for path, content in _written(steps).items():
         parts = path.removeprefix(base).split("/")
         if path.startswith(base) and len(parts) == 3 and parts[2] == MARKER:
             runtimes.setdefault(parts[0], []).append(parts[1])
+            recipe = content.decode().splitlines()[1:2]  # `recipe DIGEST`, as facts.sh reads
+            recipes.setdefault(parts[0], {})[parts[1]] = recipe[0].removeprefix("recipe ")
     return NodeFacts.model_validate({**target.facts.model_dump(), **case.get("facts_after", {}),
-                                     "runtimes": runtimes})
+                                     "runtimes": runtimes,
+                                     "runtime_recipes": recipes
+                                     if target.facts.runtime_recipes is not None else None})
 
 
 def _files(case: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+import stack.catalog
 from stack.assign import build_assignments
-from stack.catalog import folder
+from stack.catalog import Recipe, catalogue, recipe
 from stack.neighbours import own_record
 from stack.pipeline import Evaluations, plan_evaluated
 from stack.plan import Plan
@@ -38,17 +39,7 @@ def make(case: dict[str, Any]) -> Plan:
     facts = load_facts(case["facts"])
     evaluations = load_evaluations(case["evaluations"], spec)
     if case.get("applied"):
-        placed = schedule(spec, evaluations, facts)
-        assignments = build_assignments(spec, placed, facts, Path("/nonexistent"), None)
-        hashes = {i.id: i.spec_hash() for a in assignments.values() for i in a.instances}
-        facts = with_instances(facts, placed, hashes, agent_version=AGENT)
-        if case.get("recorded"):
-            facts = _recorded(facts, plan_evaluated(spec, text, facts, Evaluations(evaluations),
-                                                    Path("/nonexistent"), AGENT), spec)
-        facts = facts.model_copy(update={"nodes": {
-            name: node.model_copy(
-                update={"runtimes": _installed(spec, placed, name, node.runtimes)})
-            for name, node in facts.nodes.items()}})
+        facts = applied(case, spec, text, facts, evaluations)
         if "stack_after" in case:
             spec, text = load_stack(case["stack_after"])
             evaluations = load_evaluations(case.get("evaluations_after", case["evaluations"]), spec)
@@ -58,6 +49,21 @@ def make(case: dict[str, Any]) -> Plan:
                 {**facts.nodes[name].model_dump(), **change})
     return plan_evaluated(spec, text, facts, Evaluations(evaluations), Path("/nonexistent"),
                           AGENT)
+
+
+def applied(case: dict[str, Any], spec: StackSpec, text: str, facts: Observed,
+            evaluations: Any) -> Observed:
+    """The facts once a successful apply of `spec` ran on `facts`."""
+    placed = schedule(spec, evaluations, facts)
+    assignments = build_assignments(spec, placed, facts, Path("/nonexistent"), None)
+    hashes = {i.id: i.spec_hash() for a in assignments.values() for i in a.instances}
+    facts = with_instances(facts, placed, hashes, agent_version=AGENT)
+    if case.get("recorded"):
+        facts = _recorded(facts, plan_evaluated(spec, text, facts, Evaluations(evaluations),
+                                                Path("/nonexistent"), AGENT), spec)
+    return facts.model_copy(update={"nodes": {
+        name: node.model_copy(update=_installed(spec, placed, name, node))
+        for name, node in facts.nodes.items()}})
 
 
 def _recorded(facts: Observed, applied: Plan, spec: StackSpec) -> Observed:
@@ -72,18 +78,22 @@ def _recorded(facts: Observed, applied: Plan, spec: StackSpec) -> Observed:
         for name, node in facts.nodes.items()}})
 
 
-def _installed(spec: StackSpec, placed: Any, node: str,
-               have: dict[str, list[str]]) -> dict[str, list[str]]:
-    """The runtime folders on `node` once apply installed what its parts use."""
-    out = {k: list(v) for k, v in have.items()}
+def _installed(spec: StackSpec, placed: Any, node: str, facts: NodeFacts) -> dict[str, Any]:
+    """The runtime folders on `node` once apply installed what its parts use, and the
+    recipe each was installed by."""
+    out = {k: list(v) for k, v in facts.runtimes.items()}
+    recipes = {k: dict(v) for k, v in (facts.runtime_recipes or {}).items()}
     for p in placed.placements:
         for part, vendor in ((p.node, p.vendor), *((w.node, w.vendor) for w in p.workers)):
             if part == node and p.backend_version:
                 versions = out.setdefault(p.runtime, [])
-                got = folder(spec, p.runtime, p.backend_version, vendor)
+                found = recipe(spec, p.runtime, p.backend_version, vendor)
+                got = found.folder if isinstance(found, Recipe) else p.backend_version
                 if got not in versions:
                     versions.append(got)
-    return out
+                if isinstance(found, Recipe):
+                    recipes.setdefault(p.runtime, {})[got] = found.digest
+    return {"runtimes": out, "runtime_recipes": recipes}
 
 
 @pytest.mark.parametrize("folder", CASES, ids=[p.name for p in CASES])
@@ -100,3 +110,32 @@ def test_plan_case(folder: Path) -> None:
     assert Plan.from_json(json.loads(got_json)) == result, "the saved plan reads back the same"
     for key, value in case.get("expect", {}).items():
         assert result.to_json()[key] == value, key
+
+
+def test_a_runtime_installed_by_an_older_recipe_is_installed_again_and_its_replica_restarts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalogue's vLLM recipe gained `ray` after a fleet installed it: the plan installs
+    that folder again (a replace, not a no-op) and restarts the replica that runs from it;
+    nothing else changes."""
+    case = read_case(Path(__file__).parent / "cases" / "catalogue_runtimes_no_changes_after_apply"
+                     / "case.json")
+    spec, text = load_stack(case["stack"])
+    evaluations = load_evaluations(case["evaluations"], spec)
+    now = catalogue()
+    assert now["vllm"].requirements, "the catalogue's vLLM recipe adds requirements"
+    with monkeypatch.context() as older:
+        older.setattr(stack.catalog, "catalogue",
+                      lambda: {**now, "vllm": now["vllm"].model_copy(update={"requirements": []})})
+        facts = applied(case, spec, text, load_facts(case["facts"]), evaluations)
+    result = plan_evaluated(spec, text, facts, Evaluations(evaluations), Path("/nonexistent"),
+                            AGENT)
+    changes = {c.address: (c.action.value, c.reason) for c in result.changes}
+    runtime = "node.gpu-amd.runtime.vllm@0.18.0-rocm"  # qwen fits the larger GPU
+    assert set(changes) == {runtime, "model.qwen.replica[0]"}, changes
+    assert changes[runtime][0] == "replace" and "its recipe changed" in changes[runtime][1]
+    assert changes["model.qwen.replica[0]"] == ("replace",
+                                        "its runtime is installed again (recipe changed)")
+    # once it ran, the facts record the new recipe: the same plan is empty
+    again = applied(case, spec, text, load_facts(case["facts"]), evaluations)
+    assert plan_evaluated(spec, text, again, Evaluations(evaluations), Path("/nonexistent"),
+                          AGENT).changes == ()
