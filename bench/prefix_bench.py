@@ -38,8 +38,6 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +50,9 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent / "router"))
+from run import ROOT, Procs, free_port
+
 MODES = ("prefix", "least-outstanding")
 WORDS = ["cache", "replica", "prompt", "token", "router", "balance", "model", "slot", "batch",
          "context", "window", "answer", "question", "system", "user", "assistant", "stream",
@@ -98,48 +98,13 @@ def _setup(env_name: str, script: str) -> Path:
     return Path(value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Procs:
-    """Processes of one run, each in its own group, stopped together."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], name: str, env: dict[str, str] | None = None
-              ) -> tuple[subprocess.Popen[bytes], Path]:
-        log = self.logs / f"{name}.log"
-        proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
-        self.procs.append(proc)
-        return proc, log
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        self.procs.clear()
-
-
-def start_replica(procs: Procs, bin_dir: Path, model: Path, port: int, core: int,
+def start_replica(procs: Procs, tmp: Path, bin_dir: Path, model: Path, port: int, core: int,
                   args: argparse.Namespace) -> None:
-    procs.start(["taskset", "-c", str(core), str(bin_dir / "llama-server"), "-m", str(model),
+    procs.start([str(bin_dir / "llama-server"), "-m", str(model),
                  "--host", "127.0.0.1", "--port", str(port), "-c", str(args.ctx),
                  "-np", str(args.parallel), "--cache-ram", str(args.cache_ram), "-t", "1"],
-                f"llama-{port}",
-                {"LD_LIBRARY_PATH": str(bin_dir)})
+                tmp / f"llama-{port}.log", cpus=str(core),
+                env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
@@ -157,8 +122,9 @@ def start_router(procs: Procs, mode: str, ports: list[int], tmp: Path) -> int:
     config.write_text(json.dumps({"listen": "127.0.0.1:0", "balancing": mode, "models": [
         {"name": "gemma", "replicas": [{"id": f"r{i}", "url": f"http://127.0.0.1:{port}"}
                                        for i, port in enumerate(ports)]}]}))
-    _, log = procs.start([sys.executable, "-m", "router.main", "--config", str(config)],
-                         f"router-{mode}")
+    log = tmp / f"router-{mode}.log"
+    procs.start([sys.executable, "-m", "router.main", "--config", str(config)], log,
+                cpus=f"0-{(os.cpu_count() or 1) - 1}", cwd=ROOT)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())
@@ -230,11 +196,11 @@ async def run_round(port: int, convs: list[tuple[str, list[str]]], run: Run,
 
 def measure(mode: str, rnd: int, bin_dir: Path, model: Path, ports: list[int], tmp: Path,
             args: argparse.Namespace) -> Run:
-    procs = Procs(tmp)
+    procs = Procs()
     run = Run(mode, rnd)
     try:
         for core, port in enumerate(ports):
-            start_replica(procs, bin_dir, model, port, core % (os.cpu_count() or 1), args)
+            start_replica(procs, tmp, bin_dir, model, port, core % (os.cpu_count() or 1), args)
         router = start_router(procs, mode, ports, tmp)
         asyncio.run(run_round(router, workload(1000 + rnd, args), run, args))
     finally:
@@ -300,7 +266,7 @@ def main() -> int:
     args = parser.parse_args()
     bin_dir = _setup("STACK_LLAMA_BIN", "setup-llama-cpp")
     model = _setup("STACK_TEST_MODEL", "setup-model")
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     runs: list[Run] = []
     before = loadavg()
     with tempfile.TemporaryDirectory(prefix="prefix-bench-") as tmp:
