@@ -42,8 +42,8 @@ SCHEDULE: Final[dict[str, Any]] = {
 
 
 def service_config(inst: Instance, model_path: str) -> dict[str, Any]:
-    """The config of one MindIE instance (or of one node's part of a replica over nodes:
-    `over_nodes` adds the inter-node settings on port + 3)."""
+    """The config of one MindIE instance, or of one node's part of a replica over nodes
+    (with the settings between the nodes: port + 3, TLS off)."""
     _check(inst)
     npus = max(len(inst.devices.indices), 1)
     seq_len = inst.context or DEFAULT_MAX_SEQ_LEN

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.assignment import Instance
-from agent.commands import Context, build_launch
+from agent.commands import Context, Launch, build_launch
 from agent.mindie_config import DEFAULT_MAX_SEQ_LEN
 
 HERE = Path(__file__).parent
@@ -115,9 +115,10 @@ def field_problems(config: dict[str, Any], over_nodes: bool) -> list[str]:
     return problems
 
 
-def instance_problems(config: dict[str, Any], env: dict[str, str], inst: Instance,
+def instance_problems(config: dict[str, Any], launch: Launch, inst: Instance,
                       model_path: str) -> list[str]:
-    """What in `config` disagrees with the instance it was built for."""
+    """What in `config` (and over nodes, the rank table) disagrees with the instance it
+    was built for."""
     npus = max(len(inst.devices.indices), 1)
     over_nodes = inst.role != "single"
     expect: dict[str, Any] = {
@@ -144,25 +145,34 @@ def instance_problems(config: dict[str, Any], env: dict[str, str], inst: Instanc
     problems = [f"{path} is {_get(config, path)!r}, the instance needs {want!r}"
                 for path, want in expect.items() if _get(config, path) != want]
     visible = ",".join(str(i) for i in inst.devices.indices)
-    if inst.devices.indices and env.get("ASCEND_RT_VISIBLE_DEVICES") != visible:
+    if inst.devices.indices and launch.env.get("ASCEND_RT_VISIBLE_DEVICES") != visible:
         problems.append(f"ASCEND_RT_VISIBLE_DEVICES is not {visible}")
+    if over_nodes:
+        # this node's server in the rank table names the same NPUs, by physical id
+        table = json.loads(launch.files[launch.env["RANKTABLEFILE"]])
+        mine = [s for s in table["server_list"]
+                if s["container_ip"] == launch.env["MIES_CONTAINER_IP"] == inst.host]
+        ids = [int(d["device_id"]) for s in mine for d in s["device"]]
+        if ids != inst.devices.indices:
+            problems.append(f"the rank table gives this node NPUs {ids}, not "
+                            f"{inst.devices.indices}")
     return problems
 
 
-def _build(case_file: Path) -> tuple[dict[str, Any], dict[str, str], Instance, str]:
+def _build(case_file: Path) -> tuple[dict[str, Any], Launch, Instance, str]:
     case = json.loads(case_file.read_text())
     inst = Instance.model_validate(case["instance"])
     launch = build_launch(inst, Context(case["model_path"], "/opt/stack/state/instances"))
     config = json.loads(launch.files[launch.env["MIES_CONFIG_JSON_PATH"]])
-    return config, launch.env, inst, case["model_path"]
+    return config, launch, inst, case["model_path"]
 
 
 @pytest.mark.parametrize("case_file", CASES, ids=[c.stem for c in CASES])
 def test_mindie_config_has_every_documented_field_in_range_and_matches_its_instance(
         case_file: Path) -> None:
-    config, env, inst, model_path = _build(case_file)
+    config, launch, inst, model_path = _build(case_file)
     assert field_problems(config, inst.role != "single") == []
-    assert instance_problems(config, env, inst, model_path) == []
+    assert instance_problems(config, launch, inst, model_path) == []
 
 
 def test_the_cases_cover_one_node_and_several_nodes() -> None:
@@ -238,7 +248,17 @@ def test_the_field_check_fails_on_a_field_the_documentation_does_not_know() -> N
 ])
 def test_the_instance_check_fails_when_a_value_disagrees_with_the_instance(
         path: str, value: Any) -> None:
-    config, env, inst, model_path = _build(HERE / "commands" / "mindie_over_nodes_main.json")
+    config, launch, inst, model_path = _build(HERE / "commands" / "mindie_over_nodes_main.json")
     _set(config, path, value)
-    problems = instance_problems(config, env, inst, model_path)
+    problems = instance_problems(config, launch, inst, model_path)
     assert [p for p in problems if p.startswith(path)], problems
+
+
+def test_the_instance_check_fails_when_the_rank_table_names_other_npus() -> None:
+    config, launch, inst, model_path = _build(HERE / "commands" / "mindie_over_nodes_main.json")
+    table_path = launch.env["RANKTABLEFILE"]
+    table = json.loads(launch.files[table_path])
+    table["server_list"][0]["device"][1]["device_id"] = "7"
+    launch.files[table_path] = json.dumps(table)
+    assert instance_problems(config, launch, inst, model_path) == [
+        "the rank table gives this node NPUs [0, 7], not [0, 1]"]
