@@ -19,10 +19,10 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
 
 from agent.assignment import Instance
 from agent.errors import CommandError
+from agent.mindie_config import rank_table, service_config
 
 # device selection by environment, per vendor (docs/agent.md, "Backends")
 DEVICE_ENV: dict[str, tuple[str, ...]] = {
@@ -294,89 +294,24 @@ def build_stable_diffusion_cpp(inst: Instance, ctx: Context) -> Launch:
 
 
 def build_mindie(inst: Instance, ctx: Context) -> Launch:
-    """MindIE's service daemon with a generated config (management port = port + 1,
-    metrics port = port + 2); over several nodes every part runs it with the same rank
-    table (`_mindie_over_nodes`)."""
-    world = max(len(inst.devices.indices), 1)
-    config = {
-        "Version": "1.0.0",
-        "ServerConfig": {
-            "ipAddress": inst.host, "port": inst.port,
-            "managementIpAddress": inst.host, "managementPort": inst.port + 1,
-            "metricsPort": inst.port + 2, "httpsEnabled": False, "maxLinkNum": 1000,
-        },
-        "BackendConfig": {
-            "npuDeviceIds": [list(range(world))],
-            "ModelDeployConfig": {
-                "maxSeqLen": inst.context or 8192,
-                "ModelConfig": [{"modelName": inst.model, "modelWeightPath": ctx.model_path,
-                                 "worldSize": world, "backendType": "atb"}],
-            },
-        },
-    }
+    """MindIE's service daemon with a generated config (`agent.mindie_config`: management
+    port = port + 1, metrics port = port + 2); over several nodes every part runs it with
+    the same rank table, on port + 3 between the nodes."""
+    config = service_config(inst, ctx.model_path)
     path = _sidecar(inst, ctx, ".mindie.json")
     env = {**device_env(inst), "MIES_CONFIG_JSON_PATH": path, **inst.environment()}
     health = _health(inst, Health("http", "/info"))
     files: dict[str, str] = {}
     if inst.role != "single":
-        more, files = _mindie_over_nodes(inst, ctx, config)
-        env = {**env, **more}
+        table = _sidecar(inst, ctx, ".ranktable.json")
+        files[table] = json.dumps(rank_table(inst), indent=2, sort_keys=True) + "\n"
+        # which of the rank table's servers this node is
+        env = {**env, "RANKTABLEFILE": table,
+               "MIES_CONTAINER_IP": str(ipaddress.ip_address(inst.host))}
         if inst.role == "worker":
             health = Health("process")  # only the main node serves requests
     files[path] = json.dumps(config, indent=2, sort_keys=True) + "\n"
     return Launch([_bin(inst, "mindieservice_daemon"), *inst.args], env, health, files)
-
-
-def _mindie_over_nodes(inst: Instance, ctx: Context, config: dict[str, Any]
-                       ) -> tuple[dict[str, str], dict[str, str]]:
-    """One part of a MindIE replica over several nodes (MindIE service deployment guide,
-    multi-node inference): `multiNodesInferEnabled` with its inter-node port (port + 3), TLS
-    between the nodes off (docs/security.md), and the rank table of every node's NPUs,
-    written beside the config and named by `RANKTABLEFILE`; `MIES_CONTAINER_IP` says which
-    of its servers this node is. Returns (environment, files); changes `config`."""
-    table = inst.rank_table
-    me = _ip_or_none(inst.host)
-    hosts = [server.host for server in table or []]
-    why = ("has no `rank_table`" if not table else
-           "has a `host` that is not an IP address" if me is None else
-           "lists a node twice in its `rank_table`" if len(set(hosts)) != len(hosts) else
-           "is not in its own `rank_table`" if me not in hosts else
-           "is the main but not the first server of its `rank_table`"
-           if (inst.role == "main") != (hosts[0] == me) else
-           f"has NPUs {inst.devices.indices} but its `rank_table` lists others"
-           if [d.device_id for d in table[hosts.index(me)].devices] != inst.devices.indices
-           else "has no port for the traffic between nodes (port + 3)"
-           if inst.port + 3 > 65535 else "")
-    if why or table is None or me is None:
-        raise CommandError(
-            f"MindIE instance `{inst.id}` runs over several nodes but {why}",
-            hint="the controller writes it from each NPU's device IP (/etc/hccn.conf) and "
-                 "the nodes' addresses; run `stack plan` and `stack apply` again.")
-    servers, rank = [], 0
-    for server in table:
-        devices = []
-        for device in server.devices:
-            devices.append({"device_id": str(device.device_id), "device_ip": device.device_ip,
-                            "rank_id": str(rank)})
-            rank += 1
-        servers.append({"server_id": server.host, "container_ip": server.host,
-                        "device": devices})
-    rank_table = {"version": "1.0", "status": "completed", "server_count": str(len(servers)),
-                  "server_list": servers}
-    config["ServerConfig"]["interCommTLSEnabled"] = False
-    config["BackendConfig"].update({"multiNodesInferEnabled": True,
-                                    "multiNodesInferPort": inst.port + 3,
-                                    "interNodeTLSEnabled": False})
-    path = _sidecar(inst, ctx, ".ranktable.json")
-    return ({"RANKTABLEFILE": path, "MIES_CONTAINER_IP": me},
-            {path: json.dumps(rank_table, indent=2, sort_keys=True) + "\n"})
-
-
-def _ip_or_none(text: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 def build_custom(inst: Instance, ctx: Context) -> Launch:

@@ -191,12 +191,12 @@ RAY_BACKENDS = ("vllm", "sglang")
 def port_span(backend: str, role: str) -> int:
     """How many ports an instance listens on from its own up (agent.commands): a vLLM or
     SGLang main over nodes also the Ray head's (SGLang: its dist-init port) on port + 1;
-    every MindIE part over nodes its management, metrics and inter-node ports on + 1, + 2,
-    + 3. The scheduler keeps them all free for it."""
+    every MindIE instance its management and metrics ports on + 1 and + 2, and a part over
+    nodes its inter-node port on + 3. The scheduler keeps them all free for it."""
     if role == "main" and backend in RAY_BACKENDS:
         return 2
-    if role != "single" and backend == "mindie":
-        return 4
+    if backend == "mindie":
+        return 3 if role == "single" else 4
     return 1
 
 
