@@ -3,7 +3,7 @@
     scrape_targets(spec, observed) -> Targets       who to scrape (pure)
     render_scrape_config(targets, token_dir, ...) -> str  the YAML Prometheus reads (pure)
 
-The alerting rules that prometheus.yml loads are stack.alerts'.
+stack.alerts renders the alerting rules that prometheus.yml loads.
 
 Routers export `/metrics` without a key on the router's listen address; agents export it
 on their API address (`agent_port`, default 7070) behind the agent's bearer token, which
