@@ -1,7 +1,9 @@
 """Monitoring the fleet: a Prometheus scrape config generated from stack.toml and the facts.
 
     scrape_targets(spec, observed) -> Targets       who to scrape (pure)
-    render_scrape_config(targets, token_dir) -> str  the YAML Prometheus reads (pure)
+    render_scrape_config(targets, token_dir, ...) -> str  the YAML Prometheus reads (pure)
+
+stack.alerts renders the alerting rules that prometheus.yml loads.
 
 Routers export `/metrics` without a key on the router's listen address; agents export it
 on their API address (`agent_port`, default 7070) behind the agent's bearer token, which
@@ -71,8 +73,8 @@ def token_path(token_dir: str, node: str) -> str:
     return posixpath.join(token_dir, f"{node}.token")
 
 
-def _q(value: str) -> str:
-    """A YAML double-quoted scalar (a JSON string is one)."""
+def yaml_quote(value: str) -> str:
+    """A YAML double-quoted scalar (a JSON string is one; so is it a PromQL string)."""
     return json.dumps(value)
 
 
@@ -81,37 +83,45 @@ def _static(target: Target, stack: str, job: str | None) -> list[str]:
     if target.loopback:
         lines.append(f"      # `{target.node}` listens on loopback: only a Prometheus running "
                      "on that host can scrape it")
-    lines.append(f"      - targets: [{_q(target.address)}]")
-    labels = f"node: {_q(target.node)}, stack: {_q(stack)}"
+    lines.append(f"      - targets: [{yaml_quote(target.address)}]")
+    labels = f"node: {yaml_quote(target.node)}, stack: {yaml_quote(stack)}"
     if job:
-        labels = f"job: {_q(job)}, " + labels
+        labels = f"job: {yaml_quote(job)}, " + labels
     lines.append(f"        labels: {{{labels}}}")
     return lines
 
 
-def render_scrape_config(targets: Targets, token_dir: str) -> str:
-    """The scrape config as YAML: a whole prometheus.yml, or a `scrape_config_files` entry."""
+def render_scrape_config(targets: Targets, token_dir: str, rule_files: tuple[str, ...] = (),
+                         interval_seconds: int | None = None) -> str:
+    """The scrape config as YAML: a whole prometheus.yml loading `rule_files` (relative to
+    it), or without rule files a `scrape_config_files` entry; with `interval_seconds`, a
+    `global:` section sets the scrape and rule evaluation interval."""
     out = [
-        f"# Prometheus scrape config for the stack `{targets.stack}`, written by "
-        "`stack monitoring`.",
-        "# Use it as prometheus.yml, or list it under `scrape_config_files` (Prometheus >= 2.43).",
+        f"# Prometheus config for the stack `{targets.stack}`, written by `stack monitoring`.",
+        "# Use it as prometheus.yml; to merge it into your own, copy its `scrape_configs`",
+        "# entries and list the rule files under your `rule_files`.",
         "# Agent jobs read each agent's bearer token from a file (mode 0600) that holds",
         "# PREFIX/etc/agent.token of that host; `stack monitoring --write-tokens` writes them.",
-        "scrape_configs:",
     ]
+    if interval_seconds is not None:
+        out += ["global:", f"  scrape_interval: {yaml_quote(f'{interval_seconds}s')}",
+                f"  evaluation_interval: {yaml_quote(f'{interval_seconds}s')}"]
+    if rule_files:
+        out += ["rule_files:"] + [f"  - {yaml_quote(path)}" for path in rule_files]
+    out.append("scrape_configs:")
     if targets.routers:
-        out += [f"  - job_name: {_q(ROUTER_JOB)}", "    metrics_path: /metrics",
+        out += [f"  - job_name: {yaml_quote(ROUTER_JOB)}", "    metrics_path: /metrics",
                 "    static_configs:"]
         for target in targets.routers:
             out += _static(target, targets.stack, None)
     for target in targets.agents:
         out += [
-            f"  - job_name: {_q(AGENT_JOB + '-' + target.node)}",
+            f"  - job_name: {yaml_quote(AGENT_JOB + '-' + target.node)}",
             "    metrics_path: /metrics",
             "    honor_labels: true  # keep the agent's `node` and `instance` (model instance id)",
             "    authorization:",
             "      type: Bearer",
-            f"      credentials_file: {_q(token_path(token_dir, target.node))}",
+            f"      credentials_file: {yaml_quote(token_path(token_dir, target.node))}",
             "    static_configs:",
         ]
         out += _static(target, targets.stack, AGENT_JOB)
@@ -121,4 +131,4 @@ def render_scrape_config(targets: Targets, token_dir: str) -> str:
 
 
 __all__ = ["AGENT_JOB", "ROUTER_JOB", "Target", "Targets", "render_scrape_config",
-           "scrape_targets", "token_path"]
+           "scrape_targets", "token_path", "yaml_quote"]

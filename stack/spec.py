@@ -525,6 +525,38 @@ class AgentSpec(_Strict):
     log_keep: int = Field(3, ge=1, le=100, description="Rotated logs kept per instance.")
 
 
+class MonitoringSpec(_Strict):
+    """`[monitoring]`: the Prometheus files `stack monitoring` writes (alert thresholds)."""
+
+    scrape_interval_seconds: int | None = Field(
+        None, ge=1, le=3600, description="Write a `global:` section with this scrape and "
+        "rule evaluation interval into prometheus.yml; none: Prometheus' own (1 minute).")
+    rate_window_seconds: int = Field(
+        300, ge=1, le=86400, description="The window of the rates the alerts compute (5xx "
+        "ratio, time to first token, restarts); at least 4 scrape intervals.")
+    alert_for_seconds: int = Field(
+        300, ge=0, le=7 * 86400, description="How long a condition holds before its alert "
+        "fires (`for:`), for every alert but `ModelstackInstanceDown` and "
+        "`ModelstackTargetDown`.")
+    instance_down_for_seconds: int = Field(
+        300, ge=0, le=7 * 86400, description="How long an instance may be unhealthy, "
+        "crash-looping, failed or pending before `ModelstackInstanceDown` fires.")
+    target_down_for_seconds: int = Field(
+        120, ge=0, le=7 * 86400, description="How long a router or agent may fail its "
+        "scrapes before `ModelstackTargetDown` fires.")
+    crash_loop_restarts: int = Field(
+        3, ge=1, le=10**6, description="Restarts of one instance within the rate window "
+        "that fire `ModelstackCrashLooping` (so does the agent's `crash-looping` state).")
+    gpu_temperature_celsius: float = Field(
+        85.0, gt=0, le=200, description="A GPU above this temperature fires `ModelstackGpuHot`.")
+    router_5xx_ratio: float = Field(
+        0.05, gt=0, le=1, description="A model whose share of 5xx answers is above this "
+        "fires `ModelstackRouter5xx`.")
+    ttft_p95_seconds: float = Field(
+        10.0, gt=0, le=86400, description="A model whose time to first token p95 (at the "
+        "router) is above this fires `ModelstackSlowFirstToken`.")
+
+
 def _redis_url(value: str | None) -> str | None:
     if value is not None and not re.fullmatch(r"redis://[^\s/@]+(/[0-9]{1,2})?", value):
         raise ValueError("must be `redis://HOST[:PORT][/DB]`, e.g. `redis://10.0.0.5:6379/0`")
@@ -622,6 +654,10 @@ class StackSpec(_Strict):
     agent: AgentSpec = Field(
         default_factory=lambda: AgentSpec.model_validate({}),
         description="The agent on every host.",
+    )
+    monitoring: MonitoringSpec = Field(
+        default_factory=lambda: MonitoringSpec.model_validate({}),
+        description="Prometheus alert thresholds (`stack monitoring`).",
     )
     keys: list[KeySpec] = Field(default_factory=list, description="API keys.")
     users: dict[Name, UserSpec] = Field(

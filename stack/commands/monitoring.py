@@ -1,7 +1,10 @@
 """Write the monitoring files of the fleet into DIR (default: ./monitoring):
 
-  prometheus.yml          scrape config: the routers' and the agents' /metrics, labelled
-                          by node (use it as prometheus.yml or under `scrape_config_files`)
+  prometheus.yml          Prometheus config: scrapes the routers' and the agents' /metrics,
+                          labelled by node, and loads alerts.yml
+  alerts.yml              alerting rules: targets and instances down, crash loops, models
+                          without a ready replica, hot GPUs, 5xx ratio, slow first tokens
+                          (thresholds: the [monitoring] table of stack.toml)
   grafana-dashboard.json  the Grafana dashboard (import it; pick the Prometheus data source)
 
 Hosts come from stack.toml (`[hosts]` or the inventory file; no SSH needed), or from a
@@ -24,7 +27,7 @@ from stack.errors import ConfigError
 from stack.snapshot import Observed
 from stack.spec import StackSpec
 
-HELP = "write a Prometheus scrape config and the Grafana dashboard for the fleet"
+HELP = "write a Prometheus config, alerting rules and the Grafana dashboard for the fleet"
 DASHBOARD = Path(__file__).resolve().parents[2] / "templates" / "grafana-dashboard.json"
 
 
@@ -74,6 +77,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stack.alerts import RULES_FILE, render_alert_rules
     from stack.config import load
     from stack.monitoring import render_scrape_config, scrape_targets, token_path
 
@@ -86,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
     targets = scrape_targets(spec, observed)
     secret = _secret(stack_dir) if args.write_tokens else None  # before writing anything
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prometheus.yml").write_text(render_scrape_config(targets, token_dir))
+    (out / RULES_FILE).write_text(render_alert_rules(spec))
+    (out / "prometheus.yml").write_text(render_scrape_config(
+        targets, token_dir, (RULES_FILE,), spec.monitoring.scrape_interval_seconds))
     shutil.copyfile(DASHBOARD, out / "grafana-dashboard.json")
     print(f"wrote {out / 'prometheus.yml'} ({len(targets.routers)} router and "
-          f"{len(targets.agents)} agent targets) and {out / 'grafana-dashboard.json'}")
+          f"{len(targets.agents)} agent targets), {out / RULES_FILE} and "
+          f"{out / 'grafana-dashboard.json'}")
     if secret is not None:
         from stack.secrets import derive_key
 

@@ -38,6 +38,12 @@ def reference_problems(spec: StackSpec, report: Report) -> None:
         report.add(("stack", "port_range"), f"`stack.port_range` starts at {low} but ends at "
                    f"{high}", "write the lower port first, e.g. `port_range = [40000, 40999]`.")
     _check_drivers(spec, report)
+    interval, window = spec.monitoring.scrape_interval_seconds, spec.monitoring.rate_window_seconds
+    if interval is not None and window < 4 * interval:
+        report.add(("monitoring", "rate_window_seconds"), f"`monitoring.rate_window_seconds` "
+                   f"is {window} s, shorter than 4 scrape intervals of {interval} s",
+                   "a rate needs several samples: set `rate_window_seconds` to at least "
+                   f"{4 * interval}, or a shorter `scrape_interval_seconds`.")
     if spec.stack.inventory is not None and spec.hosts:
         report.add(("stack", "inventory"), "`stack.inventory` and `[hosts]` both list hosts",
                    "keep one: the inventory file or the inline `[hosts.NAME]` tables.")

@@ -39,7 +39,16 @@ REQUIRED = {
     "modelstack_gpu_utilization_percent", "modelstack_gpu_memory_used_bytes",
     "modelstack_gpu_temperature_celsius", "modelstack_gpu_power_watts",
     "modelstack_instance_state", "modelstack_instance_restarts_total",
+} | {  # the Engines row (issue 16)
+    "modelstack_engine_up", "modelstack_engine_requests_running",
+    "modelstack_engine_requests_waiting", "modelstack_engine_kv_cache_usage_ratio",
+    "modelstack_engine_prompt_tokens_total", "modelstack_engine_generation_tokens_total",
+    "modelstack_engine_time_to_first_token_seconds_bucket",
 }
+# The agent's engine series, from its scrape of each backend (the `metrics` branch of
+# issue 16): an agent without instances may not declare them. Empty this set once the
+# agent's page (the `agent_metrics` fixture) declares them.
+ENGINE_SERIES = {name for name in REQUIRED if name.startswith("modelstack_engine_")}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
                 "or", "unless", "offset", "inf", "nan"}
 
@@ -226,7 +235,27 @@ def test_every_metric_the_dashboard_queries_is_exported_by_the_router_or_the_age
         router_metrics: set[str], agent_metrics: set[str]) -> None:
     assert "modelstack_router_request_duration_seconds_bucket" in router_metrics
     assert "modelstack_gpu_utilization_percent" in agent_metrics
-    known = router_metrics | agent_metrics | PROMETHEUS_SERIES
+    known = router_metrics | agent_metrics | PROMETHEUS_SERIES | ENGINE_SERIES
     for expr in expressions(dashboard()):
         unknown = metric_names(expr) - known
         assert not unknown, f"{sorted(unknown)} in `{expr}` is exported by neither process"
+
+
+def test_every_metric_the_alerts_query_is_exported_by_the_router_or_the_agent(
+        router_metrics: set[str], agent_metrics: set[str]) -> None:
+    from stack.alerts import alert_rules
+    from stack.config import load_text
+
+    known = router_metrics | agent_metrics | PROMETHEUS_SERIES
+    for rule in alert_rules(load_text("")):
+        unknown = metric_names(rule.expr) - known
+        assert not unknown, f"{sorted(unknown)} in {rule.name} is exported by neither process"
+
+
+def test_engine_panels_are_filtered_by_the_dashboards_variables() -> None:
+    engine = [t["expr"] for p in panels(dashboard()) for t in p.get("targets", [])
+              if "modelstack_engine_" in t["expr"]]
+    assert len(engine) >= 7
+    for expr in engine:
+        for variable in ("stack", "node", "model"):
+            assert f'{variable}=~"${variable}"' in expr, expr
