@@ -101,7 +101,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path,
     key = generate_key()
     listen, url = router_endpoint(fleet, "node-01")
     world = {"fleet": fleet, "dir": work, "key": key, "key_hash": hash_key(key),
-             "system": system, "llama_bin": llama_bin, "model": gguf_model, "low": random.randint(41000, 59000),
+             "system": system, "llama_bin": llama_bin, "model": gguf_model,
+             "low": random.randint(41000, 59000),
              "listen": listen, "url": url, "prefix": fleet.hosts["node-01"].prefix}
     with stack_session(fleet, work, "rtversions-test-secret-0123456789abcdef"):
         yield world
