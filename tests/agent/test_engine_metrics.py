@@ -17,6 +17,7 @@ from agent.assignment import Instance
 from agent.engine_metrics import DOWN, EngineSample, Histogram, PageError, read_page
 from agent.engine_scraper import EngineScraper, Target, targets
 from agent.metrics import render_metrics
+from agent.status import InstanceStatus
 
 PAGES = Path(__file__).parent / "engine_pages"
 CASES = sorted(PAGES.glob("*.json"))
@@ -276,3 +277,13 @@ def test_status_engine_object_has_every_field_and_nulls_for_missing_ones() -> No
         "backend": "sglang", "up": False, "requests_running": None, "requests_waiting": None,
         "kv_cache_usage_ratio": None, "prompt_tokens_total": None,
         "generation_tokens_total": None}
+
+
+def test_the_controller_reads_and_carries_the_engine_object() -> None:
+    sample = EngineSample(up=True, requests_running=3.0, kv_cache_usage_ratio=0.25)
+    engine = sample.as_status("vllm")
+    inst = InstanceStatus.model_validate({"id": "q-0", "model": "q", "backend": "vllm",
+                                          "port": 1, "engine": engine})
+    assert inst.engine is not None and inst.engine.requests_running == 3
+    assert inst.to_json()["engine"] == engine
+    assert "engine" not in InstanceStatus(id="q-0", model="q", backend="vllm", port=1).to_json()
