@@ -111,12 +111,16 @@ class EngineSample:
 DOWN = EngineSample(up=False)
 
 
-def _split_sample(line: str) -> tuple[str, str, str]:
-    """(name, label text, value) of a sample line; PageError when it is not one."""
+def _name(line: str) -> str:
     match = _NAME.match(line)
     if match is None:
         raise PageError(f"not a sample line: {line[:60]!r}")
-    name, rest = match.group(), line[match.end():]
+    return match.group()
+
+
+def _split_sample(line: str, name: str) -> tuple[str, str]:
+    """(label text, value) of the sample line of `name`; PageError when it is not one."""
+    rest = line[len(name):]
     labels = ""
     if rest.startswith("{"):
         end = _labels_end(rest)
@@ -124,7 +128,7 @@ def _split_sample(line: str) -> tuple[str, str, str]:
     words = rest.split()
     if not words or len(words) > 2:
         raise PageError(f"sample {name} has no value")
-    return name, labels, words[0]
+    return labels, words[0]
 
 
 def _labels_end(text: str) -> int:
@@ -166,6 +170,7 @@ def read_page(backend: str, text: str) -> EngineSample:
     fields = SOURCES.get(backend, {})
     wanted = {name: field for field, names in fields.items() for name in names}
     ttft = TTFT.get(backend)
+    family = {f"{ttft}_bucket", f"{ttft}_sum", f"{ttft}_count"} if ttft else set()
     found: dict[str, float] = {}
     buckets: dict[float, float] = {}
     ttft_sum = ttft_count = None
@@ -175,7 +180,10 @@ def read_page(backend: str, text: str) -> EngineSample:
             continue
         if len(line) > MAX_LINE:
             raise PageError("a line is longer than 64 KiB")
-        name, labels, raw = _split_sample(line)
+        name = _name(line)
+        if name not in wanted and name not in family:
+            continue  # read only as far as its name: the rest of the page costs little
+        labels, raw = _split_sample(line, name)
         value = _value(raw)
         if not math.isfinite(value) and not (name.endswith("_bucket") and value == math.inf):
             continue  # NaN or an infinite gauge says nothing
@@ -183,14 +191,14 @@ def read_page(backend: str, text: str) -> EngineSample:
             old = found.get(name)
             found[name] = value if old is None else (
                 max(old, value) if wanted[name] in _MAX_FIELDS else old + value)
-        elif ttft and name == f"{ttft}_bucket":
+        elif name == f"{ttft}_bucket":
             le = _le(labels)
             if le not in buckets and len(buckets) >= MAX_BUCKETS:
                 raise PageError(f"more than {MAX_BUCKETS} histogram buckets")
             buckets[le] = buckets.get(le, 0.0) + value
-        elif ttft and name == f"{ttft}_sum":
+        elif name == f"{ttft}_sum":
             ttft_sum = (ttft_sum or 0.0) + value
-        elif ttft and name == f"{ttft}_count":
+        else:  # the histogram's count
             ttft_count = (ttft_count or 0.0) + value
     values: dict[str, float | None] = {
         field: next((found[n] for n in names if n in found), None)
