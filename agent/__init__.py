@@ -10,7 +10,9 @@
     reconcile    the loop over all instances, assignment validation, status
     api          the HTTP API (one JSON error shape)
     json_input   JSON from outside (API bodies, assignment.json), read within bounds
-    metrics      Prometheus text of the status and GPU metrics
+    metrics      Prometheus text of the status, GPU and engine metrics
+    engine_metrics   a backend's metrics page mapped to the agent's engine names
+    engine_scraper   reading the serving backends' metrics pages on request
     gpu_metrics  reading GPU metrics: NVML for NVIDIA, the vendor tools otherwise
     gpus         the vendor tools' output parsers (shared with the controller's facts)
     errors       `AgentError`, the agent's own error root (no controller imports)

@@ -18,9 +18,12 @@ from typing import Any, Final
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from agent.assignment import ID_MAX_LENGTH, NAME_PATTERN
+from agent.engine_metrics import EngineSample
+from agent.engine_scraper import EngineScraper, targets
 from agent.errors import AgentError, shown
 from agent.gpu_metrics import GpuReader
 from agent.json_input import decode_json
@@ -121,12 +124,18 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(reconciler: Reconciler, token: str, gpus: GpuReader) -> FastAPI:
-    """The API bound to one running reconciler."""
+def create_app(reconciler: Reconciler, token: str, gpus: GpuReader,
+               engines: EngineScraper | None = None) -> FastAPI:
+    """The API bound to one running reconciler; `engines` None: no engine metrics."""
     app = FastAPI(title="modelstack agent", docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
     cfg = reconciler.cfg
     expected = token.encode()
+
+    async def engine_samples() -> dict[str, EngineSample]:
+        if engines is None:
+            return {}
+        return await engines.read(targets((r.inst, r.state) for r in reconciler.runners.values()))
 
     def authorized(request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -143,9 +152,13 @@ def create_app(reconciler: Reconciler, token: str, gpus: GpuReader) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/v1/status", dependencies=auth)
-    def status() -> dict[str, Any]:
+    async def status() -> dict[str, Any]:
         body = reconciler.status()
-        body["gpu_source"], body["gpus"], body["gpu_error"] = gpus.read()
+        samples = await engine_samples()
+        for inst in body["instances"]:
+            if inst["id"] in samples:
+                inst["engine"] = samples[inst["id"]].as_status(inst["backend"])
+        body["gpu_source"], body["gpus"], body["gpu_error"] = await run_in_threadpool(gpus.read)
         return body
 
     @app.put("/v1/assignment", dependencies=auth)
@@ -183,9 +196,11 @@ def create_app(reconciler: Reconciler, token: str, gpus: GpuReader) -> FastAPI:
         return PlainTextResponse("\n".join(lines) + ("\n" if lines else ""))
 
     @app.get("/metrics", dependencies=auth)
-    def metrics() -> PlainTextResponse:
-        source, gpu_list, _error = gpus.read()
-        return PlainTextResponse(render_metrics(reconciler.status(), source, gpu_list),
+    async def metrics() -> PlainTextResponse:
+        status = reconciler.status()
+        samples = await engine_samples()
+        source, gpu_list, _error = await run_in_threadpool(gpus.read)
+        return PlainTextResponse(render_metrics(status, source, gpu_list, samples),
                                  media_type="text/plain; version=0.0.4")
 
     return app

@@ -141,7 +141,7 @@ def build_llama_cpp(inst: Instance, ctx: Context) -> Launch:
         argv += ["--reranking"]
     if inst.mmproj:
         argv += ["--mmproj", _relative_to_model(ctx, inst.mmproj)]
-    argv += inst.args
+    argv += ["--metrics", *inst.args]  # the engine metrics the agent scrapes
     return Launch(argv, {**env, **inst.environment()}, _health(inst, Health("http", "/health")),
                   files)
 
@@ -263,6 +263,8 @@ def build_sglang(inst: Instance, ctx: Context) -> Launch:
         argv += ["--nnodes", str(len(inst.peers)), "--node-rank", str(me[0]),
                  "--dist-init-addr", f"{main.host}:{main.port + 1}"]
         health = Health("process")
+    if inst.role != "worker":  # the engine metrics the agent scrapes (not from workers)
+        argv += ["--enable-metrics"]
     argv += inst.args
     return Launch(argv, {**device_env(inst), **inst.environment()}, health)
 

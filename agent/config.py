@@ -66,6 +66,9 @@ class Tuning(_Strict):
     request_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     max_connections: int = Field(default=64, ge=1, le=10000)
     keep_alive_seconds: float = Field(default=5.0, ge=1, le=3600)
+    # read each serving backend's own metrics page when /metrics or /v1/status is asked
+    # (agent.engine_scraper); false: no engine series and no `engine` in the status
+    engine_metrics: bool = True
 
 
 class AgentConfig(_Strict):

@@ -120,6 +120,7 @@ async def _serve(cfg: AgentConfig, token: str) -> None:
     import uvicorn
 
     from agent.api import create_app
+    from agent.engine_scraper import EngineScraper
     from agent.gpu_metrics import GpuReader
     from agent.http import agent_protocol
     from agent.reconcile import Reconciler
@@ -136,7 +137,8 @@ async def _serve(cfg: AgentConfig, token: str) -> None:
     # (agent.http: JSON for its own 400s, a connection cap, a deadline per request)
     tuning = cfg.tuning
     server = Server(uvicorn.Config(
-        create_app(reconciler, token, GpuReader()), host=host, port=port,
+        create_app(reconciler, token, GpuReader(),
+                   EngineScraper() if tuning.engine_metrics else None), host=host, port=port,
         log_level="warning", access_log=False, lifespan="off",
         http=agent_protocol(tuning.max_connections, tuning.request_timeout_seconds,
                             MAX_HEAD_BYTES),

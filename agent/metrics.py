@@ -1,8 +1,10 @@
-"""Prometheus text exposition of the agent's status and GPU metrics (`GET /metrics`)."""
+"""Prometheus text exposition of the agent's status, GPU and engine metrics (`GET /metrics`)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from agent.engine_metrics import EngineSample
 
 STATES = ("pending", "downloading", "starting", "ready", "unhealthy", "crash-looping",
           "failed", "stopping")
@@ -14,6 +16,22 @@ GPU_GAUGES = (
     ("temperature_c", "modelstack_gpu_temperature_celsius", "GPU temperature, Celsius."),
     ("power_w", "modelstack_gpu_power_watts", "GPU power draw, watts."),
 )
+
+
+# EngineSample field -> exported name, type, help (docs/operating.md, "Engine metrics")
+ENGINE_SERIES = (
+    ("requests_running", "modelstack_engine_requests_running", "gauge",
+     "Requests the engine is running now."),
+    ("requests_waiting", "modelstack_engine_requests_waiting", "gauge",
+     "Requests waiting in the engine's queue."),
+    ("kv_cache_usage_ratio", "modelstack_engine_kv_cache_usage_ratio", "gauge",
+     "Fraction of the engine's KV cache in use, 0 to 1."),
+    ("prompt_tokens_total", "modelstack_engine_prompt_tokens_total", "counter",
+     "Prompt tokens the engine processed."),
+    ("generation_tokens_total", "modelstack_engine_generation_tokens_total", "counter",
+     "Tokens the engine generated."),
+)
+TTFT_NAME = "modelstack_engine_time_to_first_token_seconds"
 
 
 def _label(value: object) -> str:
@@ -36,8 +54,39 @@ def _header(out: list[str], name: str, help_text: str, kind: str = "gauge") -> N
     out.append(f"# TYPE {name} {kind}")
 
 
-def render_metrics(status: dict[str, Any], gpu_source: str, gpus: list[dict[str, Any]]) -> str:
-    """The metrics page for one agent."""
+def _render_engines(out: list[str], node: str, instances: list[dict[str, Any]],
+                    engines: dict[str, EngineSample]) -> None:
+    """The engine series of each scraped instance; a value its backend lacks is left out."""
+    scraped = [(inst, engines[inst["id"]]) for inst in instances if inst["id"] in engines]
+
+    def labels(inst: dict[str, Any], **more: object) -> str:
+        return _labels(node=node, model=inst.get("model", ""), instance=inst["id"],
+                       backend=inst.get("backend", ""), **more)
+
+    _header(out, "modelstack_engine_up", "1 when the engine's own metrics could be read.")
+    for inst, sample in scraped:
+        out.append(f"modelstack_engine_up{labels(inst)} {int(sample.up)}")
+    for key, name, kind, help_text in ENGINE_SERIES:
+        _header(out, name, help_text, kind)
+        for inst, sample in scraped:
+            value = getattr(sample, key)
+            if value is not None:
+                out.append(f"{name}{labels(inst)} {_number(value)}")
+    _header(out, TTFT_NAME, "Time to the first token of a request, seconds.", "histogram")
+    for inst, sample in scraped:
+        ttft = sample.time_to_first_token
+        if ttft is None:
+            continue
+        for le, count in ttft.buckets:
+            bound = "+Inf" if le == float("inf") else _number(le)
+            out.append(f"{TTFT_NAME}_bucket{labels(inst, le=bound)} {_number(count)}")
+        out.append(f"{TTFT_NAME}_sum{labels(inst)} {_number(ttft.sum)}")
+        out.append(f"{TTFT_NAME}_count{labels(inst)} {_number(ttft.count)}")
+
+
+def render_metrics(status: dict[str, Any], gpu_source: str, gpus: list[dict[str, Any]],
+                   engines: dict[str, EngineSample] | None = None) -> str:
+    """The metrics page for one agent; `engines` are the scraped instances' samples."""
     node = status["node"]
     out: list[str] = []
     _header(out, "modelstack_agent_up", "1 while the agent runs.")
@@ -74,4 +123,5 @@ def render_metrics(status: dict[str, Any], gpu_source: str, gpus: list[dict[str,
                        f"{_number(progress['fraction'])}")
         if progress.get("bytes_done") is not None:
             out.append(f"modelstack_instance_download_bytes{labels} {progress['bytes_done']}")
+    _render_engines(out, node, instances, engines or {})
     return "\n".join(out) + "\n"

@@ -12,6 +12,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class EngineStatus(BaseModel):
+    """An instance's engine metrics in `/v1/status` (agent.engine_scraper): present for a
+    serving instance of a backend with metrics; a value the backend lacks is null."""
+
+    model_config = ConfigDict(extra="allow")
+
+    backend: str
+    up: bool  # the last read of the backend's metrics page succeeded
+    requests_running: int | float | None = None
+    requests_waiting: int | float | None = None
+    kv_cache_usage_ratio: float | None = None
+    prompt_tokens_total: int | float | None = None
+    generation_tokens_total: int | float | None = None
+
+
 class InstanceStatus(BaseModel):
     """One instance as its agent reports it (unknown fields are kept, for newer agents)."""
 
@@ -41,6 +56,7 @@ class InstanceStatus(BaseModel):
     layer_split: list[int] | None = None  # llama.cpp layers per device, when split
     source_sha256: str | None = None  # an uploaded model's content
     last_log_lines: list[str] | None = None  # the backend's last lines, when it failed
+    engine: EngineStatus | None = None  # only in `/v1/status`, not in status.json
 
     def to_json(self) -> dict[str, Any]:
         """The JSON the agent reports: a split, log lines only when there are some."""

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/agent_bench.py [--idle-seconds 30] [--kills 5]
         [--failed-seconds 10] [--failed-runs 3] [--failed-only] [--agent-src DIR]
+        [--engine-seconds 60] [--engine-runs 3] [--engine-only]
 
 Starts a real `stack-agent` with two llama.cpp instances of Gemma 3 270M, then reports:
 - the idle agent's RSS (from /proc/PID/status, the agent process only) and CPU over
@@ -14,8 +15,14 @@ by side over the same `--failed-seconds` window, `--failed-runs` times: one with
 instance that failed (its runtime binary is missing), one with no instances, the
 baseline. `--agent-src` runs these two from another source tree (an older commit's
 `git archive`), to show the busy loop the failed instance caused before.
+Then (alone with `--engine-only`) engine scraping (issue 16): two agents side by side,
+each with one llama.cpp instance of Gemma, one reading the engine's metrics and one with
+`engine_metrics = false` (the baseline), both scraped on `/metrics` by a loop like
+Prometheus every 5 s, then every 15 s, over `--engine-seconds`, `--engine-runs` times:
+each agent's CPU and RSS, medians.
 Targets (issue 3): RSS <= 80 MB, CPU < 1% of a core, replacement started within 1 s;
-a failed instance keeps the idle agent under 1% of a core.
+a failed instance keeps the idle agent under 1% of a core; (issue 16) with engine
+scraping on, the idle agent stays under 1% of a core and 80 MB.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -145,6 +153,65 @@ def report_failed(seconds: float, runs: int, src: Path) -> bool:
     return statistics.median(failed) < 1
 
 
+def _scrape_loop(agents: list[Agent], interval: float, stop: threading.Event) -> None:
+    """GET /metrics of every agent each `interval` seconds, as Prometheus would."""
+    while not stop.is_set():
+        for agent in agents:
+            response = agent.client.get("/metrics")
+            response.raise_for_status()
+        stop.wait(interval)
+
+
+def engine_beside_baseline(seconds: float, interval: float, llama_bin: Path,
+                           model: Path) -> tuple[float, float, float, float]:
+    """CPU (% of a core) and RSS (MB) of an agent reading its instance's engine metrics and
+    of one that does not, both scraped every `interval` s over the same window."""
+    with tempfile.TemporaryDirectory() as tmp:
+        on, off = (Agent(Path(tmp) / name, tuning=f"engine_metrics = {flag}\n")
+                   for name, flag in (("on", "true"), ("off", "false")))
+        stop = threading.Event()
+        try:
+            for agent in (on, off):
+                runtime = make_runtime(agent.prefix, llama_bin)
+                agent.start()
+                agent.assign([{"id": "gemma-0", "model": "gemma", "source": str(model),
+                               "backend": "llama.cpp", "runtime_path": str(runtime),
+                               "port": free_port(), "api_key": "sk-bench", "context": 512,
+                               "args": ["-t", "1"]}])
+            for agent in (on, off):
+                agent.wait_state("gemma-0", "ready", 120)
+            assert "modelstack_engine_up{" in on.client.get("/metrics").text
+            assert "modelstack_engine_up{" not in off.client.get("/metrics").text
+            time.sleep(2)  # past the start-up work of both
+            loop = threading.Thread(target=_scrape_loop, args=([on, off], interval, stop))
+            loop.start()
+            assert on.proc is not None and off.proc is not None
+            cpu_on, cpu_off = cpu_percent([on.proc.pid, off.proc.pid], seconds)
+            rss_on, rss_off = rss_mb(on.proc.pid), rss_mb(off.proc.pid)
+        finally:
+            stop.set()
+            for agent in (on, off):
+                agent.cleanup()
+    return cpu_on, cpu_off, rss_on, rss_off
+
+
+def report_engine(seconds: float, runs: int, llama_bin: Path, model: Path) -> bool:
+    """Print scraping on beside off per scrape interval; True when under the targets."""
+    ok = True
+    print(f"agent with one Gemma instance, /metrics scraped every 5 s and 15 s, {seconds:g} s "
+          f"windows, medians of {runs} runs (engine scraping on | off, the baseline):")
+    for interval in (5.0, 15.0):
+        rows = [engine_beside_baseline(seconds, interval, llama_bin, model) for _ in range(runs)]
+        cpu_on, cpu_off, rss_on, rss_off = (statistics.median(col) for col in zip(*rows,
+                                                                                    strict=True))
+        print(f"  every {interval:g} s: CPU {cpu_on:.2f}% | {cpu_off:.2f}% of a core, "
+              f"RSS {rss_on:.1f} | {rss_off:.1f} MB")
+        print("    runs, CPU on | off (%):", " ".join(f"{r[0]:.2f}" for r in rows), "|",
+              " ".join(f"{r[1]:.2f}" for r in rows))
+        ok = ok and cpu_on < 1 and rss_on < 80
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle-seconds", type=float, default=30)
@@ -155,6 +222,10 @@ def main() -> int:
                         help="only the failed-instance CPU beside the baseline")
     parser.add_argument("--agent-src", type=Path, default=ROOT,
                         help="source tree the failed-instance agents run from")
+    parser.add_argument("--engine-seconds", type=float, default=60)
+    parser.add_argument("--engine-runs", type=int, default=3)
+    parser.add_argument("--engine-only", action="store_true",
+                        help="only the engine scraping cost beside the baseline")
     args = parser.parse_args()
     if args.failed_only:
         ok = report_failed(args.failed_seconds, args.failed_runs, args.agent_src)
@@ -162,6 +233,10 @@ def main() -> int:
         return 0 if ok else 1
     llama_bin = _setup("setup-llama-cpp", "STACK_LLAMA_BIN")
     model = _setup("setup-model", "STACK_TEST_MODEL")
+    if args.engine_only:
+        ok = report_engine(args.engine_seconds, args.engine_runs, llama_bin, model)
+        print("targets met" if ok else "TARGETS MISSED")
+        return 0 if ok else 1
     with tempfile.TemporaryDirectory() as tmp:
         # a crash within `stable_after_seconds` of the last one backs off (1 s, 2 s, ...);
         # a short window lets each kill here count as the first crash after healthy running
@@ -217,6 +292,7 @@ def main() -> int:
     print("load after restart (s):", " ".join(f"{x:.2f}" for x in loads),
           "| by hand (s):", " ".join(f"{x:.2f}" for x in direct))
     ok = report_failed(args.failed_seconds, args.failed_runs, args.agent_src) and ok
+    ok = report_engine(args.engine_seconds, args.engine_runs, llama_bin, model) and ok
     print("targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1
 

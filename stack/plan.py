@@ -30,7 +30,7 @@ VOLATILE_OBSERVED = ("collected_at",)
 VOLATILE_NODE = ("ports_in_use", "disk_free_bytes")
 VOLATILE_GPU = ("utilization_percent", "temperature_c", "power_w", "memory_used_bytes")
 VOLATILE_INSTANCE = ("state", "restarts", "last_error", "pid", "progress", "adopted",
-                     "started_at", "last_exit_code", "last_log_lines")
+                     "started_at", "last_exit_code", "last_log_lines", "engine")
 
 
 class Action(StrEnum):
