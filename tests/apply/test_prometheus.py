@@ -49,8 +49,8 @@ instance_down_for_seconds = 1
 probe_interval_seconds = 1
 """
 # (PromQL, labels one of its series carries): what the live fleet must show through
-# Prometheus, every value above 0. The engine series of the agent's backend scrape join
-# this list, e.g. ("modelstack_engine_generation_tokens_total", {"instance": "gemma-0"}).
+# Prometheus, every value above 0: the router's, the agent's, and the engine series the
+# agent reads from the llama-server it runs
 SERIES: list[tuple[str, dict[str, str]]] = [
     ('up{job="modelstack-router"}', {"node": "node-01", "stack": STACK}),
     ('up{job="modelstack-agent"}', {"node": "node-01", "stack": STACK}),
@@ -58,6 +58,10 @@ SERIES: list[tuple[str, dict[str, str]]] = [
     ('modelstack_router_tokens_total{type="completion"}', {"model": "gemma", "stack": STACK}),
     ('modelstack_instance_state{state="ready"}',
      {"model": "gemma", "instance": "gemma-0", "node": "node-01", "stack": STACK}),
+    ("modelstack_engine_up",
+     {"model": "gemma", "instance": "gemma-0", "node": "node-01", "backend": "llama.cpp"}),
+    ("modelstack_engine_prompt_tokens_total", {"model": "gemma", "node": "node-01"}),
+    ("modelstack_engine_generation_tokens_total", {"model": "gemma", "node": "node-01"}),
 ]
 
 

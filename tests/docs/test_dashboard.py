@@ -45,10 +45,6 @@ REQUIRED = {
     "modelstack_engine_prompt_tokens_total", "modelstack_engine_generation_tokens_total",
     "modelstack_engine_time_to_first_token_seconds_bucket",
 }
-# The agent's engine series, from its scrape of each backend (the `metrics` branch of
-# issue 16): an agent without instances may not declare them. Empty this set once the
-# agent's page (the `agent_metrics` fixture) declares them.
-ENGINE_SERIES = {name for name in REQUIRED if name.startswith("modelstack_engine_")}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
                 "or", "unless", "offset", "inf", "nan"}
 
@@ -235,7 +231,7 @@ def test_every_metric_the_dashboard_queries_is_exported_by_the_router_or_the_age
         router_metrics: set[str], agent_metrics: set[str]) -> None:
     assert "modelstack_router_request_duration_seconds_bucket" in router_metrics
     assert "modelstack_gpu_utilization_percent" in agent_metrics
-    known = router_metrics | agent_metrics | PROMETHEUS_SERIES | ENGINE_SERIES
+    known = router_metrics | agent_metrics | PROMETHEUS_SERIES
     for expr in expressions(dashboard()):
         unknown = metric_names(expr) - known
         assert not unknown, f"{sorted(unknown)} in `{expr}` is exported by neither process"
