@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from stack.remote import Host
 
 HELP = "show nodes, GPUs, instances and routers as the agents report them"
+MIN_INTERVAL = 1.0
 READ_TIMEOUT = 20.0  # a frame waits this long (at least) for a host, then shows it as silent
 
 
@@ -49,14 +50,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _router_sample(host: Host, prefix: str, listen: str) -> RouterSample | None:
+    from paramiko.ssh_exception import SSHException
+    from pyinfra.api.exceptions import PyinfraError
+
     from stack.remote import run
 
     python = shlex.quote(f"{prefix}/agent/venv/bin/python")
     url = shlex.quote(f"http://{listen}/metrics")
     code = shlex.quote("import sys,urllib.request as u;"
                        "print(u.urlopen(sys.argv[1],timeout=5).read().decode())")
-    ok, out, _ = run(host, f"{python} -c {code} {url}")
+    try:
+        ok, out, _ = run(host, f"{python} -c {code} {url}")
+    except (OSError, EOFError, SSHException, PyinfraError):  # the host went away meanwhile
+        return None
     return parse_router_metrics(out) if ok else None
+
+
+def _silent(address: str, message: str, hint: str) -> NodeFacts:
+    """A host that did not answer this time."""
+    return NodeFacts(address=address, reachable=False, error=message, hint=hint)
 
 
 class FleetReader:
@@ -68,23 +80,25 @@ class FleetReader:
         self.connected = connected
         self.busy: dict[str, gevent.Greenlet[Any, Any]] = {}
 
-    def _is_router(self, name: str, facts: NodeFacts) -> bool:
+    def _is_router(self, name: str) -> bool:
         from fnmatch import fnmatchcase
 
         globs = self.spec.router.hosts
-        return (facts.reachable and not facts.error
-                and (not globs or any(fnmatchcase(name, g) for g in globs)))
+        return not globs or any(fnmatchcase(name, g) for g in globs)
 
-    def _read_host(self, name: str) -> tuple[NodeFacts, RouterSample | None, bool]:
+    def _read_host(self, name: str) -> tuple[NodeFacts, RouterSample | None]:
+        """The host's facts and, on a router host that answered, its router's sample."""
         from stack.nodes import node_prefix
-        from stack.observe import read_node
+        from stack.observe import read_node, reconnect
 
+        problem = None if name in self.connected.errors else reconnect(self.connected, name)
+        if problem is not None:
+            return _silent(self.connected.addresses[name], problem.message, problem.hint), None
         facts = read_node(self.spec, self.connected, name)
-        if not self._is_router(name, facts):
-            return facts, None, False
-        sample = _router_sample(self.connected.nodes[name], node_prefix(self.spec, name),
-                                self.spec.router.listen)
-        return facts, sample, True
+        if not self._is_router(name) or not facts.reachable or facts.error:
+            return facts, None
+        return facts, _router_sample(self.connected.nodes[name], node_prefix(self.spec, name),
+                                     self.spec.router.listen)
 
     def read(self, timeout: float) -> Reading:
         """Every host once (in parallel), waiting at most `timeout` seconds."""
@@ -98,16 +112,20 @@ class FleetReader:
         routers: dict[str, RouterSample | None] = {}
         for name in self.connected.nodes:
             greenlet = self.busy[name]
+            address = self.connected.addresses[name]
+            sample = None
             if not greenlet.ready():
-                nodes[name] = NodeFacts(
-                    address=self.connected.addresses[name], reachable=False,
-                    error=f"host `{name}` did not answer within {timeout:g} s",
-                    hint="check the host and its network; the view keeps trying.")
-                continue
-            del self.busy[name]
-            facts, sample, is_router = greenlet.get()
-            nodes[name] = facts
-            if is_router:
+                nodes[name] = _silent(address, f"host `{name}` did not answer within "
+                                      f"{timeout:g} s", "check the host and its network; "
+                                      "the view keeps trying.")
+            elif not greenlet.successful():  # e.g. the session died during the router read
+                del self.busy[name]
+                nodes[name] = _silent(address, f"host `{name}` could not be read: "
+                                      f"{greenlet.exception}", "the view keeps trying.")
+            else:
+                del self.busy[name]
+                nodes[name], sample = greenlet.get()
+            if self._is_router(name):
                 routers[name] = sample
         return Reading(nodes=nodes, routers=routers, listen=self.spec.router.listen)
 
@@ -206,7 +224,7 @@ def watch(spec: StackSpec, stack_dir: Path, console: Console, interval: float,
                     started = time.monotonic()
                     reading = reader.read(max(READ_TIMEOUT, interval))
                     status = status_view(before, reading, started - read_at)
-                    title = Text(f"stack status · {time.strftime('%H:%M:%S')} · every "
+                    title = Text(f"fleet status at {time.strftime('%H:%M:%S')} · every "
                                  f"{interval:g} s · Ctrl-C to stop", style="bold")
                     view = Group(title, status_tables(status))
                     if isinstance(live, Live):
@@ -224,9 +242,10 @@ def watch(spec: StackSpec, stack_dir: Path, console: Console, interval: float,
 def run(args: argparse.Namespace) -> int:
     from stack.config import load
 
-    if args.interval <= 0:
-        raise ConfigError(f"`--interval` must be a positive number of seconds, got "
-                          f"{args.interval:g}", hint="pass e.g. `--interval 3`.")
+    if not args.interval >= MIN_INTERVAL:  # also NaN
+        raise ConfigError(f"`--interval` must be at least {MIN_INTERVAL:g} second, got "
+                          f"{args.interval:g}", hint="pass e.g. `--interval 3`; each frame "
+                          "runs the facts script on every host.")
     if args.count is not None and args.count < 1:
         raise ConfigError(f"`--count` must be at least 1, got {args.count}",
                           hint="leave `--count` out to watch until Ctrl-C.")

@@ -14,9 +14,12 @@ GAUGES = [ReplicaGauge("gemma", "gemma-0", 2, True), ReplicaGauge("gemma", "gemm
 
 
 def _node(restarts: int = 0, engine: dict[str, Any] | None = None) -> NodeFacts:
-    extra = {"engine": engine} if engine is not None else {}
-    inst = InstanceFacts(id="gemma-0", model="gemma", replica=0, backend="llama.cpp",
-                         port=40001, host="10.0.0.1", state="ready", restarts=restarts, **extra)
+    record: dict[str, Any] = {"id": "gemma-0", "model": "gemma", "replica": 0,
+                              "backend": "llama.cpp", "port": 40001, "host": "10.0.0.1",
+                              "state": "ready", "restarts": restarts}
+    if engine is not None:  # what an agent that reads the engine's metrics adds
+        record["engine"] = engine
+    inst = InstanceFacts.model_validate(record)
     return NodeFacts(address="10.0.0.1", agent=AgentFacts(running=True, instances=[inst]))
 
 
@@ -26,6 +29,7 @@ def _reading(router: Metrics | None, node: NodeFacts) -> Reading:
 
 
 def _instance(view: dict[str, Any]) -> dict[str, Any]:
+    inst: dict[str, Any]
     [inst] = view["nodes"]["node-01"]["instances"]
     return inst
 
