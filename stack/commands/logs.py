@@ -18,6 +18,7 @@ from pathlib import Path
 from stack.errors import ConfigError, StackError
 
 HELP = "show (or follow) the log of a model's instance"
+FILE_FLAGS = ("--file",)  # `-f` is follow here
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
