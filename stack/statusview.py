@@ -44,6 +44,9 @@ class Reading:
     nodes: dict[str, NodeFacts]
     routers: dict[str, RouterSample | None]
     listen: str
+    engines: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Node -> instance id -> the `engine` object its agent's `/v1/status` reports (for
+    backends whose metrics the agent reads)."""
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -119,10 +122,12 @@ def median_from_buckets(before: dict[float, float], after: dict[float, float]) -
     return None
 
 
-def _engine(inst: InstanceFacts) -> dict[str, Any]:
+def _engine(reading: Reading | None, node: str, inst: InstanceFacts) -> dict[str, Any]:
     """The engine counters the agent reports for an instance (empty when it has none)."""
-    engine = (inst.model_extra or {}).get("engine")
-    return engine if isinstance(engine, dict) else {}
+    if reading is None:
+        return {}
+    engine = reading.engines.get(node, {}).get(inst.id)
+    return engine if isinstance(engine, dict) and engine.get("up", True) else {}
 
 
 def _tokens(engine: dict[str, Any]) -> float | None:
@@ -132,14 +137,16 @@ def _tokens(engine: dict[str, Any]) -> float | None:
     return float(prompt) + float(generated)
 
 
-def _tokens_per_second(before: InstanceFacts | None, after: InstanceFacts,
+def _tokens_per_second(before: InstanceFacts | None, first: dict[str, Any],
+                       after: InstanceFacts, second: dict[str, Any],
                        elapsed: float) -> float | None:
+    """Prompt plus generated tokens per second between two reads of the engine counters."""
     if before is None or before.restarts != after.restarts or elapsed <= 0:
         return None
-    first, second = _tokens(_engine(before)), _tokens(_engine(after))
-    if first is None or second is None or second < first:
+    start, end = _tokens(first), _tokens(second)
+    if start is None or end is None or end < start:
         return None
-    return round((second - first) / elapsed, 2)
+    return round((end - start) / elapsed, 2)
 
 
 def _instances(before: Reading | None, after: Reading, elapsed: float,
@@ -149,7 +156,8 @@ def _instances(before: Reading | None, after: Reading, elapsed: float,
     rows = []
     for inst in facts.agent.instances:
         replica = (inst.model, inst.id)
-        running = _engine(inst).get("requests_running")
+        engine = _engine(after, node, inst)
+        running = engine.get("requests_running")
         flights = [s.in_flight[replica] for s in after.routers.values()
                    if s is not None and replica in s.in_flight]
         in_flight = (running if isinstance(running, int | float)
@@ -160,7 +168,8 @@ def _instances(before: Reading | None, after: Reading, elapsed: float,
                                                   f":{inst.port}",
             "backend": inst.backend, "backend_version": inst.backend_version,
             "requests_in_flight": in_flight,
-            "tokens_per_second": _tokens_per_second(earlier.get(inst.id), inst, elapsed),
+            "tokens_per_second": _tokens_per_second(
+                earlier.get(inst.id), _engine(before, node, inst), inst, engine, elapsed),
             "ttft_p50_seconds": _ttft_p50(before, after, replica),
         })
     return rows

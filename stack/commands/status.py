@@ -49,21 +49,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with `--watch`, stop after N frames (default: until Ctrl-C)")
 
 
-def _router_sample(host: Host, prefix: str, listen: str) -> RouterSample | None:
+def _on_host(host: Host, python: str, code: str, *args: str) -> str | None:
+    """The output of a Python snippet run by the agent's interpreter on the host (None if
+    it failed, or the host went away meanwhile)."""
     from paramiko.ssh_exception import SSHException
     from pyinfra.api.exceptions import PyinfraError
 
     from stack.remote import run
 
-    python = shlex.quote(f"{prefix}/agent/venv/bin/python")
-    url = shlex.quote(f"http://{listen}/metrics")
-    code = shlex.quote("import sys,urllib.request as u;"
-                       "print(u.urlopen(sys.argv[1],timeout=5).read().decode())")
+    command = " ".join(shlex.quote(a) for a in (python, "-I", "-c", code, *args))
     try:
-        ok, out, _ = run(host, f"{python} -c {code} {url}")
-    except (OSError, EOFError, SSHException, PyinfraError):  # the host went away meanwhile
+        ok, out, _ = run(host, command)
+    except (OSError, EOFError, SSHException, PyinfraError):
         return None
-    return parse_router_metrics(out) if ok else None
+    return out if ok else None
+
+
+# fetched on the host, so routers and agents listening on loopback work
+_ROUTER_PAGE = ("import sys,urllib.request as u;"
+                "print(u.urlopen(sys.argv[1],timeout=5).read().decode())")
+_AGENT_ENGINES = (
+    "import json,sys,urllib.request as u;from agent.config import load_config,read_token;"
+    "c=load_config(sys.argv[1]);h,_,p=c.listen.rpartition(':');"
+    "h={'0.0.0.0':'127.0.0.1','[::]':'[::1]'}.get(h,h);"
+    "r=u.Request(f'http://{h}:{p}/v1/status',headers={'Authorization':'Bearer '+read_token(c)});"
+    "b=json.load(u.urlopen(r,timeout=10));"
+    "print(json.dumps({i['id']:i['engine'] for i in b['instances'] if i.get('engine')}))")
+
+
+def _router_sample(host: Host, prefix: str, listen: str) -> RouterSample | None:
+    out = _on_host(host, f"{prefix}/agent/venv/bin/python", _ROUTER_PAGE,
+                   f"http://{listen}/metrics")
+    return None if out is None else parse_router_metrics(out)
+
+
+def _agent_engines(host: Host, prefix: str) -> dict[str, dict[str, Any]]:
+    """Instance id -> the engine counters the running agent reports in `/v1/status`
+    (empty when it reports none, or does not answer)."""
+    out = _on_host(host, f"{prefix}/agent/venv/bin/python", _AGENT_ENGINES,
+                   f"{prefix}/etc/agent.toml")
+    try:
+        engines = json.loads(out) if out else {}
+    except ValueError:
+        return {}
+    return engines if isinstance(engines, dict) else {}
 
 
 def _silent(address: str, message: str, hint: str) -> NodeFacts:
@@ -86,19 +115,26 @@ class FleetReader:
         globs = self.spec.router.hosts
         return not globs or any(fnmatchcase(name, g) for g in globs)
 
-    def _read_host(self, name: str) -> tuple[NodeFacts, RouterSample | None]:
-        """The host's facts and, on a router host that answered, its router's sample."""
+    def _read_host(self, name: str) -> tuple[NodeFacts, RouterSample | None,
+                                               dict[str, dict[str, Any]]]:
+        """The host's facts, its router's sample (on a router host) and the engine counters
+        of its instances, as far as it answered."""
         from stack.nodes import node_prefix
         from stack.observe import read_node, reconnect
 
         problem = None if name in self.connected.errors else reconnect(self.connected, name)
         if problem is not None:
-            return _silent(self.connected.addresses[name], problem.message, problem.hint), None
+            return _silent(self.connected.addresses[name], problem.message, problem.hint), \
+                None, {}
         facts = read_node(self.spec, self.connected, name)
-        if not self._is_router(name) or not facts.reachable or facts.error:
-            return facts, None
-        return facts, _router_sample(self.connected.nodes[name], node_prefix(self.spec, name),
-                                     self.spec.router.listen)
+        if not facts.reachable or facts.error:
+            return facts, None, {}
+        host, prefix = self.connected.nodes[name], node_prefix(self.spec, name)
+        engines = (_agent_engines(host, prefix)
+                   if facts.agent.running and facts.agent.instances else {})
+        sample = (_router_sample(host, prefix, self.spec.router.listen)
+                  if self._is_router(name) else None)
+        return facts, sample, engines
 
     def read(self, timeout: float) -> Reading:
         """Every host once (in parallel), waiting at most `timeout` seconds."""
@@ -110,6 +146,7 @@ class FleetReader:
         gevent.joinall(list(self.busy.values()), timeout=timeout)
         nodes: dict[str, NodeFacts] = {}
         routers: dict[str, RouterSample | None] = {}
+        engines: dict[str, dict[str, dict[str, Any]]] = {}
         for name in self.connected.nodes:
             greenlet = self.busy[name]
             address = self.connected.addresses[name]
@@ -124,10 +161,11 @@ class FleetReader:
                                       f"{greenlet.exception}", "the view keeps trying.")
             else:
                 del self.busy[name]
-                nodes[name], sample = greenlet.get()
+                nodes[name], sample, engines[name] = greenlet.get()
             if self._is_router(name):
                 routers[name] = sample
-        return Reading(nodes=nodes, routers=routers, listen=self.spec.router.listen)
+        return Reading(nodes=nodes, routers=routers, listen=self.spec.router.listen,
+                       engines=engines)
 
 
 def _gib(n: int | None) -> str:

@@ -13,19 +13,20 @@ from stack.statusview import Reading, median_from_buckets, parse_router_metrics,
 GAUGES = [ReplicaGauge("gemma", "gemma-0", 2, True), ReplicaGauge("gemma", "gemma-1", 0, True)]
 
 
-def _node(restarts: int = 0, engine: dict[str, Any] | None = None) -> NodeFacts:
-    record: dict[str, Any] = {"id": "gemma-0", "model": "gemma", "replica": 0,
-                              "backend": "llama.cpp", "port": 40001, "host": "10.0.0.1",
-                              "state": "ready", "restarts": restarts}
-    if engine is not None:  # what an agent that reads the engine's metrics adds
-        record["engine"] = engine
-    inst = InstanceFacts.model_validate(record)
+def _node(restarts: int = 0) -> NodeFacts:
+    inst = InstanceFacts(id="gemma-0", model="gemma", replica=0, backend="llama.cpp",
+                         port=40001, host="10.0.0.1", state="ready", restarts=restarts)
     return NodeFacts(address="10.0.0.1", agent=AgentFacts(running=True, instances=[inst]))
 
 
-def _reading(router: Metrics | None, node: NodeFacts) -> Reading:
+def _reading(router: Metrics | None, node: NodeFacts,
+             engine: dict[str, Any] | None = None) -> Reading:
+    """A read of one node; `engine`: what its agent's /v1/status says of gemma-0's engine."""
     sample = None if router is None else parse_router_metrics(router.render(GAUGES).decode())
-    return Reading(nodes={"node-01": node}, routers={"node-01": sample}, listen="10.0.0.1:8080")
+    engines = {"node-01": {"gemma-0": {"backend": "llama.cpp", "up": True, **engine}}
+               if engine is not None else {}}
+    return Reading(nodes={"node-01": node}, routers={"node-01": sample}, listen="10.0.0.1:8080",
+                   engines=engines)
 
 
 def _instance(view: dict[str, Any]) -> dict[str, Any]:
@@ -35,9 +36,8 @@ def _instance(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_first_read_shows_rates_as_unknown_not_zero() -> None:
-    view = status_view(None, _reading(Metrics(), _node(engine={"prompt_tokens_total": 5,
-                                                              "generation_tokens_total": 5})),
-                       0.0)
+    view = status_view(None, _reading(Metrics(), _node(), {"prompt_tokens_total": 5,
+                                                           "generation_tokens_total": 5}), 0.0)
     inst = _instance(view)
     assert inst["tokens_per_second"] is None and inst["ttft_p50_seconds"] is None
     assert inst["requests_in_flight"] == 2  # the router's gauge, no engine gauge
@@ -60,11 +60,10 @@ def test_ttft_median_is_taken_from_the_bucket_deltas_of_that_replica_only() -> N
 
 
 def test_tokens_per_second_come_from_the_engine_counters_and_its_gauge_wins() -> None:
-    before = _reading(Metrics(), _node(engine={"prompt_tokens_total": 100,
-                                               "generation_tokens_total": 50}))
-    after = _reading(Metrics(), _node(engine={"prompt_tokens_total": 160,
-                                              "generation_tokens_total": 90,
-                                              "requests_running": 1}))
+    before = _reading(Metrics(), _node(), {"prompt_tokens_total": 100,
+                                           "generation_tokens_total": 50})
+    after = _reading(Metrics(), _node(), {"prompt_tokens_total": 160,
+                                          "generation_tokens_total": 90, "requests_running": 1})
     inst = _instance(status_view(before, after, 4.0))
     assert inst["tokens_per_second"] == 25.0
     assert inst["requests_in_flight"] == 1  # the engine's, not the router's 2
@@ -72,14 +71,18 @@ def test_tokens_per_second_come_from_the_engine_counters_and_its_gauge_wins() ->
 
 def test_a_restart_or_unknown_engine_counters_give_unknown_tokens_per_second() -> None:
     engine = {"prompt_tokens_total": 100, "generation_tokens_total": 50}
-    restarted = status_view(_reading(Metrics(), _node(0, engine)),
-                            _reading(Metrics(), _node(1, {**engine, "prompt_tokens_total": 400})),
+    restarted = status_view(_reading(Metrics(), _node(0), engine),
+                            _reading(Metrics(), _node(1), {**engine, "prompt_tokens_total": 400}),
                             2.0)
     assert _instance(restarted)["tokens_per_second"] is None
-    unknown = status_view(_reading(Metrics(), _node(0, engine)),
-                          _reading(Metrics(), _node(0, {**engine, "prompt_tokens_total": None})),
+    unknown = status_view(_reading(Metrics(), _node(0), engine),
+                          _reading(Metrics(), _node(0), {**engine, "prompt_tokens_total": None}),
                           2.0)
     assert _instance(unknown)["tokens_per_second"] is None
+    unread = status_view(_reading(Metrics(), _node(0), engine),
+                         _reading(Metrics(), _node(0), {**engine, "prompt_tokens_total": 400,
+                                                        "up": False}), 2.0)
+    assert _instance(unread)["tokens_per_second"] is None  # the agent's last read failed
     no_engine = status_view(_reading(Metrics(), _node()), _reading(Metrics(), _node()), 2.0)
     assert _instance(no_engine)["tokens_per_second"] is None
 
