@@ -27,7 +27,7 @@ from agent.assignment import FORMAT_VERSION, Assignment, Instance
 from agent.config import AgentConfig
 from agent.errors import AgentError, shown
 from agent.json_input import decode_json
-from agent.logs import rotate_if_large
+from agent.logs import mark, rotate_if_large
 from agent.models import ModelStore
 from agent.runner import Runner, Shared, instance_hash
 
@@ -211,8 +211,10 @@ class Reconciler:
         if now - self._last_rotate >= ROTATE_EVERY:
             self._last_rotate = now
             for rid in self.runners:
-                rotate_if_large(self.runners[rid].log_file, self.cfg.tuning.log_max_bytes,
+                log_file = self.runners[rid].log_file
+                rotate_if_large(log_file, self.cfg.tuning.log_max_bytes,
                                 self.cfg.tuning.log_keep)
+                mark(log_file, time.time())  # for `stack logs --since`
         self._write_status()
         return min(deadlines, default=None)
 

@@ -130,7 +130,8 @@ class Forwarder:
                 return None
             replica.answered(sent)
             if ctx.model is not None:
-                self.metrics.first_token(ctx.model, time.monotonic() - ctx.req.started)
+                self.metrics.first_token(ctx.model, replica.config.id,
+                                         time.monotonic() - ctx.req.started)
             await relay(conn, ctx, ex, mode, sent, config.timeouts.idle)
         except UpstreamError as exc:
             replica.failed(self.metrics)

@@ -31,6 +31,20 @@ class Histogram:
         self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
         self.total += value
 
+    def add(self, counts: list[int], total: float) -> None:
+        """Add another process's histogram (its per-bucket counts and sum)."""
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.total += total
+
+    def lines(self, name: str, labels: str) -> Iterable[str]:
+        """Its `_bucket`, `_sum` and `_count` lines; `labels` are the others, with a comma."""
+        running = 0
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.counts, strict=True):
+            running += count
+            yield f'{PREFIX}{name}_bucket{{{labels}le="{bound}"}} {running}\n'
+        yield f"{PREFIX}{name}_sum{{{labels.rstrip(',')}}} {self.total:.6f}\n"
+        yield f"{PREFIX}{name}_count{{{labels.rstrip(',')}}} {running}\n"
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicaGauge:
@@ -50,6 +64,8 @@ class Metrics:
     """(model, key, user or "", status class) -> requests."""
     latency: dict[str, Histogram] = field(default_factory=dict)
     ttft: dict[str, Histogram] = field(default_factory=dict)
+    replica_ttft: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    """(model, replica) -> time to first token; shown only for replicas the router knows."""
     tokens: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
     """(model, key, user or "", prompt or completion) -> tokens."""
     retries: dict[str, int] = field(default_factory=dict)
@@ -69,11 +85,18 @@ class Metrics:
             hist = self.latency[model] = Histogram()
         hist.observe(seconds)
 
-    def first_token(self, model: str, seconds: float) -> None:
-        hist = self.ttft.get(model)
-        if hist is None:
-            hist = self.ttft[model] = Histogram()
-        hist.observe(seconds)
+    def first_token(self, model: str, replica: str, seconds: float) -> None:
+        (self.ttft.get(model) or self.ttft.setdefault(model, Histogram())).observe(seconds)
+        label = (model, replica)
+        (self.replica_ttft.get(label) or self.replica_ttft.setdefault(label, Histogram())
+         ).observe(seconds)
+
+    def _forget_replicas(self, known: list[ReplicaGauge]) -> None:
+        """Drop the per-replica histograms of replicas the router no longer has (a new
+        config), so their number stays bounded by the config's replicas."""
+        keep = {(g.model, g.replica) for g in known}
+        for label in [k for k in self.replica_ttft if k not in keep]:
+            del self.replica_ttft[label]
 
     def usage(self, model: str, key: str, user: str, prompt: int, completion: int) -> None:
         for kind, value in (("prompt", prompt), ("completion", completion)):
@@ -96,17 +119,21 @@ class Metrics:
 
     def snapshot(self, replicas: Iterable[ReplicaGauge]) -> bytes:
         """This process's counters and replica gauges as JSON, for `merge` elsewhere."""
+        gauges = list(replicas)
+        self._forget_replicas(gauges)
         return orjson.dumps({
             "requests": [[*k, n] for k, n in self.requests.items()],
             "latency": {m: [h.counts, h.total] for m, h in self.latency.items()},
             "ttft": {m: [h.counts, h.total] for m, h in self.ttft.items()},
+            "replica_ttft": [[m, r, h.counts, h.total]
+                             for (m, r), h in self.replica_ttft.items()],
             "tokens": [[*k, n] for k, n in self.tokens.items()],
             "retries": self.retries,
             "rate_limited": [[*k, n] for k, n in self.rate_limited.items()],
             "ejections": [[*k, n] for k, n in self.ejections.items()],
             "store_fallbacks": self.store_fallbacks,
             "store": self.store,
-            "replicas": [[g.model, g.replica, g.in_flight, g.up] for g in replicas],
+            "replicas": [[g.model, g.replica, g.in_flight, g.up] for g in gauges],
         })
 
     def merge(self, data: bytes) -> list[ReplicaGauge]:
@@ -128,9 +155,9 @@ class Metrics:
         for name in ("latency", "ttft"):
             hists: dict[str, Histogram] = getattr(self, name)
             for model, (counts, total) in doc[name].items():
-                hist = hists.setdefault(model, Histogram())
-                hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
-                hist.total += total
+                hists.setdefault(model, Histogram()).add(counts, total)
+        for model, replica, counts, total in doc["replica_ttft"]:
+            self.replica_ttft.setdefault((model, replica), Histogram()).add(counts, total)
         return [ReplicaGauge(m, r, n, up) for m, r, n, up in doc["replicas"]]
 
     def render(self, replicas: Iterable[ReplicaGauge], workers: int | None = None) -> bytes:
@@ -152,13 +179,7 @@ class Metrics:
         ):
             head(name, "histogram", text)
             for model, hist in sorted(hists.items()):
-                running = 0
-                for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), hist.counts, strict=True):
-                    running += count
-                    out.append(f'{p}{name}_bucket{{model="{_esc(model)}",le="{bound}"}} '
-                               f"{running}\n")
-                out.append(f'{p}{name}_sum{{model="{_esc(model)}"}} {hist.total:.6f}\n')
-                out.append(f'{p}{name}_count{{model="{_esc(model)}"}} {running}\n')
+                out.extend(hist.lines(name, f'model="{_esc(model)}",'))
         head("tokens_total", "counter",
              "Prompt and completion tokens by model, key name and user.")
         for (model, key, user, kind), n in sorted(self.tokens.items()):
@@ -186,6 +207,12 @@ class Metrics:
             for action, n in sorted(self.store_fallbacks.items()):
                 out.append(f'{p}limit_store_fallbacks_total{{action="{action}"}} {n}\n')
         gauges = list(replicas)
+        self._forget_replicas(gauges)
+        head("replica_time_to_first_token_seconds", "histogram",
+             "Time to the first streamed chunk, per replica.")
+        for (model, replica), hist in sorted(self.replica_ttft.items()):
+            out.extend(hist.lines("replica_time_to_first_token_seconds",
+                                  f'model="{_esc(model)}",replica="{_esc(replica)}",'))
         head("replica_in_flight", "gauge", "Requests outstanding on a replica.")
         for g in gauges:
             out.append(f'{p}replica_in_flight{{model="{_esc(g.model)}",'

@@ -51,7 +51,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         doc = (module.__doc__ or "").strip()
         command = sub.add_parser(name, help=module.HELP, description=doc or module.HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        command.add_argument("-f", "--file", default="stack.toml",
+        # `stack logs` takes `-f` for follow (as tail, journalctl, kubectl): `--file` only
+        command.add_argument(*getattr(module, "FILE_FLAGS", ("-f", "--file")),
+                             dest="file", default="stack.toml",
                              help="the stack file (default: ./stack.toml)")
         module.add_arguments(command)
         command.set_defaults(_module=module)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+from paramiko.ssh_exception import SSHException
 from pyinfra.api.config import Config
 from pyinfra.api.exceptions import ConnectError, FactProcessError, PyinfraError
 from pyinfra.api.host import Host
@@ -250,7 +251,7 @@ def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
                 facts_command(node_prefix(spec, node)), print_output=False, print_input=False,
                 _timeout=FACTS_TIMEOUT, _sudo=sudo,
             )
-        except (PyinfraError, OSError, TimeoutError) as exc:
+        except (PyinfraError, OSError, TimeoutError, SSHException, EOFError) as exc:
             return _unreachable(address, dict(settings.labels),
                                 _connect_error(node, address, exc))
     if not status:
@@ -264,6 +265,27 @@ def read_node(spec: StackSpec, connected: Connected, node: str) -> NodeFacts:
             f"host `{node}` ({address}): {exc}",
             "run `sh deploys/facts.sh` on the host by hand to see its output."))
     return node_facts_from(raw, address=address, labels=dict(settings.labels))
+
+
+def reconnect(connected: Connected, node: str) -> Problem | None:
+    """Connect a host again if its SSH session has ended (it went away, and may be back),
+    for readers that keep a session open (`stack status --watch`); the problem if it does
+    not answer. Hosts that failed at the start stay in `errors`."""
+    host = connected.nodes[node]
+    client = getattr(host.connector, "client", None)
+    transport = client.get_transport() if client is not None else None
+    if host.connected and (transport is None or transport.is_active()):
+        return None  # connected (or `@local`, which has no SSH session)
+    with contextlib.suppress(Exception):  # what is left of the dead session
+        host.disconnect()
+        if client is not None:
+            client.close()
+    with ctx_state.use(connected.state), ctx_host.use(host):
+        try:
+            host.connect(show_errors=False, raise_exceptions=True)
+        except (ConnectError, PyinfraError, OSError, SSHException, EOFError) as exc:
+            return _connect_error(node, connected.addresses[node], exc)
+    return None
 
 
 def gather(spec: StackSpec, stack_dir: Path, *, hosts: list[str] | None = None,
@@ -313,4 +335,4 @@ def disconnect(connected: Connected) -> None:
 
 
 __all__ = ["Connected", "build_inventory", "connect", "disconnect", "gather", "make_state",
-           "read_node"]
+           "read_node", "reconnect"]

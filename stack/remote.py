@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from stack.errors import ApplyError
 from stack.observe import Connected, connect, disconnect
@@ -52,6 +53,43 @@ def run(host: Host, command: str) -> tuple[bool, str, str]:
     ok, output = host.run_shell_command(
         StringCommand("sh", "-c", shlex.quote(command)), **_sudo(host))
     return bool(ok), output.stdout, output.stderr
+
+
+def stream(host: Host, command: str, out: BinaryIO) -> tuple[int, str]:
+    """One shell command whose output is copied to `out` as it comes: (exit code, stderr).
+
+    Unlike `run`, the command's stdin stays open while it runs (a follower ends when it
+    closes); the command ends when the caller is interrupted (Ctrl-C) and the channel
+    closes.
+    """
+    import subprocess
+
+    wrapped = ("sudo -n " if _sudo(host) else "") + f"sh -c {shlex.quote(command)}"
+    client = getattr(host.connector, "client", None)  # type: ignore[attr-defined]
+    if client is None:  # `@local`: this machine, no SSH
+        proc = subprocess.Popen(["sh", "-c", wrapped], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+                out.write(chunk)
+                out.flush()
+            return proc.wait(), proc.stderr.read().decode(errors="replace")
+        finally:
+            proc.kill()
+    channel = client.get_transport().open_session()
+    try:
+        channel.exec_command(wrapped)
+        while chunk := channel.recv(1 << 16):
+            out.write(chunk)
+            out.flush()
+        code = channel.recv_exit_status()
+        err = b""
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(1 << 16)
+        return code, err.decode(errors="replace")
+    finally:
+        channel.close()
 
 
 def write(host: Host, dest: str, content: bytes, mode: str = "600") -> None:

@@ -1,25 +1,73 @@
 """Print the log of a model's instance (the backend's output, as the agent keeps it under
 `PREFIX/logs/<instance>.log`), read over SSH from the node it runs on.
+
+The host's agent Python runs `agent.logs` there (agent/logs.py): `--since` starts at the
+agent's time marks of the log (10 s apart), and `-f` follows the file like `tail -F`,
+through the agent's copy-and-truncate rotation and restarts of the backend, until Ctrl-C.
+It reads the files, not the agent's API, so it works while the agent is down too.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
 
 from stack.errors import ConfigError, StackError
 
-HELP = "show the log of a model's instance"
+HELP = "show (or follow) the log of a model's instance"
+FILE_FLAGS = ("--file",)  # `-f` is follow here
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="the model's name in stack.toml")
     parser.add_argument("--replica", type=int, default=0, metavar="N",
                         help="which replica (default 0)")
-    parser.add_argument("--tail", type=int, default=100, metavar="N",
-                        help="number of lines (default 100)")
+    parser.add_argument("--tail", type=int, default=None, metavar="N",
+                        help="only the last N lines (default 100; all with `--since`)")
+    parser.add_argument("--since", default=None, metavar="DURATION",
+                        help="only output of the last DURATION (`30s`, `10m`, `2h`, `1d`), "
+                             "to within 10 s")
+    parser.add_argument("-f", "--follow", action="store_true",
+                        help="keep printing new output (across restarts) until Ctrl-C")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `30s`, `10m`, `2h` or `1d`; ConfigError naming `--since` otherwise."""
+    found = _DURATION.fullmatch(text.strip())
+    if found is None:
+        raise ConfigError(f"`--since` must be a duration like `30s`, `10m` or `2h`, got "
+                          f"`{text}`", hint="use a number followed by s, m, h or d.")
+    return float(found.group(1)) * _UNIT[found.group(2)]
+
+
+def _check(args: argparse.Namespace) -> float | None:
+    """The flags' values checked; returns `--since` in seconds."""
+    if args.replica < 0:
+        raise ConfigError(f"`--replica` cannot be negative, got {args.replica}",
+                          hint="replicas count from 0; see `stack status`.")
+    if args.tail is not None and args.tail < 0:
+        raise ConfigError(f"`--tail` cannot be negative, got {args.tail}",
+                          hint="pass the number of lines to show, e.g. `--tail 100`.")
+    return None if args.since is None else parse_duration(args.since)
+
+
+def logs_command(prefix: str, log: str, since: float | None, tail: int | None,
+                 follow: bool) -> str:
+    """The shell command that prints (and follows) `log` on its host."""
+    q = shlex.quote
+    parts = [q(f"{prefix}/agent/venv/bin/python"), "-I", "-m", "agent.logs", q(log)]
+    if since is not None:
+        parts += ["--since", f"{since:g}"]
+    if tail is not None:
+        parts += ["--tail", str(int(tail))]
+    if follow:
+        parts.append("--follow")
+    return " ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from stack.nodes import node_prefix
     from stack.observe import read_node
     from stack.placement import instance_id
-    from stack.remote import run as run_on
-    from stack.remote import session
+    from stack.remote import session, stream
 
+    since = _check(args)
     path = Path(args.file)
     spec = load(path)
     if args.model not in spec.models:
@@ -55,11 +103,14 @@ def run(args: argparse.Namespace) -> int:
                              hint="run `stack status` to see where instances run, or "
                                   "`stack apply` to start them.")
         node = found[0]
-        log = f"{node_prefix(spec, node)}/logs/{wanted}.log"
-        ok, out, err = run_on(connected.nodes[node],
-                              f"tail -n {int(args.tail)} {shlex.quote(log)}")
-        if not ok:
+        prefix = node_prefix(spec, node)
+        log = f"{prefix}/logs/{wanted}.log"
+        command = logs_command(prefix, log, since, args.tail, args.follow)
+        try:
+            code, err = stream(connected.nodes[node], command, sys.stdout.buffer)
+        except KeyboardInterrupt:
+            return 0
+        if code != 0:
             raise StackError(f"cannot read `{log}` on `{node}`: {err.strip()}",
                              hint="the instance may not have started yet; see `stack status`.")
-        sys.stdout.write(out if out.endswith("\n") or not out else out + "\n")
         return 0

@@ -1,201 +1,302 @@
-"""Show the fleet as its agents report it: nodes, GPUs (utilization, memory,
-temperature), model instances (state, restarts, endpoint) and the routers (requests/s and
-tokens/s over one second, from their Prometheus metrics).
+"""Show the fleet as its agents report it: nodes, GPUs (utilization, memory, temperature,
+power), model instances (state, restarts, requests in flight, tokens/s, time to first
+token) and the routers (requests/s, 5xx share, tokens/s).
 
-Hosts that cannot be read are listed with the reason; the exit code is then 1.
+Rates are deltas between two reads of the fleet: one second apart for a one-shot status,
+one interval apart with `--watch`, which redraws the view in place over one SSH session
+until Ctrl-C (or `--count` frames). Hosts that cannot be read are listed with the reason;
+the exit code is then 1 (for `--watch`, 0 after Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from stack.snapshot import Observed
+from stack.errors import ConfigError
+from stack.snapshot import NodeFacts
 from stack.spec import StackSpec
+from stack.statusview import Reading, RouterSample, parse_router_metrics, status_view
 
 if TYPE_CHECKING:
+    import gevent
+
+    from stack.observe import Connected
     from stack.remote import Host
 
 HELP = "show nodes, GPUs, instances and routers as the agents report them"
-METRIC_PREFIX = "modelstack_router_"
+MIN_INTERVAL = 1.0
+READ_TIMEOUT = 20.0  # a frame waits this long (at least) for a host, then shows it as silent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--json", action="store_true", help="print one snapshot as JSON")
+    parser.add_argument("--watch", action="store_true",
+                        help="redraw the view every `--interval` seconds until Ctrl-C")
+    parser.add_argument("--interval", type=float, default=3.0, metavar="S",
+                        help="seconds between frames of `--watch` (default 3)")
+    parser.add_argument("--count", type=int, default=None, metavar="N",
+                        help="with `--watch`, stop after N frames (default: until Ctrl-C)")
 
 
-_USER = re.compile(r'[{,]user="((?:[^"\\]|\\.)*)"')
+def _on_host(host: Host, python: str, code: str, *args: str) -> str | None:
+    """The output of a Python snippet run by the agent's interpreter on the host (None if
+    it failed, or the host went away meanwhile)."""
+    from paramiko.ssh_exception import SSHException
+    from pyinfra.api.exceptions import PyinfraError
 
-
-def parse_router_metrics(text: str) -> dict[str, float]:
-    """Totals of the router's request and token counters in a Prometheus text page, and
-    per user (`user:NAME:requests`, `user:NAME:tokens`) for keys that have one."""
-    totals = {"requests": 0.0, "tokens": 0.0}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, _, value = line.rpartition(" ")
-        metric = name.split("{", 1)[0]
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        kind = {METRIC_PREFIX + "requests_total": "requests",
-                METRIC_PREFIX + "tokens_total": "tokens"}.get(metric)
-        if kind is None:
-            continue
-        totals[kind] += number
-        user = _USER.search(name)
-        if user is not None:
-            label = f"user:{user.group(1)}:{kind}"
-            totals[label] = totals.get(label, 0.0) + number
-    return totals
-
-
-def rates(first: dict[str, float], second: dict[str, float], seconds: float) -> dict[str, Any]:
-    """Requests/s and tokens/s between two samples, in all and per user."""
-    span = max(seconds, 1e-6)
-
-    def rate(name: str) -> float:
-        return round((second.get(name, 0.0) - first.get(name, 0.0)) / span, 2)
-
-    users = sorted({k.split(":")[1] for k in second if k.startswith("user:")})
-    return {"requests_per_second": rate("requests"), "tokens_per_second": rate("tokens"),
-            "users": {u: {"requests_per_second": rate(f"user:{u}:requests"),
-                          "tokens_per_second": rate(f"user:{u}:tokens")} for u in users}}
-
-
-def _router_sample(host: Host, prefix: str, listen: str) -> dict[str, float] | None:
     from stack.remote import run
 
-    python = shlex.quote(f"{prefix}/agent/venv/bin/python")
-    url = shlex.quote(f"http://{listen}/metrics")
-    code = shlex.quote("import sys,urllib.request as u;"
-                       "print(u.urlopen(sys.argv[1],timeout=5).read().decode())")
-    ok, out, _ = run(host, f"{python} -c {code} {url}")
-    return parse_router_metrics(out) if ok else None
+    command = " ".join(shlex.quote(a) for a in (python, "-I", "-c", code, *args))
+    try:
+        ok, out, _ = run(host, command)
+    except (OSError, EOFError, SSHException, PyinfraError):
+        return None
+    return out if ok else None
 
 
-def read_status(spec: StackSpec, stack_dir: Path) -> dict[str, Any]:
-    """The whole status as a JSON-able dict."""
-    import gevent
+# fetched on the host, so routers and agents listening on loopback work
+_ROUTER_PAGE = ("import sys,urllib.request as u;"
+                "print(u.urlopen(sys.argv[1],timeout=5).read().decode())")
+_AGENT_ENGINES = (
+    "import json,sys,urllib.request as u;from agent.config import load_config,read_token;"
+    "c=load_config(sys.argv[1]);h,_,p=c.listen.rpartition(':');"
+    "h={'0.0.0.0':'127.0.0.1','[::]':'[::1]'}.get(h,h);"
+    "r=u.Request(f'http://{h}:{p}/v1/status',headers={'Authorization':'Bearer '+read_token(c)});"
+    "b=json.load(u.urlopen(r,timeout=10));"
+    "print(json.dumps({i['id']:i['engine'] for i in b['instances'] if i.get('engine')}))")
 
-    from stack.nodes import node_prefix
-    from stack.observe import read_node
-    from stack.remote import session
 
-    with session(spec, stack_dir) as connected:
-        facts = {}
+def _router_sample(host: Host, prefix: str, listen: str) -> RouterSample | None:
+    out = _on_host(host, f"{prefix}/agent/venv/bin/python", _ROUTER_PAGE,
+                   f"http://{listen}/metrics")
+    return None if out is None else parse_router_metrics(out)
 
-        def read(name: str) -> None:
-            facts[name] = read_node(spec, connected, name)
 
-        gevent.joinall([gevent.spawn(read, n) for n in connected.nodes])
-        observed = Observed(nodes=facts)
-        routers: dict[str, Any] = {}
-        globs = spec.router.hosts
+def _agent_engines(host: Host, prefix: str) -> dict[str, dict[str, Any]]:
+    """Instance id -> the engine counters the running agent reports in `/v1/status`
+    (empty when it reports none, or does not answer)."""
+    out = _on_host(host, f"{prefix}/agent/venv/bin/python", _AGENT_ENGINES,
+                   f"{prefix}/etc/agent.toml")
+    try:
+        engines = json.loads(out) if out else {}
+    except ValueError:
+        return {}
+    return engines if isinstance(engines, dict) else {}
+
+
+def _silent(address: str, message: str, hint: str) -> NodeFacts:
+    """A host that did not answer this time."""
+    return NodeFacts(address=address, reachable=False, error=message, hint=hint)
+
+
+class FleetReader:
+    """Reads the fleet again and again over one open session. A host still busy with an
+    earlier read (hung) is not read again: it shows as silent until that read returns."""
+
+    def __init__(self, spec: StackSpec, connected: Connected) -> None:
+        self.spec = spec
+        self.connected = connected
+        self.busy: dict[str, gevent.Greenlet[Any, Any]] = {}
+
+    def _is_router(self, name: str) -> bool:
         from fnmatch import fnmatchcase
 
-        hosts = [n for n, f in facts.items() if f.reachable and not f.error
-                 and (not globs or any(fnmatchcase(n, g) for g in globs))]
-        first: dict[str, dict[str, float] | None] = {}
-        second: dict[str, dict[str, float] | None] = {}
+        globs = self.spec.router.hosts
+        return not globs or any(fnmatchcase(name, g) for g in globs)
 
-        def sample(into: dict[str, dict[str, float] | None], name: str) -> None:
-            into[name] = _router_sample(connected.nodes[name], node_prefix(spec, name),
-                                        spec.router.listen)
+    def _read_host(self, name: str) -> tuple[NodeFacts, RouterSample | None,
+                                               dict[str, dict[str, Any]]]:
+        """The host's facts, its router's sample (on a router host) and the engine counters
+        of its instances, as far as it answered."""
+        from stack.nodes import node_prefix
+        from stack.observe import read_node, reconnect
 
-        start = time.monotonic()
-        gevent.joinall([gevent.spawn(sample, first, n) for n in hosts])
-        gevent.sleep(1.0)
-        gevent.joinall([gevent.spawn(sample, second, n) for n in hosts])
-        span = time.monotonic() - start
-        for name in hosts:
-            a, b = first.get(name), second.get(name)
-            routers[name] = ({"listen": spec.router.listen, "up": True, **rates(a, b, span)}
-                             if a is not None and b is not None
-                             else {"listen": spec.router.listen, "up": False})
-    return _status_json(observed, routers)
+        problem = None if name in self.connected.errors else reconnect(self.connected, name)
+        if problem is not None:
+            return _silent(self.connected.addresses[name], problem.message, problem.hint), \
+                None, {}
+        facts = read_node(self.spec, self.connected, name)
+        if not facts.reachable or facts.error:
+            return facts, None, {}
+        host, prefix = self.connected.nodes[name], node_prefix(self.spec, name)
+        engines = (_agent_engines(host, prefix)
+                   if facts.agent.running and facts.agent.instances else {})
+        sample = (_router_sample(host, prefix, self.spec.router.listen)
+                  if self._is_router(name) else None)
+        return facts, sample, engines
 
+    def read(self, timeout: float) -> Reading:
+        """Every host once (in parallel), waiting at most `timeout` seconds."""
+        import gevent
 
-def _status_json(observed: Observed, routers: dict[str, Any]) -> dict[str, Any]:
-    nodes: dict[str, Any] = {}
-    for name, node in sorted(observed.nodes.items()):
-        nodes[name] = {
-            "reachable": node.reachable and not node.error,
-            "error": node.error,
-            "address": node.address,
-            "agent": {"version": node.agent.version, "running": node.agent.running},
-            "gpus": [{"index": g.index, "name": g.name, "vendor": g.vendor,
-                      "utilization_percent": g.utilization_percent,
-                      "memory_used_bytes": g.memory_used_bytes,
-                      "memory_bytes": g.memory_bytes, "temperature_c": g.temperature_c}
-                     for g in node.gpus],
-            "instances": [{"id": i.id, "model": i.model, "replica": i.replica,
-                           "state": i.state,
-                           "restarts": i.restarts,
-                           "endpoint": f"http://{i.host or node.address}"
-                                       f":{i.port}",
-                           "backend": i.backend, "backend_version": i.backend_version}
-                          for i in node.agent.instances],
-        }
-    return {"nodes": nodes, "routers": routers}
+        for name in self.connected.nodes:
+            if name not in self.busy:
+                self.busy[name] = gevent.spawn(self._read_host, name)
+        gevent.joinall(list(self.busy.values()), timeout=timeout)
+        nodes: dict[str, NodeFacts] = {}
+        routers: dict[str, RouterSample | None] = {}
+        engines: dict[str, dict[str, dict[str, Any]]] = {}
+        for name in self.connected.nodes:
+            greenlet = self.busy[name]
+            address = self.connected.addresses[name]
+            sample = None
+            if not greenlet.ready():
+                nodes[name] = _silent(address, f"host `{name}` did not answer within "
+                                      f"{timeout:g} s", "check the host and its network; "
+                                      "the view keeps trying.")
+            elif not greenlet.successful():  # e.g. the session died during the router read
+                del self.busy[name]
+                nodes[name] = _silent(address, f"host `{name}` could not be read: "
+                                      f"{greenlet.exception}", "the view keeps trying.")
+            else:
+                del self.busy[name]
+                nodes[name], sample, engines[name] = greenlet.get()
+            if self._is_router(name):
+                routers[name] = sample
+        return Reading(nodes=nodes, routers=routers, listen=self.spec.router.listen,
+                       engines=engines)
 
 
 def _gib(n: int | None) -> str:
     return f"{(n or 0) / 1024**3:.1f}"
 
 
-def render(console: Console, status: dict[str, Any]) -> None:
-    nodes = Table(title="Nodes")
-    for column in ("node", "agent", "GPUs (util %, used/total GiB, °C)", "problem"):
+def _num(value: float | None, fmt: str = "{:g}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _gpu(g: dict[str, Any]) -> str:
+    parts = [f"{g['index']}: {_num(g['utilization_percent'], '{:.0f}%')}",
+             f"{_gib(g['memory_used_bytes'])}/{_gib(g['memory_bytes'])} GiB",
+             _num(g["temperature_c"], "{:.0f} °C"), _num(g["power_w"], "{:.0f} W")]
+    return ", ".join(parts)
+
+
+def status_tables(status: dict[str, Any]) -> Group:
+    """The view: nodes, instances and routers as tables."""
+    nodes = Table(title="Nodes", title_justify="left")
+    for column in ("node", "agent", "GPUs (util, memory, temperature, power)", "problem"):
         nodes.add_column(column)
-    instances = Table(title="Instances")
-    for column in ("instance", "node", "state", "restarts", "endpoint", "backend"):
-        instances.add_column(column)
+    instances = Table(title="Instances", title_justify="left")
+    for column in ("instance", "node", "state", "restarts", "in flight", "tokens/s",
+                   "TTFT p50", "endpoint", "backend"):
+        instances.add_column(column, justify="right" if column in (
+            "restarts", "in flight", "tokens/s", "TTFT p50") else "left")
     for name, node in status["nodes"].items():
         agent = node["agent"]
-        gpus = "; ".join(f"{g['index']}: {g['utilization_percent'] or 0:.0f}%, "
-                         f"{_gib(g['memory_used_bytes'])}/{_gib(g['memory_bytes'])}, "
-                         f"{g['temperature_c'] if g['temperature_c'] is not None else '-'}"
-                         for g in node["gpus"]) or "-"
         running = "running" if agent["running"] else "stopped"
-        nodes.add_row(name, f"{agent['version'] or '-'} ({running})", gpus,
+        nodes.add_row(name, f"{agent['version'] or '-'} ({running})",
+                      "\n".join(_gpu(g) for g in node["gpus"]) or "-",
                       (node["error"] or "").split("\n")[0])
         for inst in node["instances"]:
             instances.add_row(inst["id"], name, inst["state"], str(inst["restarts"]),
-                              inst["endpoint"],
+                              _num(inst["requests_in_flight"]),
+                              _num(inst["tokens_per_second"], "{:.1f}"),
+                              _num(inst["ttft_p50_seconds"], "{:.3f} s"), inst["endpoint"],
                               f"{inst['backend']} {inst['backend_version'] or ''}".strip())
-    console.print(nodes)
-    console.print(instances)
+    routers = Table(title="Routers", title_justify="left")
+    for column in ("router", "listen", "requests/s", "5xx share", "tokens/s", "users"):
+        routers.add_column(column)
     for name, router in status["routers"].items():
-        if router.get("up"):
-            console.print(f"router on {name} ({router['listen']}): "
-                          f"{router['requests_per_second']} requests/s, "
-                          f"{router['tokens_per_second']} tokens/s", highlight=False)
-            for user, got in router.get("users", {}).items():
-                console.print(f"  user {user}: {got['requests_per_second']} requests/s, "
-                              f"{got['tokens_per_second']} tokens/s", highlight=False)
-        else:
-            console.print(f"router on {name} ({router['listen']}): not answering",
-                          highlight=False)
+        if not router["up"]:
+            routers.add_row(name, router["listen"], "not answering", "", "", "")
+            continue
+        users = "; ".join(f"{u}: {_num(got['requests_per_second'])} req/s, "
+                          f"{_num(got['tokens_per_second'])} tok/s"
+                          for u, got in router["users"].items())
+        routers.add_row(name, router["listen"], _num(router["requests_per_second"]),
+                        _num(router["error_rate"], "{:.1%}"),
+                        _num(router["tokens_per_second"]), users)
+    return Group(nodes, instances, routers)
+
+
+def _reachable(status: dict[str, Any]) -> bool:
+    return all(n["reachable"] for n in status["nodes"].values())
+
+
+def read_status(spec: StackSpec, stack_dir: Path) -> dict[str, Any]:
+    """One snapshot: two reads one second apart (for the rates)."""
+    import gevent
+
+    from stack.remote import session
+
+    with session(spec, stack_dir) as connected:
+        reader = FleetReader(spec, connected)
+        first = reader.read(READ_TIMEOUT)
+        start = time.monotonic()
+        gevent.sleep(1.0)
+        second = reader.read(READ_TIMEOUT)
+        return status_view(first, second, time.monotonic() - start)
+
+
+def watch(spec: StackSpec, stack_dir: Path, console: Console, interval: float,
+          count: int | None) -> int:
+    """Frames until Ctrl-C or `count`: in place on a terminal, one after the other (like
+    `top -b`) elsewhere. Exits 0 after Ctrl-C, else as a one-shot status would."""
+    import gevent
+
+    from stack.remote import session
+
+    status: dict[str, Any] = {"nodes": {}}
+    with session(spec, stack_dir) as connected:
+        reader = FleetReader(spec, connected)
+        live = (Live(console=console, auto_refresh=False, screen=False)
+                if console.is_terminal else nullcontext())
+        before: Reading | None = None
+        read_at = 0.0
+        frames = 0
+        try:
+            with live:
+                while count is None or frames < count:
+                    started = time.monotonic()
+                    reading = reader.read(max(READ_TIMEOUT, interval))
+                    status = status_view(before, reading, started - read_at)
+                    title = Text(f"fleet status at {time.strftime('%H:%M:%S')} · every "
+                                 f"{interval:g} s · Ctrl-C to stop", style="bold")
+                    view = Group(title, status_tables(status))
+                    if isinstance(live, Live):
+                        live.update(view, refresh=True)
+                    else:
+                        console.print(view, "")
+                    before, read_at, frames = reading, started, frames + 1
+                    if count is None or frames < count:
+                        gevent.sleep(max(0.0, interval - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            return 0
+    return 0 if _reachable(status) else 1
 
 
 def run(args: argparse.Namespace) -> int:
     from stack.config import load
 
+    if not args.interval >= MIN_INTERVAL:  # also NaN
+        raise ConfigError(f"`--interval` must be at least {MIN_INTERVAL:g} second, got "
+                          f"{args.interval:g}", hint="pass e.g. `--interval 3`; each frame "
+                          "runs the facts script on every host.")
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"`--count` must be at least 1, got {args.count}",
+                          hint="leave `--count` out to watch until Ctrl-C.")
+    if args.watch and args.json:
+        raise ConfigError("`--watch` and `--json` cannot be combined",
+                          hint="`--json` prints one snapshot; leave `--watch` out.")
     path = Path(args.file)
-    status = read_status(load(path), path.resolve().parent)
+    spec = load(path)
+    if args.watch:
+        return watch(spec, path.resolve().parent, Console(), args.interval, args.count)
+    status = read_status(spec, path.resolve().parent)
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        render(Console(), status)
-    return 0 if all(n["reachable"] for n in status["nodes"].values()) else 1
+        Console().print(status_tables(status))
+    return 0 if _reachable(status) else 1
