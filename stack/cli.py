@@ -51,7 +51,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         doc = (module.__doc__ or "").strip()
         command = sub.add_parser(name, help=module.HELP, description=doc or module.HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        # `stack logs` takes `-f` for follow (as tail, journalctl, kubectl): `--file` only
+        # `stack logs` takes `-f` for follow (as tail, kubectl) or for the file before MODEL
         command.add_argument(*getattr(module, "FILE_FLAGS", ("-f", "--file")),
                              dest="file", default="stack.toml",
                              help="the stack file (default: ./stack.toml)")

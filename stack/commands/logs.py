@@ -18,13 +18,14 @@ from pathlib import Path
 from stack.errors import ConfigError, StackError
 
 HELP = "show (or follow) the log of a model's instance"
-FILE_FLAGS = ("--file",)  # `-f` is follow here
+FILE_FLAGS = ("--file",)  # `-f` is follow here, or the file before MODEL (`_resolve_f`)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="the model's name in stack.toml")
+    parser.add_argument("model", metavar="MODEL", nargs="?",
+                        help="the model's name in stack.toml")
     parser.add_argument("--replica", type=int, default=0, metavar="N",
                         help="which replica (default 0)")
     parser.add_argument("--tail", type=int, default=None, metavar="N",
@@ -32,8 +33,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", default=None, metavar="DURATION",
                         help="only output of the last DURATION (`30s`, `10m`, `2h`, `1d`), "
                              "to within 10 s")
-    parser.add_argument("-f", "--follow", action="store_true",
+    parser.add_argument("--follow", action="store_true",
                         help="keep printing new output (across restarts) until Ctrl-C")
+    parser.add_argument("-f", dest="f", nargs="?", const=True, default=None,
+                        metavar="FILE", help="follow, as `--follow` (`stack logs MODEL -f`); "
+                        "followed by a file and a model, the stack file as on every command "
+                        "(`stack logs -f stack.toml MODEL`)")
+
+
+def _resolve_f(args: argparse.Namespace) -> None:
+    """`-f` is follow (`logs MODEL -f`, `logs -f MODEL`), as with tail and kubectl; with both
+    a value and MODEL after it, it is the stack file every other command takes
+    (`logs -f FILE MODEL`). Decided by the words given, never by what exists on disk."""
+    if isinstance(args.f, str) and args.model is None:
+        args.model, args.follow = args.f, True
+    elif isinstance(args.f, str):
+        args.file = args.f
+    elif args.f:
+        args.follow = True
+    if args.model is None:
+        raise ConfigError("`stack logs` needs the model's name",
+                          hint="e.g. `stack logs gemma`, or `stack logs gemma -f` to follow.")
 
 
 def parse_duration(text: str) -> float:
@@ -47,6 +67,7 @@ def parse_duration(text: str) -> float:
 
 def _check(args: argparse.Namespace) -> float | None:
     """The flags' values checked; returns `--since` in seconds."""
+    _resolve_f(args)
     if args.replica < 0:
         raise ConfigError(f"`--replica` cannot be negative, got {args.replica}",
                           hint="replicas count from 0; see `stack status`.")
