@@ -68,6 +68,19 @@ def vllm_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sglang_bin() -> Path:
+    """The bin folder of an SGLang install that only parses and checks its arguments
+    (`scripts/setup-sglang-parser`: no GPU kernel packages; about 6 GB). Without
+    STACK_SGLANG_PARSER a run by hand skips (the first install takes minutes);
+    scripts/test sets it, and in CI (`CI=true`) the script installs it when unset, never
+    skips."""
+    if not os.environ.get("STACK_SGLANG_PARSER") and os.environ.get("CI") != "true":
+        pytest.skip("STACK_SGLANG_PARSER is unset: scripts/test sets it (or export "
+                    "STACK_SGLANG_PARSER=$(scripts/setup-sglang-parser))")
+    return _from_script("STACK_SGLANG_PARSER", "setup-sglang-parser")
+
+
+@pytest.fixture(scope="session")
 def sd_model() -> Path:
     """The image-generation test model: a random-weight SD 1.x tiny UNet in the diffusers
     layout (model_index.json; unet/, vae/, text_encoder/), written with numpy by
