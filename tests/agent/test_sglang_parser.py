@@ -133,3 +133,15 @@ def test_a_combination_sglang_refuses_is_refused(sglang_bin: Path, model_folder:
     done = launch(sglang_bin, [*args, "--ssl-certfile", "cert.pem"], tmp_path)
     assert not accepted(done)
     assert "--ssl-certfile requires --ssl-keyfile" in done.stderr
+
+
+def test_the_parser_is_the_catalogues_sglang(sglang_bin: Path) -> None:
+    """A catalogue bump must move the parser too, or the lines are checked by another SGLang."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    default = tomllib.loads((root / "stack" / "catalog" / "runtimes.toml").read_text())
+    done = subprocess.run([str(sglang_bin / "python"), "-c", "import importlib.metadata as m; "
+                           "print(m.version('sglang'))"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.strip() == default["sglang"]["default"], done.stdout + done.stderr
