@@ -17,12 +17,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _from_script(env_name: str, script: str) -> Path:
+def _from_script(env_name: str, script: str, **script_env: str) -> Path:
     value = os.environ.get(env_name)
     if not value:
         out = subprocess.run(
             [str(ROOT / "scripts" / script)], check=True, capture_output=True, text=True,
-            env={**os.environ, "PYTHON": str(ROOT / ".venv" / "bin" / "python")},
+            env={**os.environ, "PYTHON": str(ROOT / ".venv" / "bin" / "python"),
+                 **script_env},
         )
         value = out.stdout.strip().splitlines()[-1]
         os.environ[env_name] = value
@@ -65,6 +66,37 @@ def vllm_bin() -> Path:
         pytest.skip("STACK_VLLM_PARSER is unset: scripts/test sets it (or export "
                     "STACK_VLLM_PARSER=$(scripts/setup-vllm-parser))")
     return _from_script("STACK_VLLM_PARSER", "setup-vllm-parser")
+
+
+@pytest.fixture(scope="session")
+def vllm_rocm_bin() -> Path:
+    """The same for the version the catalogue's ROCm variant pins (`[vllm.variants.rocm]`):
+    PyPI's build of that version, whose parser is the ROCm build's (vLLM's ROCm wheels are
+    on its own index only). Set by STACK_VLLM_ROCM_PARSER like vllm_bin."""
+    import tomllib
+
+    catalog = tomllib.loads((ROOT / "stack" / "catalog" / "runtimes.toml").read_text())
+    version = catalog["vllm"]["variants"]["rocm"]["default"]
+    if not os.environ.get("STACK_VLLM_ROCM_PARSER") and os.environ.get("CI") != "true":
+        pytest.skip("STACK_VLLM_ROCM_PARSER is unset: scripts/test sets it (or export "
+                    f"STACK_VLLM_ROCM_PARSER=$(VLLM_VERSION={version} "
+                    "scripts/setup-vllm-parser))")
+    path = _from_script("STACK_VLLM_ROCM_PARSER", "setup-vllm-parser", VLLM_VERSION=version)
+    assert path.parent.name == version, f"STACK_VLLM_ROCM_PARSER={path} is not vLLM {version}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def sglang_bin() -> Path:
+    """The bin folder of an SGLang install that only parses and checks its arguments
+    (`scripts/setup-sglang-parser`: no GPU kernel packages; about 6 GB). Without
+    STACK_SGLANG_PARSER a run by hand skips (the first install takes minutes);
+    scripts/test sets it, and in CI (`CI=true`) the script installs it when unset, never
+    skips."""
+    if not os.environ.get("STACK_SGLANG_PARSER") and os.environ.get("CI") != "true":
+        pytest.skip("STACK_SGLANG_PARSER is unset: scripts/test sets it (or export "
+                    "STACK_SGLANG_PARSER=$(scripts/setup-sglang-parser))")
+    return _from_script("STACK_SGLANG_PARSER", "setup-sglang-parser")
 
 
 @pytest.fixture(scope="session")

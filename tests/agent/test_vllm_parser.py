@@ -1,11 +1,12 @@
 """Every `vllm serve` line the agent builds (each vLLM case in `commands/`, the Ray head's
-included) is accepted by vLLM's own parser, at the catalogue's default version
-(`scripts/setup-vllm-parser`: vLLM without its CUDA packages over the CPU torch wheel,
-`VLLM_TARGET_DEVICE=cpu`). vLLM prints the settings it parsed (`non-default args: {...}`)
-before it looks for the model, which does not exist here: the flags placement relies on
-are read back from that and compared, so a version that renames one fails here rather
-than in a production apply. A misspelt flag is refused. The API key, given to vLLM in
-`VLLM_API_KEY` (kept out of the process list), must be a variable vLLM reads."""
+included) is accepted by vLLM's own parser, at the catalogue's default version and at the
+version its ROCm variant pins (`scripts/setup-vllm-parser`: vLLM without its CUDA packages
+over the CPU torch wheel, on vLLM's CPU platform). vLLM prints the settings it parsed
+(`non-default args: {...}`) before it looks for the model, which does not exist here: the
+flags placement relies on are read back from that and compared, so a version that renames
+one fails here rather than in a production apply. A misspelt flag is refused. The API key,
+given to vLLM in `VLLM_API_KEY` (kept out of the process list), must be a variable vLLM
+reads."""
 
 from __future__ import annotations
 
@@ -57,44 +58,51 @@ def parse(vllm_bin: Path, args: list[str], tmp: Path) -> tuple[str, dict[str, An
 SERVE = [c for c in CASES if serve_args(c) is not None]
 
 
+@pytest.fixture(params=["vllm_bin", "vllm_rocm_bin"], ids=["default", "rocm"])
+def parser_bin(request: pytest.FixtureRequest) -> Path:
+    """The parser of each vLLM version the catalogue installs (default, ROCm variant)."""
+    path: Path = request.getfixturevalue(request.param)
+    return path
+
+
 def test_the_vllm_cases_are_covered() -> None:
     assert [c.stem for c in SERVE] == ["vllm_env_from_the_controller", "vllm_ray_head",
                                        "vllm_tensor_parallel"]
 
 
 @pytest.mark.parametrize("case_file", SERVE, ids=[c.stem for c in SERVE])
-def test_vllm_parses_each_line(case_file: Path, vllm_bin: Path, tmp_path: Path) -> None:
+def test_vllm_parses_each_line(case_file: Path, parser_bin: Path, tmp_path: Path) -> None:
     args = serve_args(case_file) or []
-    output, parsed = parse(vllm_bin, args, tmp_path)
+    output, parsed = parse(parser_bin, args, tmp_path)
     assert parsed is not None, output[-3000:]
     assert parsed["model"] == args[0] and parsed["served_model_name"] == [args[2]]
 
 
-def test_the_flags_placement_relies_on_mean_what_we_mean(vllm_bin: Path,
+def test_the_flags_placement_relies_on_mean_what_we_mean(parser_bin: Path,
                                                          tmp_path: Path) -> None:
     """The Ray head's line has every layout flag; each is read back as the setting."""
     head = next(c for c in SERVE if c.stem == "vllm_ray_head")
     tp = next(c for c in SERVE if c.stem == "vllm_tensor_parallel")
-    _, parsed = parse(vllm_bin, serve_args(head) or [], tmp_path)
+    _, parsed = parse(parser_bin, serve_args(head) or [], tmp_path)
     assert parsed is not None
     assert (parsed["tensor_parallel_size"], parsed["pipeline_parallel_size"],
             parsed["distributed_executor_backend"], parsed["host"], parsed["port"]) == (
         2, 2, "ray", "10.0.0.1", 40020)
-    _, parsed = parse(vllm_bin, serve_args(tp) or [], tmp_path)
+    _, parsed = parse(parser_bin, serve_args(tp) or [], tmp_path)
     assert parsed is not None
     assert (parsed["max_model_len"], parsed["gpu_memory_utilization"],
             parsed["tensor_parallel_size"]) == (8192, 0.85, 4)
-    reads = subprocess.run([str(vllm_bin / "python"), "-c",
+    reads = subprocess.run([str(parser_bin / "python"), "-c",
                             "import vllm.envs as e; print('VLLM_API_KEY' in "
                             "e.environment_variables)"], capture_output=True, text=True,
                            timeout=300, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
     assert reads.stdout.strip().splitlines()[-1] == "True", reads.stdout + reads.stderr
 
 
-def test_a_misspelt_flag_is_refused(vllm_bin: Path, tmp_path: Path) -> None:
+def test_a_misspelt_flag_is_refused(parser_bin: Path, tmp_path: Path) -> None:
     args = [a + "s" if a == "--served-model-name" else a
             for a in serve_args(SERVE[0]) or []]
-    output, parsed = parse(vllm_bin, args, tmp_path)
+    output, parsed = parse(parser_bin, args, tmp_path)
     assert parsed is None and "unrecognized arguments: --served-model-names" in output
 
 
