@@ -8,7 +8,8 @@ Prometheus server runs on loopback with its own storage folder; the test asks it
 (`/api/v1/query`, `/api/v1/targets`, `/api/v1/alerts`) for the router's and the agent's
 series, then SIGSTOPs the llama-server: its health checks time out, the agent marks the
 instance unhealthy (it restarts a hung backend only after 120 s), and
-`ModelstackInstanceDown` for that instance becomes pending or firing.
+`ModelstackInstanceDown` for that instance becomes pending or firing. Last, the backend is
+killed with its binary moved aside, so the agent cannot start it again: the same alert.
 
 About 150 s on 2 cores shared with other work (mostly the agent install and the model
 load).
@@ -189,3 +190,33 @@ def test_a_hung_backend_makes_the_instance_down_alert_pending(world: dict[str, A
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def test_a_killed_backend_that_cannot_start_again_makes_the_instance_down_alert_pending(
+        world: dict[str, Any]) -> None:
+    """A backend killed for good (its binary gone, so the agent's restart fails) is down
+    too; a killed backend that the agent restarts at once is not (it is `starting`, then
+    `ready`: no alert for a crash the agent mended)."""
+    base = world["prometheus"]
+    prefix = world["fleet"].hosts["node-01"].prefix
+    status = prefix / "state" / "status.json"
+
+    def ready_pid() -> int | None:
+        [instance] = json.loads(status.read_text())["instances"]
+        return int(instance["pid"]) if instance["state"] == "ready" else None
+
+    wait_for("no instance-down alert", lambda: not alerts(base, "ModelstackInstanceDown"), 240)
+    pid = wait_for("the instance ready again", ready_pid, 240)
+    binary = Path(os.readlink(f"/proc/{pid}/exe"))
+    assert binary.is_relative_to(prefix), binary  # the host's own runtime folder
+    aside = binary.with_name(binary.name + ".aside")
+    binary.rename(aside)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        found = wait_for("ModelstackInstanceDown", lambda: alerts(base, "ModelstackInstanceDown"))
+        [alert] = found
+        assert alert["state"] in ("pending", "firing")
+        assert alert["labels"]["instance"] == "gemma-0"
+        assert query(base, 'modelstack_instance_state{state=~"crash-looping|failed"} == 1')
+    finally:
+        aside.rename(binary)
