@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -249,6 +250,10 @@ def watch(spec: StackSpec, stack_dir: Path, console: Console, interval: float,
     from stack.remote import session
 
     status: dict[str, Any] = {"nodes": {}}
+    # Ctrl-C reaches the main greenlet wherever it comes: Python's own handler raises in
+    # whichever greenlet runs, and a host read may be running inside code that swallows it
+    hub = gevent.get_hub()
+    interrupt = gevent.signal_handler(signal.SIGINT, lambda: hub.parent.throw(KeyboardInterrupt))
     with session(spec, stack_dir) as connected:
         reader = FleetReader(spec, connected)
         live = (Live(console=console, auto_refresh=False, screen=False)
@@ -273,7 +278,10 @@ def watch(spec: StackSpec, stack_dir: Path, console: Console, interval: float,
                     if count is None or frames < count:
                         gevent.sleep(max(0.0, interval - (time.monotonic() - started)))
         except KeyboardInterrupt:
+            gevent.killall(list(reader.busy.values()), block=False)  # reads still running
             return 0
+        finally:
+            interrupt.cancel()
     return 0 if _reachable(status) else 1
 
 
