@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
+from agent.mindie_config import MODEL_NAME as MINDIE_MODEL_NAME
 from router.config import is_loopback, parse_listen
 from stack.config.messages import NAME_HINT
 from stack.config.report import Loc, Report, dotted, show, suggest
@@ -75,6 +76,10 @@ def _check_models(spec: StackSpec, report: Report) -> None:
         if model.pin is not None:
             _check_pin(spec, base, model.pin.node, model.pin.gpus, model.gpus_per_replica,
                        report)
+        if model.backend == "mindie" and not MINDIE_MODEL_NAME.match(name):
+            report.add(base, f"`{dotted(base)}` cannot be served by MindIE, which refuses "
+                       f"it as `modelName`", "MindIE takes letters, digits, `.`, `_` and "
+                       "`-`, not first or last: rename the model.", at_key=True)
 
 
 def _valid_source(source: str) -> bool:
