@@ -20,10 +20,12 @@ from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.facts import FactBase
 
 from agent.gpus import PCI_VENDORS, TOOLS, TOOLS_BY_NAME, GpuInfo, GpuToolError, parse_hccn_conf
+from deploys.runtimes import is_folder_name
 from stack.snapshot import AgentFacts, GpuFacts, InstanceFacts, NodeFacts
 from stack.spec import NAME_PATTERN, PREFIX_PATTERN
 
 SCRIPT = Path(__file__).with_name("facts.sh")
+_DIGEST = re.compile(r"^[0-9a-f]{16}$")  # a runtime recipe's (deploys.runtimes.recipe_digest)
 
 
 @cache
@@ -170,10 +172,10 @@ def _runtime_recipes(raw: dict[str, Any]) -> dict[str, dict[str, str]] | None:
     if not isinstance(items, list):
         return None
     recipes: dict[str, dict[str, str]] = {}
-    for item in items:
+    for item in items:  # what the host printed: only plain names and a digest are kept
         where, _, digest = str(item).rpartition("=")
         name, _, folder = where.partition("/")
-        if name and folder and digest:
+        if is_folder_name(name) and is_folder_name(folder) and _DIGEST.match(digest):
             recipes.setdefault(name, {})[folder] = digest
     return recipes
 

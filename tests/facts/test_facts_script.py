@@ -243,3 +243,17 @@ def test_facts_list_the_stacks_recorded_for_the_user_and_skip_stale_or_bad_recor
         ("prod", str(live), 7071, 8081), ("test", str(live), 7074, None)]
     assert not list(tmp_path.rglob("PWNED*"))
     assert node_facts_from(_script_facts(tmp_path / "none")).stacks == []  # no HOME: none
+
+
+def test_runtime_recipes_keep_only_plain_names_and_digests() -> None:
+    """What a host prints reaches the plan's text: a recipe entry is kept only as plain
+    folder names and a 16-digit hex digest; anything else counts as not recorded."""
+    good = "a" * 16
+    facts = node_facts_from({"runtimes": ["vllm/0.33.0-cuda", "llama.cpp/b6700"],
+                             "runtime_recipes": [
+                                 f"vllm/0.33.0-cuda={good}",
+                                 "llama.cpp/b6700=\x1b[31mred\x1b[0m",  # not a digest
+                                 f"../etc/passwd={good}", f"vllm/a b={good}",
+                                 f"vllm/0.1={good.upper()}", 7, None]})
+    assert facts.runtime_recipes == {"vllm": {"0.33.0-cuda": good}}
+    assert node_facts_from({"runtimes": []}).runtime_recipes is None  # an older script
