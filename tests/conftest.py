@@ -32,6 +32,16 @@ def _from_script(env_name: str, script: str, **script_env: str) -> Path:
     return path
 
 
+def _slow_install(env_name: str, script: str, **script_env: str) -> Path:
+    """`_from_script` for an install of minutes: a run by hand without `env_name` skips
+    (scripts/test sets it); in CI (`CI=true`) the script installs it, and nothing skips."""
+    if not os.environ.get(env_name) and os.environ.get("CI") != "true":
+        given = "".join(f"{k}={v} " for k, v in script_env.items())
+        pytest.skip(f"{env_name} is unset: scripts/test sets it (or export "
+                    f"{env_name}=$({given}scripts/{script}))")
+    return _from_script(env_name, script, **script_env)
+
+
 @pytest.fixture(scope="session")
 def llama_bin() -> Path:
     """Folder holding `llama-server` and `ggml-rpc-server` (CPU build) with their libraries."""
@@ -50,10 +60,7 @@ def sd_bin() -> Path:
     recipe, built by `scripts/setup-sd-cpp`). Without STACK_SD_BIN a run by hand skips
     (the first build takes about 8 minutes); in CI (`CI=true`) the script builds it, as
     for llama.cpp, and the tests never skip."""
-    if not os.environ.get("STACK_SD_BIN") and os.environ.get("CI") != "true":
-        pytest.skip("STACK_SD_BIN is unset: scripts/test sets it (or export "
-                    "STACK_SD_BIN=$(scripts/setup-sd-cpp))")
-    return _from_script("STACK_SD_BIN", "setup-sd-cpp")
+    return _slow_install("STACK_SD_BIN", "setup-sd-cpp")
 
 
 @pytest.fixture(scope="session")
@@ -62,10 +69,7 @@ def vllm_bin() -> Path:
     CUDA packages, the CPU torch wheel; about 5 GB). Without STACK_VLLM_PARSER a run by
     hand skips (the first install takes minutes); scripts/test sets it, and in CI
     (`CI=true`) the script installs it when unset, never skips."""
-    if not os.environ.get("STACK_VLLM_PARSER") and os.environ.get("CI") != "true":
-        pytest.skip("STACK_VLLM_PARSER is unset: scripts/test sets it (or export "
-                    "STACK_VLLM_PARSER=$(scripts/setup-vllm-parser))")
-    return _from_script("STACK_VLLM_PARSER", "setup-vllm-parser")
+    return _slow_install("STACK_VLLM_PARSER", "setup-vllm-parser")
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +81,7 @@ def vllm_rocm_bin() -> Path:
 
     catalog = tomllib.loads((ROOT / "stack" / "catalog" / "runtimes.toml").read_text())
     version = catalog["vllm"]["variants"]["rocm"]["default"]
-    if not os.environ.get("STACK_VLLM_ROCM_PARSER") and os.environ.get("CI") != "true":
-        pytest.skip("STACK_VLLM_ROCM_PARSER is unset: scripts/test sets it (or export "
-                    f"STACK_VLLM_ROCM_PARSER=$(VLLM_VERSION={version} "
-                    "scripts/setup-vllm-parser))")
-    path = _from_script("STACK_VLLM_ROCM_PARSER", "setup-vllm-parser", VLLM_VERSION=version)
+    path = _slow_install("STACK_VLLM_ROCM_PARSER", "setup-vllm-parser", VLLM_VERSION=version)
     assert path.parent.name == version, f"STACK_VLLM_ROCM_PARSER={path} is not vLLM {version}"
     return path
 
@@ -93,10 +93,7 @@ def sglang_bin() -> Path:
     STACK_SGLANG_PARSER a run by hand skips (the first install takes minutes);
     scripts/test sets it, and in CI (`CI=true`) the script installs it when unset, never
     skips."""
-    if not os.environ.get("STACK_SGLANG_PARSER") and os.environ.get("CI") != "true":
-        pytest.skip("STACK_SGLANG_PARSER is unset: scripts/test sets it (or export "
-                    "STACK_SGLANG_PARSER=$(scripts/setup-sglang-parser))")
-    return _from_script("STACK_SGLANG_PARSER", "setup-sglang-parser")
+    return _slow_install("STACK_SGLANG_PARSER", "setup-sglang-parser")
 
 
 @pytest.fixture(scope="session")

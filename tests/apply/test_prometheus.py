@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -36,6 +35,7 @@ import pytest
 from fleet import Fleet, gemma_stack_toml, run_stack, stack_session
 
 from stack.secrets import generate_key, hash_key
+from tests.agent.agent_harness import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -64,12 +64,6 @@ SERIES: list[tuple[str, dict[str, str]]] = [
     ("modelstack_engine_prompt_tokens_total", {"model": "gemma", "node": "node-01"}),
     ("modelstack_engine_generation_tokens_total", {"model": "gemma", "node": "node-01"}),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 90) -> Any:

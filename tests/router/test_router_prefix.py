@@ -203,13 +203,20 @@ def wait_in_flight(port: int, count: int) -> None:
         time.sleep(0.02)
 
 
-def test_a_busy_prefix_replica_passes_new_requests_to_another(harness: Harness) -> None:
+def homed(harness: Harness, seed: int,
+          first: str) -> tuple[int, tuple[Proc, ...], openai.OpenAI, str, int]:
+    """Two replicas behind a prefix router and a system prompt sent once: (router port,
+    replicas, client, system prompt, index of the replica that became its home)."""
     port, procs = routed(harness, 2)
     c = client(port)
-    system = system_prompt(11)
+    system = system_prompt(seed)
     before = chats(*procs)
-    c.chat.completions.create(model="m", messages=chat(system, "where do you live?"))
-    home = added(procs, before).index(1)
+    c.chat.completions.create(model="m", messages=chat(system, first))
+    return port, procs, c, system, added(procs, before).index(1)
+
+
+def test_a_busy_prefix_replica_passes_new_requests_to_another(harness: Harness) -> None:
+    port, procs, c, system, home = homed(harness, 11, "where do you live?")
     errors: list[BaseException] = []
     # 2 slow requests of the prefix, both at home (the second is within the bound,
     # ceil((1 + 1) * 1.25 / 2) = 2); a third would be over it: ceil((2 + 1) * 1.25 / 2) = 2
@@ -233,12 +240,7 @@ def test_a_busy_prefix_replica_passes_new_requests_to_another(harness: Harness) 
 
 
 def test_short_prompts_are_balanced_by_load(harness: Harness) -> None:
-    port, procs = routed(harness, 2)
-    c = client(port)
-    system = system_prompt(12)
-    before = chats(*procs)
-    c.chat.completions.create(model="m", messages=chat(system, "hello"))
-    home = added(procs, before).index(1)
+    port, procs, c, system, home = homed(harness, 12, "hello")
     errors: list[BaseException] = []
     # 1 in flight at home, none on the other: under the bound, ceil((1 + 1) * 1.25 / 2) = 2
     thread = slow(port, chat(system, "slow"), errors)
